@@ -1,0 +1,1 @@
+"""CGM gate (Context-Gated Cross-Modal Perception): reference (spec) and Triton backends."""

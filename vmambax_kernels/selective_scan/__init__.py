@@ -1,0 +1,1 @@
+"""Four-direction 2D selective scan: reference (spec), CUDA and Triton backends."""
