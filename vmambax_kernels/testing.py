@@ -145,10 +145,8 @@ def run_with_grads(fn, inputs: dict, grad_out: torch.Tensor | None = None, seed:
 def check_against_reference(fast_fn, ref_fn, inputs: dict, out_dtype=torch.float32, device_ref="cpu"):
     """The full rule for the output and every gradient: ``fast_fn`` on ``inputs`` against
     ``ref_fn`` in float64 and float32 on the same (already rounded) values."""
-    out, grads = run_with_grads(fast_fn, inputs)
-    g = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(out.shape, generator=g)
-    out, grads = run_with_grads(fast_fn, inputs, grad_out.to(out.device))
+    out, grads = run_with_grads(fast_fn, inputs)          # grad_out: randn(out.shape), seed 1
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     r64, g64 = run_with_grads(ref_fn, cast(inputs, torch.float64, device_ref), grad_out.double())
     r32, g32 = run_with_grads(ref_fn, cast(inputs, torch.float32, device_ref), grad_out.float())
     assert_close_by_rule("out", out, r64, r32, out_dtype)
