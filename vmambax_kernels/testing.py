@@ -89,7 +89,8 @@ def scan_inputs(case: ScanCase, dtype=torch.float32, device="cpu", seed=0, lowra
 
 def cast(inputs: dict, dtype, device=None) -> dict:
     """Copy every tensor of ``inputs`` to ``dtype`` (values unchanged when widening)."""
-    return {k: (v.to(device=device or v.device, dtype=dtype) if isinstance(v, torch.Tensor) else v)
+    return {k: (v.to(device=device or v.device, dtype=dtype) if isinstance(v, torch.Tensor)
+                and v.is_floating_point() else v)
             for k, v in inputs.items()}
 
 

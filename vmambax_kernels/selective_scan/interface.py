@@ -86,7 +86,8 @@ def cross_selective_scan_2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_
         x: (Bt, Dm, H, W), the activations after the depthwise conv and SiLU.
         x_proj_weight: (4, R + 2N, Dm); dt_projs_weight: (4, Dm, R); dt_projs_bias: (4, Dm);
         A_logs: (4*Dm, N); Ds: (4*Dm,).
-    Returns y (Bt, Dm, H, W) float32. Differentiable in x and every parameter.
+    Returns y (Bt, Dm, H, W) float32 (float64 when x and A_logs are float64, for gradcheck).
+    Differentiable in x and every parameter.
     Fast backends take the low-rank dt (Bt, 4, R, H, W) into the kernel and never form the full delta.
     """
     Bt, Dm, H, W, N, R = _checks.cross_selective_scan_2d_args(
@@ -94,7 +95,7 @@ def cross_selective_scan_2d(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_
     mod = _backend.resolve("selective_scan_2d", backend, x.device)
     dt, B, C = reference.project(x, x_proj_weight, R, N)     # (Bt, 4, R|N|N, H, W), autocast dtype
     u = x.to(dt.dtype)
-    pt = torch.float64 if A_logs.dtype == torch.float64 else torch.float32
+    pt = torch.float64 if A_logs.dtype == torch.float64 and x.dtype == torch.float64 else torch.float32
     A = -torch.exp(A_logs.to(pt)).view(4, Dm, N)
     return _run(mod, True, u, dt, dt_projs_weight.to(pt), A, B, C, Ds.to(pt).view(4, Dm),
-                dt_projs_bias.to(pt), True, torch.float32)
+                dt_projs_bias.to(pt), True, pt)

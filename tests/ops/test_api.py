@@ -1,0 +1,129 @@
+"""Public API contract: backend choice, availability report, bad input raises with a clear message."""
+import pytest
+import torch
+
+import vmambax_kernels as vk
+from vmambax_kernels.testing import CPU_SHAPES, scan_inputs
+
+CASE = CPU_SHAPES["enc_tiny"]
+
+
+def good():
+    return scan_inputs(CASE, torch.float32)
+
+
+def test_available_backends_reports_reasons():
+    for op in ("selective_scan_2d", "cgm_gate"):
+        status = vk.available_backends(op)
+        assert set(status) == {"cuda", "triton", "reference"}
+        assert status["reference"].available
+        for name, s in status.items():
+            assert isinstance(s.reason, str) and s.reason, name
+            if not s.available:
+                assert s.reason != "available"
+    with pytest.raises(ValueError, match="op"):
+        vk.available_backends("nope")
+
+
+def test_unknown_backend_and_env_var(monkeypatch):
+    with pytest.raises(ValueError, match="backend argument.*'fastest'"):
+        vk.selective_scan_2d(**good(), backend="fastest")
+    monkeypatch.setenv("VMAMBAX_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="VMAMBAX_BACKEND"):
+        vk.selective_scan_2d(**good())
+    monkeypatch.setenv("VMAMBAX_BACKEND", "reference")
+    assert vk.selective_scan_2d(**good()).shape == (CASE.Bt, CASE.Dm, CASE.H, CASE.W)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_cuda_backend_refused_on_cpu_with_reason(monkeypatch):
+    monkeypatch.delenv("VMAMBAX_BACKEND", raising=False)
+    with pytest.raises(RuntimeError, match="cuda"):
+        vk.selective_scan_2d(**good(), backend="cuda")
+
+
+def _with(**changes):
+    kw = good()
+    kw.update(changes)
+    return kw
+
+
+Bt, Dm, H, W, N = CASE.Bt, CASE.Dm, CASE.H, CASE.W, CASE.N
+BAD = {
+    "u rank": (dict(u=torch.randn(Dm, H, W)), ValueError, r"u: expected a 4-D tensor, got 3-D"),
+    "u int": (dict(u=torch.ones(Bt, Dm, H, W, dtype=torch.int32)), TypeError, r"u: expected a floating-point"),
+    "u not tensor": (dict(u=[1.0]), TypeError, r"u: expected a torch.Tensor, got list"),
+    "delta shape": (dict(delta=torch.randn(Bt, 4, Dm, H, W + 1)), ValueError, r"delta: expected shape"),
+    "delta dtype": (dict(delta=torch.randn(Bt, 4, Dm, H, W, dtype=torch.float16)), TypeError, r"delta: expected dtype torch.float32"),
+    "B shape": (dict(B=torch.randn(Bt, 4, N + 1, H, W)), ValueError, r"B: expected shape"),
+    "C dirs": (dict(C=torch.randn(Bt, 3, N, H, W)), ValueError, r"C: expected shape"),
+    "N zero": (dict(A=torch.randn(4, Dm, 0), B=torch.randn(Bt, 4, 0, H, W), C=torch.randn(Bt, 4, 0, H, W)), ValueError, r"N in \[1, 64\], got N=0"),
+    "N 65": (dict(A=-torch.rand(4, Dm, 65)), ValueError, r"N in \[1, 64\], got N=65"),
+    "A dirs": (dict(A=-torch.rand(3, Dm, N)), ValueError, r"A: expected shape \(4, 24, N\)"),
+    "A nan": (dict(A=torch.full((4, Dm, N), float("nan"))), ValueError, r"A: expected finite values"),
+    "D shape": (dict(D=torch.randn(4, Dm + 1)), ValueError, r"D: expected shape \(4, 24\)"),
+    "D half": (dict(D=torch.randn(4, Dm).half()), TypeError, r"D: expected float32"),
+    "bias inf": (dict(delta_bias=torch.full((4, Dm), float("inf"))), ValueError, r"delta_bias: expected finite"),
+    "empty": (dict(u=torch.randn(Bt, Dm, 0, W)), ValueError, r"u: expected every dimension >= 1"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_names_argument(name):
+    changes, exc, msg = BAD[name]
+    with pytest.raises(exc, match=msg):
+        vk.selective_scan_2d(**_with(**changes), backend="reference")
+
+
+def test_device_mismatch_named():
+    meta = torch.randn(Bt, 4, N, H, W, device="meta")
+    with pytest.raises(ValueError, match=r"B: expected device cpu \(the device of u\), got meta"):
+        vk.selective_scan_2d(**_with(B=meta), backend="reference")
+
+
+def test_cross_selective_scan_bad_inputs():
+    x = torch.randn(2, 8, 3, 4)
+    R, N = 1, 3
+    args = dict(x=x, x_proj_weight=torch.randn(4, R + 2 * N, 8), dt_projs_weight=torch.randn(4, 8, R),
+                dt_projs_bias=torch.randn(4, 8), A_logs=torch.randn(32, N), Ds=torch.randn(32))
+    assert vk.cross_selective_scan_2d(**args).shape == (2, 8, 3, 4)
+    for key, bad, msg in [("x_proj_weight", torch.randn(4, R + 2 * N + 1, 8), "x_proj_weight: expected shape"),
+                          ("A_logs", torch.randn(31, N), r"A_logs: expected shape \(32, N\)"),
+                          ("Ds", torch.randn(32, 1), "Ds: expected a 1-D"),
+                          ("dt_projs_weight", torch.randn(3, 8, R), r"dt_projs_weight: expected shape \(4, 8, R\)"),
+                          ("x", torch.randn(8, 3, 4), "x: expected a 4-D")]:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            vk.cross_selective_scan_2d(**{**args, key: bad})
+
+
+def test_cgm_gate_reference_and_bad_inputs():
+    x_ct, x_pet = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    c_ct, c_pet = torch.rand(2, 3), torch.rand(2, 3)
+    w_ct, w_pet = torch.randn(1, 6, 3, 3), torch.randn(1, 6, 3, 3)
+    y_ct, y_pet = vk.cgm_gate(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, backend="reference")
+    s_ct = torch.sigmoid(torch.nn.functional.conv2d(torch.cat([x_pet, x_ct], 1), w_ct, padding=1))
+    torch.testing.assert_close(y_ct, x_ct * (1 + c_ct[:, :, None, None] * s_ct))
+    y_ct0, _ = vk.cgm_gate(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual=False, backend="reference")
+    torch.testing.assert_close(y_ct0, x_ct * c_ct[:, :, None, None] * s_ct)
+    with pytest.raises(ValueError, match=r"x_pet: expected shape \(2, 3, 5, 4\)"):
+        vk.cgm_gate(x_ct, x_pet[:, :2], c_ct, c_pet, w_ct, w_pet)
+    with pytest.raises(ValueError, match=r"w_pet: expected shape \(1, 6, 3, 3\)"):
+        vk.cgm_gate(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet[:, :3])
+    with pytest.raises(ValueError, match=r"c_ct: expected a 2-D"):
+        vk.cgm_gate(x_ct, x_pet, c_ct[..., None], c_pet, w_ct, w_pet)
+    with pytest.raises(TypeError, match=r"x_pet: expected dtype torch.float32"):
+        vk.cgm_gate(x_ct, x_pet.half(), c_ct, c_pet, w_ct, w_pet)
+
+
+def test_reference_op_passes_opcheck():
+    inputs = scan_inputs(CPU_SHAPES["n1"], torch.float32)
+    args = (*[inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")], True, torch.float32)
+    for a in args[:7]:
+        a.requires_grad_(True)
+    torch.library.opcheck(torch.ops.vmambax.selective_scan_2d_ref.default, args)
+
+
+def test_torch_compile_fullgraph_sees_the_reference_op():
+    inputs = scan_inputs(CPU_SHAPES["row"], torch.float32)
+    fn = torch.compile(lambda kw: vk.selective_scan_2d(**kw, backend="reference"), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(inputs), vk.selective_scan_2d(**inputs, backend="reference"))
