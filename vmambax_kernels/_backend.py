@@ -72,9 +72,22 @@ def _runs_on(backend: str, device: torch.device) -> str | None:
 
 def resolve(op: str, requested: str | None, device: torch.device):
     """Return the backend module to run ``op`` on ``device``. Raises with the reason if impossible."""
+    name = _choose(op, requested, device.type)
+    return _LOADED[(op, name)]
+
+
+_LOADED: dict = {}
+
+
+# Evaluated once at trace time under torch.compile (its result is a constant string), so the
+# importlib/environment work here never enters a compiled graph.
+@torch.compiler.assume_constant_result
+def _choose(op: str, requested: str | None, device_type: str) -> str:
+    device = torch.device(device_type)
     source = "backend argument"
     if requested is None and os.environ.get("VMAMBAX_BACKEND"):
         requested, source = os.environ["VMAMBAX_BACKEND"], "VMAMBAX_BACKEND"
+    chosen = None
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{source}: expected one of {BACKENDS} or None, got {requested!r}")
@@ -82,10 +95,13 @@ def resolve(op: str, requested: str | None, device: torch.device):
         why = status.reason if not status.available else _runs_on(requested, device)
         if why is not None:
             raise RuntimeError(f"{op}: {source} asks for {requested!r}, which cannot run here: {why}")
-        return _module(op, requested)
-    for backend in BACKENDS:  # fastest first
-        if backend == "triton" and device.type != "cuda":
-            continue  # the interpreter is for tests, never an automatic choice
-        if _runs_on(backend, device) is None and _status(op, backend).available:
-            return _module(op, backend)
-    raise RuntimeError(f"{op}: no backend can run on {device}")  # unreachable: reference always can
+        chosen = requested
+    else:
+        for backend in BACKENDS:  # fastest first
+            if backend == "triton" and device.type != "cuda":
+                continue  # the interpreter is for tests, never an automatic choice
+            if _runs_on(backend, device) is None and _status(op, backend).available:
+                chosen = backend
+                break
+    _LOADED[(op, chosen)] = _module(op, chosen)
+    return chosen
