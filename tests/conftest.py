@@ -1,6 +1,22 @@
-"""Shared test set-up: GPU tests skip cleanly (and say why) on machines without CUDA."""
+"""Shared test set-up: GPU tests skip cleanly (and say why) without CUDA; each suite has a time budget."""
+import time
+from collections import defaultdict
+from pathlib import Path
+
 import pytest
 import torch
+
+# Seconds of test time each suite (a folder under tests/) may take on CI's 2-core CPU; the whole
+# run must stay well inside CI's 90 minutes. A suite over budget fails the run with its total.
+SUITE_BUDGET_S = {"ops": 1200, "models": 900, "modules": 300, "data": 300, "metrics": 300,
+                  "engine": 900, "cli": 900}
+DEFAULT_BUDGET_S = 300
+_spent = defaultdict(float)
+
+
+def _suite(item) -> str:
+    parts = Path(str(item.fspath)).resolve().parts
+    return parts[parts.index("tests") + 1] if "tests" in parts and parts[-2] != "tests" else "tests"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -10,3 +26,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.perf_counter()
+    yield
+    _spent[_suite(item)] += time.perf_counter() - start
+
+
+def pytest_sessionfinish(session, exitstatus):
+    over = {s: t for s, t in _spent.items() if t > SUITE_BUDGET_S.get(s, DEFAULT_BUDGET_S)}
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and _spent:
+        reporter.write_line("suite times: " + ", ".join(f"{s} {t:.0f}s/{SUITE_BUDGET_S.get(s, DEFAULT_BUDGET_S)}s"
+                                                        for s, t in sorted(_spent.items())))
+    if over and not torch.cuda.is_available():  # budgets are for CI's CPU run
+        if reporter is not None:
+            reporter.write_line(f"FAILED: suites over their time budget: {over}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
