@@ -39,6 +39,7 @@ def pytest_sessionfinish(session, exitstatus):
     over = {s: t for s, t in _spent.items() if t > SUITE_BUDGET_S.get(s, DEFAULT_BUDGET_S)}
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and _spent:
+        reporter.ensure_newline()
         reporter.write_line("suite times: " + ", ".join(f"{s} {t:.0f}s/{SUITE_BUDGET_S.get(s, DEFAULT_BUDGET_S)}s"
                                                         for s, t in sorted(_spent.items())))
     if over and not torch.cuda.is_available():  # budgets are for CI's CPU run
