@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec "${PYTHON:-python3}" -m vmambax.cli demo "$@"
+exec "${PYTHON:-python3}" -m vmambax demo "$@"
