@@ -1,0 +1,1 @@
+"""Engine: training, evaluation, prediction, checkpoints (each a typed function; cli.py only parses)."""
