@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One GPU session in one command: build the extension in place, run the GPU tests with the
+# evidence plugin, optionally compute-sanitizer, then the benchmarks; logs and results go to $OUT.
+#
+#   bash benchmarks/device_run.sh [--archs 90] [--mamba] [--no-build]
+#        [--tests "PYTEST ARGS" | --no-tests] [--sanitize] [--bench "SCRIPT ARGS" | --no-bench]
+#
+#   --mamba      pip install --no-deps the mamba-ssm wheel found in .wheels/ (the unfused peer)
+#   --tests      pytest arguments (default: "-m gpu tests/ops"); the evidence plugin is always loaded
+#   --sanitize   compute-sanitizer memcheck and racecheck on benchmarks/bench_ss2d.py --sanitize
+#   --bench      a benchmark script and its arguments (default: "benchmarks/bench_ss2d.py --quick");
+#                repeat --bench to run several
+# Set VMAMBAX_COMMIT to the commit under test when the tree travels without .git.
+# Files under $OUT: log.txt (everything), build.log, tests.log, sanitizer.log, evidence-<commit>.json,
+# new-records.jsonl (only the records this run appended; append them to benchmarks/results/ locally).
+set -o pipefail
+OUT=${OUT:-/tmp/vmambax-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+
+ARCHS=90; MAMBA=0; BUILD=1; SANITIZE=0; TESTS="-m gpu tests/ops"; BENCHES=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --archs) ARCHS=$2; shift 2 ;;
+    --mamba) MAMBA=1; shift ;;
+    --no-build) BUILD=0; shift ;;
+    --tests) TESTS=$2; shift 2 ;;
+    --no-tests) TESTS=""; shift ;;
+    --sanitize) SANITIZE=1; shift ;;
+    --bench) BENCHES+=("$2"); shift 2 ;;
+    --no-bench) BENCHES=("none"); shift ;;
+    *) echo "device_run.sh: unknown argument $1"; exit 2 ;;
+  esac
+done
+[ ${#BENCHES[@]} -eq 0 ] && BENCHES=("benchmarks/bench_ss2d.py --quick")
+
+echo "== device: $(nvidia-smi -L 2>/dev/null | head -1)"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+nvcc --version | tail -1
+
+if [ "$MAMBA" = 1 ]; then
+  ls .wheels/mamba_ssm-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index .wheels/mamba_ssm-*.whl \
+    || echo "== mamba-ssm wheel not installed (none in .wheels/ or pip failed): the peer will be unfused_torch"
+fi
+
+if [ "$BUILD" = 1 ]; then
+  echo "== build (VMAMBAX_CUDA_ARCHS=$ARCHS)"
+  start=$(date +%s)
+  VMAMBAX_FORCE_BUILD=1 VMAMBAX_CUDA_ARCHS=$ARCHS MAX_JOBS=${MAX_JOBS:-16} \
+    python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+  rc=$?
+  echo "== build rc=$rc in $(( $(date +%s) - start )) s"
+  grep -E "error|warning" "$OUT/build.log" | grep -v "^ninja" | head -40
+  [ $rc -ne 0 ] && tail -60 "$OUT/build.log"
+fi
+
+RESULTS=$(python3 -c "import sys; sys.path.insert(0, '.'); from benchmarks.harness import results_path; print(results_path())")
+BEFORE=$( [ -f "$RESULTS" ] && wc -l < "$RESULTS" || echo 0 )
+
+if [ -n "$TESTS" ]; then
+  echo "== pytest $TESTS"
+  # shellcheck disable=SC2086
+  VMAMBAX_EVIDENCE_DIR="$OUT" python3 -m pytest -p benchmarks.gpu_evidence -q --timeout=900 $TESTS 2>&1 \
+    | tee "$OUT/tests.log" | tail -40
+  for f in "$OUT"/*.json; do [ -f "$f" ] && mv "$f" "$OUT/evidence-$(basename "$f")"; done
+fi
+
+if [ "$SANITIZE" = 1 ]; then
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool"
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/bench_ss2d.py --sanitize 2>&1 \
+      | tee -a "$OUT/sanitizer.log" | tail -8
+    echo "== $tool rc=${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.log"
+  done
+fi
+
+for b in "${BENCHES[@]}"; do
+  [ "$b" = none ] && continue
+  echo "== python3 $b"
+  # shellcheck disable=SC2086
+  python3 $b
+done
+
+if [ -f "$RESULTS" ]; then
+  tail -n +$((BEFORE + 1)) "$RESULTS" > "$OUT/new-records.jsonl"
+  echo "== $(wc -l < "$OUT/new-records.jsonl") new records for $(basename "$RESULTS")"
+fi

@@ -1,0 +1,78 @@
+"""pytest plugin: leave the evidence of a GPU test run (DESIGN.md, "Results format").
+
+    python -m pytest -m gpu -p benchmarks.gpu_evidence tests/ops
+
+writes ``benchmarks/results/gpu-tests/<commit>.json`` (or into $VMAMBAX_EVIDENCE_DIR): passed /
+failed / skipped per test file, the failures' names, the card, the backends available and the
+commit of the kernel sources tested ($VMAMBAX_COMMIT where the tree travels without .git).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_counts: dict = defaultdict(lambda: {"passed": 0, "failed": 0, "skipped": 0, "error": 0})
+_failures: list = []
+_skip_reasons: dict = defaultdict(int)
+
+
+def _kernel_commit() -> str:
+    if os.environ.get("VMAMBAX_COMMIT"):
+        return os.environ["VMAMBAX_COMMIT"]
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h", "--", "csrc", "vmambax_kernels"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        if report.passed:
+            _counts[path]["passed"] += 1
+        elif report.skipped:
+            _counts[path]["skipped"] += 1
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            _skip_reasons[reason] += 1
+        elif report.when == "setup":
+            _counts[path]["error"] += 1
+            _failures.append(report.nodeid)
+        else:
+            _counts[path]["failed"] += 1
+            _failures.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import torch
+    try:
+        from vmambax_kernels import available_backends
+        backends = {k: {"available": s.available, "reason": s.reason} for k, s in available_backends().items()}
+    except Exception as exc:  # evidence must be written even when the package is broken
+        backends = {"error": repr(exc)}
+    commit = _kernel_commit()
+    out_dir = Path(os.environ.get("VMAMBAX_EVIDENCE_DIR", ROOT / "benchmarks" / "results" / "gpu-tests"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    totals = {k: sum(c[k] for c in _counts.values()) for k in ("passed", "failed", "skipped", "error")}
+    evidence = {
+        "commit": commit,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "backends": backends,
+        "args": list(session.config.invocation_params.args),
+        "exitstatus": int(exitstatus),
+        "totals": totals,
+        "files": dict(sorted(_counts.items())),
+        "failures": _failures,
+        "skip_reasons": dict(_skip_reasons),
+    }
+    path = out_dir / f"{commit}.json"
+    path.write_text(json.dumps(evidence, indent=1) + "\n")
+    print(f"\ngpu_evidence: wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {totals}")
