@@ -1,0 +1,243 @@
+"""Triton kernels of the four-direction 2D selective scan (forward and backward).
+
+One program walks one direction k of a block of BLOCK_D channels of BPP consecutive planes. The
+walk goes chunk by chunk (T positions): the chunk's recurrence h_t = dA_t * h_{t-1} + dBu_t is one
+``tl.associative_scan`` over a [BLOCK_D, T, NP] tile, and the state crosses chunks in registers.
+B and C are loaded once per position for every channel of the block. The four walks add their
+outputs into one fp32 y with atomics (four adds per element, so the sum order, not the values,
+varies between runs). The low-rank delta (dt_projs_weight @ dt) is formed per chunk in fp32 with
+``tl.dot`` and never stored.
+
+The forward can save the state at the start of every chunk; the backward walks the chunks in
+reverse, recomputes the chunk's states from the saved one, and runs the adjoint recurrence
+g_t = gy_t * C_t + dA_{t+1} * g_{t+1} as a reverse scan. It needs dA_t * h_{t-1}, which is
+h_t - dBu_t, so no shifted tile is formed for the states; dA_{t+1} is recomputed from delta at the
+next step. Reductions over channels (dB, dC, du over walks, d(dt)) are atomics into fp32
+buffers; parameter gradients are summed in registers over a program's planes, then added once.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _lin_combine(a1, b1, a2, b2):
+    # (a1, b1) is applied first: h -> a2 * (a1 * h + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _walk_pos(t, k, H, W, L):
+    """Position p = h*W + w visited at step t of walk k (SPEC.md section 1)."""
+    tt = tl.where(k >= 2, L - 1 - t, t)
+    return tl.where((k % 2) == 1, (tt % H) * W + tt // H, tt)
+
+
+@triton.jit
+def _softplus(x, INTERP: tl.constexpr):
+    e = tl.exp(x)
+    if INTERP:
+        # numpy's log is exact to an ulp; Kahan's trick recovers log1p from it
+        one = 1.0 + e
+        lp = tl.where(one == 1.0, e, tl.log(one) * (e / (one - 1.0)))
+    else:
+        lp = libdevice.log1p(e)
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _load_delta(dl_ptr, w_tile, base, offs_d, offs_r, p, mask_d, mask_r, mask_t, s_c, bias,
+                LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                INTERP: tl.constexpr):
+    """delta (+ bias) at positions p for the block's channels: [BLOCK_D, T] fp32 (pre-softplus, post)."""
+    if LOWRANK:
+        dt = tl.load(dl_ptr + base + offs_r[:, None] * s_c + p[None, :],
+                     mask=mask_r[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
+        x = tl.dot(w_tile, dt, input_precision="ieee")
+    else:
+        dt = tl.load(dl_ptr + base + offs_d[:, None] * s_c + p[None, :],
+                     mask=mask_d[:, None] & mask_t[None, :], other=0.0).to(tl.float32)
+        x = dt
+    if HAS_BIAS:
+        x = x + bias[:, None]
+    if SOFTPLUS:
+        dl = _softplus(x, INTERP)
+    else:
+        dl = x
+    return x, dl, dt
+
+
+@triton.jit
+def _ss2d_fwd_kernel(
+    u_ptr, dl_ptr, w_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, st_ptr,
+    Bt, Dm, H, W, L, N, R, n_db, n_chunks,
+    su_b, su_d, sdl_b, sdl_k, sdl_c, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n,
+    BLOCK_D: tl.constexpr, T: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BPP: tl.constexpr,
+    LOWRANK: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SAVE: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    db = pid % n_db
+    b0 = (pid // n_db) * BPP
+    offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    offs_t = tl.arange(0, T)
+    offs_r = tl.arange(0, RP)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    kd = k * Dm + offs_d
+    mdn = mask_d[:, None] & mask_n[None, :]
+    A2 = tl.load(A_ptr + kd[:, None] * N + offs_n[None, :], mask=mdn, other=0.0) * LOG2E
+    Dv = tl.load(D_ptr + kd, mask=mask_d, other=0.0) if HAS_D else None
+    bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0) if HAS_BIAS else None
+    w_tile = tl.load(w_ptr + kd[:, None] * R + offs_r[None, :], mask=mask_d[:, None] & mask_r[None, :],
+                     other=0.0) if LOWRANK else None
+
+    for i in range(BPP):
+        b = b0 + i
+        b_ok = b < Bt
+        bb = b.to(tl.int64)
+        h = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
+        for c in range(n_chunks):
+            t = c * T + offs_t
+            mask_t = (t < L) & b_ok
+            p = tl.where(mask_t, _walk_pos(t, k, H, W, L), 0)
+            m2 = mask_d[:, None] & mask_t[None, :]
+            mtn = mask_t[:, None] & mask_n[None, :]
+            u = tl.load(u_ptr + bb * su_b + offs_d[:, None] * su_d + p[None, :], mask=m2, other=0.0).to(tl.float32)
+            _, dl, _ = _load_delta(dl_ptr, w_tile, bb * sdl_b + k * sdl_k, offs_d, offs_r, p, mask_d, mask_r,
+                                   mask_t, sdl_c, bias, LOWRANK, HAS_BIAS, SOFTPLUS, INTERP)
+            Bv = tl.load(B_ptr + bb * sB_b + k * sB_k + offs_n[None, :] * sB_n + p[:, None], mask=mtn,
+                         other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + bb * sC_b + k * sC_k + offs_n[None, :] * sC_n + p[:, None], mask=mtn,
+                         other=0.0).to(tl.float32)
+            if SAVE:
+                st = st_ptr + (((bb * 4 + k) * Dm + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
+                tl.store(st, h, mask=mdn & b_ok)
+            dA = tl.exp2(dl[:, :, None] * A2[:, None, :])
+            dBu = (dl * u)[:, :, None] * Bv[None, :, :]
+            Pa, Pb = tl.associative_scan((dA, dBu), 1, _lin_combine)
+            hs = Pa * h[:, None, :] + Pb
+            y = tl.sum(hs * Cv[None, :, :], axis=2)
+            if HAS_D:
+                y += Dv[:, None] * u
+            tl.atomic_add(y_ptr + bb * Dm * L + offs_d[:, None] * L + p[None, :], y, mask=m2, sem="relaxed")
+            h = tl.sum(tl.where(offs_t[None, :, None] == T - 1, hs, 0.0), axis=1)
+
+
+@triton.jit
+def _ss2d_bwd_kernel(
+    u_ptr, dl_ptr, w_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, st_ptr, gy_ptr,
+    du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dw_ptr,
+    Bt, Dm, H, W, L, N, R, n_db, n_chunks,
+    su_b, su_d, sdl_b, sdl_k, sdl_c, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sg_b, sg_d,
+    BLOCK_D: tl.constexpr, T: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BPP: tl.constexpr,
+    LOWRANK: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
+    db = pid % n_db
+    b0 = (pid // n_db) * BPP
+    offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    offs_t = tl.arange(0, T)
+    offs_r = tl.arange(0, RP)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    kd = k * Dm + offs_d
+    mdn = mask_d[:, None] & mask_n[None, :]
+    A = tl.load(A_ptr + kd[:, None] * N + offs_n[None, :], mask=mdn, other=0.0)
+    A2 = A * LOG2E
+    Dv = tl.load(D_ptr + kd, mask=mask_d, other=0.0) if HAS_D else None
+    bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0) if HAS_BIAS else None
+    w_tile = tl.load(w_ptr + kd[:, None] * R + offs_r[None, :], mask=mask_d[:, None] & mask_r[None, :],
+                     other=0.0) if LOWRANK else None
+
+    dA_acc = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw_acc = tl.zeros([BLOCK_D, RP], dtype=tl.float32)
+    for i in range(BPP):
+        b = b0 + i
+        b_ok = b < Bt
+        bb = b.to(tl.int64)
+        dl_base = bb * sdl_b + k * sdl_k
+        carry = tl.zeros([BLOCK_D, NP], dtype=tl.float32)   # dA_{t0'} * g_{t0'} of the chunk after
+        for cc in range(n_chunks):
+            c = n_chunks - 1 - cc
+            t = c * T + offs_t
+            mask_t = (t < L) & b_ok
+            p = tl.where(mask_t, _walk_pos(t, k, H, W, L), 0)
+            m2 = mask_d[:, None] & mask_t[None, :]
+            mtn = mask_t[:, None] & mask_n[None, :]
+            u = tl.load(u_ptr + bb * su_b + offs_d[:, None] * su_d + p[None, :], mask=m2, other=0.0).to(tl.float32)
+            gy = tl.load(gy_ptr + bb * sg_b + offs_d[:, None] * sg_d + p[None, :], mask=m2, other=0.0).to(tl.float32)
+            x, dl, dt = _load_delta(dl_ptr, w_tile, dl_base, offs_d, offs_r, p, mask_d, mask_r, mask_t, sdl_c,
+                                    bias, LOWRANK, HAS_BIAS, SOFTPLUS, INTERP)
+            Bv = tl.load(B_ptr + bb * sB_b + k * sB_k + offs_n[None, :] * sB_n + p[:, None], mask=mtn,
+                         other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + bb * sC_b + k * sC_k + offs_n[None, :] * sC_n + p[:, None], mask=mtn,
+                         other=0.0).to(tl.float32)
+            st = st_ptr + (((bb * 4 + k) * Dm + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
+            h0 = tl.load(st, mask=mdn & b_ok, other=0.0)
+
+            # forward states of the chunk, recomputed from its saved start
+            dA = tl.exp2(dl[:, :, None] * A2[:, None, :])
+            dlu = dl * u
+            dBu = dlu[:, :, None] * Bv[None, :, :]
+            Pa, Pb = tl.associative_scan((dA, dBu), 1, _lin_combine)
+            hs = Pa * h0[:, None, :] + Pb
+
+            # decay of the next step inside the chunk (the last step takes the carry instead)
+            tn = t + 1
+            mask_nx = (offs_t < T - 1) & (tn < L) & b_ok
+            pn = tl.where(mask_nx, _walk_pos(tn, k, H, W, L), 0)
+            _, dln, _ = _load_delta(dl_ptr, w_tile, dl_base, offs_d, offs_r, pn, mask_d, mask_r, mask_nx, sdl_c,
+                                    bias, LOWRANK, HAS_BIAS, SOFTPLUS, INTERP)
+            alpha = tl.where(mask_nx[None, :, None], tl.exp2(dln[:, :, None] * A2[:, None, :]), 1.0)
+            cg = gy[:, :, None] * Cv[None, :, :]
+            Pr, Gr = tl.associative_scan((alpha, cg), 1, _lin_combine, reverse=True)
+            g = Gr + Pr * carry[:, None, :]
+            carry = tl.sum(tl.where(offs_t[None, :, None] == 0, dA * g, 0.0), axis=1)
+
+            off_bn = (bb * 4 + k) * N * L + offs_n[None, :] * L + p[:, None]
+            tl.atomic_add(dC_ptr + off_bn, tl.sum(gy[:, :, None] * hs, axis=0), mask=mtn, sem="relaxed")
+            tl.atomic_add(dB_ptr + off_bn, tl.sum(g * dlu[:, :, None], axis=0), mask=mtn, sem="relaxed")
+            hm = hs - dBu                                   # dA_t * h_{t-1}
+            gB = tl.sum(g * Bv[None, :, :], axis=2)
+            ddl = tl.sum(g * hm * A[:, None, :], axis=2) + u * gB
+            dA_acc += tl.sum(g * hm * dl[:, :, None], axis=1)
+            du = dl * gB
+            if HAS_D:
+                du += Dv[:, None] * gy
+                dD_acc += tl.sum(gy * u, axis=1)
+            tl.atomic_add(du_ptr + bb * Dm * L + offs_d[:, None] * L + p[None, :], du, mask=m2, sem="relaxed")
+            if SOFTPLUS:
+                ddl = ddl / (1.0 + tl.exp(-x))
+            ddl = tl.where(m2, ddl, 0.0)
+            if HAS_BIAS:
+                dbias_acc += tl.sum(ddl, axis=1)
+            if LOWRANK:
+                ddt = tl.dot(tl.trans(w_tile), ddl, input_precision="ieee")        # [RP, T]
+                tl.atomic_add(ddl_ptr + (bb * 4 + k) * R * L + offs_r[:, None] * L + p[None, :], ddt,
+                              mask=mask_r[:, None] & mask_t[None, :], sem="relaxed")
+                dw_acc += tl.dot(ddl, tl.trans(dt), input_precision="ieee")      # [BLOCK_D, RP]
+            else:
+                tl.store(ddl_ptr + (bb * 4 + k) * Dm * L + offs_d[:, None] * L + p[None, :], ddl, mask=m2)
+
+    tl.atomic_add(dA_ptr + kd[:, None] * N + offs_n[None, :], dA_acc, mask=mdn, sem="relaxed")
+    if HAS_D:
+        tl.atomic_add(dD_ptr + kd, dD_acc, mask=mask_d, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + kd, dbias_acc, mask=mask_d, sem="relaxed")
+    if LOWRANK:
+        tl.atomic_add(dw_ptr + kd[:, None] * R + offs_r[None, :], dw_acc, mask=mask_d[:, None] & mask_r[None, :],
+                      sem="relaxed")

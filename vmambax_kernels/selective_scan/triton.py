@@ -1,0 +1,370 @@
+"""Triton backend of the four-direction 2D selective scan (SPEC.md section 1).
+
+Layering: the kernels (``_triton_kernels``) -> launchers here -> torch.library custom ops
+``vmambax::ss2d_triton_fwd`` / ``ss2d_triton_lowrank_fwd`` (autograd registered, backward through
+``vmambax::ss2d_triton_bwd``) -> ``selective_scan_2d`` / ``selective_scan_2d_lowrank`` called by
+the public interface after it validated the arguments. Runs on CUDA GPUs, or on CPU tensors
+under ``TRITON_INTERPRET=1`` (tests; milliseconds per program step).
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from .flops import register_scan_flops
+
+_MIN_TRITON = "3.6"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def availability() -> str | None:
+    """None when the Triton backend can run here, else why not. Never raises."""
+    try:
+        import triton
+        from packaging.version import Version
+    except ImportError as exc:
+        return f"Triton is not installed ({exc}): pip install 'triton>={_MIN_TRITON}'"
+    try:
+        if Version(triton.__version__).release < Version(_MIN_TRITON).release:
+            return f"Triton {triton.__version__} is too old: pip install 'triton>={_MIN_TRITON}'"
+    except Exception as exc:  # an unparsable version string must not break available_backends()
+        return f"cannot read the Triton version {getattr(triton, '__version__', '?')!r}: {exc}"
+    if _interpreting():
+        return None
+    if not torch.cuda.is_available():
+        return ("no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                "set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors (slow, for tests)")
+    return None
+
+
+def _kernels():
+    # Imported on first launch, not with this module: Triton decides between compiling and
+    # interpreting when the kernels are defined, and tests set TRITON_INTERPRET before that.
+    from . import _triton_kernels
+    if _interpreting():
+        _vectorise_interpreter_scan()
+        _fix_interpreter_index()
+    return _triton_kernels
+
+
+def _fix_interpreter_index() -> None:
+    """Let the interpreter use a scalar kernel argument as a loop bound under numpy >= 2.3.
+
+    Triton 3.6's interpreter holds scalar arguments as 1-element arrays and converts them with
+    int(array), which numpy 2.3+ rejects ("only 0-dimensional arrays can be converted").
+    """
+    try:
+        from triton.runtime import interpreter
+        orig = interpreter._patch_lang_tensor
+    except (ImportError, AttributeError):
+        return
+    if getattr(orig, "_vmambax_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._vmambax_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+def _vectorise_interpreter_scan() -> None:
+    """Make the interpreter's generic associative_scan loop over the scanned axis only.
+
+    Triton 3.6's interpreter calls the combine function once per element (about 50 us each), which
+    put a single CPU test case over a minute. The combine functions are elementwise, so applying
+    them to whole slices along the axis gives the same values. Falls back silently to the stock
+    implementation if the interpreter's internals change.
+    """
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+        ops = interpreter.ScanOps
+    except (ImportError, AttributeError):
+        return
+    if getattr(ops, "_vmambax_vectorised", False) or not hasattr(ops, "generic_scan"):
+        return
+
+    def generic_scan(self, input):
+        datas = [arg.handle.data for arg in input]
+        outs = [np.empty_like(d) for d in datas]
+        acc = None
+        for i in range(datas[0].shape[self.axis]):
+            cur = tuple(self.to_tensor(np.take(d, i, axis=self.axis), arg.dtype) for d, arg in zip(datas, input))
+            if acc is None:
+                acc = cur
+            else:
+                ret = self.combine_fn.fn(*acc, *cur)
+                acc = ret if isinstance(ret, tuple) else (ret,)
+            index = (slice(None),) * self.axis + (i,)
+            for o, a in zip(outs, acc):
+                o[index] = a.handle.data
+        return [self.to_tensor(o, arg.dtype) for o, arg in zip(outs, input)]
+
+    ops.generic_scan = generic_scan
+    ops._vmambax_vectorised = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+class _Config(NamedTuple):
+    BLOCK_D: int
+    T: int
+    NP: int
+    RP: int
+    BPP: int
+    fwd_warps: int
+    bwd_warps: int
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+# Tiles of about 4K fp32 elements ([BLOCK_D, T, NP]) per scan; T = 16 is the smallest tile
+# tl.dot accepts (low-rank delta). Overridden by _CONFIG_OVERRIDE for the tuning sweep.
+_CONFIG_OVERRIDE: dict = {}
+
+
+def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
+    NP = max(2, _pow2(N))
+    RP = max(16, _pow2(R))
+    T = _CONFIG_OVERRIDE.get("T", 16)
+    bd = _CONFIG_OVERRIDE.get("BLOCK_D", max(16, 4096 // (T * NP)))
+    bd = max(16, min(bd, _pow2(Dm)))
+    n_db = -(-Dm // bd)
+    # Several planes per program when planes are short (DCIM's 4x4 windows), as long as enough
+    # programs remain to fill the GPU.
+    # The interpreter runs programs one after another: there, fewer programs only save time.
+    min_programs = 1 if _interpreting() else 4096
+    bpp = max(1, min(Bt, _CONFIG_OVERRIDE.get("planes_positions", 256) // L))
+    while bpp > 1 and n_db * 4 * -(-Bt // bpp) < min_programs:
+        bpp //= 2
+    return _Config(bd, T, NP, RP, bpp, _CONFIG_OVERRIDE.get("fwd_warps", 4),
+                   _CONFIG_OVERRIDE.get("bwd_warps", 8))
+
+
+def _n_chunks(L: int, cfg: _Config) -> int:
+    return -(-L // cfg.T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def _plane_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """The kernels index position p = h*W + w as offset p from a plane's start; other strides free."""
+    H, W = x.shape[-2:]
+    if (W == 1 or x.stride(-1) == 1) and (H == 1 or x.stride(-2) == W):
+        return x
+    return x.contiguous()
+
+
+def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
+    kern = _kernels()
+    Bt, Dm, H, W = u.shape
+    N, L = A.shape[-1], H * W
+    R = dl.shape[2] if w is not None else 0
+    cfg = config(Bt, Dm, L, N, R)
+    n_chunks, n_db = _n_chunks(L, cfg), -(-Dm // cfg.BLOCK_D)
+    u, dl, B, C = map(_plane_contiguous, (u, dl, B, C))
+    A, w, D, bias = (None if t is None else t.contiguous() for t in (A, w, D, bias))
+    y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
+    states = (torch.empty((Bt, 4, Dm, n_chunks, N), dtype=torch.float32, device=u.device) if save
+              else torch.empty(0, dtype=torch.float32, device=u.device))
+    grid = (n_db * -(-Bt // cfg.BPP), 4)
+    kern._ss2d_fwd_kernel[grid](
+        u, dl, w if w is not None else A, A, B, C, D if D is not None else A, bias if bias is not None else A,
+        y, states,
+        Bt, Dm, H, W, L, N, R, n_db, n_chunks,
+        u.stride(0), u.stride(1), dl.stride(0), dl.stride(1), dl.stride(2),
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
+        BLOCK_D=cfg.BLOCK_D, T=cfg.T, NP=cfg.NP, RP=cfg.RP, BPP=cfg.BPP,
+        LOWRANK=w is not None, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        SAVE=save, INTERP=_interpreting(), num_warps=cfg.fwd_warps,
+    )
+    return (y if out_dtype == torch.float32 else y.to(out_dtype)), states
+
+
+def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
+    kern = _kernels()
+    Bt, Dm, H, W = u.shape
+    N, L = A.shape[-1], H * W
+    R = dl.shape[2] if w is not None else 0
+    cfg = config(Bt, Dm, L, N, R)
+    n_chunks, n_db = _n_chunks(L, cfg), -(-Dm // cfg.BLOCK_D)
+    if states.shape != (Bt, 4, Dm, n_chunks, N):
+        raise RuntimeError("ss2d_triton_bwd: the forward did not save its chunk states "
+                           f"(got states of shape {tuple(states.shape)}); call it with save_states=True")
+    gy, u, dl, B, C = map(_plane_contiguous, (gy, u, dl, B, C))
+    A, w, D, bias = (None if t is None else t.contiguous() for t in (A, w, D, bias))
+    f32 = dict(dtype=torch.float32, device=u.device)
+    du = torch.zeros(u.shape, **f32)
+    ddl = torch.zeros(dl.shape, **f32) if w is not None else torch.empty(dl.shape, dtype=dl.dtype, device=u.device)
+    dA = torch.zeros(A.shape, **f32)
+    dB = torch.zeros(B.shape, **f32)
+    dC = torch.zeros(C.shape, **f32)
+    dD = torch.zeros((4, Dm), **f32) if D is not None else torch.empty(0, **f32)
+    dbias = torch.zeros((4, Dm), **f32) if bias is not None else torch.empty(0, **f32)
+    dw = torch.zeros(w.shape, **f32) if w is not None else torch.empty(0, **f32)
+    grid = (n_db * -(-Bt // cfg.BPP), 4)
+    kern._ss2d_bwd_kernel[grid](
+        u, dl, w if w is not None else A, A, B, C, D if D is not None else A, bias if bias is not None else A,
+        states, gy, du, ddl, dA, dB, dC, dD, dbias, dw,
+        Bt, Dm, H, W, L, N, R, n_db, n_chunks,
+        u.stride(0), u.stride(1), dl.stride(0), dl.stride(1), dl.stride(2),
+        B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), gy.stride(0), gy.stride(1),
+        BLOCK_D=cfg.BLOCK_D, T=cfg.T, NP=cfg.NP, RP=cfg.RP, BPP=cfg.BPP,
+        LOWRANK=w is not None, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
+        INTERP=_interpreting(), num_warps=cfg.bwd_warps,
+    )
+    return du.to(u.dtype), ddl.to(dl.dtype), dA, dB.to(B.dtype), dC.to(C.dtype), dD, dbias, dw
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops
+# ----------------------------------------------------------------------------------------------
+
+def _states_shape(u, A, R, save):
+    Bt, Dm, H, W = u.shape
+    if not save:
+        return (0,)
+    cfg = config(Bt, Dm, H * W, A.shape[-1], R)
+    return (Bt, 4, Dm, _n_chunks(H * W, cfg), A.shape[-1])
+
+
+@torch.library.custom_op("vmambax::ss2d_triton_fwd", mutates_args=())
+def _fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: torch.Tensor | None, delta_bias: torch.Tensor | None, delta_softplus: bool,
+            out_dtype: torch.dtype, save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(u, delta, None, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states)
+
+
+@torch.library.custom_op("vmambax::ss2d_triton_lowrank_fwd", mutates_args=())
+def _lowrank_fwd_op(u: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                    D: torch.Tensor | None, delta_bias: torch.Tensor | None, dt_projs_weight: torch.Tensor,
+                    delta_softplus: bool, out_dtype: torch.dtype,
+                    save_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd(u, dt, dt_projs_weight, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states)
+
+
+@torch.library.custom_op("vmambax::ss2d_triton_bwd", mutates_args=())
+def _bwd_op(grad_y: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            C: torch.Tensor, D: torch.Tensor | None, delta_bias: torch.Tensor | None,
+            dt_projs_weight: torch.Tensor | None, states: torch.Tensor,
+            delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (du, d delta|d dt, dA, dB, dC, dD, d delta_bias, d dt_projs_weight); empty for absent inputs."""
+    return _bwd(grad_y, u, delta, dt_projs_weight, A, B, C, D, delta_bias, states, delta_softplus)
+
+
+@_fwd_op.register_fake
+def _(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states):
+    return (u.new_empty(u.shape, dtype=out_dtype),
+            u.new_empty(_states_shape(u, A, 0, save_states), dtype=torch.float32))
+
+
+@_lowrank_fwd_op.register_fake
+def _(u, dt, A, B, C, D, delta_bias, dt_projs_weight, delta_softplus, out_dtype, save_states):
+    return (u.new_empty(u.shape, dtype=out_dtype),
+            u.new_empty(_states_shape(u, A, dt.shape[2], save_states), dtype=torch.float32))
+
+
+@_bwd_op.register_fake
+def _(grad_y, u, delta, A, B, C, D, delta_bias, dt_projs_weight, states, delta_softplus):
+    f32 = dict(dtype=torch.float32)
+    empty = u.new_empty(0, **f32)
+    return (torch.empty_like(u), torch.empty_like(delta), A.new_empty(A.shape, **f32), torch.empty_like(B),
+            torch.empty_like(C), empty if D is None else D.new_empty(D.shape, **f32),
+            empty if delta_bias is None else delta_bias.new_empty(delta_bias.shape, **f32),
+            empty if dt_projs_weight is None else dt_projs_weight.new_empty(dt_projs_weight.shape, **f32))
+
+
+def _setup(ctx, inputs, output, lowrank):
+    u, dl, A, B, C, D, bias = inputs[:7]
+    w = inputs[7] if lowrank else None
+    ctx.save_for_backward(u, dl, A, B, C, D, bias, w, output[1])
+    ctx.softplus = inputs[8] if lowrank else inputs[7]
+
+
+def _backward(ctx, grad_y, _grad_states, lowrank):
+    u, dl, A, B, C, D, bias, w, states = ctx.saved_tensors
+    du, ddl, dA, dB, dC, dD, dbias, dw = _bwd_op(grad_y, u, dl, A, B, C, D, bias, w, states, ctx.softplus)
+    dD = None if D is None else dD
+    dbias = None if bias is None else dbias
+    if lowrank:
+        return du, ddl, dA, dB, dC, dD, dbias, dw, None, None, None
+    return du, ddl, dA, dB, dC, dD, dbias, None, None, None
+
+
+_fwd_op.register_autograd(lambda ctx, gy, gs: _backward(ctx, gy, gs, False),
+                          setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, False))
+_lowrank_fwd_op.register_autograd(lambda ctx, gy, gs: _backward(ctx, gy, gs, True),
+                                  setup_context=lambda ctx, inputs, output: _setup(ctx, inputs, output, True))
+register_scan_flops(torch.ops.vmambax.ss2d_triton_fwd, lowrank=False)
+register_scan_flops(torch.ops.vmambax.ss2d_triton_lowrank_fwd, lowrank=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend entry points (called by selective_scan/interface.py after validation)
+# ----------------------------------------------------------------------------------------------
+
+def _check(u, device_tensors: dict, lowrank_args=None):
+    if u.dtype not in _DTYPES:
+        raise TypeError(f"u: expected float32, bfloat16 or float16 for the triton backend, got {u.dtype}")
+    for name, t in device_tensors.items():
+        if t is not None and t.device != u.device:
+            raise ValueError(f"{name}: expected device {u.device} (the device of u), got {t.device}")
+    if u.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"u: the triton backend expects CUDA tensors (or TRITON_INTERPRET=1), got {u.device}")
+    if lowrank_args is not None:
+        dt, w = lowrank_args
+        Bt, Dm, H, W = u.shape
+        if dt.dim() != 5 or dt.shape[:2] != (Bt, 4) or dt.shape[3:] != (H, W):
+            raise ValueError(f"dt: expected shape ({Bt}, 4, R, {H}, {W}), got {tuple(dt.shape)}")
+        if dt.dtype != u.dtype:
+            raise TypeError(f"dt: expected dtype {u.dtype} (the dtype of u), got {dt.dtype}")
+        R = dt.shape[2]
+        if tuple(w.shape) != (4, Dm, R):
+            raise ValueError(f"dt_projs_weight: expected shape (4, {Dm}, {R}), got {tuple(w.shape)}")
+
+
+def _needs_states(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _params(*ps):
+    return [None if p is None else p.float() for p in ps]
+
+
+def selective_scan_2d(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype):
+    """y (Bt, Dm, H, W) in out_dtype; shapes and gradients as ``reference.selective_scan_2d``."""
+    _check(u, {"delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias})
+    A, D, delta_bias = _params(A, D, delta_bias)
+    save = _needs_states(u, delta, A, B, C, D, delta_bias)
+    y, _ = torch.ops.vmambax.ss2d_triton_fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype, save)
+    return y
+
+
+def selective_scan_2d_lowrank(u, dt, dt_projs_weight, A, B, C, D, delta_bias, delta_softplus, out_dtype):
+    """y (Bt, Dm, H, W); delta = dt_projs_weight @ dt formed inside the kernels in fp32.
+
+    dt (Bt, 4, R, H, W) in u's dtype, dt_projs_weight (4, Dm, R) fp32; dt, B, C may be strided
+    views (only each H*W plane must be contiguous). Spec: ``reference.selective_scan_2d_lowrank``.
+    """
+    _check(u, {"dt": dt, "dt_projs_weight": dt_projs_weight, "A": A, "B": B, "C": C, "D": D,
+               "delta_bias": delta_bias}, (dt, dt_projs_weight))
+    A, D, delta_bias, w = _params(A, D, delta_bias, dt_projs_weight)
+    save = _needs_states(u, dt, w, A, B, C, D, delta_bias)
+    y, _ = torch.ops.vmambax.ss2d_triton_lowrank_fwd(u, dt, A, B, C, D, delta_bias, w, bool(delta_softplus),
+                                                     out_dtype, save)
+    return y
