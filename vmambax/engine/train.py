@@ -283,6 +283,7 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
     finally:
         if handler is not None:
             logging.getLogger("vmambax").removeHandler(handler)
+            logging.getLogger("vmambax").setLevel(handler.restore_level)
             handler.close()
         d.stop()
     return {"out": cfg.out, "best": best, "history": history, "checkpoints": paths}
@@ -328,7 +329,11 @@ def _start_log(cfg, rank0, train_ds, val_ds, val_source, crop, dtype, d, model):
         return None
     handler = logging.FileHandler(os.path.join(cfg.out, "train.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("vmambax").addHandler(handler)
+    pkg = logging.getLogger("vmambax")
+    handler.restore_level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:  # the log file gets the epoch lines whatever the console shows
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     n_params = sum(p.numel() for p in unwrap(model).parameters())

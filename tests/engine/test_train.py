@@ -1,0 +1,98 @@
+"""Training on the tiny test model: outputs, exact resume after an interruption, user errors."""
+import csv
+import os
+
+import pytest
+import torch
+
+from vmambax.engine import train as train_mod
+from vmambax.engine.checkpoint import load
+from vmambax.engine.train import TrainConfig, train
+
+TINY = {"name": "tiny", "kwargs": {}}
+
+
+def _cfg(data, out, **kw):
+    base = dict(epochs=3, batch_size=2, size=64, lr=1e-3, workers=0, progress=False, deterministic=True,
+                steps_per_epoch=3, model=TINY)
+    return TrainConfig(data=data, out=str(out), **{**base, **kw})
+
+
+def test_outputs(tiny_data, tmp_path):
+    r = train(_cfg(tiny_data, tmp_path / "run", epochs=2))
+    for f in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "train.log", "metrics.csv",
+              "steps.csv", "training_curve.png", "config.json"):
+        assert os.path.getsize(tmp_path / "run" / f) > 0, f
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and all(0 <= float(r["val_dice"]) <= 1 for r in rows)
+    assert len(list(csv.DictReader(open(tmp_path / "run" / "steps.csv")))) == 6
+    log = open(tmp_path / "run" / "train.log").read()
+    assert "epoch 1/2" in log and "val_dice" in log and "derived" not in log  # synth writes val.txt
+    ck = load(str(tmp_path / "run" / "checkpoint_final.pt"))
+    assert ck["epoch"] == 2 and ck["model_spec"] == TINY and r["best"]["epoch"] in (1, 2)
+    # cosine: the lr recorded at epoch 2 is below the first
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"]) == pytest.approx(1e-3)
+
+
+def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
+    full = train(_cfg(tiny_data, tmp_path / "full"))
+    calls = {"n": 0}
+    real_validate = train_mod.validate
+
+    def dies_in_epoch_2(*a, **k):  # a kill after epoch 2's steps, before its checkpoint
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_validate(*a, **k)
+
+    monkeypatch.setattr(train_mod, "validate", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_data, tmp_path / "cut"))
+    assert load(str(tmp_path / "cut" / "checkpoint_latest.pt"))["epoch"] == 1
+    monkeypatch.setattr(train_mod, "validate", real_validate)
+    resumed = train(_cfg(tiny_data, tmp_path / "cut", resume=True, epochs=99))  # the run's own epochs win
+    a = load(str(tmp_path / "full" / "checkpoint_final.pt"))
+    b = load(str(tmp_path / "cut" / "checkpoint_final.pt"))
+    assert b["epoch"] == 3
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    assert [h["train_loss"] for h in full["history"]] == [h["train_loss"] for h in resumed["history"]]
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tiny_data, tmp_path):
+    train(_cfg(tiny_data, tmp_path / "run", epochs=1, steps_per_epoch=1))
+    before = os.path.getmtime(tmp_path / "run" / "checkpoint_latest.pt")
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_cfg(tiny_data, tmp_path / "run", epochs=1))
+    assert os.path.getmtime(tmp_path / "run" / "checkpoint_latest.pt") == before
+    with pytest.raises(FileNotFoundError, match="no .*checkpoint_latest.pt to resume from"):
+        train(_cfg(tiny_data, tmp_path / "other", resume=True))
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(batch_size=1), ValueError, "BatchNorm .* at least 2 samples per device"),
+    (dict(size=48), ValueError, "size: expected a multiple of 32"),
+    (dict(amp="fp8"), ValueError, "amp: expected one of"),
+    (dict(resume=True, init_checkpoint="x.pt"), ValueError, "cannot be combined"),
+    (dict(batch_size=64), ValueError, "fewer than one batch of 64"),
+])
+def test_bad_config(tiny_data, tmp_path, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        train(_cfg(tiny_data, tmp_path / "run", **kw))
+
+
+def test_unwritable_output_folder(tiny_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="out: cannot write to the output folder"):
+        train(_cfg(tiny_data, blocker / "run"))
+
+
+def test_validation_derived_per_patient_without_val_txt(tiny_data, tmp_path):
+    import shutil
+    data = shutil.copytree(tiny_data, tmp_path / "d")
+    os.remove(data / "val.txt")
+    train(_cfg(str(data), tmp_path / "run", epochs=1, steps_per_epoch=1, val_fraction=0.5))
+    assert "derived per patient from train.txt" in open(tmp_path / "run" / "train.log").read()
