@@ -129,7 +129,7 @@ def _patient(rng, size: int, n_slices: int):
         suv = ndimage.gaussian_filter(suv, psf)
         suv = np.clip(suv * (1 + 0.15 * ndimage.gaussian_filter(rng.standard_normal(suv.shape), 1.0))
                       + 0.1 * rng.standard_normal(suv.shape), 0, None)
-        yield hu.astype(np.float32), suv.astype(np.float32), mask
+        yield np.round(hu).astype(np.float32), suv.astype(np.float32), mask  # CT is stored in whole HU
 
 
 def _split(patients: list[str], rng) -> dict[str, list[str]]:
