@@ -3,13 +3,14 @@
 # evidence plugin, optionally compute-sanitizer, then the benchmarks; logs and results go to $OUT.
 #
 #   bash benchmarks/device_run.sh [--archs 90] [--mamba] [--no-build]
-#        [--tests "PYTEST ARGS" | --no-tests] [--sanitize] [--bench "SCRIPT ARGS" | --no-bench]
+#        [--tests "PYTEST ARGS" | --no-tests] [--k "PYTEST -k EXPRESSION"] [--sanitize] [--bench "SCRIPT ARGS" | --no-bench]
 #
 #   --mamba      pip install --no-deps the mamba-ssm wheel found in .wheels/ (the unfused peer)
 #   --tests      pytest arguments (default: "-m gpu tests/ops"); the evidence plugin is always loaded
 #   --sanitize   compute-sanitizer memcheck and racecheck on benchmarks/bench_ss2d.py --sanitize
 #   --bench      a benchmark script and its arguments (default: "benchmarks/bench_ss2d.py --quick");
 #                repeat --bench to run several
+# Time limits per step (seconds): TEST_TIMEOUT (300), SANITIZE_TIMEOUT (120 per tool), BENCH_TIMEOUT (300).
 # Set VMAMBAX_COMMIT to the commit under test when the tree travels without .git.
 # Files under $OUT: log.txt (everything), build.log, tests.log, sanitizer.log, evidence-<commit>.json,
 # new-records.jsonl (only the records this run appended; append them to benchmarks/results/ locally).
@@ -19,13 +20,14 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
 
-ARCHS=90; MAMBA=0; BUILD=1; SANITIZE=0; TESTS="-m gpu tests/ops"; BENCHES=()
+ARCHS=90; KEXPR=""; MAMBA=0; BUILD=1; SANITIZE=0; TESTS="-m gpu tests/ops"; BENCHES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --archs) ARCHS=$2; shift 2 ;;
     --mamba) MAMBA=1; shift ;;
     --no-build) BUILD=0; shift ;;
     --tests) TESTS=$2; shift 2 ;;
+    --k) KEXPR=$2; shift 2 ;;
     --no-tests) TESTS=""; shift ;;
     --sanitize) SANITIZE=1; shift ;;
     --bench) BENCHES+=("$2"); shift 2 ;;
@@ -61,7 +63,7 @@ BEFORE=$( [ -f "$RESULTS" ] && wc -l < "$RESULTS" || echo 0 )
 if [ -n "$TESTS" ]; then
   echo "== pytest $TESTS"
   # shellcheck disable=SC2086
-  VMAMBAX_EVIDENCE_DIR="$OUT" python3 -m pytest -p benchmarks.gpu_evidence -q --timeout=900 $TESTS 2>&1 \
+  VMAMBAX_EVIDENCE_DIR="$OUT" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -p benchmarks.gpu_evidence -q --timeout=900 ${KEXPR:+-k "$KEXPR"} $TESTS 2>&1 \
     | tee "$OUT/tests.log" | tail -40
   for f in "$OUT"/*.json; do [ -f "$f" ] && mv "$f" "$OUT/evidence-$(basename "$f")"; done
 fi
@@ -69,7 +71,7 @@ fi
 if [ "$SANITIZE" = 1 ]; then
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer --tool $tool"
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/bench_ss2d.py --sanitize 2>&1 \
+    timeout "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/bench_ss2d.py --sanitize 2>&1 \
       | tee -a "$OUT/sanitizer.log" | tail -8
     echo "== $tool rc=${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.log"
   done
@@ -79,7 +81,7 @@ for b in "${BENCHES[@]}"; do
   [ "$b" = none ] && continue
   echo "== python3 $b"
   # shellcheck disable=SC2086
-  python3 $b
+  timeout "${BENCH_TIMEOUT:-300}" python3 $b
 done
 
 if [ -f "$RESULTS" ]; then

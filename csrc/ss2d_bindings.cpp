@@ -1,0 +1,193 @@
+// torch.library registration of the fused four-direction 2D selective scan (namespace vmambax).
+// Fake (meta) implementations and autograd live in vmambax_kernels/selective_scan/cuda.py.
+#include <ATen/ATen.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "selective_scan/ss2d.h"
+
+namespace vmambax {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+template <typename F>
+void dispatch_input(at::ScalarType t, const char *name, F &&f) {
+  if (t == at::kFloat) f(float(0));
+  else if (t == at::kBFloat16) f(__nv_bfloat16());
+  else if (t == at::kHalf) f(__half());
+  else TORCH_CHECK(false, name, ": expected dtype float32, bfloat16 or float16, got ", t);
+}
+
+void check_shape(const Tensor &t, const char *name, c10::IntArrayRef sizes) {
+  TORCH_CHECK(t.sizes() == sizes, name, ": expected shape ", sizes, ", got ", t.sizes());
+}
+
+void check_param(const optional<Tensor> &t, const char *name, int64_t K, int64_t Dm) {
+  if (!t.has_value()) return;
+  VMX_CHECK_CUDA(*t);
+  TORCH_CHECK(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ", t->scalar_type());
+  TORCH_CHECK(t->sizes() == c10::IntArrayRef({K, Dm}), name, ": expected shape (", K, ", ", Dm, "), got ", t->sizes());
+  TORCH_CHECK(t->is_contiguous(), name, ": expected a contiguous tensor, got strides ", t->strides());
+}
+
+// Validates the scan's tensors and fills everything of SS2DParams but the outputs.
+SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B, const Tensor &C,
+                       const optional<Tensor> &D, const optional<Tensor> &bias, const optional<Tensor> &Wdt,
+                       bool softplus) {
+  VMX_CHECK_CUDA(u);
+  TORCH_CHECK(u.dim() == 4, "u: expected a 4-D tensor (Bt, Dm, H, W), got shape ", u.sizes());
+  const int64_t Bt = u.size(0), Dm = u.size(1), H = u.size(2), W = u.size(3);
+  TORCH_CHECK(Bt >= 1 && Dm >= 1 && H >= 1 && W >= 1, "u: expected every dimension >= 1, got shape ", u.sizes());
+  TORCH_CHECK(H * W < (int64_t(1) << 30), "u: expected H*W < 2^30, got H*W = ", H * W);
+  VMX_CHECK_CUDA(A);
+  VMX_CHECK_DTYPE(A, at::kFloat);
+  TORCH_CHECK(A.dim() == 3 && A.size(0) == 4 && A.size(1) == Dm, "A: expected shape (4, ", Dm, ", N), got ", A.sizes());
+  VMX_CHECK_CONTIGUOUS(A);
+  const int64_t N = A.size(2);
+  TORCH_CHECK(N >= 1 && N <= 64, "A: expected a state size N in [1, 64], got N = ", N);
+  const int64_t R = Wdt.has_value() ? Wdt->size(2) : 0;
+  if (Wdt.has_value()) {
+    VMX_CHECK_CUDA(*Wdt);
+    VMX_CHECK_DTYPE(*Wdt, at::kFloat);
+    TORCH_CHECK(Wdt->dim() == 3 && Wdt->size(0) == 4 && Wdt->size(1) == Dm && R >= 1,
+                "dt_projs_weight: expected shape (4, ", Dm, ", R) with R >= 1, got ", Wdt->sizes());
+    VMX_CHECK_CONTIGUOUS(*Wdt);
+    check_shape(dl, "dt", {Bt, 4, R, H, W});
+  } else {
+    check_shape(dl, "delta", {Bt, 4, Dm, H, W});
+  }
+  check_shape(B, "B", {Bt, 4, N, H, W});
+  check_shape(C, "C", {Bt, 4, N, H, W});
+  auto same_as_u = [&](const Tensor &t, const char *name) {
+    TORCH_CHECK(t.device() == u.device(), name, ": expected a tensor on ", u.device(), ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == u.scalar_type(), name, ": expected dtype ", u.scalar_type(),
+                " (the dtype of u), got ", t.scalar_type());
+  };
+  same_as_u(dl, Wdt.has_value() ? "dt" : "delta");
+  same_as_u(B, "B");
+  same_as_u(C, "C");
+  VMX_CHECK_PLANE(u);
+  VMX_CHECK_PLANE(B);
+  VMX_CHECK_PLANE(C);
+  TORCH_CHECK(dl.stride(-1) == 1 && (H == 1 || dl.stride(-2) == W), Wdt.has_value() ? "dt" : "delta",
+              ": expected a dense H*W plane (strides (W, 1) on the last two dims), got strides ", dl.strides());
+  check_param(D, "D", 4, Dm);
+  check_param(bias, "delta_bias", 4, Dm);
+
+  SS2DParams p{};
+  p.Bt = int(Bt); p.Dm = int(Dm); p.H = int(H); p.W = int(W); p.L = int(H * W); p.N = int(N); p.R = int(R);
+  p.softplus = softplus;
+  ss2d_layout(p);
+  const size_t smem = sizeof(float) * size_t(2 * N + R) * p.LP * p.CH;
+  TORCH_CHECK(smem <= 200 * 1024, "dt_projs_weight: the backward needs (2N + R) * ", p.LP * p.CH,
+              " floats of shared memory, over 200 KB for N = ", N, ", R = ", R);
+  p.u = u.data_ptr(); p.dl = dl.data_ptr(); p.B = B.data_ptr(); p.C = C.data_ptr();
+  p.u_b = u.stride(0); p.u_d = u.stride(1);
+  p.dl_b = dl.stride(0); p.dl_k = dl.stride(1); p.dl_c = dl.stride(2);
+  p.B_b = B.stride(0); p.B_k = B.stride(1); p.B_n = B.stride(2);
+  p.C_b = C.stride(0); p.C_k = C.stride(1); p.C_n = C.stride(2);
+  p.A = A.data_ptr<float>();
+  p.D = D.has_value() ? D->data_ptr<float>() : nullptr;
+  p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  p.Wdt = Wdt.has_value() ? Wdt->data_ptr<float>() : nullptr;
+  return p;
+}
+
+std::tuple<Tensor, Tensor> fwd_impl(const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B,
+                                    const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
+                                    const optional<Tensor> &Wdt, bool softplus, at::ScalarType out_dtype,
+                                    bool save_states) {
+  c10::cuda::CUDAGuard guard(u.device());
+  SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+              "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
+  Tensor out = at::empty({p.Bt, p.Dm, p.H, p.W}, u.options().dtype(out_dtype));
+  Tensor acc = out_dtype == at::kFloat ? out : at::empty({p.Bt, p.Dm, p.H, p.W}, u.options().dtype(at::kFloat));
+  Tensor states = save_states ? at::empty({p.Bt, p.Dm, 4, p.nsp - 1, p.N}, u.options().dtype(at::kFloat))
+                              : at::empty({0}, u.options().dtype(at::kFloat));
+  p.acc = acc.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.out_type = out_dtype == at::kFloat ? OutType::kFloat : out_dtype == at::kBFloat16 ? OutType::kBFloat16 : OutType::kHalf;
+  p.states = save_states ? states.data_ptr<float>() : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_input(u.scalar_type(), "u", [&](auto x) { ss2d_fwd_launch<decltype(x)>(p, stream); });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, states};
+}
+
+std::tuple<Tensor, Tensor> ss2d_fwd(const Tensor &u, const Tensor &delta, const Tensor &A, const Tensor &B,
+                                    const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
+                                    bool softplus, at::ScalarType out_dtype, bool save_states) {
+  return fwd_impl(u, delta, A, B, C, D, bias, c10::nullopt, softplus, out_dtype, save_states);
+}
+
+std::tuple<Tensor, Tensor> ss2d_lowrank_fwd(const Tensor &u, const Tensor &dt, const Tensor &A, const Tensor &B,
+                                            const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
+                                            const Tensor &Wdt, bool softplus, at::ScalarType out_dtype,
+                                            bool save_states) {
+  return fwd_impl(u, dt, A, B, C, D, bias, Wdt, softplus, out_dtype, save_states);
+}
+
+// Gradients in fp32 (the Python side casts them to each input's dtype); absent D / delta_bias /
+// dt_projs_weight give empty tensors.
+std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B,
+                             const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
+                             const optional<Tensor> &Wdt, const Tensor &states, bool softplus) {
+  c10::cuda::CUDAGuard guard(u.device());
+  SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus);
+  VMX_CHECK_CUDA(dy);
+  VMX_CHECK_DTYPE(dy, at::kFloat);
+  VMX_CHECK_SHAPE(dy, p.Bt, p.Dm, p.H, p.W);
+  VMX_CHECK_CONTIGUOUS(dy);
+  VMX_CHECK_CUDA(states);
+  VMX_CHECK_DTYPE(states, at::kFloat);
+  VMX_CHECK_SHAPE(states, p.Bt, p.Dm, 4, p.nsp - 1, p.N);
+  VMX_CHECK_CONTIGUOUS(states);
+  auto f32 = u.options().dtype(at::kFloat);
+  Tensor du = at::empty({p.Bt, p.Dm, p.H, p.W}, f32);
+  Tensor ddl = p.R > 0 ? at::zeros({p.Bt, 4, p.R, p.H, p.W}, f32) : at::empty({p.Bt, 4, p.Dm, p.H, p.W}, f32);
+  Tensor dB = at::zeros({p.Bt, 4, p.N, p.H, p.W}, f32), dC = at::zeros({p.Bt, 4, p.N, p.H, p.W}, f32);
+  Tensor dA = at::zeros({4, p.Dm, p.N}, f32);
+  Tensor dD = D.has_value() ? at::zeros({4, p.Dm}, f32) : at::empty({0}, f32);
+  Tensor dbias = bias.has_value() ? at::zeros({4, p.Dm}, f32) : at::empty({0}, f32);
+  Tensor dW = Wdt.has_value() ? at::zeros({4, p.Dm, p.R}, f32) : at::empty({0}, f32);
+  p.dy = dy.data_ptr<float>();
+  p.states = states.data_ptr<float>();
+  p.du = du.data_ptr<float>(); p.ddl = ddl.data_ptr<float>();
+  p.dB = dB.data_ptr<float>(); p.dC = dC.data_ptr<float>(); p.dA = dA.data_ptr<float>();
+  p.dD = D.has_value() ? dD.data_ptr<float>() : nullptr;
+  p.dbias = bias.has_value() ? dbias.data_ptr<float>() : nullptr;
+  p.dW = Wdt.has_value() ? dW.data_ptr<float>() : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_input(u.scalar_type(), "u", [&](auto x) { ss2d_bwd_launch<decltype(x)>(p, stream); });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {du, ddl, dA, dB, dC, dD, dbias, dW};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vmambax, m) {
+  m.def("ss2d_cuda_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
+        "bool delta_softplus, ScalarType out_dtype, bool save_states) -> (Tensor, Tensor)");
+  m.def("ss2d_lowrank_cuda_fwd(Tensor u, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
+        "Tensor dt_projs_weight, bool delta_softplus, ScalarType out_dtype, bool save_states) -> (Tensor, Tensor)");
+  m.def("ss2d_cuda_bwd(Tensor dy, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+        "Tensor? delta_bias, Tensor? dt_projs_weight, Tensor states, bool delta_softplus) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(vmambax, CUDA, m) {
+  m.impl("ss2d_cuda_fwd", &ss2d_fwd);
+  m.impl("ss2d_lowrank_cuda_fwd", &ss2d_lowrank_fwd);
+  m.impl("ss2d_cuda_bwd", &ss2d_bwd);
+}
+
+}  // namespace vmambax
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "vmambax CUDA kernels: ops live in torch.ops.vmambax"; }

@@ -1,0 +1,215 @@
+"""The cuda backend against the reference (STYLE.md's tolerance rule), on a GPU.
+
+Whole shape set of DESIGN.md (batch cut down where the float64 reference would be slow or too
+large), random odd shapes, fp32/bf16/fp16, the output and every gradient; determinism of the
+forward; registration (opcheck, torch.compile fullgraph); bad input. Skipped without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+import vmambax_kernels as vk
+from vmambax_kernels.selective_scan import reference
+from vmambax_kernels.testing import SHAPES, ScanCase, check_against_reference, scan_inputs
+
+pytestmark = pytest.mark.gpu
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda_backend():
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    from vmambax_kernels.selective_scan import cuda
+    why = cuda.availability()
+    if why:
+        pytest.skip(f"cuda backend unavailable: {why}")
+
+
+def _batch(case: ScanCase) -> int:
+    """Planes to test: the float64 reference keeps (Bt, 4, Dm, L, N) tensors and loops over L."""
+    per_plane = 4 * case.Dm * case.H * case.W * case.N * 8 * 6  # bytes, ~6 live fp64 copies
+    return max(1, min(case.Bt, 2, int(2e9 // per_plane))) if case.H * case.W > 16 else min(case.Bt, 64)
+
+
+def _ref_device():
+    return "cuda"  # the reference in float64 on the GPU: same rule, minutes less
+
+
+def _fast(**kw):
+    return vk.selective_scan_2d(**kw, backend="cuda")
+
+
+def _fast_lowrank(**kw):
+    from vmambax_kernels.selective_scan import cuda
+    return cuda.selective_scan_2d_lowrank(kw["u"], kw["dt"], kw["dt_projs_weight"], kw["A"], kw["B"], kw["C"],
+                                          kw["D"], kw["delta_bias"], True, torch.float32)
+
+
+def _ref_lowrank(**kw):
+    return reference.selective_scan_2d_lowrank(kw["u"], kw["dt"], kw["dt_projs_weight"], kw["A"], kw["B"],
+                                               kw["C"], kw["D"], kw["delta_bias"], True, torch.float32)
+
+
+def _ref(**kw):
+    return reference.selective_scan_2d(**kw)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_op_matches_reference(name, dtype):
+    case = SHAPES[name]
+    inputs = scan_inputs(case, DTYPES[dtype], "cuda", seed=3, Bt=_batch(case))
+    check_against_reference(_fast, _ref, inputs, torch.float32, device_ref=_ref_device())
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_lowrank_matches_reference(name, dtype):
+    case = SHAPES[name]
+    inputs = scan_inputs(case, DTYPES[dtype], "cuda", seed=4, lowrank=True, Bt=_batch(case))
+    check_against_reference(_fast_lowrank, _ref_lowrank, inputs, torch.float32, device_ref=_ref_device())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_odd_shapes(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    N = [1, 7, 16, 33, 64, 4][seed]
+    case = ScanCase(f"rand{seed}", r(1, 5), r(1, 24), r(1, 41), r(1, 41), N)
+    dtype = [torch.float32, torch.bfloat16, torch.float16][seed % 3]
+    opts = dict(with_D=seed % 2 == 0, with_bias=seed % 3 != 1)
+    inputs = scan_inputs(case, dtype, "cuda", seed=seed, **opts)
+    softplus = seed != 2
+    fast = functools.partial(_fast, delta_softplus=softplus)
+    ref = functools.partial(_ref, delta_softplus=softplus)
+    check_against_reference(fast, ref, inputs, torch.float32, device_ref=_ref_device())
+    lr = scan_inputs(case, dtype, "cuda", seed=seed, lowrank=True)
+    check_against_reference(_fast_lowrank, _ref_lowrank, lr, torch.float32, device_ref=_ref_device())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_16bit_output(out_dtype):
+    case = SHAPES["odd"]
+    inputs = scan_inputs(case, torch.bfloat16, "cuda", seed=7)
+    fast = functools.partial(_fast, out_dtype=out_dtype)
+    ref = functools.partial(_ref, out_dtype=out_dtype)
+    check_against_reference(fast, ref, inputs, out_dtype, device_ref=_ref_device())
+
+
+@pytest.mark.parametrize("name", ["enc1", "dcim_inner1", "rect1"])
+def test_forward_is_deterministic(name):
+    inputs = scan_inputs(SHAPES[name], torch.bfloat16, "cuda", seed=5)
+    ys = [_fast(**inputs) for _ in range(3)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+
+
+def test_strided_views_like_cross_selective_scan():
+    """dt, B, C as splits of one (Bt, 4, R+2N, H, W) tensor: outer strides passed, no copy."""
+    case = SHAPES["odd"]
+    inputs = scan_inputs(case, torch.bfloat16, "cuda", seed=8, lowrank=True)
+    dbl = torch.cat([inputs["dt"], inputs["B"], inputs["C"]], dim=2)
+    dt, B, C = torch.split(dbl, [case.R, case.N, case.N], dim=2)
+    assert not B.is_contiguous()
+    strided = dict(inputs, dt=dt, B=B, C=C)
+    check_against_reference(_fast_lowrank, _ref_lowrank, strided, torch.float32, device_ref=_ref_device())
+
+
+def test_cross_selective_scan_2d_matches_reference_backend():
+    case = ScanCase("core", 2, 24, 9, 14, 16)
+    g = torch.Generator().manual_seed(0)
+    Dm, N, R = case.Dm, case.N, case.R
+    args = dict(x=torch.randn(2, Dm, case.H, case.W, generator=g).to(torch.bfloat16).cuda(),
+                x_proj_weight=(torch.randn(4, R + 2 * N, Dm, generator=g) * Dm ** -0.5).cuda(),
+                dt_projs_weight=(torch.rand(4, Dm, R, generator=g) - 0.5).cuda(),
+                dt_projs_bias=torch.log(torch.expm1(torch.full((4, Dm), 0.01))).cuda(),
+                A_logs=torch.log(torch.arange(1, N + 1.0)).repeat(4 * Dm, 1).cuda(),
+                Ds=torch.ones(4 * Dm).cuda())
+    fast = functools.partial(vk.cross_selective_scan_2d, backend="cuda")
+    ref = functools.partial(vk.cross_selective_scan_2d, backend="reference")
+    check_against_reference(fast, ref, args, torch.float32, device_ref="cuda")
+
+
+def test_no_nonfinite_fp16_at_512():
+    """enc1 (the 512x512 model's first stage) in fp16 with large activations: finite y and grads."""
+    inputs = scan_inputs(SHAPES["enc1"], torch.float16, "cuda", seed=9, lowrank=True, Bt=2)
+    inputs["u"] = (inputs["u"].float() * 8).half()
+    leaves = {k: (v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    y = _fast_lowrank(**leaves)
+    y.backward(torch.randn_like(y))
+    assert torch.isfinite(y).all()
+    for k, v in leaves.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.isfinite(v.grad).all(), k
+
+
+def test_model_fp16_activations_at_512_are_finite():
+    models = pytest.importorskip("vmambax.models")
+    if not hasattr(models, "VMambaX"):
+        pytest.skip("vmambax.models.VMambaX not there yet")
+    torch.manual_seed(0)
+    model = models.VMambaX().cuda().eval()
+    ct, pet = torch.randn(1, 1, 512, 512, device="cuda"), torch.randn(1, 1, 512, 512, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        out = model(ct, pet)
+    assert torch.isfinite(out).all()
+
+
+def test_opcheck_registered_ops():
+    from vmambax_kernels.selective_scan import cuda
+    case = ScanCase("tiny", 2, 6, 5, 7, 4)
+    x = scan_inputs(case, torch.float32, "cuda", seed=1)
+    lr = scan_inputs(case, torch.float32, "cuda", seed=1, lowrank=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = (x["u"].to(dtype), x["delta"].to(dtype), x["A"], x["B"].to(dtype), x["C"].to(dtype), x["D"],
+                x["delta_bias"], True, torch.float32, True)
+        torch.library.opcheck(torch.ops.vmambax.ss2d_cuda_fwd.default, args)
+        args = (lr["u"].to(dtype), lr["dt"].to(dtype), lr["A"], lr["B"].to(dtype), lr["C"].to(dtype), lr["D"],
+                lr["delta_bias"], lr["dt_projs_weight"], True, torch.float32, True)
+        torch.library.opcheck(torch.ops.vmambax.ss2d_lowrank_cuda_fwd.default, args)
+    assert cuda.availability() is None
+
+
+def test_torch_compile_fullgraph():
+    inputs = scan_inputs(ScanCase("c", 2, 8, 6, 9, 16), torch.bfloat16, "cuda", seed=2)
+    leaves = {k: (v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    compiled = torch.compile(lambda **kw: _fast(**kw).square().sum(), fullgraph=True)
+    loss = compiled(**leaves)
+    loss.backward()
+    eager = _fast(**inputs).square().sum()
+    torch.testing.assert_close(loss, eager, rtol=0, atol=0)
+    assert all(v.grad is not None for v in leaves.values() if isinstance(v, torch.Tensor))
+
+
+def test_flop_counter_sees_the_op():
+    from torch.utils.flop_counter import FlopCounterMode
+    from vmambax_kernels.selective_scan.flops import scan_macs
+    case = ScanCase("f", 2, 8, 6, 9, 16)
+    inputs = scan_inputs(case, torch.bfloat16, "cuda", seed=2)
+    with FlopCounterMode(display=False) as fc:
+        _fast(**inputs)
+    assert fc.get_total_flops() == 2 * scan_macs(2, case.Dm, case.H * case.W, case.N, True)
+
+
+def test_bad_input_is_rejected_with_the_argument_name():
+    from vmambax_kernels.selective_scan import cuda
+    x = scan_inputs(ScanCase("b", 1, 4, 3, 5, 4), torch.float32, "cuda", seed=0)
+    bad = dict(x, u=x["u"].double(), delta=x["delta"].double(), B=x["B"].double(), C=x["C"].double())
+    with pytest.raises(TypeError, match="u"):
+        cuda.selective_scan_2d(**bad, delta_softplus=True, out_dtype=torch.float32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        cuda.selective_scan_2d(**x, delta_softplus=True, out_dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="A: expected"):
+        torch.ops.vmambax.ss2d_cuda_fwd(x["u"], x["delta"], x["A"][:, :, :2], x["B"], x["C"], None, None,
+                                        True, torch.float32, False)
+    with pytest.raises(RuntimeError, match="delta: expected"):
+        torch.ops.vmambax.ss2d_cuda_fwd(x["u"], x["delta"][:, :, :2], x["A"], x["B"], x["C"], None, None,
+                                        True, torch.float32, False)
+    # a transposed (non-dense) plane is copied by the wrapper, never read wrongly
+    t = dict(x, u=x["u"].transpose(2, 3).contiguous().transpose(2, 3))
+    torch.testing.assert_close(_fast(**t), _fast(**x), rtol=0, atol=0)
+    assert math.isfinite(float(_fast(**x).sum()))
