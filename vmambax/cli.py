@@ -179,7 +179,7 @@ def _cmd_train(a):
     if a.model:
         cfg.model = _model_spec(a.model)
     r = train(cfg)
-    if r["history"]:
+    if r["history"] and os.environ.get("RANK", "0") == "0":
         print(f"trained to epoch {r['history'][-1]['epoch']}; best val Dice {r['best']['value']:.4f} at epoch "
               f"{r['best']['epoch']}; outputs in {r['out']}")
 

@@ -62,3 +62,20 @@ def test_info_through_python_m():
     r = subprocess.run([sys.executable, "-m", "vmambax", "train", "--data", "/nonexistent-data", "--out", "x"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "data: the dataset folder /nonexistent-data does not exist" in r.stderr
+
+
+def test_demo_code_path_at_toy_size(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    args = ["demo", "--out", out, "--patients", "3", "--slices", "2", "--size", "64", "--epochs", "1",
+            "--batch-size", "2", "--no-progress", "--model", "tiny"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "vmambax demo finished" in text and "Params" in text and "empty masks:" in text
+    for f in ("run/checkpoint_best.pt", "run/training_curve.png", "eval/summary.json", "eval/qualitative.png"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert main(args) == 0  # a demo folder is replaced by the next demo
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    assert main(args[:2] + [str(keep)] + args[3:]) == 2
+    assert (keep / "notes.txt").read_text() == "precious"

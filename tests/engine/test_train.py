@@ -96,3 +96,12 @@ def test_validation_derived_per_patient_without_val_txt(tiny_data, tmp_path):
     os.remove(data / "val.txt")
     train(_cfg(str(data), tmp_path / "run", epochs=1, steps_per_epoch=1, val_fraction=0.5))
     assert "derived per patient from train.txt" in open(tmp_path / "run" / "train.log").read()
+
+
+def test_init_checkpoint_starts_from_those_weights(tiny_data, tmp_path):
+    train(_cfg(tiny_data, tmp_path / "a", epochs=1, steps_per_epoch=1))
+    src = str(tmp_path / "a" / "checkpoint_final.pt")
+    r = train(_cfg(tiny_data, tmp_path / "b", epochs=1, steps_per_epoch=1, lr=1e-12, init_checkpoint=src))
+    a, b = load(src)["model"], load(str(tmp_path / "b" / "checkpoint_final.pt"))["model"]
+    # lr 1e-12: one AdamW step moves each weight by about 1e-12, so b is a's weights
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-9) for k in a) and r["history"]

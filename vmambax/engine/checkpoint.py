@@ -37,6 +37,8 @@ def build_model(spec: dict) -> nn.Module:
     if name == DEFAULT_MODEL and name not in _REGISTRY:
         from vmambax.models import VMambaX  # imported late: the model pulls in the kernels
         register_model(DEFAULT_MODEL, VMambaX)
+    if name in ("tiny", "tiny_plain") and name not in _REGISTRY:
+        import vmambax.utils.tiny  # noqa: F401  the engine's test model registers itself
     if name not in _REGISTRY:
         raise CheckpointError(f"model_spec: unknown model {name!r}; known: {sorted(_REGISTRY) or [DEFAULT_MODEL]}")
     return _REGISTRY[name](**kwargs)

@@ -205,10 +205,11 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
     if cfg.size is None and crop % MULTIPLE:
         raise ValueError(f"size: the images are {sorted(sizes)}, not a multiple of {MULTIPLE}; pass a crop size")
     model = model_factory() if model_factory else ckpt_io.build_model(cfg.model)
-    if has_batchnorm(model) and per_device < 2 and d.world == 1:
+    sync_bn = d.world > 1 and device.type == "cuda"  # PyTorch's SyncBatchNorm runs on GPUs only
+    if has_batchnorm(model) and per_device < 2 and not sync_bn:
         raise ValueError(f"batch_size: the model has BatchNorm (CGM's channel gate), which needs at least 2 samples "
-                         f"per device to train (or several torchrun processes with synchronised BatchNorm); got "
-                         f"{per_device} per device")
+                         f"per device to train (or several GPU processes under torchrun, whose BatchNorm is "
+                         f"synchronised); got {per_device} per device")
     if len(train_ds) < cfg.batch_size:
         raise DataError(f"train split: {len(train_ds)} usable slices, fewer than one batch of {cfg.batch_size}")
     if cfg.init_checkpoint:
@@ -219,7 +220,8 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
     model.to(device)
     d.start(device)
     if d.world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = amp_dtype(cfg.amp, device)
     n_steps = len(_epoch_batches(len(train_ds), per_device, d, cfg.seed, 0, cfg.steps_per_epoch))
@@ -243,7 +245,7 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
     try:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout/drop-path: same on resume
+            torch.manual_seed((cfg.seed * 100_003 + epoch) * 1_009 + d.rank)  # dropout/drop-path: same on resume
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             aug.set_epoch(epoch)

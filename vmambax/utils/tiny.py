@@ -14,11 +14,13 @@ from vmambax.engine.checkpoint import register_model
 
 
 class TinySegNet(nn.Module):
-    def __init__(self, num_classes: int = 1, width: int = 8):
+    def __init__(self, num_classes: int = 1, width: int = 8, plain: bool = False):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(6, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        # plain: no BatchNorm, no dropout, so a DDP run equals a one-process run at the same global batch
+        norm = nn.Identity() if plain else nn.BatchNorm2d(width)
+        self.stem = nn.Sequential(nn.Conv2d(6, width, 3, padding=1), norm, nn.ReLU())
         self.down = nn.Conv2d(width, width, 32, stride=32)
-        self.drop = nn.Dropout2d(0.1)
+        self.drop = nn.Identity() if plain else nn.Dropout2d(0.1)
         self.head = nn.Conv2d(2 * width, num_classes, 3, padding=1)
 
     def forward(self, ct: torch.Tensor, pet: torch.Tensor) -> torch.Tensor:
@@ -29,3 +31,4 @@ class TinySegNet(nn.Module):
 
 
 register_model("tiny", TinySegNet)
+register_model("tiny_plain", lambda **kw: TinySegNet(plain=True, **kw))

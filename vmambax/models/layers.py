@@ -1,0 +1,35 @@
+"""Small building blocks shared by the encoder, the fusion modules and the decoder."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Permute(nn.Module):
+    """``x.permute(*dims)`` as a module, so Sequentials keep the published key indices."""
+
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode or with p = 0)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
