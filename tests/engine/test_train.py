@@ -103,5 +103,8 @@ def test_init_checkpoint_starts_from_those_weights(tiny_data, tmp_path):
     src = str(tmp_path / "a" / "checkpoint_final.pt")
     r = train(_cfg(tiny_data, tmp_path / "b", epochs=1, steps_per_epoch=1, lr=1e-12, init_checkpoint=src))
     a, b = load(src)["model"], load(str(tmp_path / "b" / "checkpoint_final.pt"))["model"]
-    # lr 1e-12: one AdamW step moves each weight by about 1e-12, so b is a's weights
-    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-9) for k in a) and r["history"]
+    # lr 1e-12: one AdamW step moves each weight by about 1e-12, so b holds a's weights (BatchNorm's
+    # running statistics do move with the step, so only the learned weights are compared)
+    learned = [k for k in a if "running" not in k and "num_batches" not in k]
+    assert len(learned) > 4 and r["history"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-9) for k in learned)
