@@ -1,0 +1,232 @@
+"""Triton CGM gate vs the reference: output and every gradient, both variants, odd sizes, layouts.
+
+CPU: the kernels run under TRITON_INTERPRET=1 on tiny shapes. GPU (-m gpu): the four encoder
+stage shapes and a non-square one in every dtype. Tolerance: STYLE.md's rule (vmambax_kernels.testing).
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Before anything imports Triton: it fixes interpreting vs compiling at import time.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import vmambax_kernels as vk  # noqa: E402
+from vmambax_kernels.cgm import triton as cgm_triton  # noqa: E402
+from vmambax_kernels.testing import assert_close_by_rule, check_against_reference, run_with_grads  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture
+def config(request):
+    """Launch-configuration override for one test (smaller chunks make the ring wrap)."""
+    cgm_triton.CONFIG_OVERRIDE.update(getattr(request, "param", {}))
+    yield
+    cgm_triton.CONFIG_OVERRIDE.clear()
+
+
+def cgm_inputs(Bt, C, H, W, dtype, device=DEVICE, seed=0, channels_last=False):
+    """Realistic magnitudes: x ~ N(0, 1) rounded to dtype, c in (0, 1), conv logits of std ~1."""
+    g = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def x():
+        return torch.randn(Bt, C, H, W, generator=g).to(dtype).to(device).contiguous(memory_format=fmt)
+
+    def w():
+        return (torch.randn(1, 2 * C, 3, 3, generator=g) / math.sqrt(18 * C)).to(device)
+
+    def c():
+        return torch.sigmoid(torch.randn(Bt, C, generator=g)).to(device)
+
+    return dict(x_ct=x(), x_pet=x(), c_ct=c(), c_pet=c(), w_ct=w(), w_pet=w())
+
+
+class _RoundGrad(torch.autograd.Function):
+    """Identity whose backward rounds the incoming gradient to ``dtype``: autograd does that to
+    the gradient of a 16-bit output, so the float64/float32 references must see the same values."""
+
+    @staticmethod
+    def forward(ctx, y, dtype):
+        ctx.dtype = dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).to(g.dtype), None
+
+
+def pair(backend, dtype, residual):
+    """cgm_gate as one tensor (both outputs flattened), as check_against_reference expects."""
+    def fn(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet):
+        y = vk.cgm_gate(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual, backend=backend)
+        return torch.cat([_RoundGrad.apply(t, dtype).flatten() for t in y])
+    return fn
+
+
+def check(inputs, dtype, residual, device_ref="cpu"):
+    check_against_reference(pair("triton", dtype, residual), pair("reference", dtype, residual),
+                            inputs, out_dtype=dtype, device_ref=device_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU (interpreter), tiny shapes
+# ---------------------------------------------------------------------------------------------
+# H != W, H = 1, W = 1, C not a multiple of the 16-channel block, several channel blocks.
+TINY = {"rect": (2, 5, 6, 7), "row": (1, 3, 1, 9), "col": (2, 20, 5, 1), "blocks": (1, 37, 3, 4)}
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", list(TINY), ids=list(TINY))
+def test_matches_reference_tiny(shape, dtype, residual):
+    check(cgm_inputs(*TINY[shape], DTYPES[dtype], device="cpu"), DTYPES[dtype], residual)
+
+
+# Bands of 2 rows and 16-pixel chunks: halo rows, several chunks per band, the ring buffer wraps,
+# and each program walks several tiles.
+@pytest.mark.parametrize("config", [dict(rows=2, BLOCK_P=16)], indirect=True)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bands_chunks_and_ring(config, dtype):
+    check(cgm_inputs(3, 6, 11, 13, DTYPES[dtype], device="cpu", seed=3), DTYPES[dtype], True)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_channels_last_in_and_out(dtype):
+    inputs = cgm_inputs(2, 18, 5, 6, DTYPES[dtype], device="cpu", seed=5, channels_last=True)
+    check(inputs, DTYPES[dtype], False)
+    y_ct, y_pet = vk.cgm_gate(**inputs, backend="triton")
+    assert y_ct.is_contiguous(memory_format=torch.channels_last)
+    assert y_pet.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_mixed_layouts_and_expanded_gradient():
+    """x_ct channels-last, x_pet channels-first; y.sum() sends a stride-0 gradient."""
+    inputs = cgm_inputs(2, 7, 4, 5, torch.float32, device="cpu", seed=7)
+    inputs["x_ct"] = inputs["x_ct"].contiguous(memory_format=torch.channels_last)
+
+    def total(backend):
+        def fn(**kw):
+            y_ct, y_pet = vk.cgm_gate(**kw, backend=backend)
+            return (y_ct.sum() + 2 * y_pet.sum()).reshape(1)
+        return fn
+    out, grads = run_with_grads(total("triton"), inputs, torch.ones(1))
+    ref64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    r64, g64 = run_with_grads(total("reference"), ref64, torch.ones(1, dtype=torch.float64))
+    r32, g32 = run_with_grads(total("reference"), inputs, torch.ones(1))
+    assert_close_by_rule("out", out, r64, r32)
+    for k in g64:
+        assert_close_by_rule(f"grad {k}", grads[k], g64[k], g32[k])
+
+
+def test_only_one_output_used():
+    """A graph that uses y_pet alone: c_ct and w_ct get zero gradients, the rest the right ones.
+    (The reference would give None for those two; torch.library hands the op zeros for y_ct.)"""
+    inputs = cgm_inputs(1, 4, 3, 3, torch.float32, device="cpu", seed=9)
+
+    def pet_only(backend):
+        def fn(**kw):
+            y_ct, y_pet = vk.cgm_gate(**kw, backend=backend)
+            return y_pet + 0 * y_ct.sum()
+        return fn
+    check_against_reference(pet_only("triton"), pet_only("reference"), inputs)
+    y_pet = vk.cgm_gate(**{k: v.requires_grad_() for k, v in inputs.items()}, backend="triton")[1]
+    y_pet.sum().backward()
+    assert inputs["c_ct"].grad.abs().max() == 0 and inputs["w_ct"].grad.abs().max() == 0
+    assert inputs["c_pet"].grad.abs().max() > 0
+
+
+def test_float64_runs_the_reference():
+    inputs = cgm_inputs(1, 3, 4, 5, torch.float64, device="cpu")
+    for a, b in zip(vk.cgm_gate(**inputs, backend="triton"), vk.cgm_gate(**inputs, backend="reference")):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_availability_and_refusal(monkeypatch):
+    assert cgm_triton.availability() is None  # interpreter on CPU, or a GPU
+    if ON_GPU:
+        return
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET" in cgm_triton.availability()
+    with pytest.raises(RuntimeError, match="triton"):
+        vk.cgm_gate(**cgm_inputs(1, 3, 4, 5, torch.float32, device="cpu"), backend="triton")
+
+
+BAD = {
+    "x_pet shape": (dict(x_pet=torch.randn(2, 5, 6, 8)), ValueError, r"x_pet: expected shape \(2, 5, 6, 7\)"),
+    "x_pet dtype": (dict(x_pet=torch.randn(2, 5, 6, 7, dtype=torch.float16)), TypeError, r"x_pet: expected dtype torch.float32"),
+    "x_ct rank": (dict(x_ct=torch.randn(5, 6, 7)), ValueError, r"x_ct: expected a 4-D tensor, got 3-D"),
+    "c_ct shape": (dict(c_ct=torch.rand(2, 4)), ValueError, r"c_ct: expected shape \(2, 5\)"),
+    "w_pet shape": (dict(w_pet=torch.randn(1, 5, 3, 3)), ValueError, r"w_pet: expected shape \(1, 10, 3, 3\)"),
+    "w_ct int": (dict(w_ct=torch.ones(1, 10, 3, 3, dtype=torch.int64)), TypeError, r"w_ct: expected a floating-point"),
+    "empty plane": (dict(x_ct=torch.randn(2, 5, 0, 7), x_pet=torch.randn(2, 5, 0, 7)), ValueError, r"x_ct: expected every dimension >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_input_raises_with_message(case):
+    changes, exc, msg = BAD[case]
+    inputs = cgm_inputs(2, 5, 6, 7, torch.float32, device="cpu")
+    inputs.update(changes)
+    with pytest.raises(exc, match=msg):
+        vk.cgm_gate(**inputs, backend="triton")
+
+
+def test_opcheck_cpu():
+    inputs = cgm_inputs(1, 3, 3, 4, torch.float32, device="cpu", seed=11)
+    args = tuple(v.requires_grad_() for v in inputs.values()) + (True,)
+    torch.library.opcheck(torch.ops.vmambax.cgm_gate_triton_fwd.default, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the shape set of DESIGN.md (cgm1..cgm4) and a non-square plane, every dtype
+# ---------------------------------------------------------------------------------------------
+GPU_SHAPES = {"cgm1": (8, 96, 128, 128), "cgm2": (8, 192, 64, 64), "cgm3": (8, 384, 32, 32),
+              "cgm4": (8, 768, 16, 16), "rect1": (8, 96, 128, 96)}
+
+
+@pytest.fixture
+def exact_cuda_refs():
+    """ref32 on the GPU must be true fp32: cuDNN would otherwise use TF32 for the conv."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
+def test_gpu_stage_shapes(shape, dtype, exact_cuda_refs):
+    check(cgm_inputs(*GPU_SHAPES[shape], DTYPES[dtype], seed=1), DTYPES[dtype], True, device_ref="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_gpu_plain_variant_and_layouts(layout, exact_cuda_refs):
+    inputs = cgm_inputs(4, 96, 40, 56, torch.bfloat16, seed=2, channels_last=layout == "channels_last")
+    check(inputs, torch.bfloat16, False, device_ref="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_outputs_fully_written():
+    """Poisoned caching-allocator memory must not leak through: NaN-filled blocks are reused."""
+    inputs = cgm_inputs(2, 40, 33, 17, torch.float16, seed=4)
+    torch.full((2 * 40 * 33 * 17 * 4,), float("nan"), device="cuda", dtype=torch.float16)  # freed
+    y = vk.cgm_gate(**inputs, backend="triton")
+    assert all(torch.isfinite(t).all() for t in y)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    inputs = cgm_inputs(2, 24, 9, 13, torch.bfloat16, seed=6)
+    args = tuple(v.requires_grad_() for v in inputs.values()) + (True,)
+    torch.library.opcheck(torch.ops.vmambax.cgm_gate_triton_fwd.default, args)
