@@ -70,33 +70,42 @@ def _tf32_trunc(x):
     return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
 
-def _dot_fp32(a, b, acc, A_EXACT: constexpr, B_EXACT: constexpr):
-    """acc + a @ b in fp32 accuracy on tf32 tensor cores. A non-exact fp32 operand is split into
-    three tf32-exact parts (11 + 11 + 2 significant bits); dropped cross terms are below 2**-33."""
-    if A_EXACT:
-        a0 = a
-    else:
-        a0 = _tf32_trunc(a)
-        ar = a - a0
-        a1 = _tf32_trunc(ar)
-        a2 = ar - a1
-    if B_EXACT:
-        b0 = b
-    else:
-        b0 = _tf32_trunc(b)
-        br = b - b0
-        b1 = _tf32_trunc(br)
-        b2 = br - b1
+def _split(a, EXACT: constexpr):
+    """Three tf32-exact parts (11 + 11 + 2 significant bits) that sum to the fp32 ``a``; ``a``
+    itself (parts 1 and 2 unused) when it is already tf32-exact (bf16/fp16 data)."""
+    if EXACT:
+        return a, a, a
+    a0 = _tf32_trunc(a)
+    r = a - a0
+    a1 = _tf32_trunc(r)
+    return a0, a1, r - a1
+
+
+def _mm(a0, a1, a2, b0, b1, b2, acc, A_EXACT: constexpr):
+    """acc + (a0 + a1 + a2) @ (b0 + b1 + b2) in fp32 accuracy on tf32 tensor cores: products of
+    tf32-exact parts are exact in fp32; the cross terms left out are below 2**-33 relative."""
     acc = tl.dot(a0, b0, acc, input_precision="tf32")
-    if not B_EXACT:
-        acc = tl.dot(a0, b1, acc, input_precision="tf32")
-        acc = tl.dot(a0, b2, acc, input_precision="tf32")
+    acc = tl.dot(a0, b1, acc, input_precision="tf32")
+    acc = tl.dot(a0, b2, acc, input_precision="tf32")
     if not A_EXACT:
         acc = tl.dot(a1, b0, acc, input_precision="tf32")
         acc = tl.dot(a2, b0, acc, input_precision="tf32")
-        if not B_EXACT:
-            acc = tl.dot(a1, b1, acc, input_precision="tf32")
+        acc = tl.dot(a1, b1, acc, input_precision="tf32")
     return acc
+
+
+def _w_tiles(wk_ptr, row0, C, ch, mc, TRANS: constexpr):
+    """The three parts of rows row0 + ch of the packed weights, (BLOCK_C, 32) or transposed."""
+    t = tl.arange(0, 32)
+    if TRANS:
+        offs = (row0 + ch[None, :]) * 32 + t[:, None]
+        m = mc[None, :]
+    else:
+        offs = (row0 + ch[:, None]) * 32 + t[None, :]
+        m = mc[:, None]
+    part = 2 * C * 32
+    return (tl.load(wk_ptr + offs, mask=m, other=0.0), tl.load(wk_ptr + part + offs, mask=m, other=0.0),
+            tl.load(wk_ptr + 2 * part + offs, mask=m, other=0.0))
 
 
 def _tile(ptr, b, sb, sc, sp, pix, mp, ch, mc):
@@ -161,12 +170,14 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
                 for c0 in range(0, C, BLOCK_C):
                     ch = c0 + tl.arange(0, BLOCK_C)
                     mc = ch < C
-                    wa = tl.load(wk_ptr + ch[:, None] * 32 + t[None, :], mask=mc[:, None], other=0.0)
-                    wb = tl.load(wk_ptr + (C + ch[:, None]) * 32 + t[None, :], mask=mc[:, None], other=0.0)
+                    wa0, wa1, wa2 = _w_tiles(wk_ptr, 0, C, ch, mc, False)
+                    wb0, wb1, wb2 = _w_tiles(wk_ptr, C, C, ch, mc, False)
                     xa = _tile(xa_ptr, b, sxa_b, sxa_c, sxa_p, pe, me, ch, mc)
                     xb = _tile(xb_ptr, b, sxb_b, sxb_c, sxb_p, pe, me, ch, mc)
-                    acc = _dot_fp32(xa, wa, acc, X_EXACT, False)
-                    acc = _dot_fp32(xb, wb, acc, X_EXACT, False)
+                    xa0, xa1, xa2 = _split(xa, X_EXACT)
+                    acc = _mm(xa0, xa1, xa2, wa0, wa1, wa2, acc, X_EXACT)
+                    xb0, xb1, xb2 = _split(xb, X_EXACT)
+                    acc = _mm(xb0, xb1, xb2, wb0, wb1, wb2, acc, X_EXACT)
                 tl.store(ring + t[None, :] * RING + (pe & (RING - 1))[:, None], acc,
                          mask=me[:, None] & (t[None, :] < 18))
                 done += BLOCK_P
@@ -245,6 +256,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
             mp = pix < o_hi
             nb, ok, m = _neighbours(pix, mp, H, W, -1)
             dzs = tl.load(ring + m[None, :] * RING + (nb & (RING - 1)), mask=ok, other=0.0)
+            dz0, dz1, dz2 = _split(dzs, False)
             sa = tl.load(s_row + pix, mask=mp, other=0.0)
             sb = tl.load(s_row + HW + pix, mask=mp, other=0.0)
             for c0 in range(0, C, BLOCK_C):
@@ -252,29 +264,32 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
                 mc = ch < C
                 ca = tl.load(ca_ptr + b * C + ch, mask=mc, other=0.0)
                 cb = tl.load(cb_ptr + b * C + ch, mask=mc, other=0.0)
-                wa = tl.load(wk_ptr + ch[:, None] * 32 + t[None, :], mask=mc[:, None], other=0.0)
-                wb = tl.load(wk_ptr + (C + ch[:, None]) * 32 + t[None, :], mask=mc[:, None], other=0.0)
                 xa = _tile(xa_ptr, b, sxa_b, sxa_c, sxa_p, pix, mp, ch, mc)
                 gya = _tile(ga_ptr, b, sga_b, sga_c, sga_p, pix, mp, ch, mc)
                 gate_a = ca[None, :] * sa[:, None]
                 if RESIDUAL:
                     gate_a += 1.0
-                dxa = _dot_fp32(dzs, tl.trans(wa), gya * gate_a, False, False)
+                wa0, wa1, wa2 = _w_tiles(wk_ptr, 0, C, ch, mc, True)
+                dxa = _mm(dz0, dz1, dz2, wa0, wa1, wa2, gya * gate_a, False)
                 _store_tile(dxa_ptr, dxa, b, sda_b, sda_c, sda_p, pix, mp, ch, mc, INTERP)
-                dwa = _dot_fp32(tl.trans(xa), dzs, tl.zeros((BLOCK_C, 32), dtype=tl.float32), X_EXACT, False)
+                xa0, xa1, xa2 = _split(tl.trans(xa), X_EXACT)
+                dwa = _mm(xa0, xa1, xa2, dz0, dz1, dz2, tl.zeros((BLOCK_C, 32), dtype=tl.float32), X_EXACT)
                 xb = _tile(xb_ptr, b, sxb_b, sxb_c, sxb_p, pix, mp, ch, mc)
                 gyb = _tile(gb_ptr, b, sgb_b, sgb_c, sgb_p, pix, mp, ch, mc)
                 gate_b = cb[None, :] * sb[:, None]
                 if RESIDUAL:
                     gate_b += 1.0
-                dxb = _dot_fp32(dzs, tl.trans(wb), gyb * gate_b, False, False)
+                wb0, wb1, wb2 = _w_tiles(wk_ptr, C, C, ch, mc, True)
+                dxb = _mm(dz0, dz1, dz2, wb0, wb1, wb2, gyb * gate_b, False)
                 _store_tile(dxb_ptr, dxb, b, sdb_b, sdb_c, sdb_p, pix, mp, ch, mc, INTERP)
-                dwb = _dot_fp32(tl.trans(xb), dzs, tl.zeros((BLOCK_C, 32), dtype=tl.float32), X_EXACT, False)
+                xb0, xb1, xb2 = _split(tl.trans(xb), X_EXACT)
+                dwb = _mm(xb0, xb1, xb2, dz0, dz1, dz2, tl.zeros((BLOCK_C, 32), dtype=tl.float32), X_EXACT)
                 # partial sums owned by this program; the barriers order the read-modify-writes
                 wa_ptrs = dw_prog + ch[:, None] * 32 + t[None, :]
                 wb_ptrs = dw_prog + (C + ch[:, None]) * 32 + t[None, :]
-                tl.store(wa_ptrs, tl.load(wa_ptrs, mask=mc[:, None], other=0.0) + dwa, mask=mc[:, None])
-                tl.store(wb_ptrs, tl.load(wb_ptrs, mask=mc[:, None], other=0.0) + dwb, mask=mc[:, None])
+                mw = mc[:, None] & (t[None, :] < 18)
+                tl.store(wa_ptrs, tl.load(wa_ptrs, mask=mw, other=0.0) + dwa, mask=mw)
+                tl.store(wb_ptrs, tl.load(wb_ptrs, mask=mw, other=0.0) + dwb, mask=mw)
                 dca = tl.sum(gya * xa * sa[:, None], axis=0)
                 dcb = tl.sum(gyb * xb * sb[:, None], axis=0)
                 tl.store(dc_tile + ch, tl.load(dc_tile + ch, mask=mc, other=0.0) + dca, mask=mc)
@@ -282,7 +297,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
             tl.debug_barrier()
 
 
-_HELPERS = ("_tf32_trunc", "_dot_fp32", "_tile", "_store_tile", "_neighbours", "_band")
+_HELPERS = ("_tf32_trunc", "_split", "_mm", "_w_tiles", "_tile", "_store_tile", "_neighbours", "_band")
 _KERNELS = ("_cgm_fwd_kernel", "_cgm_bwd_kernel")
 _built: dict = {}
 
@@ -369,14 +384,24 @@ def _flat(x: torch.Tensor):
 
 
 def _pack_weights(w_ct, w_pet, C):
-    """(2C, 32) fp32: row c feeds x_ct channel c, row C + c x_pet channel c; column k < 9 is tap k
+    """(3, 2C, 32) fp32, three tf32-exact parts of: row c feeds x_ct channel c, row C + c x_pet channel c; column k < 9 is tap k
     of z_ct, column 9 + k tap k of z_pet (w_m acts on cat([X_other, X_m]))."""
     wc = w_ct.reshape(2 * C, 9).float()
     wp = w_pet.reshape(2 * C, 9).float()
     pack = torch.zeros(2 * C, NT, dtype=torch.float32, device=w_ct.device)
     pack[:C, :9], pack[:C, 9:18] = wc[C:], wp[:C]
     pack[C:, :9], pack[C:, 9:18] = wc[:C], wp[C:]
-    return pack
+    return torch.stack(_split_host(pack))
+
+
+def _split_host(a):
+    """_split on the host: (3, ...) tf32-exact parts of an fp32 tensor."""
+    def trunc(v):
+        return (v.view(torch.int32) & -8192).view(torch.float32)
+    a0 = trunc(a.contiguous())
+    r = a - a0
+    a1 = trunc(r)
+    return a0, a1, r - a1
 
 
 def _unpack_weight_grads(dpack, C, w_ct, w_pet):
