@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -226,7 +226,10 @@ def _ss2d_bwd_kernel(
             if HAS_BIAS:
                 dbias_acc += tl.sum(ddl, axis=1)
             if LOWRANK:
-                ddt = tl.dot(tl.trans(w_tile), ddl, input_precision="ieee")        # [RP, T]
+                if BLOCK_D >= 16:   # tl.dot needs a reduction length of at least 16
+                    ddt = tl.dot(tl.trans(w_tile), ddl, input_precision="ieee")    # [RP, T]
+                else:
+                    ddt = tl.sum(w_tile[:, :, None] * ddl[:, None, :], axis=0)
                 tl.atomic_add(ddl_ptr + (bb * 4 + k) * R * L + offs_r[:, None] * L + p[None, :], ddt,
                               mask=mask_r[:, None] & mask_t[None, :], sem="relaxed")
                 dw_acc += tl.dot(ddl, tl.trans(dt), input_precision="ieee")      # [BLOCK_D, RP]

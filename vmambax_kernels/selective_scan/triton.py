@@ -117,11 +117,12 @@ def _vectorise_interpreter_scan() -> None:
 # ----------------------------------------------------------------------------------------------
 
 class _Config(NamedTuple):
-    BLOCK_D: int
-    T: int
+    BLOCK_D: int        # channels per forward program
+    BLOCK_D_BWD: int    # channels per backward program (its tiles hold ~3x more live values)
+    T: int              # positions per chunk (shared: the saved states are per chunk)
     NP: int
     RP: int
-    BPP: int
+    BPP: int            # planes per program
     fwd_warps: int
     bwd_warps: int
 
@@ -130,27 +131,34 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-# Tiles of about 4K fp32 elements ([BLOCK_D, T, NP]) per scan; T = 16 is the smallest tile
-# tl.dot accepts (low-rank delta). Overridden by _CONFIG_OVERRIDE for the tuning sweep.
+# Tuned by ``python -m vmambax_kernels.selective_scan.triton --sweep`` (H100, see the report in the
+# git log); _CONFIG_OVERRIDE replaces entries for that sweep. Registers (ptxas, sm_90a, N=16,
+# T=16): forward BLOCK_D=16 with 8 warps takes 128 and spills nothing; the backward stays at
+# 255 with spills of 20-130 bytes from BLOCK_D=16 down to 8.
+_DEFAULTS = dict(BLOCK_D=16, BLOCK_D_BWD=8, T=16, fwd_warps=8, bwd_warps=8, planes_positions=256)
 _CONFIG_OVERRIDE: dict = {}
+
+
+def _opt(name):
+    return _CONFIG_OVERRIDE.get(name, _DEFAULTS[name])
 
 
 def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
     NP = max(2, _pow2(N))
     RP = max(16, _pow2(R))
-    T = _CONFIG_OVERRIDE.get("T", 16)
-    bd = _CONFIG_OVERRIDE.get("BLOCK_D", max(16, 4096 // (T * NP)))
-    bd = max(16, min(bd, _pow2(Dm)))
+    T = _opt("T")
+    # the same tile size whatever N: wider channel blocks for small states, narrower for large
+    bd = max(8, min(_opt("BLOCK_D") * 16 // NP, 64, _pow2(Dm)))
+    bdb = max(8, min(_opt("BLOCK_D_BWD") * 16 // NP, 64, _pow2(Dm)))
     n_db = -(-Dm // bd)
     # Several planes per program when planes are short (DCIM's 4x4 windows), as long as enough
-    # programs remain to fill the GPU.
-    # The interpreter runs programs one after another: there, fewer programs only save time.
+    # programs remain to fill the GPU. The interpreter runs programs one after another: there,
+    # fewer programs only save time.
     min_programs = 1 if _interpreting() else 4096
-    bpp = max(1, min(Bt, _CONFIG_OVERRIDE.get("planes_positions", 256) // L))
+    bpp = max(1, min(Bt, _opt("planes_positions") // L))
     while bpp > 1 and n_db * 4 * -(-Bt // bpp) < min_programs:
         bpp //= 2
-    return _Config(bd, T, NP, RP, bpp, _CONFIG_OVERRIDE.get("fwd_warps", 4),
-                   _CONFIG_OVERRIDE.get("bwd_warps", 8))
+    return _Config(bd, bdb, T, NP, RP, bpp, _opt("fwd_warps"), _opt("bwd_warps"))
 
 
 def _n_chunks(L: int, cfg: _Config) -> int:
@@ -201,7 +209,7 @@ def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
     N, L = A.shape[-1], H * W
     R = dl.shape[2] if w is not None else 0
     cfg = config(Bt, Dm, L, N, R)
-    n_chunks, n_db = _n_chunks(L, cfg), -(-Dm // cfg.BLOCK_D)
+    n_chunks, n_db = _n_chunks(L, cfg), -(-Dm // cfg.BLOCK_D_BWD)
     if states.shape != (Bt, 4, Dm, n_chunks, N):
         raise RuntimeError("ss2d_triton_bwd: the forward did not save its chunk states "
                            f"(got states of shape {tuple(states.shape)}); call it with save_states=True")
@@ -223,7 +231,7 @@ def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
         Bt, Dm, H, W, L, N, R, n_db, n_chunks,
         u.stride(0), u.stride(1), dl.stride(0), dl.stride(1), dl.stride(2),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), gy.stride(0), gy.stride(1),
-        BLOCK_D=cfg.BLOCK_D, T=cfg.T, NP=cfg.NP, RP=cfg.RP, BPP=cfg.BPP,
+        BLOCK_D=cfg.BLOCK_D_BWD, T=cfg.T, NP=cfg.NP, RP=cfg.RP, BPP=cfg.BPP,
         LOWRANK=w is not None, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
         INTERP=_interpreting(), num_warps=cfg.bwd_warps,
     )
@@ -235,11 +243,12 @@ def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
 # ----------------------------------------------------------------------------------------------
 
 def _states_shape(u, A, R, save):
+    # shape arithmetic only (T does not depend on the shape), so symbolic shapes trace through
     Bt, Dm, H, W = u.shape
     if not save:
         return (0,)
-    cfg = config(Bt, Dm, H * W, A.shape[-1], R)
-    return (Bt, 4, Dm, _n_chunks(H * W, cfg), A.shape[-1])
+    T = _opt("T")
+    return (Bt, 4, Dm, (H * W + T - 1) // T, A.shape[-1])
 
 
 @torch.library.custom_op("vmambax::ss2d_triton_fwd", mutates_args=())
@@ -368,3 +377,89 @@ def selective_scan_2d_lowrank(u, dt, dt_projs_weight, A, B, C, D, delta_bias, de
     y, _ = torch.ops.vmambax.ss2d_triton_lowrank_fwd(u, dt, A, B, C, D, delta_bias, w, bool(delta_softplus),
                                                      out_dtype, save)
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and tuning sweep on a GPU: python -m vmambax_kernels.selective_scan.triton [--sweep]
+# ----------------------------------------------------------------------------------------------
+
+def _time_cases(cases=("enc1", "dcim_inner1", "dec3", "rect1")):
+    """Print fwd / fwd+bwd ms of scope "core" (cross_selective_scan_2d + LayerNorm, bf16 x) for
+    each case, and the unfused mamba-ssm path of the same run where mamba-ssm is installed."""
+    import math
+    from triton.testing import do_bench
+    from .. import cross_selective_scan_2d
+    from ..testing import SHAPES
+    rows = []
+    for name in cases:
+        c = SHAPES[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        dev = dict(device="cuda")
+        x = torch.randn(c.Bt, c.Dm, c.H, c.W, generator=g, **dev).bfloat16()
+        params = [torch.randn(4, c.R + 2 * c.N, c.Dm, generator=g, **dev) * c.Dm ** -0.5,
+                  torch.rand(4, c.Dm, c.R, generator=g, **dev) * c.R ** -0.5,
+                  torch.full((4, c.Dm), math.log(math.expm1(0.01)), **dev),
+                  torch.log(torch.arange(1, c.N + 1, **dev).float()).repeat(4 * c.Dm, 1),
+                  torch.ones(4 * c.Dm, **dev)]
+        leaves = [x.requires_grad_()] + [p.requires_grad_() for p in params]
+        gy = torch.randn(c.Bt, c.H, c.W, c.Dm, generator=g, **dev)
+
+        def core(fn):
+            y = fn(*leaves).permute(0, 2, 3, 1)
+            return torch.nn.functional.layer_norm(y, (c.Dm,))
+
+        for prov, fn in (("triton", lambda *a: cross_selective_scan_2d(*a, backend="triton")),
+                         ("unfused_mamba", _unfused_mamba)):
+            if fn is None:
+                continue
+            with torch.no_grad():
+                fwd = do_bench(lambda: core(fn), warmup=25, rep=100, return_mode="median")
+            fb = do_bench(lambda: core(fn).backward(gy), warmup=25, rep=100, return_mode="median",
+                          grad_to_none=leaves)
+            rows.append((name, prov, fwd, fb))
+            print(f"core {name:12s} {prov:14s} fwd {fwd:8.3f} ms  fwd+bwd {fb:8.3f} ms", flush=True)
+    return rows
+
+
+def _unfused_mamba_fn():
+    """VMamba's unfused path: torch cross-scan, mamba-ssm's 1D selective scan, torch cross-merge."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+
+    def fn(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
+        Bt, Dm, H, W = x.shape
+        L, R, N = H * W, dt_projs_weight.shape[2], A_logs.shape[1]
+        xhw = x.flatten(2)
+        xwh = x.transpose(2, 3).flatten(2)
+        xs = torch.stack([xhw, xwh, xhw.flip(-1), xwh.flip(-1)], 1)            # (Bt, 4, Dm, L)
+        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight.to(xs.dtype))
+        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
+        dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight.to(dts.dtype))
+        ys = selective_scan_fn(xs.reshape(Bt, -1, L), dts.reshape(Bt, -1, L), -torch.exp(A_logs.float()),
+                               Bs, Cs, Ds.float(), delta_bias=dt_projs_bias.float().flatten(),
+                               delta_softplus=True).view(Bt, 4, Dm, L).float()
+        y = ys[:, 0] + ys[:, 2].flip(-1)
+        y = y + (ys[:, 1] + ys[:, 3].flip(-1)).view(Bt, Dm, W, H).transpose(2, 3).reshape(Bt, Dm, L)
+        return y.view(Bt, Dm, H, W)
+    return fn
+
+
+_unfused_mamba = None
+
+if __name__ == "__main__":
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sweep", default="", help="JSON list of _CONFIG_OVERRIDE dicts to time in turn")
+    ap.add_argument("--cases", default="enc1,dcim_inner1,dec3,rect1")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), flush=True)
+    _unfused_mamba = _unfused_mamba_fn()
+    for override in json.loads(args.sweep) if args.sweep else [{}]:
+        _CONFIG_OVERRIDE.clear()
+        _CONFIG_OVERRIDE.update(override)
+        print("config", override or "default", flush=True)
+        _time_cases(args.cases.split(","))
+        _unfused_mamba = None   # the peer once is enough

@@ -1,0 +1,225 @@
+"""Triton backend of the four-direction 2D scan against the reference (STYLE.md tolerance rule).
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before the
+kernels are first defined) on the tiny CPU shape set; with one, the same tests run compiled on the
+GPU, and the ``gpu`` tests add the DESIGN.md shape set in fp32/bf16/fp16.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import vmambax_kernels as vk  # noqa: E402
+from vmambax_kernels.selective_scan import reference  # noqa: E402
+from vmambax_kernels.selective_scan import triton as tb  # noqa: E402
+from vmambax_kernels.testing import (CPU_SHAPES, SHAPES, ScanCase, check_against_reference,  # noqa: E402
+                                     scan_inputs)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter costs milliseconds per operation; on 2 cores the whole CPU file takes ~2 min.
+pytestmark = pytest.mark.timeout(300)
+
+
+def _plain(backend, out_dtype=torch.float32, softplus=True):
+    def fn(u, delta, A, B, C, D, delta_bias):
+        return vk.selective_scan_2d(u, delta, A, B, C, D, delta_bias, softplus, out_dtype=out_dtype,
+                                    backend=backend)
+    return fn
+
+
+def _lowrank_fast(u, dt, dt_projs_weight, A, B, C, D, delta_bias):
+    return tb.selective_scan_2d_lowrank(u, dt, dt_projs_weight, A, B, C, D, delta_bias, True, torch.float32)
+
+
+def _lowrank_ref(u, dt, dt_projs_weight, A, B, C, D, delta_bias):
+    return reference.selective_scan_2d_lowrank(u, dt, dt_projs_weight, A, B, C, D, delta_bias, True,
+                                               torch.float32)
+
+
+def _module_inputs(case: ScanCase, dtype, device, seed=0, Bt=None):
+    """Arguments of cross_selective_scan_2d at VMamba's init magnitudes, rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    Bt, Dm, N, R = Bt or case.Bt, case.Dm, case.N, case.R
+    inp = scan_inputs(case, torch.float32, "cpu", seed, lowrank=True, Bt=Bt)
+    return dict(
+        x=torch.randn(Bt, Dm, case.H, case.W, generator=g).to(dtype).to(device),
+        x_proj_weight=(torch.randn(4, R + 2 * N, Dm, generator=g) * Dm ** -0.5).to(device),
+        dt_projs_weight=inp["dt_projs_weight"].to(device),
+        dt_projs_bias=inp["delta_bias"].to(device),
+        A_logs=torch.log(-inp["A"]).reshape(4 * Dm, N).to(device),
+        Ds=inp["D"].reshape(4 * Dm).to(device),
+    )
+
+
+def _module(backend):
+    return lambda **a: vk.cross_selective_scan_2d(**a, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny shapes: CI runs these under the interpreter; a GPU machine runs them compiled
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CPU_SHAPES))
+def test_scan_matches_reference(name):
+    inputs = scan_inputs(CPU_SHAPES[name], torch.float32, DEV)
+    check_against_reference(_plain("triton"), _plain("reference"), inputs, device_ref=DEV)
+
+
+@pytest.mark.parametrize("name", list(CPU_SHAPES))
+def test_lowrank_scan_matches_reference(name):
+    inputs = scan_inputs(CPU_SHAPES[name], torch.float32, DEV, lowrank=True)
+    check_against_reference(_lowrank_fast, _lowrank_ref, inputs, device_ref=DEV)
+
+
+@pytest.mark.parametrize("name", ["enc_tiny", "col"])
+def test_module_form_with_strided_views(name):
+    # dt, B and C reach the kernels as views into one projection; their strides are not copied away.
+    inputs = _module_inputs(CPU_SHAPES[name], torch.float32, DEV)
+    check_against_reference(_module("triton"), _module("reference"), inputs, device_ref=DEV)
+
+
+def test_without_D_bias_or_softplus():
+    inputs = scan_inputs(CPU_SHAPES["odd_tiny"], torch.float32, DEV, with_D=False, with_bias=False)
+    inputs["delta"] = inputs["delta"].abs() * 0.1     # positive step sizes without the softplus
+    fast, ref = _plain("triton", softplus=False), _plain("reference", softplus=False)
+    check_against_reference(fast, ref, inputs, device_ref=DEV)
+
+
+def test_half_output_dtype_and_no_grad_saves_nothing():
+    inputs = scan_inputs(CPU_SHAPES["row"], torch.float32, DEV)
+    with torch.no_grad():
+        y = vk.selective_scan_2d(**inputs, out_dtype=torch.bfloat16, backend="triton")
+        ref = vk.selective_scan_2d(**inputs, backend="reference")
+        _, states = torch.ops.vmambax.ss2d_triton_fwd(
+            inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+            inputs["delta_bias"], True, torch.float32, False)
+    assert y.dtype == torch.bfloat16
+    # bf16 output: the float32 result rounded once (half an ulp of bf16, relative)
+    assert ((y.float() - ref).abs() <= 2.0 ** -8 * ref.abs() + 1e-6).all()
+    assert states.numel() == 0
+
+
+def test_bad_input_is_rejected():
+    inputs = scan_inputs(CPU_SHAPES["row"], torch.float32, DEV)
+    with pytest.raises(TypeError, match="u: expected float32, bfloat16 or float16"):
+        tb.selective_scan_2d(**{k: (v.double() if k in "u delta B C" else v) for k, v in inputs.items()},
+                             delta_softplus=True, out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="N in \\[1, 64\\]"):
+        A = torch.zeros(4, inputs["u"].shape[1], 65, device=DEV)
+        B = torch.zeros(*inputs["B"].shape[:2], 65, *inputs["B"].shape[3:], device=DEV)
+        vk.selective_scan_2d(inputs["u"], inputs["delta"], A, B, B, backend="triton")
+    low = scan_inputs(CPU_SHAPES["row"], torch.float32, DEV, lowrank=True)
+    with pytest.raises(ValueError, match="dt_projs_weight: expected shape"):
+        tb.selective_scan_2d_lowrank(low["u"], low["dt"], low["dt_projs_weight"][:, :, :-1], low["A"], low["B"],
+                                     low["C"], low["D"], low["delta_bias"], True, torch.float32)
+    with pytest.raises(ValueError, match="dt: expected shape"):
+        tb.selective_scan_2d_lowrank(low["u"], low["dt"][:1], low["dt_projs_weight"], low["A"], low["B"],
+                                     low["C"], low["D"], low["delta_bias"], True, torch.float32)
+
+
+def test_availability(monkeypatch):
+    assert tb.availability() is None
+    assert vk.available_backends()["triton"].available
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert "TRITON_INTERPRET=1" in tb.availability()
+
+
+def _op_args(lowrank):
+    inp = scan_inputs(CPU_SHAPES["row"], torch.float32, DEV, lowrank=lowrank)
+    inp = {k: v.requires_grad_(True) for k, v in inp.items()}
+    if lowrank:
+        return (inp["u"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["delta_bias"],
+                inp["dt_projs_weight"], True, torch.float32, True)
+    return (inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["delta_bias"], True,
+            torch.float32, True)
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_opcheck(lowrank):
+    op = torch.ops.vmambax.ss2d_triton_lowrank_fwd if lowrank else torch.ops.vmambax.ss2d_triton_fwd
+    args = _op_args(lowrank)
+    torch.library.opcheck(op.default, args)
+    y, states = op(*args)
+    gy = torch.randn_like(y)
+    delta_like = args[1].detach()
+    w = args[7].detach() if lowrank else None
+    bwd_args = (gy, *[a.detach() for a in args[:7]], w, states.detach(), True)
+    torch.library.opcheck(torch.ops.vmambax.ss2d_triton_bwd.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+    assert delta_like.shape == args[1].shape
+
+
+def test_compile_fullgraph_traces_the_ops():
+    inputs = scan_inputs(CPU_SHAPES["row"], torch.float32, DEV)
+    torch._dynamo.reset()
+    fn = torch.compile(_plain("triton"), fullgraph=True, backend="aot_eager")
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y = fn(**leaves)
+    y.sum().backward()
+    ref = _plain("reference")(**inputs)
+    torch.testing.assert_close(y.detach(), ref, rtol=1e-5, atol=1e-6)
+    assert all(v.grad is not None for v in leaves.values())
+
+
+def test_flop_formula_registered():
+    from torch.utils.flop_counter import FlopCounterMode
+    case = CPU_SHAPES["row"]
+    inputs = scan_inputs(case, torch.float32, DEV)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        vk.selective_scan_2d(**inputs, backend="triton")
+    from vmambax_kernels.selective_scan.flops import scan_macs
+    assert fc.get_total_flops() == 2 * scan_macs(case.Bt, case.Dm, case.H * case.W, case.N)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the DESIGN.md shape set, fp32/bf16/fp16, and random odd shapes
+# ---------------------------------------------------------------------------------------------
+
+def _gpu_case(case: ScanCase) -> ScanCase:
+    """The reference loops over L in Python and keeps (Bt, 4, Dm, L, N) fp64 tensors: cut the batch
+    (and the channels of big planes) so one check stays within seconds. Kernel paths unchanged:
+    several channel blocks, several planes per program and several chunks remain."""
+    L = case.H * case.W
+    if L >= 4096:
+        return ScanCase(case.name, 1, 24, case.H, case.W, case.N)
+    if L >= 256:
+        return ScanCase(case.name, 2, min(case.d_model, 48), case.H, case.W, case.N)
+    return ScanCase(case.name, min(case.Bt, 64), min(case.d_model, 96), case.H, case.W, case.N)
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HALF_CASES = ["enc2", "dcim_outer1", "dcim_inner1", "dec1", "rect1", "odd"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(_DTYPES))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_gpu_shape_set(name, dtype):
+    if dtype != "fp32" and name not in _HALF_CASES:
+        pytest.skip("16-bit inputs are checked on a subset of the shape set to bound the run time")
+    case = _gpu_case(SHAPES[name])
+    inputs = scan_inputs(case, _DTYPES[dtype], DEV)
+    check_against_reference(_plain("triton"), _plain("reference"), inputs, device_ref=DEV)
+    low = scan_inputs(case, _DTYPES[dtype], DEV, lowrank=True, seed=1)
+    check_against_reference(_lowrank_fast, _lowrank_ref, low, device_ref=DEV)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(6))
+def test_gpu_random_odd_shapes(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    H, W = (int(v) for v in torch.randint(1, 40, (2,), generator=g))
+    d_model = int(torch.randint(1, 40, (1,), generator=g))
+    N = int(torch.randint(1, 65, (1,), generator=g))
+    Bt = int(torch.randint(1, 6, (1,), generator=g))
+    case = ScanCase(f"random{seed}", Bt, d_model, H, W, N)
+    dtype = list(_DTYPES.values())[seed % 3]
+    check_against_reference(_plain("triton"), _plain("reference"), scan_inputs(case, dtype, DEV), device_ref=DEV)
+    check_against_reference(_module("triton"), _module("reference"), _module_inputs(case, dtype, DEV),
+                            device_ref=DEV)
