@@ -74,11 +74,15 @@ def _split(a, EXACT: constexpr):
     """Three tf32-exact parts (11 + 11 + 2 significant bits) that sum to the fp32 ``a``; ``a``
     itself (parts 1 and 2 unused) when it is already tf32-exact (bf16/fp16 data)."""
     if EXACT:
-        return a, a, a
-    a0 = _tf32_trunc(a)
-    r = a - a0
-    a1 = _tf32_trunc(r)
-    return a0, a1, r - a1
+        a0 = a
+        a1 = a
+        a2 = a
+    else:
+        a0 = _tf32_trunc(a)
+        r = a - a0
+        a1 = _tf32_trunc(r)
+        a2 = r - a1
+    return a0, a1, a2
 
 
 def _mm(a0, a1, a2, b0, b1, b2, acc, A_EXACT: constexpr):
@@ -115,11 +119,12 @@ def _tile(ptr, b, sb, sc, sp, pix, mp, ch, mc):
 
 
 def _store_tile(ptr, val, b, sb, sc, sp, pix, mp, ch, mc, INTERP: constexpr):
-    if INTERP and ptr.dtype.element_ty == tl.bfloat16:
-        # The interpreter truncates fp32 -> bf16; round to nearest even as the GPU does.
-        bits = val.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        val = bits.to(tl.float32, bitcast=True)
+    if INTERP:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            # The interpreter truncates fp32 -> bf16; round to nearest even as the GPU does.
+            bits = val.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            val = bits.to(tl.float32, bitcast=True)
     offs = b.to(tl.int64) * sb + ch[None, :].to(tl.int64) * sc + pix[:, None].to(tl.int64) * sp
     tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mp[:, None] & mc[None, :])
 
@@ -219,7 +224,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
     nprog = tl.num_programs(0)
     HW = H * W
     ring = ring_ptr + pid.to(tl.int64) * 2 * RING    # [2, RING] fp32: dz_m[p % RING]
-    dw_prog = dw_ptr + pid.to(tl.int64) * 2 * C * 32  # this program's partial dW, [2C, 32]
+    dw_prog = dw_ptr + pid.to(tl.int64) * 2 * C * 18  # this program's partial dW, [2C, 18]
     t = tl.arange(0, 32)
     for tile in range(pid, n_tiles, nprog):
         b, o_lo, o_hi, x_lo, x_hi = _band(tile, n_bands, TH, H, W)
@@ -285,8 +290,8 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
                 xb0, xb1, xb2 = _split(tl.trans(xb), X_EXACT)
                 dwb = _mm(xb0, xb1, xb2, dz0, dz1, dz2, tl.zeros((BLOCK_C, 32), dtype=tl.float32), X_EXACT)
                 # partial sums owned by this program; the barriers order the read-modify-writes
-                wa_ptrs = dw_prog + ch[:, None] * 32 + t[None, :]
-                wb_ptrs = dw_prog + (C + ch[:, None]) * 32 + t[None, :]
+                wa_ptrs = dw_prog + ch[:, None] * 18 + t[None, :]
+                wb_ptrs = dw_prog + (C + ch[:, None]) * 18 + t[None, :]
                 mw = mc[:, None] & (t[None, :] < 18)
                 tl.store(wa_ptrs, tl.load(wa_ptrs, mask=mw, other=0.0) + dwa, mask=mw)
                 tl.store(wb_ptrs, tl.load(wb_ptrs, mask=mw, other=0.0) + dwb, mask=mw)
@@ -444,7 +449,7 @@ def _backward(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual):
     _, *sdb = _flat(dxb)
     ring = torch.empty((cfg["nprog"], 2, cfg["RING"]), dtype=torch.float32, device=dev)
     dc = torch.zeros((cfg["n_tiles"], 2, C), dtype=torch.float32, device=dev)
-    dw = torch.zeros((cfg["nprog"], 2 * C, NT), dtype=torch.float32, device=dev)
+    dw = torch.zeros((cfg["nprog"], 2 * C, 18), dtype=torch.float32, device=dev)
     k["_cgm_bwd_kernel"][(cfg["nprog"],)](
         ga, gb, xa, xb, s, c_ct.float().contiguous(), c_pet.float().contiguous(),
         _pack_weights(w_ct, w_pet, C), ring, dxa, dxb, dc, dw,

@@ -1,0 +1,201 @@
+"""CGM benchmark (DESIGN.md: bench "cgm", cases cgm1..cgm4; issue 5's targets).
+
+    python benchmarks/bench_cgm.py [--cases cgm1,cgm4] [--dtypes bf16,fp16] [--sweep] [--no-record]
+
+Module scope: forward + backward of a whole CGM (GAP, channel MLP, both spatial gates, gating)
+mirroring SPEC.md section 2, with the gate in the Triton kernels ("triton") or as the plain
+PyTorch module computes it under autocast ("torch": conv2d in the activation dtype). fwd under
+no_grad; fwdbwd with a fixed random gradient for both outputs, gradients for x and every parameter;
+peak_mb = extra memory of fwdbwd. floor_ms counts the bytes a fused module must move for
+fwdbwd (GAP read, gate read + write, backward read x and dy, write dx) at DESIGN.md's measured
+3.0 TB/s. Kernel scope: the forward and backward kernels alone, their achieved bandwidth on the
+bytes they must move (fwd: read both x, write both y; bwd: read both x and dy, write both dx), next
+to the copy bandwidth measured in the same run. --sweep times the kernels under a few launch
+configurations at cgm1 first and benchmarks with the fastest.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness  # noqa: E402
+import vmambax_kernels as vk  # noqa: E402
+from vmambax_kernels.cgm import triton as cgm_triton  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CASES = {"cgm1": (8, 96, 128, 128), "cgm2": (8, 192, 64, 64), "cgm3": (8, 384, 32, 32), "cgm4": (8, 768, 16, 16)}
+COPY_TBPS = 3.0  # DESIGN.md: measured H100 copy bandwidth
+DEVICE = "cuda"
+SWEEP = [dict(), dict(programs_per_sm=4), dict(BLOCK_P=128, num_warps=8), dict(BLOCK_C=64, num_warps=8)]
+
+
+class CGM(nn.Module):
+    """SPEC.md section 2 for both modalities; ``kernel`` picks the gate's implementation."""
+
+    def __init__(self, dim: int, kernel: bool, reduction: int = 4):
+        super().__init__()
+        hidden = max(dim // reduction, 32)
+        self.kernel = kernel
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Conv2d(2 * dim, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+                                               nn.GELU(), nn.Conv2d(hidden, dim, 1)) for _ in range(2))
+        self.spatial = nn.ParameterList(nn.Parameter(torch.randn(1, 2 * dim, 3, 3) / math.sqrt(18 * dim))
+                                        for _ in range(2))
+
+    def forward(self, x_ct, x_pet):
+        p_ct = x_ct.mean((2, 3), keepdim=True, dtype=torch.float32)                    # (Bt, C, 1, 1)
+        p_pet = x_pet.mean((2, 3), keepdim=True, dtype=torch.float32)
+        c_ct = torch.sigmoid(self.mlp[0](torch.cat([p_pet, p_ct], 1))).flatten(1)    # (Bt, C)
+        c_pet = torch.sigmoid(self.mlp[1](torch.cat([p_ct, p_pet], 1))).flatten(1)
+        if self.kernel:
+            return vk.cgm_gate(x_ct, x_pet, c_ct, c_pet, self.spatial[0], self.spatial[1], backend="triton")
+        out = []
+        for x, other, c, w in ((x_ct, x_pet, c_ct, self.spatial[0]), (x_pet, x_ct, c_pet, self.spatial[1])):
+            s = torch.sigmoid(F.conv2d(torch.cat([other, x], 1), w.to(x.dtype), padding=1))  # autocast's dtype
+            out.append(x * (1 + c.to(x.dtype)[:, :, None, None] * s))
+        return tuple(out)
+
+
+def _inputs(case, dtype, seed=0):
+    Bt, C, H, W = CASES[case]
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return [torch.randn(Bt, C, H, W, device=DEVICE, generator=g).to(dtype) for _ in range(2)]
+
+
+def _module_pair(C):
+    torch.manual_seed(0)
+    fused, plain = CGM(C, True).to(DEVICE), CGM(C, False).to(DEVICE)
+    plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+def _fwdbwd(module, xs, grads):
+    def run():
+        leaves = [x.detach().requires_grad_() for x in xs]
+        ys = module(*leaves)
+        torch.autograd.backward(ys, grads)
+        return ys
+    return run
+
+
+def measure_copy_tbps() -> float:
+    src = torch.empty(2 ** 28, dtype=torch.float32, device="cuda").normal_()  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = harness.time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
+
+
+def kernel_times(case, dtype):
+    """(fwd_ms, bwd_ms) of the two kernels alone (host-side packing included, it is tiny)."""
+    Bt, C, H, W = CASES[case]
+    xs = _inputs(case, dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    cs = [torch.rand(Bt, C, device=DEVICE, generator=g) for _ in range(2)]
+    ws = [torch.randn(1, 2 * C, 3, 3, device=DEVICE, generator=g) / math.sqrt(18 * C) for _ in range(2)]
+    dys = [torch.randn_like(x) for x in xs]
+    y_ct, y_pet, s = cgm_triton._forward(*xs, *cs, *ws, True)
+    fwd = harness.time_ms(lambda: cgm_triton._forward(*xs, *cs, *ws, True))
+    bwd = harness.time_ms(lambda: cgm_triton._backward(*dys, *xs, *cs, *ws, s, True))
+    return fwd, bwd
+
+
+def sweep(dtype) -> dict:
+    best, best_ms = {}, float("inf")
+    print(f"== launch-configuration sweep at cgm1, {dtype} (kernel fwd / bwd ms)")
+    for cfg in SWEEP:
+        cgm_triton.CONFIG_OVERRIDE.clear()
+        cgm_triton.CONFIG_OVERRIDE.update(cfg)
+        try:
+            fwd, bwd = kernel_times("cgm1", DTYPES[dtype])
+        except Exception as exc:  # a configuration that does not compile is reported, not fatal
+            print(f"   {cfg}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        print(f"   {cfg or 'default'}: {fwd:.4f} / {bwd:.4f}")
+        if fwd + bwd < best_ms:
+            best, best_ms = dict(cfg), fwd + bwd
+    cgm_triton.CONFIG_OVERRIDE.clear()
+    cgm_triton.CONFIG_OVERRIDE.update(best)
+    print(f"== using {best or 'default'}")
+    return best
+
+
+def bench_case(case, dtype_name, copy_tbps, env):
+    dtype = DTYPES[dtype_name]
+    Bt, C, H, W = CASES[case]
+    n, e = Bt * C * H * W, torch.finfo(dtype).bits // 8
+    fused, plain = _module_pair(C)
+    xs = _inputs(case, dtype)
+    grads = _inputs(case, dtype, seed=1)
+    with torch.no_grad():
+        yf, yp = fused(*xs), plain(*xs)
+    err = max((a.float() - b.float()).abs().max().item() for a, b in zip(yf, yp))
+    fwd_floor, fwdbwd_floor = 6 * n * e / COPY_TBPS / 1e9, 12 * n * e / COPY_TBPS / 1e9
+    rows = []
+    for provider, module in (("triton", fused), ("torch", plain)):
+        with torch.no_grad():
+            fwd = harness.time_ms(lambda: module(*xs))
+        fwdbwd = harness.time_ms(_fwdbwd(module, xs, grads))
+        peak = harness.peak_mb(_fwdbwd(module, xs, grads))
+        extra = {}
+        if provider == "triton":
+            kf, kb = kernel_times(case, dtype)
+            extra = dict(kernel_fwd_ms=kf, kernel_bwd_ms=kb,
+                         kernel_fwd_tbps=4 * n * e / (kf * 1e-3) / 1e12,
+                         kernel_bwd_tbps=6 * n * e / (kb * 1e-3) / 1e12,
+                         copy_tbps=copy_tbps, config=dict(cgm_triton.CONFIG_OVERRIDE) or "default")
+        rows.append(harness.record("cgm", case, provider, dtype_name, Bt, env, fwd_ms=fwd, fwdbwd_ms=fwdbwd,
+                                   peak_mb=peak, floor_ms=fwdbwd_floor, fwd_floor_ms=fwd_floor,
+                                   max_abs_diff_vs_torch=err, **extra))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--dtypes", default="bf16,fp16")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_cgm.py: needs a CUDA GPU")
+    why = vk.available_backends("cgm_gate")["triton"]
+    if not why.available:
+        sys.exit(f"bench_cgm.py: the triton backend cannot run: {why.reason}")
+    env = harness.env_info()
+    copy_tbps = measure_copy_tbps()
+    print(f"== {env['gpu']}: copy bandwidth {copy_tbps:.2f} TB/s (DESIGN.md: {COPY_TBPS})")
+    dtypes = args.dtypes.split(",")
+    if args.sweep:
+        sweep(dtypes[0])
+    records = []
+    for dtype in dtypes:
+        for case in args.cases.split(","):
+            records += bench_case(case, dtype, copy_tbps, env)
+    table = []
+    for r in records:
+        if r["provider"] != "triton":
+            continue
+        peer = next(p for p in records if p["provider"] == "torch" and p["case"] == r["case"] and p["dtype"] == r["dtype"])
+        table.append(dict(case=r["case"], dtype=r["dtype"], fwd=r["fwd_ms"], torch_fwd=peer["fwd_ms"],
+                          fwdbwd=r["fwdbwd_ms"], torch_fwdbwd=peer["fwdbwd_ms"],
+                          speedup=harness.ratio(r["fwdbwd_ms"], peer["fwdbwd_ms"]), floor=r["floor_ms"],
+                          vs_floor=harness.ratio(r["floor_ms"], r["fwdbwd_ms"]),
+                          k_fwd=r["kernel_fwd_ms"], k_bwd=r["kernel_bwd_ms"],
+                          bw_fwd=f"{100 * r['kernel_fwd_tbps'] / copy_tbps:.0f}%",
+                          bw_bwd=f"{100 * r['kernel_bwd_tbps'] / copy_tbps:.0f}%",
+                          mb=r["peak_mb"], torch_mb=peer["peak_mb"], diff=r["max_abs_diff_vs_torch"]))
+    cols = [(k, k) for k in table[0]] if table else []
+    harness.print_table(table, cols, title=f"CGM module fwd/fwdbwd (ms), kernels alone (ms, % of the "
+                                           f"measured copy bandwidth {copy_tbps:.2f} TB/s), {env['gpu']}")
+    if not args.no_record:
+        print("== records appended to", harness.append_records(records))
+
+
+if __name__ == "__main__":
+    main()
