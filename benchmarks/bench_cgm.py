@@ -12,6 +12,11 @@ fwdbwd (GAP read, gate read + write, backward read x and dy, write dx) at DESIGN
 bytes they must move (fwd: read both x, write both y; bwd: read both x and dy, write both dx), next
 to the copy bandwidth measured in the same run. --sweep times the kernels under a few launch
 configurations at cgm1 first and benchmarks with the fastest.
+
+One GPU session (install, GPU tests with evidence, this benchmark), as run for the records:
+    VMAMBAX_SKIP_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e . && \
+    bash benchmarks/device_run.sh --no-build --tests "-m gpu tests/ops/test_cgm_triton.py" \
+         --bench "benchmarks/bench_cgm.py --sweep"
 """
 from __future__ import annotations
 
