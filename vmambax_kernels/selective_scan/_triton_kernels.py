@@ -71,12 +71,13 @@ def _load_delta(dl_ptr, w_tile, base, offs_d, offs_r, p, mask_d, mask_r, mask_t,
     return x, dl, dt
 
 
-@triton.jit
+# Sizes are plain arguments: one compiled kernel serves every shape of a dtype and N.
+@triton.jit(do_not_specialize=["Bt", "n_db", "n_chunks", "BPP"])
 def _ss2d_fwd_kernel(
     u_ptr, dl_ptr, w_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, st_ptr,
-    Bt, Dm, H, W, L, N, R, n_db, n_chunks,
+    Bt, Dm, H, W, L, N, R, n_db, n_chunks, BPP,
     su_b, su_d, sdl_b, sdl_k, sdl_c, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n,
-    BLOCK_D: tl.constexpr, T: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BPP: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
     LOWRANK: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     SAVE: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -131,13 +132,13 @@ def _ss2d_fwd_kernel(
             h = tl.sum(tl.where(offs_t[None, :, None] == T - 1, hs, 0.0), axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Bt", "n_db", "n_chunks", "BPP"])
 def _ss2d_bwd_kernel(
     u_ptr, dl_ptr, w_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, st_ptr, gy_ptr,
     du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dw_ptr,
-    Bt, Dm, H, W, L, N, R, n_db, n_chunks,
+    Bt, Dm, H, W, L, N, R, n_db, n_chunks, BPP,
     su_b, su_d, sdl_b, sdl_k, sdl_c, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sg_b, sg_d,
-    BLOCK_D: tl.constexpr, T: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, BPP: tl.constexpr,
+    BLOCK_D: tl.constexpr, T: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
     LOWRANK: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     INTERP: tl.constexpr,
 ):

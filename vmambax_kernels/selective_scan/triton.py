@@ -193,10 +193,10 @@ def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
     kern._ss2d_fwd_kernel[grid](
         u, dl, w if w is not None else A, A, B, C, D if D is not None else A, bias if bias is not None else A,
         y, states,
-        Bt, Dm, H, W, L, N, R, n_db, n_chunks,
+        Bt, Dm, H, W, L, N, R, n_db, n_chunks, cfg.BPP,
         u.stride(0), u.stride(1), dl.stride(0), dl.stride(1), dl.stride(2),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-        BLOCK_D=cfg.BLOCK_D, T=cfg.T, NP=cfg.NP, RP=cfg.RP, BPP=cfg.BPP,
+        BLOCK_D=cfg.BLOCK_D, T=cfg.T, NP=cfg.NP, RP=cfg.RP,
         LOWRANK=w is not None, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
         SAVE=save, INTERP=_interpreting(), num_warps=cfg.fwd_warps,
     )
@@ -228,10 +228,10 @@ def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
     kern._ss2d_bwd_kernel[grid](
         u, dl, w if w is not None else A, A, B, C, D if D is not None else A, bias if bias is not None else A,
         states, gy, du, ddl, dA, dB, dC, dD, dbias, dw,
-        Bt, Dm, H, W, L, N, R, n_db, n_chunks,
+        Bt, Dm, H, W, L, N, R, n_db, n_chunks, cfg.BPP,
         u.stride(0), u.stride(1), dl.stride(0), dl.stride(1), dl.stride(2),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), gy.stride(0), gy.stride(1),
-        BLOCK_D=cfg.BLOCK_D_BWD, T=cfg.T, NP=cfg.NP, RP=cfg.RP, BPP=cfg.BPP,
+        BLOCK_D=cfg.BLOCK_D_BWD, T=cfg.T, NP=cfg.NP, RP=cfg.RP,
         LOWRANK=w is not None, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
         INTERP=_interpreting(), num_warps=cfg.bwd_warps,
     )
@@ -455,6 +455,7 @@ if __name__ == "__main__":
     ap.add_argument("--sweep", default="", help="JSON list of _CONFIG_OVERRIDE dicts to time in turn")
     ap.add_argument("--cases", default="enc1,dcim_inner1,dec3,rect1")
     args = ap.parse_args()
+    args.sweep = args.sweep or os.environ.get("VMAMBAX_TRITON_SWEEP", "")
     print(torch.cuda.get_device_name(), flush=True)
     _unfused_mamba = _unfused_mamba_fn()
     for override in json.loads(args.sweep) if args.sweep else [{}]:
