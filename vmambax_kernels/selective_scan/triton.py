@@ -380,7 +380,7 @@ def selective_scan_2d_lowrank(u, dt, dt_projs_weight, A, B, C, D, delta_bias, de
 
 
 # ----------------------------------------------------------------------------------------------
-# Timing and tuning sweep on a GPU: python -m vmambax_kernels.selective_scan.triton [--sweep]
+# Timing and tuning sweep on a GPU (main() below)
 # ----------------------------------------------------------------------------------------------
 
 def _time_cases(cases=("enc1", "dcim_inner1", "dec3", "rect1")):
@@ -448,14 +448,18 @@ def _unfused_mamba_fn():
 
 _unfused_mamba = None
 
-if __name__ == "__main__":
+
+def main(argv=None):
+    """Timing/tuning on a GPU (not ``python -m``: that would register the ops twice):
+    python -c "from vmambax_kernels.selective_scan.triton import main; main()" [--sweep JSON]"""
     import argparse
     import json
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sweep", default="", help="JSON list of _CONFIG_OVERRIDE dicts to time in turn")
+    global _unfused_mamba
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--sweep", default=os.environ.get("VMAMBAX_TRITON_SWEEP", ""),
+                    help="JSON list of _CONFIG_OVERRIDE dicts to time in turn")
     ap.add_argument("--cases", default="enc1,dcim_inner1,dec3,rect1")
-    args = ap.parse_args()
-    args.sweep = args.sweep or os.environ.get("VMAMBAX_TRITON_SWEEP", "")
+    args = ap.parse_args(argv)
     print(torch.cuda.get_device_name(), flush=True)
     _unfused_mamba = _unfused_mamba_fn()
     for override in json.loads(args.sweep) if args.sweep else [{}]:
