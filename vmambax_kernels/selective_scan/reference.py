@@ -57,8 +57,9 @@ def selective_scan_2d(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus
     dA, dBu = dA.permute(3, 0, 1, 2, 4), dBu.permute(3, 0, 1, 2, 4)          # (L, Bt, 4, Dm, N)
     h = torch.zeros(Bt, 4, Dm, N, dtype=ct, device=u.device)
     hs = []
-    for t in range(L):
-        h = dA[t] * h + dBu[t]
+    # unbind, not dA[t]: each index's backward would allocate a full-size zero gradient (O(L^2)).
+    for dA_t, dBu_t in zip(dA.unbind(0), dBu.unbind(0)):
+        h = dA_t * h + dBu_t
         hs.append(h)
     hs = torch.stack(hs, dim=3)                                               # (Bt, 4, Dm, L, N)
     y_k = (hs * C_k.transpose(2, 3)[:, :, None]).sum(-1)                      # (Bt, 4, Dm, L)
