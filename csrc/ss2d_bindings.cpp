@@ -40,7 +40,7 @@ void check_param(const optional<Tensor> &t, const char *name, int64_t K, int64_t
 // Validates the scan's tensors and fills everything of SS2DParams but the outputs.
 SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B, const Tensor &C,
                        const optional<Tensor> &D, const optional<Tensor> &bias, const optional<Tensor> &Wdt,
-                       bool softplus) {
+                       bool softplus, std::vector<Tensor> &keep) {
   VMX_CHECK_CUDA(u);
   TORCH_CHECK(u.dim() == 4, "u: expected a 4-D tensor (Bt, Dm, H, W), got shape ", u.sizes());
   const int64_t Bt = u.size(0), Dm = u.size(1), H = u.size(2), W = u.size(3);
@@ -88,11 +88,24 @@ SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const
   const size_t smem = sizeof(float) * size_t(2 * N + R) * p.LP * p.CH;
   TORCH_CHECK(smem <= 200 * 1024, "dt_projs_weight: the backward needs (2N + R) * ", p.LP * p.CH,
               " floats of shared memory, over 200 KB for N = ", N, ", R = ", R);
-  p.u = u.data_ptr(); p.dl = dl.data_ptr(); p.B = B.data_ptr(); p.C = C.data_ptr();
-  p.u_b = u.stride(0); p.u_d = u.stride(1);
-  p.dl_b = dl.stride(0); p.dl_k = dl.stride(1); p.dl_c = dl.stride(2);
-  p.B_b = B.stride(0); p.B_k = B.stride(1); p.B_n = B.stride(2);
-  p.C_b = C.stride(0); p.C_k = C.stride(1); p.C_n = C.stride(2);
+  // Row walks read the tensors as given (k = 0, 2: k >> 1 steps two k's); column walks read
+  // copies of u and of the k = 1, 3 slices transposed to (W, H) planes, so both walk memory order.
+  auto odd_t = [](const Tensor &t) { return t.slice(1, 1, 4, 2).transpose(3, 4).contiguous(); };
+  keep.push_back(u.transpose(2, 3).contiguous());
+  keep.push_back(odd_t(dl));
+  keep.push_back(odd_t(B));
+  keep.push_back(odd_t(C));
+  const Tensor *src[2][4] = {{&u, &dl, &B, &C}, {&keep[0], &keep[1], &keep[2], &keep[3]}};
+  for (int side = 0; side < 2; ++side) {
+    SS2DSide &sd = p.side[side];
+    const Tensor &tu = *src[side][0], &tdl = *src[side][1], &tB = *src[side][2], &tC = *src[side][3];
+    const int64_t kmul = side == 0 ? 2 : 1;
+    sd.u = tu.data_ptr(); sd.dl = tdl.data_ptr(); sd.B = tB.data_ptr(); sd.C = tC.data_ptr();
+    sd.u_b = tu.stride(0); sd.u_d = tu.stride(1);
+    sd.dl_b = tdl.stride(0); sd.dl_k = kmul * tdl.stride(1); sd.dl_c = tdl.stride(2);
+    sd.B_b = tB.stride(0); sd.B_k = kmul * tB.stride(1); sd.B_n = tB.stride(2);
+    sd.C_b = tC.stride(0); sd.C_k = kmul * tC.stride(1); sd.C_n = tC.stride(2);
+  }
   p.A = A.data_ptr<float>();
   p.D = D.has_value() ? D->data_ptr<float>() : nullptr;
   p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
@@ -105,7 +118,8 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor &u, const Tensor &dl, const Ten
                                     const optional<Tensor> &Wdt, bool softplus, at::ScalarType out_dtype,
                                     bool save_states) {
   c10::cuda::CUDAGuard guard(u.device());
-  SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus);
+  std::vector<Tensor> keep;
+  SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus, keep);
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
   Tensor out = at::empty({p.Bt, p.Dm, p.H, p.W}, u.options().dtype(out_dtype));
@@ -141,7 +155,8 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
                              const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
                              const optional<Tensor> &Wdt, const Tensor &states, bool softplus) {
   c10::cuda::CUDAGuard guard(u.device());
-  SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus);
+  std::vector<Tensor> keep;
+  SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus, keep);
   VMX_CHECK_CUDA(dy);
   VMX_CHECK_DTYPE(dy, at::kFloat);
   VMX_CHECK_SHAPE(dy, p.Bt, p.Dm, p.H, p.W);
@@ -151,23 +166,39 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
   VMX_CHECK_SHAPE(states, p.Bt, p.Dm, 4, p.nsp - 1, p.N);
   VMX_CHECK_CONTIGUOUS(states);
   auto f32 = u.options().dtype(at::kFloat);
-  Tensor du = at::empty({p.Bt, p.Dm, p.H, p.W}, f32);
-  Tensor ddl = p.R > 0 ? at::zeros({p.Bt, 4, p.R, p.H, p.W}, f32) : at::empty({p.Bt, 4, p.Dm, p.H, p.W}, f32);
-  Tensor dB = at::zeros({p.Bt, 4, p.N, p.H, p.W}, f32), dC = at::zeros({p.Bt, 4, p.N, p.H, p.W}, f32);
-  Tensor dA = at::zeros({4, p.Dm, p.N}, f32);
-  Tensor dD = D.has_value() ? at::zeros({4, p.Dm}, f32) : at::empty({0}, f32);
-  Tensor dbias = bias.has_value() ? at::zeros({4, p.Dm}, f32) : at::empty({0}, f32);
-  Tensor dW = Wdt.has_value() ? at::zeros({4, p.Dm, p.R}, f32) : at::empty({0}, f32);
+  const int64_t Bt = p.Bt, Dm = p.Dm, H = p.H, W = p.W, N = p.N, R = p.R, L = p.L, Cl = R > 0 ? R : Dm;
+  Tensor du = at::empty({Bt, Dm, H, W}, f32);
+  // Channel sums (dB, dC, low-rank ddt) are accumulated with atomics: zeros. The full-rank ddelta is
+  // written once per element by its owner. Column walks write transposed slices, copied back below.
+  Tensor ddl = R > 0 ? at::zeros({Bt, 4, R, H, W}, f32) : at::empty({Bt, 4, Dm, H, W}, f32);
+  Tensor ddlT = R > 0 ? at::zeros({Bt, 2, R, W, H}, f32) : at::empty({Bt, 2, Dm, W, H}, f32);
+  Tensor dB = at::zeros({Bt, 4, N, H, W}, f32), dC = at::zeros({Bt, 4, N, H, W}, f32);
+  Tensor dBT = at::zeros({Bt, 2, N, W, H}, f32), dCT = at::zeros({Bt, 2, N, W, H}, f32);
+  Tensor dA = at::zeros({4, Dm, N}, f32);
+  Tensor dD = D.has_value() ? at::zeros({4, Dm}, f32) : at::empty({0}, f32);
+  Tensor dbias = bias.has_value() ? at::zeros({4, Dm}, f32) : at::empty({0}, f32);
+  Tensor dW = Wdt.has_value() ? at::zeros({4, Dm, R}, f32) : at::empty({0}, f32);
+  Tensor *g[2][3] = {{&ddl, &dB, &dC}, {&ddlT, &dBT, &dCT}};
+  for (int side = 0; side < 2; ++side) {
+    SS2DSide &sd = p.side[side];
+    const int64_t kw = side == 0 ? 4 : 2;  // k's in the buffer; row side steps two of them
+    sd.ddl = g[side][0]->data_ptr<float>(); sd.dB = g[side][1]->data_ptr<float>(); sd.dC = g[side][2]->data_ptr<float>();
+    sd.ddl_b = kw * Cl * L; sd.ddl_k = (side == 0 ? 2 : 1) * Cl * L;
+    sd.g_b = kw * N * L; sd.g_k = (side == 0 ? 2 : 1) * N * L;
+  }
   p.dy = dy.data_ptr<float>();
   p.states = states.data_ptr<float>();
-  p.du = du.data_ptr<float>(); p.ddl = ddl.data_ptr<float>();
-  p.dB = dB.data_ptr<float>(); p.dC = dC.data_ptr<float>(); p.dA = dA.data_ptr<float>();
+  p.du = du.data_ptr<float>();
+  p.dA = dA.data_ptr<float>();
   p.dD = D.has_value() ? dD.data_ptr<float>() : nullptr;
   p.dbias = bias.has_value() ? dbias.data_ptr<float>() : nullptr;
   p.dW = Wdt.has_value() ? dW.data_ptr<float>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_input(u.scalar_type(), "u", [&](auto x) { ss2d_bwd_launch<decltype(x)>(p, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ddl.slice(1, 1, 4, 2).copy_(ddlT.transpose(3, 4));
+  dB.slice(1, 1, 4, 2).copy_(dBT.transpose(3, 4));
+  dC.slice(1, 1, 4, 2).copy_(dCT.transpose(3, 4));
   return {du, ddl, dA, dB, dC, dD, dbias, dW};
 }
 

@@ -8,33 +8,39 @@ namespace vmambax {
 
 enum class OutType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
+// The tensors one pair of walks reads and writes. Row walks (k = 0, 2) use the tensors as given;
+// column walks (k = 1, 3) use copies transposed to (W, H) planes so that every walk reads its plane
+// in memory order (coalesced). Index k >> 1 selects the walk of a pair: strides of the row side's
+// 4-wide k dimension are doubled. Planes are dense; strides are in elements.
+struct SS2DSide {
+  const void *u, *dl, *B, *C;  // u (Bt, Dm, L); dl = delta (.., Dm, L) or dt (.., R, L); B, C (.., N, L)
+  int64_t u_b, u_d, dl_b, dl_k, dl_c, B_b, B_k, B_n, C_b, C_k, C_n;
+  float *ddl, *dB, *dC;        // backward: gradients in the same layout (fp32, contiguous)
+  int64_t ddl_b, ddl_k, g_b, g_k;  // strides of ddl and of dB / dC (their n stride is L)
+};
+
 struct SS2DParams {
   int Bt, Dm, H, W, L, N, R;  // R > 0: delta is formed in-kernel from dt (low rank)
   bool softplus;
   // Work split (see ss2d_layout): LP lanes walk one (b, d) plane in chunks of CH positions; a
   // span is LP * CH consecutive steps of a walk; nsp spans per walk.
   int LP, CH, nsp;
-  // Inputs. u (Bt, Dm, L); dl = delta (Bt, 4, Dm, L) or dt (Bt, 4, R, L); B, C (Bt, 4, N, L).
-  // Planes are dense; the outer strides are given in elements.
-  const void *u, *dl, *B, *C;
-  int64_t u_b, u_d, dl_b, dl_k, dl_c, B_b, B_k, B_n, C_b, C_k, C_n;
+  SS2DSide side[2];   // [0]: row walks, [1]: column walks
   const float *A;     // (4, Dm, N) contiguous
   const float *D;     // (4, Dm) or null
   const float *bias;  // (4, Dm) or null
   const float *Wdt;   // (4, Dm, R) low-rank projection, or null
-  // Forward outputs.
-  float *acc;         // (Bt, Dm, L) fp32 merge buffer; == out when out is fp32
-  void *out;          // (Bt, Dm, L)
+  // Forward outputs, (Bt, Dm, L) in the original layout.
+  float *acc;         // fp32 merge buffer; == out when out is fp32
+  void *out;
   OutType out_type;
   float *states;      // (Bt, Dm, 4, nsp - 1, N): state at the start of spans 1.. ; null: not saved
-  // Backward (all fp32, zero-initialised where accumulated).
+  // Backward, original layout, fp32.
   const float *dy;    // (Bt, Dm, L) contiguous
   float *du;          // (Bt, Dm, L)
-  float *ddl;         // ddelta (Bt, 4, Dm, L) or ddt (Bt, 4, R, L)
-  float *dB, *dC;     // (Bt, 4, N, L)
-  float *dA;          // (4, Dm, N)
-  float *dD, *dbias;  // (4, Dm) or null
-  float *dW;          // (4, Dm, R) or null
+  float *dA;          // (4, Dm, N), zero-initialised
+  float *dD, *dbias;  // (4, Dm) or null, zero-initialised
+  float *dW;          // (4, Dm, R) or null, zero-initialised
 };
 
 // Chunk length per lane for a state bucket: CH * NMAX = 64 registers of per-step state per lane.

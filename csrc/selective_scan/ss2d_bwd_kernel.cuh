@@ -10,7 +10,8 @@
 // the four walks, deterministic); dA, dD, dbias, dW are reduced over the group then added with
 // atomics (Bt-fold); dB, dC and ddt (low rank) are sums over channels: the block's groups (same b,
 // consecutive channels) add them in shared memory, then one global atomic per element and block.
-// Float atomics make the backward non-deterministic in the last bits.
+// Float atomics make the backward non-deterministic in the last bits. Column walks read and write
+// the transposed side (SS2DSide), so every access of a walk runs in memory order.
 #pragma once
 #include "common/static_switch.h"
 #include "ss2d_common.cuh"
@@ -36,12 +37,12 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
   for (int idx = threadIdx.x; idx < (2 * N + R) * span; idx += kBwdThreads) smem[idx] = 0.f;
   __syncthreads();
 
-  const T *u = static_cast<const T *>(p.u) + b * p.u_b + d * p.u_d;
   const float *dy = p.dy + bd * L;
   float *du_out = p.du + bd * L;
 
   for (int k = 0; k < 4; ++k) {
-    const int kd = k * p.Dm + d;
+    const SS2DSide &sd = p.side[k & 1];
+    const int kd = k * p.Dm + d, kk = k >> 1;
     float Ak[NMAX], A2[NMAX], dAacc[NMAX], ecarry[NMAX];
 #pragma unroll
     for (int n = 0; n < NMAX; ++n) {
@@ -51,25 +52,26 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
     }
     const float Dk = p.D ? p.D[kd] : 0.f, bk = p.bias ? p.bias[kd] : 0.f;
     float dDacc = 0.f, dbacc = 0.f;
-    const T *dl = static_cast<const T *>(p.dl) + b * p.dl_b + k * p.dl_k + (R > 0 ? 0 : d * p.dl_c);
-    const T *Bp = static_cast<const T *>(p.B) + b * p.B_b + k * p.B_k;
-    const T *Cp = static_cast<const T *>(p.C) + b * p.C_b + k * p.C_k;
+    const T *u = static_cast<const T *>(sd.u) + b * sd.u_b + d * sd.u_d;
+    const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b + kk * sd.dl_k + (R > 0 ? 0 : d * sd.dl_c);
+    const T *Bp = static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k;
+    const T *Cp = static_cast<const T *>(sd.C) + b * sd.C_b + kk * sd.C_k;
     const float *Wk = p.Wdt ? p.Wdt + int64_t(kd) * R : nullptr;
 
     for (int s = p.nsp - 1; s >= 0; --s) {
-      int pos[CH];
+      int pos[CH];  // index into the side's plane; -1 past the end (identity step)
       float uu[CH], z[CH], dlt[CH], du[CH], g[CH];
 #pragma unroll
       for (int i = 0; i < CH; ++i) {
         const int t = s * span + j * CH + i;
-        pos[i] = (active && t < L) ? walk_pos(k, t, p.H, p.W, L) : -1;
+        pos[i] = (active && t < L) ? walk_index(k, t, L) : -1;
         uu[i] = z[i] = dlt[i] = du[i] = g[i] = 0.f;
         if (pos[i] >= 0) {
           uu[i] = to_f(u[pos[i]]);
-          z[i] = load_z(p, dl, Wk, pos[i], bk);
+          z[i] = load_z(sd, R, dl, Wk, pos[i], bk);
           dlt[i] = p.softplus ? softplus(z[i]) : z[i];
           du[i] = dlt[i] * uu[i];
-          g[i] = dy[pos[i]];
+          g[i] = dy[orig_pos(k, pos[i], p.H, p.W)];
         }
       }
       // 1. Decays and chunk scans from zero; 2. states entering each chunk.
@@ -82,7 +84,7 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
 #pragma unroll
         for (int i = 0; i < CH; ++i) {
           dA[i][n] = exp2f(dlt[i] * A2[n]);
-          const float bu = (n < N && pos[i] >= 0) ? du[i] * to_f(Bp[n * p.B_n + pos[i]]) : 0.f;
+          const float bu = (n < N && pos[i] >= 0) ? du[i] * to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
           h[n] = fmaf(dA[i][n], h[n], bu);
           P[n] *= dA[i][n];
         }
@@ -97,13 +99,13 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
 #pragma unroll
         for (int i = 0; i < CH; ++i) {
           hs[i][n] = h[n];
-          const float bu = (n < N && pos[i] >= 0) ? du[i] * to_f(Bp[n * p.B_n + pos[i]]) : 0.f;
+          const float bu = (n < N && pos[i] >= 0) ? du[i] * to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
           h[n] = fmaf(dA[i][n], h[n], bu);
           P[n] *= dA[i][n];
         }
 #pragma unroll
         for (int i = CH - 1; i >= 0; --i) {
-          const float c = (n < N && pos[i] >= 0) ? to_f(Cp[n * p.C_n + pos[i]]) : 0.f;
+          const float c = (n < N && pos[i] >= 0) ? to_f(Cp[n * sd.C_n + pos[i]]) : 0.f;
           e[n] = dA[i][n] * fmaf(c, g[i], e[n]);
         }
       }
@@ -116,9 +118,9 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
 #pragma unroll
         for (int n = 0; n < NMAX; ++n) {
           const bool on = n < N && pos[i] >= 0;
-          const float c = on ? to_f(Cp[n * p.C_n + pos[i]]) : 0.f;
-          const float bv = on ? to_f(Bp[n * p.B_n + pos[i]]) : 0.f;
-          const float hi = i == CH - 1 ? h[n] : hs[i + 1][n];
+          const float c = on ? to_f(Cp[n * sd.C_n + pos[i]]) : 0.f;
+          const float bv = on ? to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
+          const float hi = i == CH - 1 ? h[n] : hs[i + 1 < CH ? i + 1 : i][n];  // state after step i
           const float dh = fmaf(c, g[i], e[n]);
           if (on) {
             atomicAdd(&redC[n * span + i * LP + j], g[i] * hi);
@@ -136,8 +138,9 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
           dDacc = fmaf(g[i], uu[i], dDacc);
           dz[i] = p.softplus ? ddl * softplus_grad(z[i]) : ddl;
           dbacc += dz[i];
-          du_out[pos[i]] = k == 0 ? dui : du_out[pos[i]] + dui;
-          if (R == 0) p.ddl[((int64_t(b) * 4 + k) * p.Dm + d) * L + pos[i]] = dz[i];
+          const int po = orig_pos(k, pos[i], p.H, p.W);
+          du_out[po] = k == 0 ? dui : du_out[po] + dui;
+          if (R == 0) sd.ddl[b * sd.ddl_b + kk * sd.ddl_k + int64_t(d) * L + pos[i]] = dz[i];
         }
       }
       // Low rank: ddt[r] += W[r] dz (channel sum, via shared memory); dW[r] += dz dt[r].
@@ -147,7 +150,7 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
         for (int i = 0; i < CH; ++i) {
           if (pos[i] < 0) continue;
           atomicAdd(&redW[r * span + i * LP + j], Wk[r] * dz[i]);
-          w = fmaf(dz[i], to_f(dl[r * p.dl_c + pos[i]]), w);
+          w = fmaf(dz[i], to_f(dl[r * sd.dl_c + pos[i]]), w);
         }
         w = group_sum(w, LP);
         if (j == 0 && active) atomicAdd(&p.dW[int64_t(kd) * R + r], w);
@@ -159,11 +162,10 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
         const int t = s * span + (q % LP) * CH + q / LP;
         const float v = smem[idx];
         if (t < L && v != 0.f) {
-          const int ps = walk_pos(k, t, p.H, p.W, L);
-          float *dst = row < N ? p.dB + ((int64_t(b) * 4 + k) * N + row) * L
-                     : row < 2 * N ? p.dC + ((int64_t(b) * 4 + k) * N + row - N) * L
-                     : p.ddl + ((int64_t(b) * 4 + k) * R + row - 2 * N) * L;
-          atomicAdd(dst + ps, v);
+          float *dst = row < N ? sd.dB + b * sd.g_b + kk * sd.g_k + int64_t(row) * L
+                     : row < 2 * N ? sd.dC + b * sd.g_b + kk * sd.g_k + int64_t(row - N) * L
+                     : sd.ddl + b * sd.ddl_b + kk * sd.ddl_k + int64_t(row - 2 * N) * L;
+          atomicAdd(dst + walk_index(k, t, L), v);
         }
         smem[idx] = 0.f;
       }

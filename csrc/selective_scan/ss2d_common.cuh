@@ -25,26 +25,27 @@ __device__ __forceinline__ void store_out(void *out, int64_t i, float v, OutType
 __device__ __forceinline__ float softplus(float z) { return z > 20.f ? z : log1pf(expf(z)); }
 __device__ __forceinline__ float softplus_grad(float z) { return z > 20.f ? 1.f : 1.f / (1.f + expf(-z)); }
 
-// Position p = h*W + w visited at step t of walk k (SPEC.md section 1): k = 0 row-major,
-// 1 column-major, 2 and 3 the same read backwards.
-__device__ __forceinline__ int walk_pos(int k, int t, int H, int W, int L) {
-  int tt = (k >= 2) ? L - 1 - t : t;
+// Step t of walk k (SPEC.md section 1: k = 0 row-major, 1 column-major, 2 and 3 the same read
+// backwards) as the index into the walk's own side (row walks: the plane; column walks: the
+// transposed plane), and the position p = h*W + w of that index in the original plane.
+__device__ __forceinline__ int walk_index(int k, int t, int L) { return k >= 2 ? L - 1 - t : t; }
+__device__ __forceinline__ int orig_pos(int k, int tt, int H, int W) {
   if (k & 1) {
-    int w = tt / H;
+    const int w = tt / H;
     return (tt - w * H) * W + w;
   }
   return tt;
 }
 
-// The step sizes of one position: delta given, or formed from the low-rank dt in fp32.
-// Returns z = delta + bias (before softplus).
+// z = delta + bias (before softplus) at index i of the side: delta given, or formed from the
+// low-rank dt in fp32.
 template <typename T>
-__device__ __forceinline__ float load_z(const SS2DParams &p, const T *dl, const float *Wk, int pos, float bias) {
+__device__ __forceinline__ float load_z(const SS2DSide &sd, int R, const T *dl, const float *Wk, int i, float bias) {
   float z = bias;
-  if (p.R > 0) {
-    for (int r = 0; r < p.R; ++r) z += Wk[r] * to_f(dl[r * p.dl_c + pos]);
+  if (R > 0) {
+    for (int r = 0; r < R; ++r) z = fmaf(Wk[r], to_f(dl[r * sd.dl_c + i]), z);
   } else {
-    z += to_f(dl[pos]);
+    z += to_f(dl[i]);
   }
   return z;
 }

@@ -13,28 +13,32 @@
 namespace vmambax {
 
 constexpr int kFwdThreads = 128;
+// 3 blocks of 128 threads per SM caps registers at 168 (ptxas, N=16: ~100 B spilled; at 128 the
+// decays spill, 480 B): 12 warps/SM to hide latency (255 registers, 8 warps/SM: enc1 27 ms, H100).
+constexpr int kFwdMinBlocks = 3;
 
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kFwdThreads) ss2d_fwd_kernel(const SS2DParams p) {
+__global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) ss2d_fwd_kernel(const SS2DParams p) {
   constexpr int CH = ss2d_chunk(NMAX);
-  const int LP = p.LP, L = p.L, N = p.N, span = p.LP * CH;
+  const int LP = p.LP, L = p.L, N = p.N, R = p.R, span = p.LP * CH;
   const int j = threadIdx.x & (LP - 1);
   const int64_t bd = int64_t(blockIdx.x) * (kFwdThreads / LP) + threadIdx.x / LP;
   const bool active = bd < int64_t(p.Bt) * p.Dm;
   const int b = active ? int(bd / p.Dm) : 0, d = active ? int(bd % p.Dm) : 0;
-  const T *u = static_cast<const T *>(p.u) + b * p.u_b + d * p.u_d;
   float *acc = p.acc + (active ? bd : 0) * L;
 
   for (int k = 0; k < 4; ++k) {
-    const int kd = k * p.Dm + d;
+    const SS2DSide &sd = p.side[k & 1];
+    const int kd = k * p.Dm + d, kk = k >> 1;
+    const T *u = static_cast<const T *>(sd.u) + b * sd.u_b + d * sd.u_d;
+    const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b + kk * sd.dl_k + (R > 0 ? 0 : d * sd.dl_c);
+    const T *Bp = static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k;
+    const T *Cp = static_cast<const T *>(sd.C) + b * sd.C_b + kk * sd.C_k;
+    const float *Wk = p.Wdt ? p.Wdt + int64_t(kd) * R : nullptr;
     float A2[NMAX];  // A * log2(e): one exp2 (MUFU ex2) per step and state
 #pragma unroll
     for (int n = 0; n < NMAX; ++n) A2[n] = n < N ? p.A[kd * N + n] * kLog2e : 0.f;
     const float Dk = p.D ? p.D[kd] : 0.f, bk = p.bias ? p.bias[kd] : 0.f;
-    const T *dl = static_cast<const T *>(p.dl) + b * p.dl_b + k * p.dl_k + (p.R > 0 ? 0 : d * p.dl_c);
-    const T *Bp = static_cast<const T *>(p.B) + b * p.B_b + k * p.B_k;
-    const T *Cp = static_cast<const T *>(p.C) + b * p.C_b + k * p.C_k;
-    const float *Wk = p.Wdt ? p.Wdt + int64_t(kd) * p.R : nullptr;
     float carry[NMAX];
 #pragma unroll
     for (int n = 0; n < NMAX; ++n) carry[n] = 0.f;
@@ -46,33 +50,32 @@ __global__ void __launch_bounds__(kFwdThreads) ss2d_fwd_kernel(const SS2DParams 
         for (int n = 0; n < NMAX; ++n)
           if (n < N && (n & (LP - 1)) == j) st[n] = carry[n];
       }
-      int pos[CH];
+      int ix[CH];  // index into the side's plane; -1 past the end (identity step: decay 1, input 0)
       float uu[CH], dlt[CH], du[CH];
 #pragma unroll
       for (int i = 0; i < CH; ++i) {
         const int t = s * span + j * CH + i;
-        pos[i] = (active && t < L) ? walk_pos(k, t, p.H, p.W, L) : -1;
-        uu[i] = dlt[i] = du[i] = 0.f;  // a step outside the walk is the identity (decay 1, input 0)
-        if (pos[i] >= 0) {
-          uu[i] = to_f(u[pos[i]]);
-          const float z = load_z(p, dl, Wk, pos[i], bk);
+        ix[i] = (active && t < L) ? walk_index(k, t, L) : -1;
+        uu[i] = dlt[i] = du[i] = 0.f;
+        if (ix[i] >= 0) {
+          uu[i] = to_f(u[ix[i]]);
+          const float z = load_z(sd, R, dl, Wk, ix[i], bk);
           dlt[i] = p.softplus ? softplus(z) : z;
           du[i] = dlt[i] * uu[i];
         }
       }
-      float dA[CH][NMAX], dBu[CH][NMAX], P[NMAX], h[NMAX];
+      // Chunk scan from zero; decays kept, inputs B*delta*u reloaded (cheaper than 64 more registers).
+      float dA[CH][NMAX], P[NMAX], h[NMAX];
 #pragma unroll
       for (int n = 0; n < NMAX; ++n) {
         P[n] = 1.f;
         h[n] = 0.f;
 #pragma unroll
         for (int i = 0; i < CH; ++i) {
-          const float a = exp2f(dlt[i] * A2[n]);
-          const float bu = (n < N && pos[i] >= 0) ? du[i] * to_f(Bp[n * p.B_n + pos[i]]) : 0.f;
-          dA[i][n] = a;
-          dBu[i][n] = bu;
-          h[n] = fmaf(a, h[n], bu);
-          P[n] *= a;
+          dA[i][n] = exp2f(dlt[i] * A2[n]);
+          const float bu = (n < N && ix[i] >= 0) ? du[i] * to_f(Bp[n * sd.B_n + ix[i]]) : 0.f;
+          h[n] = fmaf(dA[i][n], h[n], bu);
+          P[n] *= dA[i][n];
         }
       }
       scan_forward<NMAX>(P, h, carry, j, LP);
@@ -81,14 +84,17 @@ __global__ void __launch_bounds__(kFwdThreads) ss2d_fwd_kernel(const SS2DParams 
         float y = 0.f;
 #pragma unroll
         for (int n = 0; n < NMAX; ++n) {
-          h[n] = fmaf(dA[i][n], h[n], dBu[i][n]);
-          if (n < N && pos[i] >= 0) y = fmaf(to_f(Cp[n * p.C_n + pos[i]]), h[n], y);
+          const bool on = n < N && ix[i] >= 0;
+          const float bu = on ? du[i] * to_f(Bp[n * sd.B_n + ix[i]]) : 0.f;
+          h[n] = fmaf(dA[i][n], h[n], bu);
+          if (on) y = fmaf(to_f(Cp[n * sd.C_n + ix[i]]), h[n], y);
         }
-        if (pos[i] >= 0) {
+        if (ix[i] >= 0) {
+          const int pos = orig_pos(k, ix[i], p.H, p.W);
           y = fmaf(Dk, uu[i], y);
-          if (k > 0) y += acc[pos[i]];
-          if (k < 3) acc[pos[i]] = y;
-          else store_out(p.out, (active ? bd : 0) * L + pos[i], y, p.out_type);
+          if (k > 0) y += acc[pos];
+          if (k < 3) acc[pos] = y;
+          else store_out(p.out, (active ? bd : 0) * L + pos, y, p.out_type);
         }
       }
     }
