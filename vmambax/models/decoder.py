@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vmambax_kernels.modules import SS2D
 
-from .layers import DropPath
+from .layers import DropPath, drop_path_schedule
 
 
 def _up2(x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class MambaDecoder(nn.Module):
                  drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm, backend: str | None = None):
         super().__init__()
         n = len(dims)
-        dpr = torch.linspace(0, drop_path_rate, depth * n).tolist()
+        dpr = drop_path_schedule(drop_path_rate, depth * n)
         self.layers_up = nn.ModuleList([PatchExpand(dims[-1], norm_layer)])
         for i in range(1, n):
             level = n - 1 - i  # the published schedule gives the shallowest stage the smallest rates

@@ -11,7 +11,7 @@ from torch.nn.init import trunc_normal_
 
 from vmambax_kernels.modules import SS2D
 
-from .layers import DropPath, Permute
+from .layers import DropPath, Permute, drop_path_schedule
 
 
 class VSSBlock(nn.Module):
@@ -74,7 +74,7 @@ class VSSEncoder(nn.Module):
             Permute(0, 2, 3, 1),                                   # (Bt, C, h, w) -> (Bt, h, w, C)
             norm_layer(dims[0]),
         )
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = drop_path_schedule(drop_path_rate, sum(depths))
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
             start = sum(depths[:i])

@@ -33,3 +33,8 @@ class DropPath(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
+
+
+def drop_path_schedule(rate: float, n: int) -> list[float]:
+    """torch.linspace(0, rate, n) as floats, computed in Python (works under a meta device context)."""
+    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]

@@ -196,7 +196,8 @@ def from_reference_checkpoint(path_or_state_dict, **model_kwargs) -> VMambaX:
     head = sd.get("decode_head.output.weight")
     if isinstance(head, torch.Tensor) and "num_classes" not in model_kwargs:
         model_kwargs["num_classes"] = head.shape[0]
-    model = VMambaX(**model_kwargs)
+    with torch.device("meta"):  # no initialisation work: every tensor comes from the checkpoint
+        model = VMambaX(**model_kwargs)
     own = model.state_dict()
     missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
     if missing or unexpected:
@@ -206,7 +207,13 @@ def from_reference_checkpoint(path_or_state_dict, **model_kwargs) -> VMambaX:
              if tuple(sd[k].shape) != tuple(v.shape)]
     if wrong:
         raise ValueError(f"state dict: {len(wrong)} tensors have the wrong shape: {_list(wrong, 8)}")
-    model.load_state_dict(sd, strict=True)
+    # copies, so the model never aliases the caller's tensors; floating tensors as float32
+    sd = {k: v.to(device="cpu", dtype=torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+          for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    for name, p in model.named_parameters():  # VMamba's marks, lost when parameters are assigned
+        if name.endswith(("A_logs", "Ds")):
+            p._no_weight_decay = True
     return model.eval()
 
 
