@@ -1,0 +1,211 @@
+"""Whole-model benchmark: vMambaX training step and inference at batch 8, 512x512 (DESIGN.md).
+
+    python benchmarks/bench_model.py                        # cuda/triton/unfused, bf16 + fp16
+    python benchmarks/bench_model.py --providers cuda --dtypes bf16 --no-split
+
+Per provider and autocast dtype: one training step (forward, backward, AdamW) and one inference
+batch, medians of CUDA-event timings after warm-up, peak memory of the step, pairs/s; then the
+split of a training step's forward+backward between encoder (both branches), CGM, DCIM and decoder,
+each part timed alone on the inputs the full model gives it. Records go to
+benchmarks/results/<gpu>.jsonl (bench "model", cases "train" / "infer" / "part_<name>").
+Providers: "cuda" and "triton" set the model's backend; "unfused_mamba" swaps SS2D's core for
+PyTorch cross-scan + mamba-ssm's selective_scan_fn + cross-merge (the published path's structure).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness  # noqa: E402
+from benchmarks.bench_ss2d import unfused_core  # noqa: E402
+from vmambax.models import VMambaX  # noqa: E402
+from vmambax.models.fusion import dcim  # noqa: E402
+from vmambax_kernels import available_backends  # noqa: E402
+from vmambax_kernels.modules import ss2d as ss2d_module  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# DESIGN.md, the published implementation on one H100 (fp16 autocast, batch 8, 512x512).
+PUBLISHED = {"train_step_ms": 643.0, "infer_ms": 216.0, "peak_gb": 37.6}
+PUBLISHED_PARTS = {"encoder": 263.0, "dcim": 189.0, "decoder": 157.0, "cgm": 13.0}
+
+
+def events_ms(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def provider_setup(model: VMambaX, provider: str):
+    """Point every fused op of ``model`` at ``provider``; restore on exit."""
+    if provider == "unfused_mamba":
+        core = unfused_core("unfused_mamba")
+        original = ss2d_module.cross_selective_scan_2d
+        ss2d_module.cross_selective_scan_2d = lambda *a, backend=None: core(*a)
+        model.set_backend(None)
+        try:
+            yield
+        finally:
+            ss2d_module.cross_selective_scan_2d = original
+    else:
+        model.set_backend(provider)
+        yield
+
+
+def parts(model: VMambaX, ct, pet):
+    """(name, fn) pairs that run each part's forward on the inputs the full model gives it."""
+    bb = model.backbone
+    with torch.no_grad():
+        x = torch.cat([ct.expand(-1, 3, -1, -1), pet.expand(-1, 3, -1, -1)])
+        feats = [f.detach() for f in bb.vssm(x)]
+        Bt = ct.shape[0]
+        pairs = [(f[:Bt], f[Bt:]) for f in feats]
+        gated = [tuple(t.detach() for t in bb.modal_fusion[i](*pairs[i])) for i in range(4)]
+        fused = [(g[0] + g[1] + dcim(bb.region_patch[i], bb.channel_attn_mamba[i], *g)).detach()
+                 for i, g in enumerate(gated)]
+    leaf = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    return [
+        ("encoder", lambda: bb.vssm(leaf(x))),
+        ("cgm", lambda: [bb.modal_fusion[i](leaf(a), leaf(b)) for i, (a, b) in enumerate(pairs)]),
+        ("dcim", lambda: [dcim(bb.region_patch[i], bb.channel_attn_mamba[i], leaf(a), leaf(b))
+                          for i, (a, b) in enumerate(gated)]),
+        ("decoder", lambda: model.decode_head([leaf(f) for f in fused])),
+    ]
+
+
+def _backward_all(out):
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    flat = [t for o in outs for t in (o if isinstance(o, (list, tuple)) else [o])]
+    torch.autograd.backward(flat, [torch.ones_like(t) for t in flat])
+
+
+def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int, split: bool) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    model = VMambaX().cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    ct = torch.rand(batch, 1, size, size, device="cuda") * 3.2 - 1.6
+    pet = torch.rand(batch, 1, size, size, device="cuda") * 3.2 - 1.6
+    target = (torch.rand(batch, 1, size, size, device="cuda") > 0.9).float()
+    env = harness.env_info()
+    recs = []
+    with provider_setup(model, provider):
+        def step():
+            with torch.autocast("cuda", dtype=dtype):
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(ct, pet).float(), target)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            return loss
+
+        def infer():
+            with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+                return model(ct, pet)
+
+        loss = step()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{provider}/{dtype_name}: non-finite training loss {loss.item()}")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_ms = events_ms(step, warmup=2, iters=iters)
+        peak_gb = torch.cuda.max_memory_allocated() / 1e9
+        model.eval()
+        infer_ms = events_ms(infer, warmup=2, iters=iters)
+        model.train()
+        recs.append(harness.record("model", "train", provider, dtype_name, batch, env, train_step_ms=train_ms,
+                                   pairs_per_s=batch / train_ms * 1e3, peak_gb=peak_gb))
+        recs.append(harness.record("model", "infer", provider, dtype_name, batch, env, infer_ms=infer_ms,
+                                   pairs_per_s=batch / infer_ms * 1e3))
+        if split:
+            for name, fn in parts(model, ct, pet):
+                def fwdbwd(fn=fn):
+                    with torch.autocast("cuda", dtype=dtype):
+                        out = fn()
+                    _backward_all(out)
+                recs.append(harness.record("model", f"part_{name}", provider, dtype_name, batch, env,
+                                           fwdbwd_ms=events_ms(fwdbwd, warmup=1, iters=max(3, iters // 2))))
+    del model, opt
+    torch.cuda.empty_cache()
+    return recs
+
+
+def providers_here(requested: list[str]) -> list[str]:
+    status = available_backends()
+    out = []
+    for p in requested:
+        if p in ("cuda", "triton"):
+            if status[p].available:
+                out.append(p)
+            else:
+                print(f"skipping provider {p}: {status[p].reason}")
+        elif p == "unfused_mamba":
+            try:
+                import mamba_ssm  # noqa: F401
+                out.append(p)
+            except ImportError as exc:
+                print(f"skipping provider unfused_mamba: mamba_ssm not importable ({exc})")
+        else:
+            raise SystemExit(f"--providers: unknown provider {p!r}")
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--providers", default="cuda,triton,unfused_mamba")
+    ap.add_argument("--dtypes", default="bf16,fp16")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--no-split", action="store_true", help="skip the per-part split")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_model.py needs a CUDA GPU")
+    gpu = torch.cuda.get_device_name()
+    recs = []
+    for provider in providers_here(args.providers.split(",")):
+        for dt in args.dtypes.split(","):
+            try:
+                recs += bench_one(provider, dt, args.batch, args.size, args.iters, not args.no_split)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:  # report and go on with the others
+                print(f"{provider}/{dt}: FAILED: {exc}")
+                torch.cuda.empty_cache()
+    print(f"\nvMambaX batch {args.batch}, {args.size}x{args.size}, on {gpu}; published (H100, fp16): "
+          f"train {PUBLISHED['train_step_ms']} ms, infer {PUBLISHED['infer_ms']} ms, {PUBLISHED['peak_gb']} GB")
+    rows = []
+    for r in recs:
+        row = dict(r)
+        peer = next((q for q in recs if q["provider"] == "unfused_mamba" and q["case"] == r["case"]
+                     and q["dtype"] == r["dtype"]), None)
+        fig = "train_step_ms" if r["case"] == "train" else "infer_ms" if r["case"] == "infer" else "fwdbwd_ms"
+        row["ms"] = r.get(fig)
+        row["vs_peer"] = harness.ratio(r.get(fig), peer.get(fig) if peer else None)
+        pub = PUBLISHED.get(fig) if r["case"] in ("train", "infer") else PUBLISHED_PARTS.get(r["case"][5:])
+        row["vs_published"] = harness.ratio(r.get(fig), pub) if r["dtype"] == "fp16" else "-"
+        rows.append(row)
+    harness.print_table(rows, [("case", "case"), ("provider", "provider"), ("dtype", "dtype"), ("ms", "ms"),
+                               ("pairs/s", "pairs_per_s"), ("peak GB", "peak_gb"), ("x peer", "vs_peer"),
+                               ("x published", "vs_published")])
+    if recs and not args.no_save:
+        print("appended to", harness.append_records(recs))
+
+
+if __name__ == "__main__":
+    main()
