@@ -30,8 +30,8 @@ class SS2D(nn.Module):
         softmax_version: accepted when False (what they pass); True changes the math and is refused.
         backend: passed to ``cross_selective_scan_2d`` (None = automatic choice).
 
-    forward(x): x (Bt, H, W, d_model) -> (Bt, H, W, d_model), dtype of x (the scan itself runs with
-    fp32 state and returns fp32; out_norm's result is cast back to the activations' dtype).
+    forward(x): x (Bt, H, W, d_model) -> (Bt, H, W, d_model). The scan keeps fp32 state and returns
+    fp32; out_norm's result is cast back to the dtype of the activations (bf16/fp16 under autocast).
     """
 
     def __init__(self, d_model: int, d_state: int = 16, ssm_ratio: float = 2.0, dt_rank="auto",
@@ -106,5 +106,6 @@ class SS2D(nn.Module):
         xs = F.silu(self.conv2d(xs) if self.d_conv > 1 else xs)
         y = cross_selective_scan_2d(xs, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
                                     self.A_logs, self.Ds, backend=self.backend)  # (Bt, Dm, H, W) fp32
-        y = self.out_norm(y.permute(0, 2, 3, 1)).to(x.dtype)      # (Bt, H, W, Dm)
+        # back to the activations' dtype (bf16 under autocast) before the gate, as VMamba does
+        y = self.out_norm(y.permute(0, 2, 3, 1)).to(xs.dtype)     # (Bt, H, W, Dm)
         return self.dropout(self.out_proj(y * F.silu(z)))
