@@ -113,6 +113,9 @@ def test_backend_reaches_every_fused_op():
     m = small(backend="reference")
     fused = [mod for mod in m.modules() if isinstance(mod, SS2D) or hasattr(mod, "spatial_gate_rgb")]
     assert len(fused) == 4 + 2 * 4 + 4 + 3 and all(f.backend == "reference" for f in fused)
+    m.set_backend("cuda")  # no CUDA C++ CGM kernel: CGM goes automatic (Triton on GPUs)
+    assert {f.backend for f in fused} == {"cuda", None}
+    assert m.set_backend("triton", cgm_backend="reference").backbone.modal_fusion[0].backend == "reference"
     m.set_backend("cuda").eval()  # CPU tensors: the scan refuses, naming the backend and why
     with pytest.raises(RuntimeError, match="cuda"):
         with torch.no_grad():

@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 STRIDE = 32  # the encoder downsamples 32x: H and W must be multiples of it
 
 
+def _cgm_backend(backend: str | None, cgm_backend: str | None) -> str | None:
+    """CGM follows the scans' backend unless told otherwise; cgm_gate has no CUDA C++ kernel (its
+    GPU implementation is the Triton one), so "cuda" for the scans means automatic for CGM."""
+    if cgm_backend != "same":
+        return cgm_backend
+    return None if backend == "cuda" else backend
+
+
 class DualBackbone(nn.Module):
     """forward(ct, pet), (Bt, 3, H, W) each -> 4 fused features (Bt, dims[i], H / 2^(i+2), W / 2^(i+2)).
 
@@ -38,12 +46,13 @@ class DualBackbone(nn.Module):
     def __init__(self, depths=(2, 2, 9, 2), dims=(96, 192, 384, 768), d_state: int = 16,
                  drop_path_rate: float = 0.0, use_cgm: bool = True, use_dcim: bool = True,
                  cgm_reduction: int = 4, cgm_min_channel: int = 32, cgm_residual: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, cgm_backend: str | None = "same"):
         super().__init__()
         self.use_cgm, self.use_dcim = use_cgm, use_dcim
+        cgm_backend = _cgm_backend(backend, cgm_backend)
         self.vssm = VSSEncoder(3, depths, dims, d_state, drop_path_rate=drop_path_rate, backend=backend)
         self.modal_fusion = nn.ModuleList(
-            CGM(d, cgm_reduction, cgm_min_channel, cgm_residual, backend=backend) for d in dims)
+            CGM(d, cgm_reduction, cgm_min_channel, cgm_residual, backend=cgm_backend) for d in dims)
         self.channel_attn_mamba = nn.ModuleList(RegionBlock(d, d_state, backend=backend) for d in dims)
         self.region_patch = nn.ModuleList(RegionStem(d) for d in dims)
 
@@ -72,7 +81,9 @@ class VMambaX(nn.Module):
         use_cgm, use_dcim: the two fusion modules (the published command line defaults them off).
         cgm_reduction, cgm_min_channel, cgm_residual: CGM's channel MLP width max(C / r, min) and
             its residual form Y = X * (1 + gate).
-        backend: scan/CGM backend for every fused op (None = automatic); see ``set_backend``.
+        backend: backend of every scan (None = automatic, "cuda", "triton", "reference").
+        cgm_backend: backend of the CGM gates; "same" follows ``backend`` ("cuda" -> automatic:
+            cgm_gate's GPU kernel is the Triton one). See ``set_backend``.
 
     forward(ct, pet): (Bt, 1 or 3, H, W) each, H and W multiples of 32 (1 channel is repeated to 3)
     -> logits (Bt, num_classes, H, W). Training needs Bt >= 2 per device (CGM's BatchNorm).
@@ -82,21 +93,24 @@ class VMambaX(nn.Module):
                  decoder_depth: int = 4, decoder_d_state: int = 4, drop_path_rate: float = 0.0,
                  decoder_drop_path_rate: float = 0.1, use_cgm: bool = True, use_dcim: bool = True,
                  cgm_reduction: int = 4, cgm_min_channel: int = 32, cgm_residual: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, cgm_backend: str | None = "same"):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         self.num_classes = num_classes
         self.backbone = DualBackbone(depths, dims, d_state, drop_path_rate, use_cgm, use_dcim,
-                                     cgm_reduction, cgm_min_channel, cgm_residual, backend)
+                                     cgm_reduction, cgm_min_channel, cgm_residual, backend, cgm_backend)
         self.decode_head = MambaDecoder(num_classes, dims, decoder_depth, decoder_d_state,
                                         decoder_drop_path_rate, backend=backend)
 
-    def set_backend(self, backend: str | None) -> "VMambaX":
-        """Run every scan and CGM gate of the model on ``backend`` (None = automatic)."""
+    def set_backend(self, backend: str | None, cgm_backend: str | None = "same") -> "VMambaX":
+        """Run every scan on ``backend`` and every CGM gate on ``cgm_backend`` (as in __init__)."""
+        cgm_backend = _cgm_backend(backend, cgm_backend)
         for m in self.modules():
-            if isinstance(m, (SS2D, CGM)):
+            if isinstance(m, SS2D):
                 m.backend = backend
+            elif isinstance(m, CGM):
+                m.backend = cgm_backend
         return self
 
     @staticmethod

@@ -1,0 +1,56 @@
+"""vMambaX on the GPU: the published outputs through every backend, and a whole forward+backward
+of the fast backends held to the tolerance rule against the reference model in float64/float32."""
+import pytest
+import torch
+
+from vmambax.models import from_reference_checkpoint
+from vmambax_kernels import available_backends
+from vmambax_kernels.testing import assert_close_by_rule
+
+pytestmark = pytest.mark.gpu
+REL_TOL = 1e-4  # as the CPU golden test (measured there: <= 3.4e-6)
+
+
+def _backend_or_skip(backend):
+    status = available_backends()[backend]
+    if not status.available:
+        pytest.skip(f"{backend} backend not available: {status.reason}")
+
+
+@pytest.fixture(scope="module")
+def gpu_model(published_state_dict):
+    return from_reference_checkpoint(published_state_dict).cuda()
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_golden_outputs_on_gpu(gpu_model, golden, backend):
+    _backend_or_skip(backend)
+    ct, pet = (x.cuda() for x in golden["inputs_ct_pet"])
+    with torch.no_grad():
+        logits = gpu_model.set_backend(backend)(ct, pet).cpu()
+    ref = golden["logits"]
+    rel = ((logits - ref).abs().max() / ref.abs().max()).item()
+    assert rel <= REL_TOL, f"{backend}: relative error {rel:.2e} of the logits"
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_forward_backward_by_the_rule(gpu_model, backend):
+    """Batch 2, 128x128, eval mode (deterministic): logits and every parameter's gradient of the
+    fast backend against the reference backend in float64 (ref64) and float32 (ref32)."""
+    _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(7)
+    ct, pet = torch.rand(2, 1, 128, 128, generator=g) * 3.2 - 1.6, torch.rand(2, 1, 128, 128, generator=g) * 3.2 - 1.6
+    grad_out = torch.randn(2, 1, 128, 128, generator=g)
+    runs = {}
+    for name, dtype, be in (("fast", torch.float32, backend), ("ref32", torch.float32, "reference"),
+                            ("ref64", torch.float64, "reference")):
+        model = gpu_model.to(dtype).set_backend(be)
+        model.zero_grad(set_to_none=True)
+        out = model(ct.to("cuda", dtype), pet.to("cuda", dtype))
+        out.backward(grad_out.to(out))
+        runs[name] = (out.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()})
+    gpu_model.float()
+    (out, grads), (r32, g32), (r64, g64) = runs["fast"], runs["ref32"], runs["ref64"]
+    assert_close_by_rule("logits", out, r64, r32)
+    for n in g64:
+        assert_close_by_rule(f"grad {n}", grads[n], g64[n], g32[n])
