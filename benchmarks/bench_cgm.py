@@ -38,7 +38,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASES = {"cgm1": (8, 96, 128, 128), "cgm2": (8, 192, 64, 64), "cgm3": (8, 384, 32, 32), "cgm4": (8, 768, 16, 16)}
 COPY_TBPS = 3.0  # DESIGN.md: measured H100 copy bandwidth
 DEVICE = "cuda"
-SWEEP = [dict(), dict(programs_per_sm=4), dict(BLOCK_P=128, num_warps=8), dict(BLOCK_C=64, num_warps=8)]
+# Launch configurations tried by --sweep (keys of vmambax_kernels.cgm.triton._DEFAULTS, plus rows)
+SWEEP = {"fwd": [dict(), dict(num_stages=2), dict(BLOCK_C=16), dict(BLOCK_P=128, num_warps=8),
+                 dict(programs_per_sm=2), dict(rows=4, programs_per_sm=2)],
+         "bwd": [dict(), dict(BLOCK_P=64), dict(num_stages=2), dict(BLOCK_P=64, BLOCK_C=32, num_warps=8),
+                 dict(programs_per_sm=2), dict(rows=4, programs_per_sm=2)]}
 
 
 class CGM(nn.Module):
@@ -96,37 +100,62 @@ def measure_copy_tbps() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
 
 
-def kernel_times(case, dtype):
-    """(fwd_ms, bwd_ms) of the two kernels alone (host-side packing included, it is tiny)."""
+def _kernel_args(case, dtype):
     Bt, C, H, W = CASES[case]
     xs = _inputs(case, dtype)
     g = torch.Generator(device=DEVICE).manual_seed(1)
     cs = [torch.rand(Bt, C, device=DEVICE, generator=g) for _ in range(2)]
     ws = [torch.randn(1, 2 * C, 3, 3, device=DEVICE, generator=g) / math.sqrt(18 * C) for _ in range(2)]
-    dys = [torch.randn_like(x) for x in xs]
-    y_ct, y_pet, s = cgm_triton._forward(*xs, *cs, *ws, True)
+    return xs, cs, ws, _inputs(case, dtype, seed=2)
+
+
+def kernel_times(case, dtype):
+    """(fwd_ms, bwd_ms) of the two kernels alone (host-side packing included, it is tiny)."""
+    xs, cs, ws, dys = _kernel_args(case, dtype)
+    s = cgm_triton._forward(*xs, *cs, *ws, True)[2]
     fwd = harness.time_ms(lambda: cgm_triton._forward(*xs, *cs, *ws, True))
     bwd = harness.time_ms(lambda: cgm_triton._backward(*dys, *xs, *cs, *ws, s, True))
     return fwd, bwd
 
 
-def sweep(dtype) -> dict:
-    best, best_ms = {}, float("inf")
-    print(f"== launch-configuration sweep at cgm1, {dtype} (kernel fwd / bwd ms)")
-    for cfg in SWEEP:
-        cgm_triton.CONFIG_OVERRIDE.clear()
-        cgm_triton.CONFIG_OVERRIDE.update(cfg)
-        try:
-            fwd, bwd = kernel_times("cgm1", DTYPES[dtype])
-        except Exception as exc:  # a configuration that does not compile is reported, not fatal
-            print(f"   {cfg}: failed: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        print(f"   {cfg or 'default'}: {fwd:.4f} / {bwd:.4f}")
-        if fwd + bwd < best_ms:
-            best, best_ms = dict(cfg), fwd + bwd
+def _rel(out, ref):
+    return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(out, ref))
+
+
+def sweep(dtype_name) -> dict:
+    """Time each kernel under SWEEP's configurations at cgm1; keep the fastest one per kernel whose
+    results match the reference (relative L2 error < 1e-2: a race or a bad index shows far above)."""
+    dtype = DTYPES[dtype_name]
+    xs, cs, ws, dys = _kernel_args("cgm1", dtype)
+    leaves = [t.detach().float().requires_grad_() for t in (*xs, *cs, *ws)]
+    ref_y = vk.cgm_gate(*leaves, backend="reference")
+    torch.autograd.backward(ref_y, [d.float() for d in dys])
+    ref_g = [t.grad for t in leaves]
+    best = {}
+    for kind in ("fwd", "bwd"):
+        print(f"== {kind} kernel, cgm1 {dtype_name}: ms for each launch configuration")
+        best_ms = float("inf")
+        for cfg in SWEEP[kind]:
+            cgm_triton.CONFIG_OVERRIDE.clear()
+            cgm_triton.CONFIG_OVERRIDE.update({**best, kind: cfg})
+            try:
+                y_ct, y_pet, s = cgm_triton._forward(*xs, *cs, *ws, True)
+                if kind == "fwd":
+                    err = _rel((y_ct, y_pet), ref_y)
+                    ms = harness.time_ms(lambda: cgm_triton._forward(*xs, *cs, *ws, True))
+                else:
+                    err = _rel(cgm_triton._backward(*dys, *xs, *cs, *ws, s, True), ref_g)
+                    ms = harness.time_ms(lambda: cgm_triton._backward(*dys, *xs, *cs, *ws, s, True))
+            except Exception as exc:  # a configuration that does not compile is reported, not fatal
+                print(f"   {cfg or 'default'}: failed: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            ok = err < 1e-2
+            print(f"   {cfg or 'default'}: {ms:.4f} ms, rel. error {err:.2e}{'' if ok else ' REJECTED'}")
+            if ok and ms < best_ms:
+                best[kind], best_ms = dict(cfg), ms
     cgm_triton.CONFIG_OVERRIDE.clear()
     cgm_triton.CONFIG_OVERRIDE.update(best)
-    print(f"== using {best or 'default'}")
+    print(f"== using {best}")
     return best
 
 

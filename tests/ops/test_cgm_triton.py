@@ -92,7 +92,7 @@ def test_matches_reference_tiny(shape, dtype, residual):
 
 # Bands of 2 rows and 16-pixel chunks: halo rows, several chunks per band, the ring buffer wraps,
 # and each program walks several tiles.
-@pytest.mark.parametrize("config", [dict(rows=2, BLOCK_P=16)], indirect=True)
+@pytest.mark.parametrize("config", [{k: dict(rows=2, BLOCK_P=16) for k in ("fwd", "bwd")}], indirect=True)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_bands_chunks_and_ring(config, dtype):
     check(cgm_inputs(3, 6, 11, 13, DTYPES[dtype], device="cpu", seed=3), DTYPES[dtype], True)

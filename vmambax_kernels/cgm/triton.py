@@ -63,7 +63,8 @@ def availability() -> str | None:
 # ----------------------------------------------------------------------------------------------
 # Kernels (plain functions here; _kernels() turns them into Triton functions on first use)
 # ----------------------------------------------------------------------------------------------
-tl = None  # triton.language, bound by _kernels(): importing Triton is left to the first launch
+# triton.language and its constexpr, bound by _kernels(): importing Triton waits for the first launch
+tl = constexpr = None
 
 
 def _tf32_trunc(x):
@@ -85,16 +86,19 @@ def _split(a, EXACT: constexpr):
     return a0, a1, a2
 
 
-def _mm(a0, a1, a2, b0, b1, b2, acc, A_EXACT: constexpr):
+def _mm(a0, a1, a2, b0, b1, b2, acc, A_EXACT: constexpr, HALF: constexpr):
     """acc + (a0 + a1 + a2) @ (b0 + b1 + b2) in fp32 accuracy on tf32 tensor cores: products of
-    tf32-exact parts are exact in fp32; the cross terms left out are below 2**-33 relative."""
+    tf32-exact parts are exact in fp32; the cross terms left out are below 2**-33 relative.
+    HALF keeps the terms above 2**-21 only, for results stored in 16 bits."""
     acc = tl.dot(a0, b0, acc, input_precision="tf32")
     acc = tl.dot(a0, b1, acc, input_precision="tf32")
-    acc = tl.dot(a0, b2, acc, input_precision="tf32")
+    if not HALF:
+        acc = tl.dot(a0, b2, acc, input_precision="tf32")
     if not A_EXACT:
         acc = tl.dot(a1, b0, acc, input_precision="tf32")
-        acc = tl.dot(a2, b0, acc, input_precision="tf32")
-        acc = tl.dot(a1, b1, acc, input_precision="tf32")
+        if not HALF:
+            acc = tl.dot(a2, b0, acc, input_precision="tf32")
+            acc = tl.dot(a1, b1, acc, input_precision="tf32")
     return acc
 
 
@@ -114,8 +118,10 @@ def _w_tiles(wk_ptr, row0, C, ch, mc, TRANS: constexpr):
 
 def _tile(ptr, b, sb, sc, sp, pix, mp, ch, mc):
     """(BLOCK_P, BLOCK_C) fp32 tile of a (Bt, C, H*W)-indexed tensor; zero where masked."""
-    offs = b.to(tl.int64) * sb + ch[None, :].to(tl.int64) * sc + pix[:, None].to(tl.int64) * sp
-    return tl.load(ptr + offs, mask=mp[:, None] & mc[None, :], other=0.0).to(tl.float32)
+    # 64-bit only for the plane's start: int64 offsets per element cost 2 registers each
+    base = ptr + b.to(tl.int64) * sb
+    return tl.load(base + (ch[None, :] * sc + pix[:, None] * sp), mask=mp[:, None] & mc[None, :],
+                   other=0.0).to(tl.float32)
 
 
 def _store_tile(ptr, val, b, sb, sc, sp, pix, mp, ch, mc, INTERP: constexpr):
@@ -125,8 +131,9 @@ def _store_tile(ptr, val, b, sb, sc, sp, pix, mp, ch, mc, INTERP: constexpr):
             bits = val.to(tl.int32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             val = bits.to(tl.float32, bitcast=True)
-    offs = b.to(tl.int64) * sb + ch[None, :].to(tl.int64) * sc + pix[:, None].to(tl.int64) * sp
-    tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mp[:, None] & mc[None, :])
+    base = ptr + b.to(tl.int64) * sb
+    tl.store(base + (ch[None, :] * sc + pix[:, None] * sp), val.to(ptr.dtype.element_ty),
+             mask=mp[:, None] & mc[None, :])
 
 
 def _neighbours(pix, mp, H, W, SIGN: constexpr):
@@ -157,6 +164,8 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
                     sya_b, sya_c, sya_p, syb_b, syb_c, syb_p,
                     RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr,
                     BLOCK_P: constexpr, BLOCK_C: constexpr):
+    # The two modalities are walked one after the other (static MOD loops) rather than side by
+    # side: half the tiles live at once (ptxas, sm_90: 255 registers with spills side by side).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     HW = H * W
@@ -164,6 +173,7 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
     t = tl.arange(0, 32)
     for tile in range(pid, n_tiles, nprog):
         b, o_lo, o_hi, x_lo, x_hi = _band(tile, n_bands, TH, H, W)
+        s_row = s_ptr + b.to(tl.int64) * 2 * HW
         done = x_lo
         tl.debug_barrier()  # the previous tile's phase 2 has read the ring
         for p0 in range(o_lo, o_hi, BLOCK_P):
@@ -172,17 +182,17 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
                 pe = done + tl.arange(0, BLOCK_P)
                 me = pe < x_hi
                 acc = tl.zeros((BLOCK_P, 32), dtype=tl.float32)
-                for c0 in range(0, C, BLOCK_C):
-                    ch = c0 + tl.arange(0, BLOCK_C)
-                    mc = ch < C
-                    wa0, wa1, wa2 = _w_tiles(wk_ptr, 0, C, ch, mc, False)
-                    wb0, wb1, wb2 = _w_tiles(wk_ptr, C, C, ch, mc, False)
-                    xa = _tile(xa_ptr, b, sxa_b, sxa_c, sxa_p, pe, me, ch, mc)
-                    xb = _tile(xb_ptr, b, sxb_b, sxb_c, sxb_p, pe, me, ch, mc)
-                    xa0, xa1, xa2 = _split(xa, X_EXACT)
-                    acc = _mm(xa0, xa1, xa2, wa0, wa1, wa2, acc, X_EXACT)
-                    xb0, xb1, xb2 = _split(xb, X_EXACT)
-                    acc = _mm(xb0, xb1, xb2, wb0, wb1, wb2, acc, X_EXACT)
+                for MOD in tl.static_range(2):
+                    if MOD == 0:
+                        x_ptr, sb, sc, sp = xa_ptr, sxa_b, sxa_c, sxa_p
+                    else:
+                        x_ptr, sb, sc, sp = xb_ptr, sxb_b, sxb_c, sxb_p
+                    for c0 in range(0, C, BLOCK_C):
+                        ch = c0 + tl.arange(0, BLOCK_C)
+                        mc = ch < C
+                        w0, w1, w2 = _w_tiles(wk_ptr, MOD * C, C, ch, mc, False)
+                        x0, x1, x2 = _split(_tile(x_ptr, b, sb, sc, sp, pe, me, ch, mc), X_EXACT)
+                        acc = _mm(x0, x1, x2, w0, w1, w2, acc, X_EXACT, False)
                 tl.store(ring + t[None, :] * RING + (pe & (RING - 1))[:, None], acc,
                          mask=me[:, None] & (t[None, :] < 18))
                 done += BLOCK_P
@@ -192,23 +202,23 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
             mp = pix < o_hi
             nb, ok, m = _neighbours(pix, mp, H, W, 1)
             q = tl.load(ring + t[None, :] * RING + (nb & (RING - 1)), mask=ok, other=0.0)
-            sa = tl.sigmoid(tl.sum(tl.where(m[None, :] == 0, q, 0.0), axis=1))
-            sb = tl.sigmoid(tl.sum(tl.where(m[None, :] == 1, q, 0.0), axis=1))
-            s_row = s_ptr + b.to(tl.int64) * 2 * HW
-            tl.store(s_row + pix, sa, mask=mp)
-            tl.store(s_row + HW + pix, sb, mask=mp)
-            for c0 in range(0, C, BLOCK_C):
-                ch = c0 + tl.arange(0, BLOCK_C)
-                mc = ch < C
-                ga = tl.load(ca_ptr + b * C + ch, mask=mc, other=0.0)[None, :] * sa[:, None]
-                gb = tl.load(cb_ptr + b * C + ch, mask=mc, other=0.0)[None, :] * sb[:, None]
-                if RESIDUAL:
-                    ga += 1.0
-                    gb += 1.0
-                xa = _tile(xa_ptr, b, sxa_b, sxa_c, sxa_p, pix, mp, ch, mc)
-                _store_tile(ya_ptr, xa * ga, b, sya_b, sya_c, sya_p, pix, mp, ch, mc, INTERP)
-                xb = _tile(xb_ptr, b, sxb_b, sxb_c, sxb_p, pix, mp, ch, mc)
-                _store_tile(yb_ptr, xb * gb, b, syb_b, syb_c, syb_p, pix, mp, ch, mc, INTERP)
+            for MOD in tl.static_range(2):
+                if MOD == 0:
+                    x_ptr, sb, sc, sp, c_ptr = xa_ptr, sxa_b, sxa_c, sxa_p, ca_ptr
+                    y_ptr, tb, tc, tp = ya_ptr, sya_b, sya_c, sya_p
+                else:
+                    x_ptr, sb, sc, sp, c_ptr = xb_ptr, sxb_b, sxb_c, sxb_p, cb_ptr
+                    y_ptr, tb, tc, tp = yb_ptr, syb_b, syb_c, syb_p
+                s_m = tl.sigmoid(tl.sum(tl.where(m[None, :] == MOD, q, 0.0), axis=1))
+                tl.store(s_row + MOD * HW + pix, s_m, mask=mp)
+                for c0 in range(0, C, BLOCK_C):
+                    ch = c0 + tl.arange(0, BLOCK_C)
+                    mc = ch < C
+                    gate = tl.load(c_ptr + b * C + ch, mask=mc, other=0.0)[None, :] * s_m[:, None]
+                    if RESIDUAL:
+                        gate += 1.0
+                    x = _tile(x_ptr, b, sb, sc, sp, pix, mp, ch, mc)
+                    _store_tile(y_ptr, x * gate, b, tb, tc, tp, pix, mp, ch, mc, INTERP)
             tl.debug_barrier()  # phase 1 of the next chunk may overwrite what was read
 
 
@@ -237,68 +247,66 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wk_pt
             while done < need:  # phase 1: dz on the next chunk of the band + halo
                 pe = done + tl.arange(0, BLOCK_P)
                 me = pe < x_hi
-                dsa = tl.zeros((BLOCK_P,), dtype=tl.float32)
-                dsb = tl.zeros((BLOCK_P,), dtype=tl.float32)
-                for c0 in range(0, C, BLOCK_C):
-                    ch = c0 + tl.arange(0, BLOCK_C)
-                    mc = ch < C
-                    ca = tl.load(ca_ptr + b * C + ch, mask=mc, other=0.0)
-                    cb = tl.load(cb_ptr + b * C + ch, mask=mc, other=0.0)
-                    xa = _tile(xa_ptr, b, sxa_b, sxa_c, sxa_p, pe, me, ch, mc)
-                    gya = _tile(ga_ptr, b, sga_b, sga_c, sga_p, pe, me, ch, mc)
-                    dsa += tl.sum(gya * xa * ca[None, :], axis=1)
-                    xb = _tile(xb_ptr, b, sxb_b, sxb_c, sxb_p, pe, me, ch, mc)
-                    gyb = _tile(gb_ptr, b, sgb_b, sgb_c, sgb_p, pe, me, ch, mc)
-                    dsb += tl.sum(gyb * xb * cb[None, :], axis=1)
-                sa = tl.load(s_row + pe, mask=me, other=0.0)
-                sb = tl.load(s_row + HW + pe, mask=me, other=0.0)
-                tl.store(ring + (pe & (RING - 1)), dsa * sa * (1.0 - sa), mask=me)
-                tl.store(ring + RING + (pe & (RING - 1)), dsb * sb * (1.0 - sb), mask=me)
+                for MOD in tl.static_range(2):
+                    if MOD == 0:
+                        x_ptr, sb, sc, sp, c_ptr = xa_ptr, sxa_b, sxa_c, sxa_p, ca_ptr
+                        g_ptr, gb_, gc, gp = ga_ptr, sga_b, sga_c, sga_p
+                    else:
+                        x_ptr, sb, sc, sp, c_ptr = xb_ptr, sxb_b, sxb_c, sxb_p, cb_ptr
+                        g_ptr, gb_, gc, gp = gb_ptr, sgb_b, sgb_c, sgb_p
+                    ds = tl.zeros((BLOCK_P,), dtype=tl.float32)
+                    for c0 in range(0, C, BLOCK_C):
+                        ch = c0 + tl.arange(0, BLOCK_C)
+                        mc = ch < C
+                        cc = tl.load(c_ptr + b * C + ch, mask=mc, other=0.0)
+                        x = _tile(x_ptr, b, sb, sc, sp, pe, me, ch, mc)
+                        gy = _tile(g_ptr, b, gb_, gc, gp, pe, me, ch, mc)
+                        ds += tl.sum(gy * x * cc[None, :], axis=1)
+                    s_m = tl.load(s_row + MOD * HW + pe, mask=me, other=0.0)
+                    tl.store(ring + MOD * RING + (pe & (RING - 1)), ds * s_m * (1.0 - s_m), mask=me)
                 done += BLOCK_P
             tl.debug_barrier()
             # phase 2: dzs[p, t] = dz_m[p - off(t)], then every channel
             pix = p0 + tl.arange(0, BLOCK_P)
             mp = pix < o_hi
             nb, ok, m = _neighbours(pix, mp, H, W, -1)
-            dzs = tl.load(ring + m[None, :] * RING + (nb & (RING - 1)), mask=ok, other=0.0)
-            dz0, dz1, dz2 = _split(dzs, False)
-            sa = tl.load(s_row + pix, mask=mp, other=0.0)
-            sb = tl.load(s_row + HW + pix, mask=mp, other=0.0)
-            for c0 in range(0, C, BLOCK_C):
-                ch = c0 + tl.arange(0, BLOCK_C)
-                mc = ch < C
-                ca = tl.load(ca_ptr + b * C + ch, mask=mc, other=0.0)
-                cb = tl.load(cb_ptr + b * C + ch, mask=mc, other=0.0)
-                xa = _tile(xa_ptr, b, sxa_b, sxa_c, sxa_p, pix, mp, ch, mc)
-                gya = _tile(ga_ptr, b, sga_b, sga_c, sga_p, pix, mp, ch, mc)
-                gate_a = ca[None, :] * sa[:, None]
-                if RESIDUAL:
-                    gate_a += 1.0
-                wa0, wa1, wa2 = _w_tiles(wk_ptr, 0, C, ch, mc, True)
-                dxa = _mm(dz0, dz1, dz2, wa0, wa1, wa2, gya * gate_a, False)
-                _store_tile(dxa_ptr, dxa, b, sda_b, sda_c, sda_p, pix, mp, ch, mc, INTERP)
-                xa0, xa1, xa2 = _split(tl.trans(xa), X_EXACT)
-                dwa = _mm(xa0, xa1, xa2, dz0, dz1, dz2, tl.zeros((BLOCK_C, 32), dtype=tl.float32), X_EXACT)
-                xb = _tile(xb_ptr, b, sxb_b, sxb_c, sxb_p, pix, mp, ch, mc)
-                gyb = _tile(gb_ptr, b, sgb_b, sgb_c, sgb_p, pix, mp, ch, mc)
-                gate_b = cb[None, :] * sb[:, None]
-                if RESIDUAL:
-                    gate_b += 1.0
-                wb0, wb1, wb2 = _w_tiles(wk_ptr, C, C, ch, mc, True)
-                dxb = _mm(dz0, dz1, dz2, wb0, wb1, wb2, gyb * gate_b, False)
-                _store_tile(dxb_ptr, dxb, b, sdb_b, sdb_c, sdb_p, pix, mp, ch, mc, INTERP)
-                xb0, xb1, xb2 = _split(tl.trans(xb), X_EXACT)
-                dwb = _mm(xb0, xb1, xb2, dz0, dz1, dz2, tl.zeros((BLOCK_C, 32), dtype=tl.float32), X_EXACT)
-                # partial sums owned by this program; the barriers order the read-modify-writes
-                wa_ptrs = dw_prog + ch[:, None] * 18 + t[None, :]
-                wb_ptrs = dw_prog + (C + ch[:, None]) * 18 + t[None, :]
-                mw = mc[:, None] & (t[None, :] < 18)
-                tl.store(wa_ptrs, tl.load(wa_ptrs, mask=mw, other=0.0) + dwa, mask=mw)
-                tl.store(wb_ptrs, tl.load(wb_ptrs, mask=mw, other=0.0) + dwb, mask=mw)
-                dca = tl.sum(gya * xa * sa[:, None], axis=0)
-                dcb = tl.sum(gyb * xb * sb[:, None], axis=0)
-                tl.store(dc_tile + ch, tl.load(dc_tile + ch, mask=mc, other=0.0) + dca, mask=mc)
-                tl.store(dc_tile + C + ch, tl.load(dc_tile + C + ch, mask=mc, other=0.0) + dcb, mask=mc)
+            dz_ptrs = ring + m[None, :] * RING + (nb & (RING - 1))
+            # partial sums start with the program's first chunk (no zero-filled buffers to write)
+            add_w = (tile != pid) | (p0 != o_lo)
+            add_c = p0 != o_lo
+            for MOD in tl.static_range(2):
+                if MOD == 0:
+                    x_ptr, sb, sc, sp, c_ptr = xa_ptr, sxa_b, sxa_c, sxa_p, ca_ptr
+                    g_ptr, gb_, gc, gp = ga_ptr, sga_b, sga_c, sga_p
+                    d_ptr, db, dcs, dp = dxa_ptr, sda_b, sda_c, sda_p
+                else:
+                    x_ptr, sb, sc, sp, c_ptr = xb_ptr, sxb_b, sxb_c, sxb_p, cb_ptr
+                    g_ptr, gb_, gc, gp = gb_ptr, sgb_b, sgb_c, sgb_p
+                    d_ptr, db, dcs, dp = dxb_ptr, sdb_b, sdb_c, sdb_p
+                s_m = tl.load(s_row + MOD * HW + pix, mask=mp, other=0.0)
+                for c0 in range(0, C, BLOCK_C):
+                    ch = c0 + tl.arange(0, BLOCK_C)
+                    mc = ch < C
+                    # dz is reloaded (L1) and split per channel block: kept live across the
+                    # loop, its parts cost ~50 registers (ptxas, sm_90)
+                    dz0, dz1, dz2 = _split(tl.load(dz_ptrs, mask=ok, other=0.0), False)
+                    x = _tile(x_ptr, b, sb, sc, sp, pix, mp, ch, mc)
+                    gy = _tile(g_ptr, b, gb_, gc, gp, pix, mp, ch, mc)
+                    gate = tl.load(c_ptr + b * C + ch, mask=mc, other=0.0)[None, :] * s_m[:, None]
+                    if RESIDUAL:
+                        gate += 1.0
+                    w0, w1, w2 = _w_tiles(wk_ptr, MOD * C, C, ch, mc, True)
+                    dx = _mm(dz0, dz1, dz2, w0, w1, w2, gy * gate, False, X_EXACT)
+                    _store_tile(d_ptr, dx, b, db, dcs, dp, pix, mp, ch, mc, INTERP)
+                    x0, x1, x2 = _split(tl.trans(x), X_EXACT)
+                    dw = _mm(x0, x1, x2, dz0, dz1, dz2, tl.zeros((BLOCK_C, 32), dtype=tl.float32), X_EXACT, False)
+                    # partial sums owned by this program; the barriers order the read-modify-writes
+                    w_ptrs = dw_prog + (MOD * C + ch[:, None]) * 18 + t[None, :]
+                    mw = mc[:, None] & (t[None, :] < 18)
+                    tl.store(w_ptrs, tl.load(w_ptrs, mask=mw & add_w, other=0.0) + dw, mask=mw)
+                    dc = tl.sum(gy * x * s_m[:, None], axis=0)
+                    c_ptrs = dc_tile + MOD * C + ch
+                    tl.store(c_ptrs, tl.load(c_ptrs, mask=mc & add_c, other=0.0) + dc, mask=mc)
             tl.debug_barrier()
 
 
@@ -312,7 +320,7 @@ def _kernels() -> dict:
         import triton
         import triton.language
         g = globals()
-        g["tl"] = triton.language
+        g["tl"], g["constexpr"] = triton.language, triton.language.constexpr
         for name in _HELPERS + _KERNELS:  # helpers first: kernels find them by global name
             g[name] = triton.jit(g[name])
             _built[name] = g[name]
@@ -344,8 +352,12 @@ def _fix_interpreter_index() -> None:
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
 
-# Overridden by benchmarks/bench_cgm.py's sweep (keys: BLOCK_P, BLOCK_C, rows, programs_per_sm,
-# num_warps). Defaults are first guesses, not yet measured on a GPU.
+# First guesses from ptxas on sm_90 (registers per thread at 4 warps, no spills): forward
+# (64 pixels, 32 channels) 107 -> 4 programs per SM; backward (32, 16) 168 -> 3 per SM, where
+# (64, 16) takes 181 and (64, 32) 255. Not yet timed on a GPU: benchmarks/bench_cgm.py --sweep
+# times alternatives through CONFIG_OVERRIDE = {"fwd": {...}, "bwd": {...}} (keys as below).
+_DEFAULTS = {"fwd": dict(BLOCK_P=64, BLOCK_C=32, num_warps=4, num_stages=1, programs_per_sm=4),
+             "bwd": dict(BLOCK_P=32, BLOCK_C=16, num_warps=4, num_stages=1, programs_per_sm=3)}
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -353,24 +365,20 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _config(Bt, C, H, W, device):
-    o = CONFIG_OVERRIDE
-    block_p = o.get("BLOCK_P", 64)
-    block_c = o.get("BLOCK_C", max(16, min(32, _pow2(C))))
+def _config(kind, Bt, C, H, W, device):
+    o = {**_DEFAULTS[kind], **CONFIG_OVERRIDE.get(kind, {})}
+    block_c = max(16, min(o["BLOCK_C"], _pow2(C)))  # tl.dot needs 16
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        slots = sms * o.get("programs_per_sm", 2)
+        slots = torch.cuda.get_device_properties(device).multi_processor_count * o["programs_per_sm"]
     else:
         slots = 3  # the interpreter runs programs one by one: few, but more than one tile each
-    # Enough bands to give every slot one, but no fewer rows than needed for ~512 pixels a band
-    # (a band re-reads its two halo rows in phase 1).
-    rows = o.get("rows") or max(1, min(-(-512 // W), (Bt * H) // slots))
-    rows = min(rows, H)
+    # About one band of rows per program; each band re-reads its two halo rows in phase 1.
+    rows = min(H, o.get("rows") or max(1, -(-(Bt * H) // slots)))
     n_bands = -(-H // rows)
     n_tiles = Bt * n_bands
-    ring = _pow2(2 * block_p + 2 * W + 2)
-    return dict(BLOCK_P=block_p, BLOCK_C=block_c, TH=rows, n_bands=n_bands, n_tiles=n_tiles,
-                nprog=min(n_tiles, slots), RING=ring, num_warps=o.get("num_warps", 4))
+    return dict(BLOCK_P=o["BLOCK_P"], BLOCK_C=block_c, TH=rows, n_bands=n_bands, n_tiles=n_tiles,
+                nprog=min(n_tiles, slots), RING=_pow2(2 * o["BLOCK_P"] + 2 * W + 2),
+                num_warps=o["num_warps"], num_stages=o["num_stages"])
 
 
 def _flat(x: torch.Tensor):
@@ -418,7 +426,7 @@ def _unpack_weight_grads(dpack, C, w_ct, w_pet):
 def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
     k = _kernels()
     Bt, C, H, W = x_ct.shape
-    cfg = _config(Bt, C, H, W, x_ct.device)
+    cfg = _config("fwd", Bt, C, H, W, x_ct.device)
     xa, *sa = _flat(x_ct)
     xb, *sb = _flat(x_pet)
     ya, yb = torch.empty_like(xa), torch.empty_like(xb)
@@ -431,14 +439,15 @@ def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
         _pack_weights(w_ct, w_pet, C), ring,
         C, H, W, cfg["n_bands"], cfg["n_tiles"], cfg["TH"], cfg["RING"], *sa, *sb, *sya, *syb,
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=_interpreting(),
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return ya, yb, s
 
 
 def _backward(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual):
     k = _kernels()
     Bt, C, H, W = x_ct.shape
-    cfg = _config(Bt, C, H, W, x_ct.device)
+    cfg = _config("bwd", Bt, C, H, W, x_ct.device)
     dev = x_ct.device
     ga, *sga = _flat(g_ct.to(x_ct.dtype))
     gb, *sgb = _flat(g_pet.to(x_pet.dtype))
@@ -448,15 +457,16 @@ def _backward(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual):
     _, *sda = _flat(dxa)
     _, *sdb = _flat(dxb)
     ring = torch.empty((cfg["nprog"], 2, cfg["RING"]), dtype=torch.float32, device=dev)
-    dc = torch.zeros((cfg["n_tiles"], 2, C), dtype=torch.float32, device=dev)
-    dw = torch.zeros((cfg["nprog"], 2 * C, 18), dtype=torch.float32, device=dev)
+    dc = torch.empty((cfg["n_tiles"], 2, C), dtype=torch.float32, device=dev)
+    dw = torch.empty((cfg["nprog"], 2 * C, 18), dtype=torch.float32, device=dev)
     k["_cgm_bwd_kernel"][(cfg["nprog"],)](
         ga, gb, xa, xb, s, c_ct.float().contiguous(), c_pet.float().contiguous(),
         _pack_weights(w_ct, w_pet, C), ring, dxa, dxb, dc, dw,
         C, H, W, cfg["n_bands"], cfg["n_tiles"], cfg["TH"], cfg["RING"],
         *sga, *sgb, *sxa, *sxb, *sda, *sdb,
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=_interpreting(),
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     dc = dc.view(Bt, cfg["n_bands"], 2, C).sum(1)
     dwc, dwp = _unpack_weight_grads(dw.sum(0), C, w_ct, w_pet)
     return dxa, dxb, dc[:, 0].to(c_ct.dtype, copy=True), dc[:, 1].to(c_pet.dtype, copy=True), dwc, dwp
