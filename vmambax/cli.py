@@ -55,11 +55,11 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="synthetic data, brief training of the full model, evaluation, figures")
     d.add_argument("--out", default="vmambax_demo", help="output folder (default: %(default)s)")
-    d.add_argument("--patients", type=_positive, default=6)
-    d.add_argument("--slices", type=_positive, default=8)
-    d.add_argument("--size", type=_positive, default=128, help="image side, a multiple of 32 (default: 128)")
-    d.add_argument("--epochs", type=_positive, default=2)
-    d.add_argument("--batch-size", type=_positive, default=4)
+    d.add_argument("--patients", type=_positive, default=None)
+    d.add_argument("--slices", type=_positive, default=None)
+    d.add_argument("--size", type=_positive, default=None, help="image side, a multiple of 32 (default: 64 on a CPU, 128 on a GPU)")
+    d.add_argument("--epochs", type=_positive, default=None)
+    d.add_argument("--batch-size", type=_positive, default=None)
     d.add_argument("--steps-per-epoch", type=_positive, default=None)
     d.add_argument("--device", default=None)
     d.add_argument("--no-progress", action="store_true")
@@ -137,12 +137,15 @@ def _cmd_demo(a):
     r = run_demo(DemoConfig(out=a.out, patients=a.patients, slices=a.slices, size=a.size, epochs=a.epochs,
                             batch_size=a.batch_size, steps_per_epoch=a.steps_per_epoch, device=a.device,
                             progress=not a.no_progress, model=_model_spec(a.model)))
-    s, best = r["summary"], r["train"]["best"]
+    s, best, c = r["summary"], r["train"]["best"], r["config"]
     print(f"vmambax demo finished in {r['seconds']:.0f} s")
     print(f"  data      {r['data']}  ({r['dataset']['patients']} synthetic patients x "
-          f"{r['dataset']['slices_per_patient']} slices, {a.size}x{a.size}, splits {r['dataset']['splits']})")
-    print(f"  training  {r['run']}  ({a.epochs} epochs; best val Dice {best['value']:.4f} at epoch {best['epoch']};"
-          " metrics.csv, training_curve.png, train.log, checkpoints)")
+          f"{r['dataset']['slices_per_patient']} slices, {c.size}x{c.size}, patients per split {r['dataset']['splits']})")
+    steps = sum(1 for _ in open(os.path.join(r["run"], "steps.csv"))) - 1
+    model = "the full VMambaX" if c.model is None else f"model {c.model['name']}"
+    print(f"  training  {r['run']}  ({model}, {c.epochs} epoch(s), {steps} steps of batch {c.batch_size}; "
+          f"best val Dice {best['value']:.4f} at epoch {best['epoch']}; metrics.csv, training_curve.png, "
+          "train.log, checkpoints)")
     print(f"  eval      {r['eval']}  (summary.json, qualitative.png)")
     _print_eval(s)
     print(r["table"])

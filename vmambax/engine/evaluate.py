@@ -7,6 +7,7 @@ their counts are reported. HD95 is in mm when the pixel spacing is known (``data
 """
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
@@ -34,7 +35,8 @@ def model_cost(model, size: tuple[int, int]) -> dict:
     out = {"params": int(sum(p.numel() for p in model.parameters())), "flops_g": None, "flops_input": list(size)}
     try:
         from vmambax.models import count_flops
-        out["flops_g"] = float(count_flops(model, tuple(size))) / 1e9
+        flops = count_flops(model, tuple(size))
+        out["flops_g"] = float(flops["total"] if isinstance(flops, dict) else flops) / 1e9
     except Exception as exc:  # counting is informative only; say why it is missing
         log.warning("FLOPs not counted: %s", exc)
     return out
@@ -75,6 +77,7 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
     dtype = amp_dtype(amp, dev)
     logit_thr = math.log(threshold / (1 - threshold))
 
+    shown: list = []  # (target pixels, -index, item, pred) of the cases the figure shows
     cases, pooled, counts = [], metrics.Confusion(), {"both_empty": 0, "pred_empty": 0, "target_empty": 0, "none": 0}
     t0 = time.perf_counter()
     for s in range(0, len(ds), batch_size):
@@ -84,6 +87,7 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
             logits = forward_padded(model, ct, pet)
         preds = (logits.float() > logit_thr).cpu().numpy()[:, 0]
         for it, p in zip(items, preds):
+            _keep_for_figure(shown, n_figure, it, p)
             t = it["mask"].numpy()[0] > 0.5
             c = metrics.confusion(p, t)
             pooled += c
@@ -114,25 +118,26 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    fig = _figure(model, ds, cases, dev, dtype, logit_thr, n_figure, os.path.join(out, "qualitative.png"))
+    fig = _figure(shown, cases, os.path.join(out, "qualitative.png")) if shown else None
     summary["figure"] = fig
     log.info("evaluated %d slices of %s in %.1fs; empty masks: %s", len(cases), split, secs, counts)
     return summary
 
 
-def _figure(model, ds, cases, dev, dtype, logit_thr, n, path):
+def _keep_for_figure(shown: list, n: int, it: dict, pred):
+    # The cases with the largest tumors show the most; ties keep split order. Only n are kept, so a
+    # split of any size costs no memory and no second forward pass.
     if n <= 0:
-        return None
+        return
+    heapq.heappush(shown, (int(it["mask"].sum()), -int(it["index"]), it, pred))
+    if len(shown) > n:
+        heapq.heappop(shown)
+
+
+def _figure(shown, cases, path):
     from vmambax.engine.figures import qualitative
-    # The cases with the largest tumors show the most; ties keep split order.
-    order = sorted(range(len(cases)), key=lambda i: -cases[i]["target_pixels"])[:n]
-    rows = []
-    for i in order:
-        it = ds[i]
-        with autocast(dev, dtype):
-            logits = forward_padded(model, it["ct"][None].to(dev), it["pet"][None].to(dev))
-        to8 = lambda x: np.round((x.numpy()[0] + 1.6) / 3.2 * 255).clip(0, 255).astype(np.uint8)  # noqa: E731
-        rows.append({"id": it["id"], "ct": to8(it["ct"]), "pet": to8(it["pet"]), "target": it["mask"].numpy()[0] > 0.5,
-                     "pred": (logits.float() > logit_thr).cpu().numpy()[0, 0], "dice": cases[i]["dice"]})
+    to8 = lambda x: np.round((x.numpy()[0] + 1.6) / 3.2 * 255).clip(0, 255).astype(np.uint8)  # noqa: E731
+    rows = [{"id": it["id"], "ct": to8(it["ct"]), "pet": to8(it["pet"]), "target": it["mask"].numpy()[0] > 0.5,
+             "pred": pred, "dice": cases[-neg]["dice"]} for _, neg, it, pred in sorted(shown, key=lambda r: (-r[0], -r[1]))]
     qualitative(rows, path)
     return path
