@@ -131,11 +131,12 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-# Tuned by ``python -m vmambax_kernels.selective_scan.triton --sweep`` (H100, see the report in the
-# git log); _CONFIG_OVERRIDE replaces entries for that sweep. Registers (ptxas, sm_90a, N=16,
-# T=16): forward BLOCK_D=16 with 8 warps takes 128 and spills nothing; the backward stays at
-# 255 with spills of 20-130 bytes from BLOCK_D=16 down to 8.
-_DEFAULTS = dict(BLOCK_D=16, BLOCK_D_BWD=8, T=16, fwd_warps=8, bwd_warps=8, planes_positions=256)
+# Tile [T, BLOCK_D, NP]: one thread per (channel, state), the chunk's T steps in its registers
+# (see _triton_kernels), so warps = BLOCK_D * NP / 32. Registers (ptxas, sm_90a, N=16, T=16,
+# bf16, low-rank): forward BLOCK_D=16 takes 123 and spills nothing; backward BLOCK_D=8 takes
+# 255 and spills 48 bytes. H100 timings of the alternatives: main() with --sweep (see git log).
+# _CONFIG_OVERRIDE replaces entries for that sweep.
+_DEFAULTS = dict(BLOCK_D=16, BLOCK_D_BWD=8, T=16, fwd_warps=0, bwd_warps=0, planes_positions=256)
 _CONFIG_OVERRIDE: dict = {}
 
 
@@ -150,6 +151,8 @@ def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
     # the same tile size whatever N: wider channel blocks for small states, narrower for large
     bd = max(8, min(_opt("BLOCK_D") * 16 // NP, 64, _pow2(Dm)))
     bdb = max(8, min(_opt("BLOCK_D_BWD") * 16 // NP, 64, _pow2(Dm)))
+    if _interpreting():   # half the programs, half the CI time; n1/col still take BLOCK_D = 8
+        bdb = bd
     n_db = -(-Dm // bd)
     # Several planes per program when planes are short (DCIM's 4x4 windows), as long as enough
     # programs remain to fill the GPU. The interpreter runs programs one after another: there,
@@ -158,7 +161,9 @@ def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
     bpp = max(1, min(Bt, _opt("planes_positions") // L))
     while bpp > 1 and n_db * 4 * -(-Bt // bpp) < min_programs:
         bpp //= 2
-    return _Config(bd, bdb, T, NP, RP, bpp, _opt("fwd_warps"), _opt("bwd_warps"))
+    fw = _opt("fwd_warps") or max(1, min(16, bd * NP // 32))
+    bw = _opt("bwd_warps") or max(1, min(16, bdb * NP // 32))
+    return _Config(bd, bdb, T, NP, RP, bpp, fw, bw)
 
 
 def _n_chunks(L: int, cfg: _Config) -> int:
