@@ -214,6 +214,8 @@ def run(args) -> list[dict]:
                     floor = exp_floor_ms(case, case.Bt)
                     records.append(harness.record("ss2d", name, prov, dname, case.Bt, env, scope=scope,
                                                   floor_ms=floor, **figs))
+                    if not args.no_record:  # as we go: a run cut short keeps what it measured
+                        harness.append_records(records[-1:])
                     print(f"  {name:12s} {scope:4s} {dname} {prov:14s} fwd {figs['fwd_ms']:8.3f} ms  "
                           f"fwdbwd {figs['fwdbwd_ms']:8.3f} ms  peak {figs['peak_mb']:8.1f} MB  floor {floor:.3f} ms")
                     torch.cuda.empty_cache()
@@ -248,9 +250,10 @@ def summarize(records, gpu):
                              f"figure / ours; fwd/floor = ours / MUFU exp floor")
 
 
-def sanitize():
-    """A cut-down forward + backward of every case (batch and channels cut) for compute-sanitizer."""
-    for name, case in SHAPES.items():
+def sanitize(cases):
+    """A cut-down forward + backward of each case (batch and channels cut) for compute-sanitizer."""
+    for name in cases:
+        case = SHAPES[name]
         small = ScanCase(name, min(case.Bt, 3 if case.H * case.W > 16 else 40), min(case.d_model, 4), case.H,
                          case.W, case.N)
         for lowrank in (False, True):
@@ -270,6 +273,19 @@ def sanitize():
         print(f"sanitize: {name} ok")
 
 
+def profile():
+    """One warm-up forward, then one forward + backward of enc1 (core, bf16), for Nsight Compute."""
+    case = SHAPES["enc1"]
+    inputs = core_inputs(case, torch.bfloat16, case.Bt)
+    fn = make_fn("core", "cuda")
+    with torch.no_grad():
+        fn(**inputs)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
+    y = fn(**leaves)
+    y.backward(torch.randn_like(y))
+    torch.cuda.synchronize()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join(SHAPES))
@@ -279,9 +295,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help=f"cases {','.join(QUICK)}, fewer repetitions")
     ap.add_argument("--no-record", action="store_true", help="print only; append nothing to benchmarks/results")
     ap.add_argument("--sanitize", action="store_true", help="cut-down fwd+bwd pass for compute-sanitizer")
+    ap.add_argument("--profile", action="store_true", help="one enc1 core fwd+bwd (bf16) for Nsight Compute")
     args = ap.parse_args(argv)
     if args.sanitize:
-        return sanitize()
+        return sanitize(args.cases.split(","))
+    if args.profile:
+        return profile()
     if not torch.cuda.is_available():
         raise SystemExit("bench_ss2d: needs a CUDA GPU")
     if args.quick and args.cases == ",".join(SHAPES):
@@ -291,7 +310,7 @@ def main(argv=None):
             raise SystemExit(f"--cases: expected names from {list(SHAPES)}, got {c!r}")
     records = run(args)
     if records and not args.no_record:
-        print(f"# appended {len(records)} records to {harness.append_records(records)}")
+        print(f"# appended {len(records)} records to {harness.results_path(records[0]['gpu'])}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@
 #   --mamba      pip install --no-deps the mamba-ssm wheel found in .wheels/ (the unfused peer)
 #   --tests      pytest arguments (default: "-m gpu tests/ops"); the evidence plugin is always loaded
 #   --sanitize   compute-sanitizer memcheck and racecheck on benchmarks/bench_ss2d.py --sanitize
+#   --profile    Nsight Compute on the enc1 forward and backward kernels (ncu.txt) and a SASS
+#                instruction census of the extension (sass.txt)
 #   --bench      a benchmark script and its arguments (default: "benchmarks/bench_ss2d.py --quick");
 #                repeat --bench to run several
+# SANITIZE_CASES=enc1,odd limits the sanitizer pass to those cases (default: the whole shape set).
 # Time limits per step (seconds): TEST_TIMEOUT (300), SANITIZE_TIMEOUT (120 per tool), BENCH_TIMEOUT (300).
 # Set VMAMBAX_COMMIT to the commit under test when the tree travels without .git.
 # Files under $OUT: log.txt (everything), build.log, tests.log, sanitizer.log, evidence-<commit>.json,
@@ -20,7 +23,7 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
 
-ARCHS=90; KEXPR=""; MAMBA=0; BUILD=1; SANITIZE=0; TESTS="-m gpu tests/ops"; BENCHES=()
+ARCHS=90; KEXPR=""; PROFILE=0; MAMBA=0; BUILD=1; SANITIZE=0; TESTS="-m gpu tests/ops"; BENCHES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --archs) ARCHS=$2; shift 2 ;;
@@ -30,6 +33,7 @@ while [ $# -gt 0 ]; do
     --k) KEXPR=$2; shift 2 ;;
     --no-tests) TESTS=""; shift ;;
     --sanitize) SANITIZE=1; shift ;;
+    --profile) PROFILE=1; shift ;;
     --bench) BENCHES+=("$2"); shift 2 ;;
     --no-bench) BENCHES=("none"); shift ;;
     *) echo "device_run.sh: unknown argument $1"; exit 2 ;;
@@ -71,10 +75,22 @@ fi
 if [ "$SANITIZE" = 1 ]; then
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer --tool $tool"
-    timeout "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/bench_ss2d.py --sanitize 2>&1 \
+    timeout "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/bench_ss2d.py --sanitize ${SANITIZE_CASES:+--cases $SANITIZE_CASES} 2>&1 \
       | tee -a "$OUT/sanitizer.log" | tail -8
     echo "== $tool rc=${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.log"
   done
+fi
+
+if [ "$PROFILE" = 1 ]; then
+  echo "== ncu (enc1 core bf16: one forward and one backward kernel)"
+  timeout "${PROFILE_TIMEOUT:-90}" ncu -k regex:ss2d_ --launch-skip 1 --launch-count 2 --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis python3 benchmarks/bench_ss2d.py --profile > "$OUT/ncu.txt" 2>&1
+  echo "== ncu rc=$? ($(wc -l < "$OUT/ncu.txt") lines)"
+  so=$(ls vmambax_kernels/_C*.so | head -1)
+  cuobjdump -sass "$so" | grep -oE "(ATOMS|ATOM|RED|MUFU|SHFL|LDL|STL|LDS|STS|LDG|STG)(\.[A-Z0-9_]+)*" \
+    | sort | uniq -c | sort -rn > "$OUT/sass.txt"
+  head -30 "$OUT/sass.txt"
 fi
 
 for b in "${BENCHES[@]}"; do

@@ -11,8 +11,6 @@ full delta nor its gradient is ever materialised.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .flops import register_scan_flops
@@ -41,10 +39,11 @@ def _layout(N: int, L: int) -> tuple[int, int, int]:
     lane, nsp spans of LP*CH steps per walk."""
     nmax = 4 if N <= 4 else (16 if N <= 16 else 64)
     ch = 64 // nmax
+    chunks = (L + ch - 1) // ch  # integer arithmetic: L may be a SymInt under torch.compile
     lp = 1
-    while lp < math.ceil(L / ch) and lp < 32:
+    while lp < chunks and lp < 32:
         lp *= 2
-    return lp, ch, math.ceil(L / (lp * ch))
+    return lp, ch, (L + lp * ch - 1) // (lp * ch)
 
 
 def _states_shape(u, N):
