@@ -39,10 +39,9 @@ CASES = {"cgm1": (8, 96, 128, 128), "cgm2": (8, 192, 64, 64), "cgm3": (8, 384, 3
 COPY_TBPS = 3.0  # DESIGN.md: measured H100 copy bandwidth
 DEVICE = "cuda"
 # Launch configurations tried by --sweep (keys of vmambax_kernels.cgm.triton._DEFAULTS, plus rows)
-SWEEP = {"fwd": [dict(), dict(num_stages=2), dict(BLOCK_C=16), dict(BLOCK_P=128, num_warps=8),
-                 dict(programs_per_sm=2), dict(rows=4, programs_per_sm=2)],
-         "bwd": [dict(), dict(BLOCK_P=64), dict(num_stages=2), dict(BLOCK_P=64, BLOCK_C=32, num_warps=8),
-                 dict(programs_per_sm=2), dict(rows=4, programs_per_sm=2)]}
+SWEEP = {"fwd": [dict(), dict(BLOCK_P=128, num_warps=8), dict(num_stages=2), dict(rows=4, programs_per_sm=2)],
+         "bwd": [dict(), dict(BLOCK_P=64), dict(BLOCK_P=64, num_warps=8), dict(num_stages=2),
+                 dict(rows=4, programs_per_sm=2)]}
 
 
 class CGM(nn.Module):

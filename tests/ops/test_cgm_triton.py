@@ -180,10 +180,19 @@ def test_bad_input_raises_with_message(case):
         vk.cgm_gate(**inputs, backend="triton")
 
 
-def test_opcheck_cpu():
-    inputs = cgm_inputs(1, 3, 3, 4, torch.float32, device="cpu", seed=11)
+def _opcheck(device, dtype, shape):
+    inputs = cgm_inputs(*shape, dtype, device=device, seed=11)
     args = tuple(v.requires_grad_() for v in inputs.values()) + (True,)
     torch.library.opcheck(torch.ops.vmambax.cgm_gate_triton_fwd.default, args)
+    with torch.no_grad():
+        s = torch.ops.vmambax.cgm_gate_triton_fwd(*args)[2]
+    grads = tuple(torch.randn_like(v) for v in args[:2])
+    bwd_args = grads + tuple(v.detach() for v in args[:6]) + (s, True)
+    torch.library.opcheck(torch.ops.vmambax.cgm_gate_triton_bwd.default, bwd_args)
+
+
+def test_opcheck_cpu():
+    _opcheck("cpu", torch.float32, (1, 3, 3, 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +236,4 @@ def test_gpu_outputs_fully_written():
 
 @pytest.mark.gpu
 def test_gpu_opcheck():
-    inputs = cgm_inputs(2, 24, 9, 13, torch.bfloat16, seed=6)
-    args = tuple(v.requires_grad_() for v in inputs.values()) + (True,)
-    torch.library.opcheck(torch.ops.vmambax.cgm_gate_triton_fwd.default, args)
+    _opcheck("cuda", torch.bfloat16, (2, 24, 9, 13))
