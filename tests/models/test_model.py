@@ -96,6 +96,7 @@ def test_training_needs_two_samples():
     (torch.zeros(1, 1, 64, 64, dtype=torch.long), torch.randn(1, 1, 64, 64), TypeError, "ct: expected a floating-point"),
     (torch.randn(64, 64), torch.randn(1, 1, 64, 64), ValueError, "ct: expected shape"),
     ("ct.png", torch.randn(1, 1, 64, 64), TypeError, "ct: expected a torch.Tensor, got str"),
+    (torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64, dtype=torch.float64), TypeError, "pet: expected dtype"),
 ])
 def test_bad_inputs(ct, pet, err, msg):
     with pytest.raises(err, match=msg):

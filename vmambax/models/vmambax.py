@@ -130,6 +130,8 @@ class VMambaX(nn.Module):
                              f"got ({pet.shape[0]}, {tuple(pet.shape[-2:])})")
         if ct.device != pet.device:
             raise ValueError(f"pet: expected device {ct.device} (the device of ct), got {pet.device}")
+        if ct.dtype != pet.dtype:
+            raise TypeError(f"pet: expected dtype {ct.dtype} (the dtype of ct), got {pet.dtype}")
 
     def forward_features(self, ct: torch.Tensor, pet: torch.Tensor) -> list[torch.Tensor]:
         self._check_inputs(ct, pet)
