@@ -98,6 +98,15 @@ def test_bands_chunks_and_ring(config, dtype):
     check(cgm_inputs(3, 6, 11, 13, DTYPES[dtype], device="cpu", seed=3), DTYPES[dtype], True)
 
 
+# The launch configurations benchmarks/bench_cgm.py --sweep may pick (block sizes, band rows).
+SWEPT = [dict(fwd=dict(BLOCK_P=128), bwd=dict(BLOCK_P=64)), dict(fwd=dict(BLOCK_C=16, rows=4), bwd=dict(rows=4))]
+
+
+@pytest.mark.parametrize("config", SWEPT, indirect=True, ids=["wide", "rows4"])
+def test_swept_configs(config):
+    check(cgm_inputs(2, 37, 9, 6, torch.bfloat16, device="cpu", seed=13), torch.bfloat16, True)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_channels_last_in_and_out(dtype):
     inputs = cgm_inputs(2, 18, 5, 6, DTYPES[dtype], device="cpu", seed=5, channels_last=True)
