@@ -59,6 +59,8 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path, mon
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
     assert [h["train_loss"] for h in full["history"]] == [h["train_loss"] for h in resumed["history"]]
+    steps = lambda run: open(tmp_path / run / "steps.csv").read()  # noqa: E731
+    assert steps("cut") == steps("full")  # the cut epoch's steps are not listed twice
 
 
 def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tiny_data, tmp_path):

@@ -117,11 +117,19 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
         "seconds": secs, "device": str(dev), "cases": cases,
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(_no_nan(summary), f, indent=2)  # undefined values (NaN) are written as null: valid JSON
     fig = _figure(shown, cases, os.path.join(out, "qualitative.png")) if shown else None
     summary["figure"] = fig
     log.info("evaluated %d slices of %s in %.1fs; empty masks: %s", len(cases), split, secs, counts)
     return summary
+
+
+def _no_nan(x):
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def _keep_for_figure(shown: list, n: int, it: dict, pred):

@@ -216,7 +216,9 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
         ckpt_io.init_weights(model, cfg.init_checkpoint)
     if cfg.backbone:
         from vmambax.models import load_vmamba_backbone
-        load_vmamba_backbone(model, cfg.backbone)
+        rep = load_vmamba_backbone(model, cfg.backbone)
+        log.info("backbone %s: %d tensors used, %d skipped, %d encoder tensors not in the file", cfg.backbone,
+                 len(rep.used), len(rep.skipped), len(rep.missing))
     model.to(device)
     d.start(device)
     if d.world > 1:
@@ -237,6 +239,8 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
         start, history, best = state["epoch"], list(state["history"]), dict(state["best"])
         torch.set_rng_state(state["rng"]["torch"])
         log.info("resumed %s at epoch %d of %d", latest, start, cfg.epochs)
+        if d.rank == 0:
+            _truncate_steps(os.path.join(cfg.out, "steps.csv"), start)
 
     rank0 = d.rank == 0
     handler = _start_log(cfg, rank0, train_ds, val_ds, val_source, crop, dtype, d, model)
@@ -324,6 +328,16 @@ def _train_epoch(model, loader, opt, sched, scaler, device, dtype, d, cfg, epoch
                 w.writerow(["epoch", "step", "lr", "loss"])
             w.writerows(rows)
     return total / max(n, 1)
+
+
+def _truncate_steps(path: str, epoch: int):
+    # Steps of an epoch that was cut before its checkpoint are run again: drop their old rows.
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if int(r[0]) <= epoch])
 
 
 def _start_log(cfg, rank0, train_ds, val_ds, val_source, crop, dtype, d, model):
