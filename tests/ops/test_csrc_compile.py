@@ -1,7 +1,8 @@
 """CI on CPU: every .cu under csrc/ compiles with nvcc against torch's headers (no GPU needed).
 
-The fast test stops at PTX (nvcc's front end and code generation, no ptxas) so the whole set fits
-the CPU budget; the slow one assembles sm_90 machine code and reports registers and spills.
+The fast test stops at unoptimised PTX (nvcc's front end, template instantiation and code
+generation; -Xcicc -O0, no ptxas: ~5 s a file instead of ~60 s on 2 cores) so the whole set fits
+the CPU budget; the slow one builds optimised sm_90 machine code and reports registers and spills.
 torch's CPU wheel lacks c10/cuda/impl/cuda_cmake_macros.h: a one-line stand-in is generated.
 """
 from __future__ import annotations
@@ -50,10 +51,10 @@ def test_there_are_kernels():
     assert len(CU_FILES) >= 6, [str(p) for p in CU_FILES]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(120)
 def test_every_cu_compiles_to_ptx(tmp_path):
     """Front end + PTX for compute_90 (CUDA 13; no CCCL API that CCCL 3 removed may appear)."""
-    _compile_all(tmp_path, ["-gencode", "arch=compute_90,code=compute_90"])
+    _compile_all(tmp_path, ["-gencode", "arch=compute_90,code=compute_90"], ["-Xcicc", "-O0"])
     for cu in CU_FILES + sorted((ROOT / "csrc").rglob("*.cuh")) + sorted((ROOT / "csrc").rglob("*.h")):
         text = cu.read_text()
         for removed in ("cub::LaneId", "cub::CTA_SYNC", "cub::WARP_SYNC"):
@@ -61,7 +62,7 @@ def test_every_cu_compiles_to_ptx(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_every_cu_assembles_for_sm90(tmp_path):
     """Full sm_90 build with ptxas' resource report (registers, spills) printed for the notes."""
     results = _compile_all(tmp_path, ["-gencode", "arch=compute_90,code=sm_90"], ["-Xptxas", "-v"])
