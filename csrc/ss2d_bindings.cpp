@@ -102,12 +102,9 @@ SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const
     const int64_t kmul = side == 0 ? 2 : 1;
     sd.u = tu.data_ptr(); sd.dl = tdl.data_ptr(); sd.B = tB.data_ptr(); sd.C = tC.data_ptr();
     sd.u_b = tu.stride(0); sd.u_d = tu.stride(1);
-    for (const Tensor *t : {&tdl, &tB, &tC})
-      TORCH_CHECK(t->stride(2) * t->size(2) < (int64_t(1) << 31), side == 0 ? "B/C/delta" : "B/C/delta (transposed)",
-                  ": expected the channel stride times the channels below 2^31, got stride ", t->stride(2));
-    sd.dl_b = tdl.stride(0); sd.dl_k = kmul * tdl.stride(1); sd.dl_c = int(tdl.stride(2));
-    sd.B_b = tB.stride(0); sd.B_k = kmul * tB.stride(1); sd.B_n = int(tB.stride(2));
-    sd.C_b = tC.stride(0); sd.C_k = kmul * tC.stride(1); sd.C_n = int(tC.stride(2));
+    sd.dl_b = tdl.stride(0); sd.dl_k = kmul * tdl.stride(1); sd.dl_c = tdl.stride(2);
+    sd.B_b = tB.stride(0); sd.B_k = kmul * tB.stride(1); sd.B_n = tB.stride(2);
+    sd.C_b = tC.stride(0); sd.C_k = kmul * tC.stride(1); sd.C_n = tC.stride(2);
   }
   p.A = A.data_ptr<float>();
   p.D = D.has_value() ? D->data_ptr<float>() : nullptr;

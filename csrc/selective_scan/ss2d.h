@@ -14,8 +14,7 @@ enum class OutType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 // 4-wide k dimension are doubled. Planes are dense; strides are in elements.
 struct SS2DSide {
   const void *u, *dl, *B, *C;  // u (Bt, Dm, L); dl = delta (.., Dm, L) or dt (.., R, L); B, C (.., N, L)
-  int64_t u_b, u_d, dl_b, dl_k, B_b, B_k, C_b, C_k;
-  int dl_c, B_n, C_n;          // inner strides in 32 bits: one multiply-add per load in the hot loop
+  int64_t u_b, u_d, dl_b, dl_k, dl_c, B_b, B_k, B_n, C_b, C_k, C_n;
   float *ddl, *dB, *dC;        // backward: gradients in the same layout (fp32, contiguous)
   int64_t ddl_b, ddl_k, g_b, g_k;  // strides of ddl and of dB / dC (their n stride is L)
 };

@@ -20,12 +20,11 @@ namespace vmambax {
 
 constexpr int kBwdThreads = 256;
 
-// FULL: N == NMAX (the hot sizes 16 and 4), so no state needs masking.
-template <typename T, int NMAX, bool FULL>
+template <typename T, int NMAX>
 __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams p) {
   constexpr int CH = ss2d_chunk(NMAX);
   extern __shared__ float smem[];
-  const int LP = p.LP, L = p.L, N = FULL ? NMAX : p.N, R = p.R, span = p.LP * CH;
+  const int LP = p.LP, L = p.L, N = p.N, R = p.R, span = p.LP * CH;
   const int G = kBwdThreads / LP;                 // channels per block
   const int dgroups = (p.Dm + G - 1) / G;
   const int j = threadIdx.x & (LP - 1);
@@ -60,22 +59,20 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
     const float *Wk = p.Wdt ? p.Wdt + int64_t(kd) * R : nullptr;
 
     for (int s = p.nsp - 1; s >= 0; --s) {
-      // Steps past the end of the walk are identity steps with zero gradient. Their index is
-      // clamped to 0 (valid memory) so that the unrolled body loads without branches.
-      int pos[CH];  // index into the side's plane
-      bool ok[CH];
+      int pos[CH];  // index into the side's plane; -1 past the end (identity step)
       float uu[CH], z[CH], dlt[CH], du[CH], g[CH];
 #pragma unroll
       for (int i = 0; i < CH; ++i) {
         const int t = s * span + j * CH + i;
-        ok[i] = active && t < L;
-        pos[i] = ok[i] ? walk_index(k, t, L) : 0;
-        const float uv = to_f(u[pos[i]]), gv = dy[orig_pos(k, pos[i], p.H, p.W)];
-        z[i] = load_z(sd, R, dl, Wk, pos[i], bk);
-        dlt[i] = ok[i] ? (p.softplus ? softplus(z[i]) : z[i]) : 0.f;
-        uu[i] = ok[i] ? uv : 0.f;
-        g[i] = ok[i] ? gv : 0.f;
-        du[i] = dlt[i] * uu[i];
+        pos[i] = (active && t < L) ? walk_index(k, t, L) : -1;
+        uu[i] = z[i] = dlt[i] = du[i] = g[i] = 0.f;
+        if (pos[i] >= 0) {
+          uu[i] = to_f(u[pos[i]]);
+          z[i] = load_z(sd, R, dl, Wk, pos[i], bk);
+          dlt[i] = p.softplus ? softplus(z[i]) : z[i];
+          du[i] = dlt[i] * uu[i];
+          g[i] = dy[orig_pos(k, pos[i], p.H, p.W)];
+        }
       }
       // 1. Decays and chunk scans from zero; 2. states entering each chunk.
       float dA[CH][NMAX], hs[CH][NMAX], P[NMAX], h[NMAX], carry[NMAX];
@@ -87,8 +84,7 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
 #pragma unroll
         for (int i = 0; i < CH; ++i) {
           dA[i][n] = exp2f(dlt[i] * A2[n]);
-          const float bv = n < N ? to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
-          const float bu = ok[i] ? du[i] * bv : 0.f;
+          const float bu = (n < N && pos[i] >= 0) ? du[i] * to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
           h[n] = fmaf(dA[i][n], h[n], bu);
           P[n] *= dA[i][n];
         }
@@ -103,15 +99,14 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
 #pragma unroll
         for (int i = 0; i < CH; ++i) {
           hs[i][n] = h[n];
-          const float bv = n < N ? to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
-          const float bu = ok[i] ? du[i] * bv : 0.f;
+          const float bu = (n < N && pos[i] >= 0) ? du[i] * to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
           h[n] = fmaf(dA[i][n], h[n], bu);
           P[n] *= dA[i][n];
         }
 #pragma unroll
         for (int i = CH - 1; i >= 0; --i) {
-          const float c = n < N ? to_f(Cp[n * sd.C_n + pos[i]]) : 0.f;
-          e[n] = dA[i][n] * (ok[i] ? fmaf(c, g[i], e[n]) : e[n]);
+          const float c = (n < N && pos[i] >= 0) ? to_f(Cp[n * sd.C_n + pos[i]]) : 0.f;
+          e[n] = dA[i][n] * fmaf(c, g[i], e[n]);
         }
       }
       scan_reverse<NMAX>(P, e, ecarry, j, LP);
@@ -122,11 +117,11 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
         float ddl = 0.f, dui = 0.f;
 #pragma unroll
         for (int n = 0; n < NMAX; ++n) {
-          const bool on = n < N && ok[i];
-          const float c = n < N ? to_f(Cp[n * sd.C_n + pos[i]]) : 0.f;
+          const bool on = n < N && pos[i] >= 0;
+          const float c = on ? to_f(Cp[n * sd.C_n + pos[i]]) : 0.f;
           const float bv = on ? to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
           const float hi = i == CH - 1 ? h[n] : hs[i + 1 < CH ? i + 1 : i][n];  // state after step i
-          const float dh = on ? fmaf(c, g[i], e[n]) : e[n];
+          const float dh = fmaf(c, g[i], e[n]);
           if (on) {
             atomicAdd(&redC[n * span + i * LP + j], g[i] * hi);
             atomicAdd(&redB[n * span + i * LP + j], dh * du[i]);
@@ -138,7 +133,7 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
           e[n] = dA[i][n] * dh;
         }
         dz[i] = 0.f;
-        if (ok[i]) {
+        if (pos[i] >= 0) {
           dui = fmaf(Dk, g[i], dui);
           dDacc = fmaf(g[i], uu[i], dDacc);
           dz[i] = p.softplus ? ddl * softplus_grad(z[i]) : ddl;
@@ -153,7 +148,7 @@ __global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams 
         float w = 0.f;
 #pragma unroll
         for (int i = 0; i < CH; ++i) {
-          if (!ok[i]) continue;
+          if (pos[i] < 0) continue;
           atomicAdd(&redW[r * span + i * LP + j], Wk[r] * dz[i]);
           w = fmaf(dz[i], to_f(dl[r * sd.dl_c + pos[i]]), w);
         }
@@ -197,7 +192,7 @@ void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream) {
   const unsigned grid = unsigned(int64_t(p.Bt) * ((p.Dm + G - 1) / G));
   const size_t smem = sizeof(float) * size_t(2 * p.N + p.R) * p.LP * ss2d_chunk(ss2d_nmax(p.N));
   SS2D_NMAX_SWITCH(p.N, NMAX, [&] {
-    auto kernel = p.N == NMAX ? ss2d_bwd_kernel<T, NMAX, true> : ss2d_bwd_kernel<T, NMAX, false>;
+    auto kernel = ss2d_bwd_kernel<T, NMAX>;
     if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     kernel<<<grid, kBwdThreads, smem, stream>>>(p);
   });

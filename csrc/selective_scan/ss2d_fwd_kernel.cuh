@@ -17,11 +17,10 @@ constexpr int kFwdThreads = 128;
 // decays spill, 480 B): 12 warps/SM to hide latency (255 registers, 8 warps/SM: enc1 27 ms, H100).
 constexpr int kFwdMinBlocks = 3;
 
-// FULL: N == NMAX (the hot sizes 16 and 4), so no state needs masking.
-template <typename T, int NMAX, bool FULL>
+template <typename T, int NMAX>
 __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) ss2d_fwd_kernel(const SS2DParams p) {
   constexpr int CH = ss2d_chunk(NMAX);
-  const int LP = p.LP, L = p.L, N = FULL ? NMAX : p.N, R = p.R, span = p.LP * CH;
+  const int LP = p.LP, L = p.L, N = p.N, R = p.R, span = p.LP * CH;
   const int j = threadIdx.x & (LP - 1);
   const int64_t bd = int64_t(blockIdx.x) * (kFwdThreads / LP) + threadIdx.x / LP;
   const bool active = bd < int64_t(p.Bt) * p.Dm;
@@ -51,21 +50,19 @@ __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) ss2d_fwd_kernel(co
         for (int n = 0; n < NMAX; ++n)
           if (n < N && (n & (LP - 1)) == j) st[n] = carry[n];
       }
-      // Steps past the end of the walk are identity steps (decay 1, input 0). Their index is clamped
-      // to 0 (valid memory) so that the unrolled body loads without branches; selects drop them.
-      int ix[CH];  // index into the side's plane
-      bool ok[CH];
+      int ix[CH];  // index into the side's plane; -1 past the end (identity step: decay 1, input 0)
       float uu[CH], dlt[CH], du[CH];
 #pragma unroll
       for (int i = 0; i < CH; ++i) {
         const int t = s * span + j * CH + i;
-        ok[i] = active && t < L;
-        ix[i] = ok[i] ? walk_index(k, t, L) : 0;
-        const float uv = to_f(u[ix[i]]);
-        const float z = load_z(sd, R, dl, Wk, ix[i], bk);
-        dlt[i] = ok[i] ? (p.softplus ? softplus(z) : z) : 0.f;
-        uu[i] = ok[i] ? uv : 0.f;
-        du[i] = dlt[i] * uu[i];
+        ix[i] = (active && t < L) ? walk_index(k, t, L) : -1;
+        uu[i] = dlt[i] = du[i] = 0.f;
+        if (ix[i] >= 0) {
+          uu[i] = to_f(u[ix[i]]);
+          const float z = load_z(sd, R, dl, Wk, ix[i], bk);
+          dlt[i] = p.softplus ? softplus(z) : z;
+          du[i] = dlt[i] * uu[i];
+        }
       }
       // Chunk scan from zero; decays kept, inputs B*delta*u reloaded (cheaper than 64 more registers).
       float dA[CH][NMAX], P[NMAX], h[NMAX];
@@ -76,8 +73,7 @@ __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) ss2d_fwd_kernel(co
 #pragma unroll
         for (int i = 0; i < CH; ++i) {
           dA[i][n] = exp2f(dlt[i] * A2[n]);
-          const float bv = n < N ? to_f(Bp[n * sd.B_n + ix[i]]) : 0.f;
-          const float bu = ok[i] ? du[i] * bv : 0.f;
+          const float bu = (n < N && ix[i] >= 0) ? du[i] * to_f(Bp[n * sd.B_n + ix[i]]) : 0.f;
           h[n] = fmaf(dA[i][n], h[n], bu);
           P[n] *= dA[i][n];
         }
@@ -88,12 +84,12 @@ __global__ void __launch_bounds__(kFwdThreads, kFwdMinBlocks) ss2d_fwd_kernel(co
         float y = 0.f;
 #pragma unroll
         for (int n = 0; n < NMAX; ++n) {
-          const float bv = n < N ? to_f(Bp[n * sd.B_n + ix[i]]) : 0.f;
-          const float cv = n < N ? to_f(Cp[n * sd.C_n + ix[i]]) : 0.f;
-          h[n] = fmaf(dA[i][n], h[n], ok[i] ? du[i] * bv : 0.f);
-          y = fmaf(cv, h[n], y);
+          const bool on = n < N && ix[i] >= 0;
+          const float bu = on ? du[i] * to_f(Bp[n * sd.B_n + ix[i]]) : 0.f;
+          h[n] = fmaf(dA[i][n], h[n], bu);
+          if (on) y = fmaf(to_f(Cp[n * sd.C_n + ix[i]]), h[n], y);
         }
-        if (ok[i]) {
+        if (ix[i] >= 0) {
           const int pos = orig_pos(k, ix[i], p.H, p.W);
           y = fmaf(Dk, uu[i], y);
           if (k > 0) y += acc[pos];
@@ -111,10 +107,7 @@ void ss2d_fwd_launch(const SS2DParams &p, cudaStream_t stream) {
   const int64_t groups = int64_t(p.Bt) * p.Dm;
   const int per_block = kFwdThreads / p.LP;
   const unsigned grid = unsigned((groups + per_block - 1) / per_block);
-  SS2D_NMAX_SWITCH(p.N, NMAX, [&] {
-    if (p.N == NMAX) ss2d_fwd_kernel<T, NMAX, true><<<grid, kFwdThreads, 0, stream>>>(p);
-    else ss2d_fwd_kernel<T, NMAX, false><<<grid, kFwdThreads, 0, stream>>>(p);
-  });
+  SS2D_NMAX_SWITCH(p.N, NMAX, [&] { ss2d_fwd_kernel<T, NMAX><<<grid, kFwdThreads, 0, stream>>>(p); });
 }
 
 }  // namespace vmambax
