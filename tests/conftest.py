@@ -1,10 +1,16 @@
 """Shared test set-up: GPU tests skip cleanly (and say why) without CUDA; each suite has a time budget."""
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's interpreter must be chosen before triton is first imported (it decorates its own
+    # standard library then), and importing vmambax_kernels imports triton through torch.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Seconds of test time each suite (a folder under tests/) may take on CI's 2-core CPU; the whole
 # run must stay well inside CI's 90 minutes. A suite over budget fails the run with its total.

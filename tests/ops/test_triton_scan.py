@@ -21,7 +21,7 @@ from vmambax_kernels.testing import (CPU_SHAPES, SHAPES, ScanCase, check_against
                                      scan_inputs)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# The interpreter costs milliseconds per operation; on 2 cores the whole CPU file takes ~2 min.
+# The interpreter costs milliseconds per operation; on 2 busy cores this file takes ~1.5 min.
 pytestmark = pytest.mark.timeout(300)
 
 
