@@ -186,7 +186,8 @@ def test_torch_compile_fullgraph():
     loss = compiled(**leaves)
     loss.backward()
     eager = _fast(**inputs).square().sum()
-    torch.testing.assert_close(loss, eager, rtol=0, atol=0)
+    # the scan is the same kernel; inductor's fused square-sum adds in another order (fp32 rounding)
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=0)
     assert all(v.grad is not None for v in leaves.values() if isinstance(v, torch.Tensor))
 
 
