@@ -166,3 +166,12 @@ def test_bf16_autocast_runs():
             out = m(ct, pet)
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     assert ((out.float() - ref).abs().max() / ref.abs().max()).item() < 5e-2
+
+
+def test_count_flops_leaves_the_model_alone():
+    m = small(backend=None)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    f = count_flops(m, (64, 96), batch=2)
+    assert f["total"] > f["scans"] > 0 and f["other"] == 0
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert all(mod.backend is None for mod in m.modules() if isinstance(mod, SS2D))

@@ -15,6 +15,17 @@ PARTS = {
 }
 
 
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device; nothing is copied
+    (deepcopy's memo hands out a meta tensor wherever a real one would be duplicated)."""
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
 def _is_part(name: str, prefix: str) -> bool:
     """``name`` (FlopCounterMode's "VMambaX.a.b") is the module ``prefix`` or an item of that
     ModuleList; counts of a module include its children, so deeper names are not summed again."""
@@ -25,7 +36,7 @@ def _is_part(name: str, prefix: str) -> bool:
 def count_flops(model: torch.nn.Module, size=(512, 512), batch: int = 1) -> dict[str, float]:
     """Multiply-adds of one forward of ``model`` (a VMambaX) on a (batch, 3, H, W) CT/PET pair.
 
-    Runs a copy of the model on the meta device (no memory, no compute, any size), with PyTorch's
+    Runs a meta-device copy of the model (no weights copied, no compute, any size), with PyTorch's
     ``FlopCounterMode``; the scan ops carry their own formula (``vmambax_kernels.selective_scan.flops``:
     9*B*L*D*N + B*D*L with D = 4*Dm, fvcore's convention) and every count is halved to fvcore's
     convention of one multiply-add = 1. Returns a dict: ``total``, ``encoder`` (both branches),
@@ -38,7 +49,7 @@ def count_flops(model: torch.nn.Module, size=(512, 512), batch: int = 1) -> dict
     test checks our total against 100.6 G within 2%.
     """
     H, W = size
-    meta = copy.deepcopy(model).to("meta").eval()
+    meta = _meta_copy(model).eval()
     if hasattr(meta, "set_backend"):
         meta.set_backend("reference")  # the only backend that runs on meta tensors
     ct = torch.zeros(batch, 3, H, W, device="meta")
