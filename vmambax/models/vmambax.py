@@ -185,7 +185,9 @@ def _read_checkpoint(path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of every kind: the file is not a torch checkpoint
         raise ValueError(f"path: expected a PyTorch checkpoint loadable with weights_only=True, "
-                         f"got {path!r}, which fails to load: {type(exc).__name__}: {exc}") from exc
+                         f"got {path!r}, which fails to load: {type(exc).__name__}: {exc}. If it is a "
+                         "checkpoint you trust that pickles other objects, load it yourself and pass "
+                         "its state dict") from exc
     if not isinstance(obj, dict):
         raise ValueError(f"path: expected a checkpoint dict in {path!r}, got {type(obj).__name__}")
     return obj
