@@ -220,7 +220,8 @@ def from_reference_checkpoint(path_or_state_dict, **model_kwargs) -> VMambaX:
     missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
     if missing or unexpected:
         raise ValueError("state dict: expected exactly the published vMambaX keys; "
-                         f"missing {len(missing)}: [{_list(missing)}]; unexpected {len(unexpected)}: [{_list(unexpected)}]")
+                         f"missing {len(missing)}: [{_list(missing)}]; "
+                         f"unexpected {len(unexpected)}: [{_list(unexpected)}]")
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in own.items()
              if tuple(sd[k].shape) != tuple(v.shape)]
     if wrong:
