@@ -21,7 +21,7 @@ MARKER = ".vmambax-demo"  # a demo folder may be replaced by the next demo; anyt
 # Sizes per device. The full model runs its selective scans through the pure-PyTorch reference on
 # a CPU: one training step of batch 2 at 64x64 took 85 s on the 2-core CI machine (busy), so the
 # CPU demo trains a few steps at 64x64; a GPU trains a few epochs at 128x128.
-_AUTO = {"cpu": dict(patients=6, slices=4, size=64, epochs=1, batch_size=2, steps_per_epoch=3),
+_AUTO = {"cpu": dict(patients=6, slices=4, size=64, epochs=2, batch_size=2, steps_per_epoch=3),
          "cuda": dict(patients=12, slices=8, size=128, epochs=5, batch_size=8, steps_per_epoch=None)}
 
 
