@@ -146,13 +146,11 @@ def test_opcheck(lowrank):
     args = _op_args(lowrank)
     torch.library.opcheck(op.default, args)
     y, states = op(*args)
-    gy = torch.randn_like(y)
-    delta_like = args[1].detach()
     w = args[7].detach() if lowrank else None
-    bwd_args = (gy, *[a.detach() for a in args[:7]], w, states.detach(), True)
+    bwd_args = (torch.randn_like(y), *[a.detach() for a in args[:7]], w, states.detach(), True)
+    # the backward op has no autograd of its own: schema and fake-tensor checks only
     torch.library.opcheck(torch.ops.vmambax.ss2d_triton_bwd.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
-    assert delta_like.shape == args[1].shape
 
 
 def test_compile_fullgraph_traces_the_ops():
