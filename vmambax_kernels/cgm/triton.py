@@ -15,8 +15,8 @@ rows of one plane and walks it in chunks of BLOCK_P pixels, in two phases per ch
                 dW_m += x_m^T @ dzs;  dc_m += sum_p dy_m x_m s_m.
 
 Phase 1 runs one chunk ahead of phase 2, so between the two reads of a pixel only about
-2 * BLOCK_P + W pixels of all channels are touched: the second read hits L2 and each input comes
-from memory about once. Wa/Wb pack the two weights by input: column t < 9 feeds z_ct, t >= 9 z_pet.
+2 * BLOCK_P + W pixels of all channels are touched: the aim is that the second read hits L2 and
+each input comes from memory about once (not yet measured on a GPU). Wa/Wb pack the two weights by input: column t < 9 feeds z_ct, t >= 9 z_pet.
 
 The convolution products run on tensor cores in fp32 accuracy: an fp32 operand is split into
 three tf32-exact parts (hi, mid, lo) whose products are exact in fp32; bf16/fp16 activations are
