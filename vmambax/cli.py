@@ -38,6 +38,17 @@ def _window(s: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _model_arg(s: str) -> tuple[str, object]:
+    key, sep, raw = s.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a constructor argument name, got {s!r}")
+    try:  # numbers, true/false/null, lists in JSON; anything else is a string
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
 def _positive(s: str) -> int:
     try:
         v = int(s)
@@ -95,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint_latest.pt")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--device", default=None)
+    t.add_argument("--model-arg", action="append", type=_model_arg, default=[], metavar="KEY=VALUE",
+                   help="a VMambaX constructor argument, repeatable (e.g. decoder_drop_path_rate=0, use_dcim=false); "
+                        "saved in the checkpoint so evaluate/predict rebuild the same model")
     t.add_argument("--model", default=None, help=argparse.SUPPRESS)
 
     e = sub.add_parser("evaluate", help="IoU, Dice, HD95, balanced accuracy; summary.json and a figure")
@@ -181,6 +195,7 @@ def _cmd_train(a):
                       progress=not a.no_progress, device=a.device, **given)
     if a.model:
         cfg.model = _model_spec(a.model)
+    cfg.model = {"name": cfg.model["name"], "kwargs": {**cfg.model["kwargs"], **dict(a.model_arg)}}
     r = train(cfg)
     if r["history"] and os.environ.get("RANK", "0") == "0":
         print(f"trained to epoch {r['history'][-1]['epoch']}; best val Dice {r['best']['value']:.4f} at epoch "

@@ -79,3 +79,17 @@ def test_demo_code_path_at_toy_size(tmp_path, capsys):
     (keep / "notes.txt").write_text("precious")
     assert main(args[:2] + [str(keep)] + args[3:]) == 2
     assert (keep / "notes.txt").read_text() == "precious"
+
+
+def test_model_args_reach_the_checkpoint_and_evaluation(tmp_path, capsys):
+    data, run = str(tmp_path / "data"), str(tmp_path / "run")
+    assert main(["synth", "--out", data, "--patients", "3", "--size", "64", "--slices", "2"]) == 0
+    assert main(["train", "--data", data, "--out", run, "--epochs", "1", "--batch-size", "2", "--size", "64",
+                 "--workers", "0", "--no-progress", "--model", "tiny", "--model-arg", "width=4"]) == 0
+    from vmambax.engine.checkpoint import load
+    assert load(os.path.join(run, "checkpoint_final.pt"))["model_spec"] == {"name": "tiny", "kwargs": {"width": 4}}
+    assert main(["evaluate", "--data", data, "--checkpoint", os.path.join(run, "checkpoint_final.pt"),
+                 "--out", str(tmp_path / "ev"), "--figure-cases", "0"]) == 0
+    assert main(["train", "--data", data, "--out", str(tmp_path / "r2"), "--model", "tiny",
+                 "--model-arg", "nonsense=1", "--workers", "0", "--batch-size", "2", "--size", "64"]) == 2
+    assert "nonsense" in capsys.readouterr().err

@@ -77,3 +77,17 @@ def seg_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     inter = (p * mask).sum((1, 2, 3))
     dice = (2 * inter + 1) / (p.sum((1, 2, 3)) + mask.sum((1, 2, 3)) + 1)
     return bce + (1 - dice).mean()
+
+
+def same_size_batches(ds, indices: list[int], batch_size: int):
+    """Items of ``ds`` in order, in batches of at most ``batch_size`` that share one image size
+    (a split may mix sizes; a batch cannot)."""
+    batch = []
+    for i in indices:
+        it = ds[i]
+        if batch and (len(batch) == batch_size or batch[0]["ct"].shape != it["ct"].shape):
+            yield batch
+            batch = []
+        batch.append(it)
+    if batch:
+        yield batch

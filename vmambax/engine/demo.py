@@ -18,10 +18,11 @@ log = logging.getLogger(__name__)
 MARKER = ".vmambax-demo"  # a demo folder may be replaced by the next demo; anything else is kept
 
 
-# Sizes per device. The full model runs its selective scans through the pure-PyTorch reference on
-# a CPU: one training step of batch 2 at 64x64 took 85 s on the 2-core CI machine (busy), so the
-# CPU demo trains a few steps at 64x64; a GPU trains a few epochs at 128x128.
-_AUTO = {"cpu": dict(patients=6, slices=4, size=64, epochs=2, batch_size=2, steps_per_epoch=3),
+# Sizes per device. On a CPU the full model's selective scans run through the pure-PyTorch
+# reference: the 2-core CI machine took 5-150 s per training step of batch 2 at 64x64 depending on
+# how busy it was (4.6 CPU-minutes for 6 steps and 3 evaluations), so the CPU demo trains 4 steps;
+# a GPU trains a few epochs at 128x128.
+_AUTO = {"cpu": dict(patients=6, slices=4, size=64, epochs=1, batch_size=2, steps_per_epoch=4),
          "cuda": dict(patients=12, slices=8, size=128, epochs=5, batch_size=8, steps_per_epoch=None)}
 
 

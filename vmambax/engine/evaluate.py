@@ -20,7 +20,8 @@ import torch
 from vmambax import metrics
 from vmambax.data import SliceDataset, read_spacing, read_split
 from vmambax.engine import checkpoint as ckpt_io
-from vmambax.engine.common import amp_dtype, autocast, check_writable, forward_padded, pick_device
+from vmambax.engine.common import (amp_dtype, autocast, check_writable, forward_padded, pick_device,
+                                   same_size_batches)
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
     shown: list = []  # (target pixels, -index, item, pred) of the cases the figure shows
     cases, pooled, counts = [], metrics.Confusion(), {"both_empty": 0, "pred_empty": 0, "target_empty": 0, "none": 0}
     t0 = time.perf_counter()
-    for s in range(0, len(ds), batch_size):
-        items = [ds[i] for i in range(s, min(s + batch_size, len(ds)))]
+    for items in same_size_batches(ds, range(len(ds)), batch_size):
         ct, pet = (torch.stack([it[k] for it in items]).to(dev) for k in ("ct", "pet"))
         with autocast(dev, dtype):
             logits = forward_padded(model, ct, pet)

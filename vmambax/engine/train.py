@@ -28,8 +28,8 @@ from vmambax import metrics
 from vmambax.data import Augmented, SliceDataset, derive_val, has_split, read_split
 from vmambax.data.dataset import DataError
 from vmambax.engine import checkpoint as ckpt_io
-from vmambax.engine.common import (MULTIPLE, amp_dtype, autocast, check_writable, forward_padded, has_batchnorm,
-                                   pick_device, seg_loss, unwrap)
+from vmambax.engine.common import (AMP_CHOICES, MULTIPLE, amp_dtype, autocast, check_writable, forward_padded,
+                                   has_batchnorm, pick_device, same_size_batches, seg_loss, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def _check_config(cfg: TrainConfig):
         raise ValueError(f"size: expected a multiple of {MULTIPLE} (the model's constraint), got {cfg.size}")
     if not (cfg.lr > 0 and cfg.weight_decay >= 0):
         raise ValueError(f"lr and weight_decay: expected lr > 0 and weight_decay >= 0, got {cfg.lr}, {cfg.weight_decay}")
+    if cfg.amp not in AMP_CHOICES:
+        raise ValueError(f"amp: expected one of {AMP_CHOICES}, got {cfg.amp!r}")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"val_fraction: expected a number in (0, 1), got {cfg.val_fraction}")
     if cfg.resume and (cfg.init_checkpoint or cfg.backbone):
@@ -138,8 +140,7 @@ def validate(model: nn.Module, ds, device, dtype, d: _Dist, batch_size: int = 4)
     idx = list(range(d.rank, len(ds), d.world))
     loss_sum = dice_sum = iou_sum = 0.0
     pooled = metrics.Confusion()
-    for s in range(0, len(idx), batch_size):
-        items = [ds[i] for i in idx[s:s + batch_size]]
+    for items in same_size_batches(ds, idx, batch_size):
         ct, pet, mask = (torch.stack([it[k] for it in items]).to(device) for k in ("ct", "pet", "mask"))
         with autocast(device, dtype):
             logits = forward_padded(model, ct, pet)
