@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="vmambax_demo", help="output folder (default: %(default)s)")
     d.add_argument("--patients", type=_positive, default=None)
     d.add_argument("--slices", type=_positive, default=None)
-    d.add_argument("--size", type=_positive, default=None, help="image side, a multiple of 32 (default: 64 on a CPU, 128 on a GPU)")
+    d.add_argument("--size", type=_positive, default=None,
+                   help="image side, a multiple of 32 (default: 64 on a CPU, 128 on a GPU)")
     d.add_argument("--epochs", type=_positive, default=None)
     d.add_argument("--batch-size", type=_positive, default=None)
     d.add_argument("--steps-per-epoch", type=_positive, default=None)
@@ -154,7 +155,8 @@ def _cmd_demo(a):
     s, best, c = r["summary"], r["train"]["best"], r["config"]
     print(f"vmambax demo finished in {r['seconds']:.0f} s")
     print(f"  data      {r['data']}  ({r['dataset']['patients']} synthetic patients x "
-          f"{r['dataset']['slices_per_patient']} slices, {c.size}x{c.size}, patients per split {r['dataset']['splits']})")
+          f"{r['dataset']['slices_per_patient']} slices, {c.size}x{c.size}, "
+          f"patients per split {r['dataset']['splits']})")
     steps = sum(1 for _ in open(os.path.join(r["run"], "steps.csv"))) - 1
     model = "the full VMambaX" if c.model is None else f"model {c.model['name']}"
     print(f"  training  {r['run']}  ({model}, {c.epochs} epoch(s), {steps} steps of batch {c.batch_size}; "

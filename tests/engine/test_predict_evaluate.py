@@ -44,7 +44,8 @@ def test_nifti_slices_map_back_to_the_same_voxels(tiny_ckpt, tiny_data, tmp_path
     # The synthetic volumes store PNG slice z as [:, :, z].T: prediction from the NIfTI must match
     # prediction from the PNG of that slice, voxel for voxel.
     nd = os.path.join(tiny_data, "nifti")
-    w = predict(tiny_ckpt, os.path.join(nd, "P0001_CT.nii.gz"), os.path.join(nd, "P0001_PET.nii.gz"), str(tmp_path / "n"))
+    w = predict(tiny_ckpt, os.path.join(nd, "P0001_CT.nii.gz"), os.path.join(nd, "P0001_PET.nii.gz"),
+                str(tmp_path / "n"))
     vol = np.asarray(nib.load(w[0]).dataobj)
     w2 = predict(tiny_ckpt, os.path.join(tiny_data, "P0001", "P0001_002_CT.png"),
                  os.path.join(tiny_data, "P0001", "P0001_002_PET.png"), str(tmp_path / "p"))

@@ -68,7 +68,8 @@ def load(path: str) -> dict:
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"version https://git-lfs"):
-        raise CheckpointError(f"checkpoint {path} is a Git LFS pointer, not the weights: fetch the file with git lfs pull")
+        raise CheckpointError(f"checkpoint {path} is a Git LFS pointer, not the weights: "
+                              "fetch the file with git lfs pull")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
@@ -90,7 +91,8 @@ def load_weights(model: nn.Module, state: dict, path: str):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # same names, other shapes
-        raise CheckpointError(f"checkpoint {path} holds a different model: {str(exc).splitlines()[-1].strip()}") from None
+        why = str(exc).splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint {path} holds a different model: {why}") from None
 
 
 def _diff(ref: dict, state: dict):
@@ -103,7 +105,8 @@ def load_model(path: str) -> tuple[nn.Module, dict]:
     ckpt = load(path)
     if is_ours(ckpt):
         if ckpt.get("version", 0) > VERSION:
-            raise CheckpointError(f"checkpoint {path}: version {ckpt['version']} is newer than this vmambax ({VERSION})")
+            raise CheckpointError(f"checkpoint {path}: version {ckpt['version']} is newer than this "
+                                  f"vmambax reads ({VERSION})")
         model = build_model(ckpt["model_spec"])
         load_weights(model, ckpt["model"], path)
         return model.eval(), ckpt

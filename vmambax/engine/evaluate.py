@@ -103,13 +103,14 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
         "n_slices": len(cases), "skipped": [sid for sid, _ in ds.skipped],
         "spacing": list(sp) if spacing is not None else None,
         "units": {"dice": "fraction", "iou": "fraction", "balanced_accuracy": "fraction", "hd95": unit},
-        "empty_policy": metrics.EMPTY_POLICY if policy == "ours" else "published (centre pixel inserted; Dice of two empty masks 0)",
+        "empty_policy": metrics.EMPTY_POLICY if policy == "ours"
+        else "published (centre pixel inserted; Dice of two empty masks 0)",
         "empty_counts": counts,
         "mean": {"dice_per_slice": _mean([c["dice"] for c in cases]), "iou_per_slice": _mean([c["iou"] for c in cases]),
                  "hd95_per_slice": _mean([c["hd95"] for c in cases]),
                  "balanced_accuracy_per_slice": _mean([c["balanced_accuracy"] for c in cases]),
                  "dice_pooled": pooled.dice, "iou_pooled": pooled.iou,
-                 "balanced_accuracy_pooled": metrics.Confusion(pooled.tp, pooled.fp, pooled.fn, pooled.tn).balanced_accuracy},
+                 "balanced_accuracy_pooled": pooled.balanced_accuracy},
         "notes": {"per_slice": "mean over slices of the per-slice value",
                   "pooled": "TP, FP, FN (TN) summed over all slices, then the metric",
                   "balanced_accuracy_per_slice": "mean over slices whose target has both classes"},
@@ -145,7 +146,8 @@ def _keep_for_figure(shown: list, n: int, it: dict, pred):
 def _figure(shown, cases, path):
     from vmambax.engine.figures import qualitative
     to8 = lambda x: np.round((x.numpy()[0] + 1.6) / 3.2 * 255).clip(0, 255).astype(np.uint8)  # noqa: E731
+    shown = sorted(shown, key=lambda r: (-r[0], -r[1]))
     rows = [{"id": it["id"], "ct": to8(it["ct"]), "pet": to8(it["pet"]), "target": it["mask"].numpy()[0] > 0.5,
-             "pred": pred, "dice": cases[-neg]["dice"]} for _, neg, it, pred in sorted(shown, key=lambda r: (-r[0], -r[1]))]
+             "pred": pred, "dice": cases[-neg]["dice"]} for _, neg, it, pred in shown]
     qualitative(rows, path)
     return path

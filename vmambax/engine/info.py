@@ -37,7 +37,8 @@ def format_info(d: dict) -> str:
     lines = [f"vmambax {d['vmambax']}  python {d['python']}  torch {d['torch']} (CUDA {d['torch_cuda']})  "
              f"numpy {d['numpy']}  triton {d['triton']}  nibabel {d['nibabel']}",
              f"platform: {d['platform']}",
-             f"device: {d['device']}" + (f"  ({d['gpus']} GPU(s), bf16 {'yes' if d['bf16'] else 'no'})" if d["gpus"] else "")]
+             f"device: {d['device']}"
+             + (f"  ({d['gpus']} GPU(s), bf16 {'yes' if d['bf16'] else 'no'})" if d["gpus"] else "")]
     for op, bs in d["backends"].items():
         lines.append(f"{op} backends:")
         for b, s in bs.items():

@@ -40,7 +40,8 @@ def _stem(p: str) -> str:
 
 def _pairs_in_folders(ct_dir: str, pet_dir: str) -> list[tuple[str, str]]:
     # <x>_CT.png pairs with <x>_PET.png; otherwise a file pairs with the same name in the PET folder.
-    cts = sorted(f for f in os.listdir(ct_dir) if f.lower().endswith(".png") and not f.endswith(("_PET.png", "_mask.png")))
+    cts = sorted(f for f in os.listdir(ct_dir)
+                 if f.lower().endswith(".png") and not f.endswith(("_PET.png", "_mask.png")))
     if not cts:
         raise DataError(f"ct: the folder {ct_dir} holds no CT PNG files")
     pairs = []
@@ -94,7 +95,8 @@ def predict(checkpoint: str, ct: str, pet: str, out: str, device: str | None = N
         try:
             c8, p8 = load_gray(c), load_gray(p)
             if c8.shape != p8.shape:
-                raise DataError(f"ct and pet: {c} is {c8.shape[0]}x{c8.shape[1]} but {p} is {p8.shape[0]}x{p8.shape[1]}")
+                raise DataError(f"ct and pet: {c} is {c8.shape[0]}x{c8.shape[1]} "
+                                f"but {p} is {p8.shape[0]}x{p8.shape[1]}")
         except DataError as exc:
             if not skip_bad:
                 raise

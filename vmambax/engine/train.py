@@ -72,13 +72,15 @@ def _check_config(cfg: TrainConfig):
     if cfg.size is not None and (cfg.size < MULTIPLE or cfg.size % MULTIPLE):
         raise ValueError(f"size: expected a multiple of {MULTIPLE} (the model's constraint), got {cfg.size}")
     if not (cfg.lr > 0 and cfg.weight_decay >= 0):
-        raise ValueError(f"lr and weight_decay: expected lr > 0 and weight_decay >= 0, got {cfg.lr}, {cfg.weight_decay}")
+        raise ValueError(f"lr and weight_decay: expected lr > 0 and weight_decay >= 0, "
+                         f"got {cfg.lr}, {cfg.weight_decay}")
     if cfg.amp not in AMP_CHOICES:
         raise ValueError(f"amp: expected one of {AMP_CHOICES}, got {cfg.amp!r}")
     if not 0 < cfg.val_fraction < 1:
         raise ValueError(f"val_fraction: expected a number in (0, 1), got {cfg.val_fraction}")
     if cfg.resume and (cfg.init_checkpoint or cfg.backbone):
-        raise ValueError("resume: cannot be combined with init_checkpoint or backbone (the run's own weights are restored)")
+        raise ValueError("resume: cannot be combined with init_checkpoint or backbone "
+                         "(the run's own weights are restored)")
     if not os.path.isdir(cfg.data):
         raise FileNotFoundError(f"data: the dataset folder {cfg.data} does not exist")
 
@@ -192,7 +194,8 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
         raise ValueError(f"out: {cfg.out} already holds a run ({latest}); pass resume to continue it "
                          "or choose another folder (nothing was overwritten)")
     if cfg.batch_size % d.world:
-        raise ValueError(f"batch_size: the global batch must divide evenly over {d.world} processes, got {cfg.batch_size}")
+        raise ValueError(f"batch_size: the global batch must divide evenly over {d.world} processes, "
+                         f"got {cfg.batch_size}")
     per_device = cfg.batch_size // d.world
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -310,7 +313,8 @@ def _train_epoch(model, loader, opt, sched, scaler, device, dtype, d, cfg, epoch
             logits = model(ct, pet)
         loss = seg_loss(logits, mask)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"epoch {epoch + 1}, step {step}: the loss is {loss.item()}; try --amp off or a lower lr")
+            raise FloatingPointError(f"epoch {epoch + 1}, step {step}: the loss is {loss.item()}; "
+                                     "try --amp off or a lower lr")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
