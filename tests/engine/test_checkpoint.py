@@ -60,3 +60,20 @@ def test_not_weights_corrupt_lfs_and_missing(tmp_path):
         ck.load(str(tmp_path / "pickled.pt"))
     with pytest.raises(FileNotFoundError, match="none.pt does not exist"):
         ck.load(str(tmp_path / "none.pt"))
+
+
+@pytest.mark.slow
+def test_published_checkpoints_load_for_evaluation_and_init(tmp_path):
+    models = pytest.importorskip("vmambax.models")
+    torch.manual_seed(0)
+    ref = models.VMambaX()
+    sd = ref.state_dict()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}}, tmp_path / "lightning.ckpt")
+    model, meta = ck.load_model(str(tmp_path / "lightning.ckpt"))
+    assert meta == {} and all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    target = models.VMambaX()
+    ck.init_weights(target, str(tmp_path / "lightning.ckpt"))
+    assert all(torch.equal(sd[k], v) for k, v in target.state_dict().items())
+    torch.save({"model": TinySegNet().state_dict()}, tmp_path / "other.pth")
+    with pytest.raises(ck.CheckpointError, match="other.pth is neither a vmambax training checkpoint nor"):
+        ck.load_model(str(tmp_path / "other.pth"))
