@@ -1,7 +1,7 @@
 """SS2D benchmark over DESIGN.md's shape set (contract: DESIGN.md, "Benchmark contract").
 
     python benchmarks/bench_ss2d.py [--cases enc1,rect1] [--dtypes bf16,fp16] [--scopes core,op]
-                                    [--providers cuda,triton,unfused_mamba] [--quick] [--no-record]
+                                    [--providers cuda,cuda_v3,triton,unfused_mamba] [--quick] [--no-record]
     python benchmarks/bench_ss2d.py --sanitize     # cut-down fwd+bwd pass for compute-sanitizer
 
 Scope "core": cross_selective_scan_2d + LayerNorm (x after the depthwise conv and SiLU -> output
@@ -10,12 +10,14 @@ fwd under no_grad; fwdbwd = forward + backward of every input and parameter with
 output gradient; peak_mb = extra memory of fwdbwd. Providers: cuda, triton (when available), the
 unfused peer (PyTorch cross-scan + mamba-ssm selective_scan_fn + PyTorch cross-merge:
 unfused_mamba; unfused_torch, the reference scan in that pipeline, where mamba-ssm is absent and
-the case is small enough). Every record names the provider that actually ran.
+the case is small enough); cuda_v3, the cuda backend with the opt-in v3 forward
+(VMAMBAX_CUDA_FWD=v3), forward only (fwd_ms). Every record names the provider that actually ran.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -133,7 +135,27 @@ def core_inputs(case: ScanCase, dtype, Bt: int, seed=0) -> dict:
                 Ds=torch.ones(4 * Dm).cuda())
 
 
+def _with_fwd_v3(fn):
+    """fn with VMAMBAX_CUDA_FWD=v3 set during each call (read by the cuda backend per call)."""
+    def wrapped(**kw):
+        old = os.environ.get("VMAMBAX_CUDA_FWD")
+        os.environ["VMAMBAX_CUDA_FWD"] = "v3"
+        try:
+            return fn(**kw)
+        finally:
+            if old is None:
+                del os.environ["VMAMBAX_CUDA_FWD"]
+            else:
+                os.environ["VMAMBAX_CUDA_FWD"] = old
+    return wrapped
+
+
+FORWARD_ONLY = ("cuda_v3",)  # providers timed without a backward
+
+
 def make_fn(scope: str, provider: str):
+    if provider == "cuda_v3":
+        return _with_fwd_v3(make_fn(scope, "cuda"))
     if scope == "core":
         if provider in ("cuda", "triton", "reference"):
             scan = lambda **kw: vk.cross_selective_scan_2d(**kw, backend=provider)  # noqa: E731
@@ -154,8 +176,8 @@ def providers_here(requested):
     avail = vk.available_backends()
     out = []
     for p in requested:
-        if p in ("cuda", "triton"):
-            if avail[p].available:
+        if p in ("cuda", "triton", "cuda_v3"):
+            if avail[p.split("_")[0]].available:
                 out.append(p)
             else:
                 print(f"# {p}: not measured: {avail[p].reason}")
@@ -176,6 +198,8 @@ def measure(case: ScanCase, scope: str, provider: str, dtype, Bt: int, rep_ms: f
     fn = make_fn(scope, provider)
     with torch.no_grad():
         fwd = harness.time_ms(lambda: fn(**inputs), rep_ms=rep_ms)
+    if provider in FORWARD_ONLY:
+        return dict(fwd_ms=fwd, fwdbwd_ms=None, peak_mb=None)
     leaves = {k: (v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     wanted = [v for v in leaves.values() if isinstance(v, torch.Tensor)]
     gy = torch.randn_like(fn(**leaves).detach())
@@ -216,8 +240,10 @@ def run(args) -> list[dict]:
                                                   floor_ms=floor, **figs))
                     if not args.no_record:  # as we go: a run cut short keeps what it measured
                         harness.append_records(records[-1:])
+                    fb = "       -" if figs["fwdbwd_ms"] is None else f"{figs['fwdbwd_ms']:8.3f}"
+                    pk = "       -" if figs["peak_mb"] is None else f"{figs['peak_mb']:8.1f}"
                     print(f"  {name:12s} {scope:4s} {dname} {prov:14s} fwd {figs['fwd_ms']:8.3f} ms  "
-                          f"fwdbwd {figs['fwdbwd_ms']:8.3f} ms  peak {figs['peak_mb']:8.1f} MB  floor {floor:.3f} ms")
+                          f"fwdbwd {fb} ms  peak {pk} MB  floor {floor:.3f} ms")
                     torch.cuda.empty_cache()
     summarize(records, env["gpu"])
     return records
@@ -233,13 +259,13 @@ def summarize(records, gpu):
                      and p["scope"] == r["scope"] and p["dtype"] == r["dtype"]), None)
         pub = PUBLISHED.get(r["case"]) if r["scope"] == "core" and r["batch"] == 8 else None
         rows.append(dict(case=r["case"], scope=r["scope"], dtype=r["dtype"], provider=r["provider"],
-                         fwd=r["fwd_ms"], fwdbwd=r["fwdbwd_ms"], peak=r["peak_mb"],
+                         fwd=r["fwd_ms"], fwdbwd=r.get("fwdbwd_ms"), peak=r.get("peak_mb"),
                          peer=peer["provider"] if peer else "-",
                          vs_peer_fwd=harness.ratio(r["fwd_ms"], peer and peer["fwd_ms"]),
-                         vs_peer_fb=harness.ratio(r["fwdbwd_ms"], peer and peer["fwdbwd_ms"]),
+                         vs_peer_fb=harness.ratio(r.get("fwdbwd_ms"), peer and peer.get("fwdbwd_ms")),
                          vs_pub_fwd=harness.ratio(r["fwd_ms"], pub and pub[0]),
-                         vs_pub_fb=harness.ratio(r["fwdbwd_ms"], pub and pub[1]),
-                         pub_mem_ratio=harness.ratio(r["peak_mb"], pub and float(pub[2])),
+                         vs_pub_fb=harness.ratio(r.get("fwdbwd_ms"), pub and pub[1]),
+                         pub_mem_ratio=harness.ratio(r.get("peak_mb"), pub and float(pub[2])),
                          fwd_over_floor=f"{r['fwd_ms'] / r['floor_ms']:.2f}"))
     harness.print_table(rows, [("case", "case"), ("scope", "scope"), ("dt", "dtype"), ("prov", "provider"),
                                ("fwd ms", "fwd"), ("fwdbwd ms", "fwdbwd"), ("extra MB", "peak"), ("peer", "peer"),

@@ -149,6 +149,61 @@ std::tuple<Tensor, Tensor> ss2d_lowrank_fwd(const Tensor &u, const Tensor &dt, c
   return fwd_impl(u, dt, A, B, C, D, bias, Wdt, softplus, out_dtype, save_states);
 }
 
+// Forward v3 (opt-in, ss2d_fwd_v3_kernel.cuh): same contract and outputs as fwd_impl, including the
+// span states of the v2 layout, so the v2 backward runs on its saved states.
+std::tuple<Tensor, Tensor> fwd_v3_impl(const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B,
+                                       const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
+                                       const optional<Tensor> &Wdt, bool softplus, at::ScalarType out_dtype,
+                                       bool save_states) {
+  c10::cuda::CUDAGuard guard(u.device());
+  std::vector<Tensor> keep;
+  SS2DV3Params v{};
+  v.p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus, keep);
+  SS2DParams &p = v.p;
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+              "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
+  v.T = kV3Chunk;
+  v.nc = (p.L + v.T - 1) / v.T;
+  v.nth = ss2d_v3_threads(p.Dm);
+  TORCH_CHECK(int64_t(v.nc) * 2 * p.Bt < (int64_t(1) << 31), "u: expected Bt * ceil(H*W / ", v.T,
+              ") * 2 < 2^31 (grid size), got Bt = ", p.Bt, ", H*W = ", p.L);
+  const size_t smem = ss2d_v3_smem(p.N, p.R, v.nth);
+  TORCH_CHECK(smem <= 227 * 1024, "dt_projs_weight: the v3 forward stages R = ", p.R,
+              " rows of dt per tile in shared memory: ", smem, " bytes, over 227 KB");
+  auto f32 = u.options().dtype(at::kFloat);
+  Tensor out = at::empty({p.Bt, p.Dm, p.H, p.W}, u.options().dtype(out_dtype));
+  Tensor acc = out_dtype == at::kFloat ? out : at::empty({p.Bt, p.Dm, p.H, p.W}, f32);
+  Tensor states = save_states ? at::empty({p.Bt, p.Dm, 4, p.nsp - 1, p.N}, f32) : at::empty({0}, f32);
+  Tensor cS, cE;
+  if (v.nc > 1) {
+    cS = at::empty({p.Bt, 4, v.nc, p.Dm}, f32);
+    cE = at::empty({p.Bt, 4, v.nc, p.N, p.Dm}, f32);
+    v.cS = cS.data_ptr<float>();
+    v.cE = cE.data_ptr<float>();
+  }
+  p.acc = acc.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.out_type = out_dtype == at::kFloat ? OutType::kFloat : out_dtype == at::kBFloat16 ? OutType::kBFloat16 : OutType::kHalf;
+  p.states = save_states && states.numel() > 0 ? states.data_ptr<float>() : nullptr;
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  dispatch_input(u.scalar_type(), "u", [&](auto x) { ss2d_fwd_v3_launch<decltype(x)>(v, stream); });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, states};
+}
+
+std::tuple<Tensor, Tensor> ss2d_fwd_v3(const Tensor &u, const Tensor &delta, const Tensor &A, const Tensor &B,
+                                       const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
+                                       bool softplus, at::ScalarType out_dtype, bool save_states) {
+  return fwd_v3_impl(u, delta, A, B, C, D, bias, c10::nullopt, softplus, out_dtype, save_states);
+}
+
+std::tuple<Tensor, Tensor> ss2d_lowrank_fwd_v3(const Tensor &u, const Tensor &dt, const Tensor &A, const Tensor &B,
+                                               const Tensor &C, const optional<Tensor> &D,
+                                               const optional<Tensor> &bias, const Tensor &Wdt, bool softplus,
+                                               at::ScalarType out_dtype, bool save_states) {
+  return fwd_v3_impl(u, dt, A, B, C, D, bias, Wdt, softplus, out_dtype, save_states);
+}
+
 // Gradients in fp32 (the Python side casts them to each input's dtype); absent D / delta_bias /
 // dt_projs_weight give empty tensors.
 std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B,
@@ -209,6 +264,11 @@ TORCH_LIBRARY_FRAGMENT(vmambax, m) {
         "bool delta_softplus, ScalarType out_dtype, bool save_states) -> (Tensor, Tensor)");
   m.def("ss2d_lowrank_cuda_fwd(Tensor u, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
         "Tensor dt_projs_weight, bool delta_softplus, ScalarType out_dtype, bool save_states) -> (Tensor, Tensor)");
+  m.def("ss2d_cuda_fwd_v3(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
+        "bool delta_softplus, ScalarType out_dtype, bool save_states) -> (Tensor, Tensor)");
+  m.def("ss2d_lowrank_cuda_fwd_v3(Tensor u, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
+        "Tensor? delta_bias, Tensor dt_projs_weight, bool delta_softplus, ScalarType out_dtype, "
+        "bool save_states) -> (Tensor, Tensor)");
   m.def("ss2d_cuda_bwd(Tensor dy, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
         "Tensor? delta_bias, Tensor? dt_projs_weight, Tensor states, bool delta_softplus) -> Tensor[]");
 }
@@ -216,6 +276,8 @@ TORCH_LIBRARY_FRAGMENT(vmambax, m) {
 TORCH_LIBRARY_IMPL(vmambax, CUDA, m) {
   m.impl("ss2d_cuda_fwd", &ss2d_fwd);
   m.impl("ss2d_lowrank_cuda_fwd", &ss2d_lowrank_fwd);
+  m.impl("ss2d_cuda_fwd_v3", &ss2d_fwd_v3);
+  m.impl("ss2d_lowrank_cuda_fwd_v3", &ss2d_lowrank_fwd_v3);
   m.impl("ss2d_cuda_bwd", &ss2d_bwd);
 }
 

@@ -57,7 +57,46 @@ inline void ss2d_layout(SS2DParams &p) {
   p.nsp = (p.L + span - 1) / span;
 }
 
+// Forward v3 (ss2d_fwd_v3_kernel.cuh, opt-in): threads over channels, chunks of T positions.
+struct SS2DV3Params {
+  SS2DParams p;   // as for v2 (LP, CH, nsp give the saved states' span layout)
+  int T, nc;      // positions per chunk, chunks per walk
+  int nth;        // threads (channels) per block, a multiple of 32, <= 128
+  int side;       // set by the launcher for the output pass
+  float *cS;      // (Bt, 4, nc, Dm): sum of delta per chunk; null when nc == 1
+  float *cE;      // (Bt, 4, nc, N, Dm): chunk end state from zero, then the state entering the chunk
+};
+
+// Chunk length of v3: the chunk pass costs one more exp2 per element whatever T is; the carry
+// pass costs L / T sequential steps per (b, k, d, n). 128 positions = 4 staged tiles.
+constexpr int kV3Chunk = 128;
+
+// Channels per block: the multiple of 32 <= 128 that wastes the fewest threads on Dm (larger wins ties).
+inline int ss2d_v3_threads(int Dm) {
+  int best = 32, waste_best = 1 << 30;
+  for (int w = 1; w <= 4; ++w) {
+    const int nth = 32 * w, waste = (Dm + nth - 1) / nth * nth - Dm;
+    if (waste <= waste_best) { best = nth; waste_best = waste; }
+  }
+  return best;
+}
+
+// Positions per staged tile (shared memory per block ~ 2 * nth * (kS + 1) floats + B, C, dt).
+constexpr int kV3Tile = 32;
+constexpr int kV3MaxThreads = 128;
+
+inline int ss2d_v3_nmax(int N) { return N <= 4 ? 4 : N <= 8 ? 8 : N <= 16 ? 16 : N <= 32 ? 32 : 64; }
+// Row stride of the staged B / C tiles: a multiple of 4 (float4 reads), padded against bank conflicts.
+constexpr int ss2d_v3_ns(int nmax) { return nmax + 4; }
+
+// Dynamic shared memory of a v3 kernel (bytes), for the host launcher and the bindings' check.
+inline size_t ss2d_v3_smem(int N, int R, int nth) {
+  const int ns = ss2d_v3_ns(ss2d_v3_nmax(N));
+  return sizeof(float) * (size_t(2) * kV3Tile * ns + size_t(R) * kV3Tile + size_t(2) * nth * (kV3Tile + 1));
+}
+
 template <typename T> void ss2d_fwd_launch(const SS2DParams &p, cudaStream_t stream);
+template <typename T> void ss2d_fwd_v3_launch(const SS2DV3Params &v, cudaStream_t stream);
 template <typename T> void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream);
 
 }  // namespace vmambax
