@@ -125,3 +125,19 @@ def test_bf16_inputs_give_fp32_output_close_to_fp64():
     assert y.dtype == torch.float32
     # Same rounded inputs, fp32 state: only fp32 arithmetic separates the two.
     torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CPU_SHAPES.values())[:4], ids=list(CPU_SHAPES)[:4])
+def test_fast_reference_equals_the_spec_loop(case):
+    # The reference op runs selective_scan_2d_fast (explicit reverse scan); the spec is the plain loop.
+    inputs = cast(scan_inputs(case, torch.float64, Bt=min(case.Bt, 3)), torch.float64)
+    spec = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    fast = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y_spec = reference.selective_scan_2d(**spec, out_dtype=torch.float64)
+    y_fast = reference.selective_scan_2d_fast(**fast, out_dtype=torch.float64)
+    torch.testing.assert_close(y_fast, y_spec, rtol=1e-13, atol=1e-13)
+    g = torch.randn_like(y_spec)
+    y_spec.backward(g)
+    y_fast.backward(g)
+    for k in spec:
+        torch.testing.assert_close(fast[k].grad, spec[k].grad, rtol=1e-11, atol=1e-13, msg=f"grad {k}")

@@ -19,7 +19,7 @@ def _ref_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tens
             D: torch.Tensor | None, delta_bias: torch.Tensor | None, delta_softplus: bool,
             out_dtype: torch.dtype) -> torch.Tensor:
     with torch.no_grad():
-        return reference.selective_scan_2d(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype)
+        return reference.selective_scan_2d_fast(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype)
 
 
 @_ref_op.register_fake
@@ -36,7 +36,7 @@ def _ref_backward(ctx, grad):
     saved = ctx.saved_tensors
     leaves = [None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in saved]
     with torch.enable_grad():
-        y = reference.selective_scan_2d(*leaves, *ctx.flags)
+        y = reference.selective_scan_2d_fast(*leaves, *ctx.flags)
         wanted = [t for t, need in zip(leaves, ctx.needs_input_grad[:7]) if t is not None and need]
         grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True)) if wanted else iter(())
     out = [next(grads) if t is not None and need else None for t, need in zip(leaves, ctx.needs_input_grad[:7])]
