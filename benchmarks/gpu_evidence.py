@@ -50,6 +50,8 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):  # pytest-xdist worker: the controller writes the file
+        return
     import torch
     try:
         from vmambax_kernels import available_backends
