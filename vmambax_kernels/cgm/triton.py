@@ -27,37 +27,14 @@ first launch, because Triton picks compiling or interpreting when a kernel is de
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .._triton_env import availability, interpreting  # noqa: F401  (backend API)
 
 from . import reference
 
-_MIN_TRITON = "3.6"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NT = 32  # 18 (map, tap) columns padded to a tl.dot size
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def availability() -> str | None:
-    """None when this backend can run here, else why not. Never raises."""
-    try:
-        import triton
-        from packaging.version import Version
-    except ImportError as exc:
-        return f"Triton is not installed ({exc}): pip install 'triton>={_MIN_TRITON}'"
-    try:
-        if Version(triton.__version__).release < Version(_MIN_TRITON).release:
-            return f"Triton {triton.__version__} is too old: pip install 'triton>={_MIN_TRITON}'"
-    except Exception as exc:  # an odd version string must not break available_backends()
-        return f"cannot read the Triton version {getattr(triton, '__version__', '?')!r}: {exc}"
-    if _interpreting() or torch.cuda.is_available():
-        return None
-    return ("no CUDA GPU is visible (torch.cuda.is_available() is False); "
-            "set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors (slow, for tests)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +301,7 @@ def _kernels() -> dict:
         for name in _HELPERS + _KERNELS:  # helpers first: kernels find them by global name
             g[name] = triton.jit(g[name])
             _built[name] = g[name]
-        if _interpreting():
+        if interpreting():
             _fix_interpreter_index()
     return _built
 
@@ -438,7 +415,7 @@ def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
         xa, xb, ya, yb, s, c_ct.float().contiguous(), c_pet.float().contiguous(),
         _pack_weights(w_ct, w_pet, C), ring,
         C, H, W, cfg["n_bands"], cfg["n_tiles"], cfg["TH"], cfg["RING"], *sa, *sb, *sya, *syb,
-        RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=_interpreting(),
+        RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
         BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return ya, yb, s
@@ -464,7 +441,7 @@ def _backward(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual):
         _pack_weights(w_ct, w_pet, C), ring, dxa, dxb, dc, dw,
         C, H, W, cfg["n_bands"], cfg["n_tiles"], cfg["TH"], cfg["RING"],
         *sga, *sgb, *sxa, *sxb, *sda, *sdb,
-        RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=_interpreting(),
+        RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
         BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     dc = dc.view(Bt, cfg["n_bands"], 2, C).sum(1)

@@ -13,41 +13,18 @@ from typing import NamedTuple
 
 import torch
 
+from .._triton_env import availability, interpreting  # noqa: F401  (backend API)
+
 from .flops import register_scan_flops
 
-_MIN_TRITON = "3.6"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def availability() -> str | None:
-    """None when the Triton backend can run here, else why not. Never raises."""
-    try:
-        import triton
-        from packaging.version import Version
-    except ImportError as exc:
-        return f"Triton is not installed ({exc}): pip install 'triton>={_MIN_TRITON}'"
-    try:
-        if Version(triton.__version__).release < Version(_MIN_TRITON).release:
-            return f"Triton {triton.__version__} is too old: pip install 'triton>={_MIN_TRITON}'"
-    except Exception as exc:  # an unparsable version string must not break available_backends()
-        return f"cannot read the Triton version {getattr(triton, '__version__', '?')!r}: {exc}"
-    if _interpreting():
-        return None
-    if not torch.cuda.is_available():
-        return ("no CUDA GPU is visible (torch.cuda.is_available() is False); "
-                "set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors (slow, for tests)")
-    return None
 
 
 def _kernels():
     # Imported on first launch, not with this module: Triton decides between compiling and
     # interpreting when the kernels are defined, and tests set TRITON_INTERPRET before that.
     from . import _triton_kernels
-    if _interpreting():
+    if interpreting():
         _vectorise_interpreter_scan()
         _fix_interpreter_index()
     return _triton_kernels
@@ -151,13 +128,13 @@ def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
     # the same tile size whatever N: wider channel blocks for small states, narrower for large
     bd = max(8, min(_opt("BLOCK_D") * 16 // NP, 64, _pow2(Dm)))
     bdb = max(8, min(_opt("BLOCK_D_BWD") * 16 // NP, 64, _pow2(Dm)))
-    if _interpreting():   # half the programs, half the CI time; n1/col still take BLOCK_D = 8
+    if interpreting():   # half the programs, half the CI time; n1/col still take BLOCK_D = 8
         bdb = bd
     n_db = -(-Dm // bd)
     # Several planes per program when planes are short (DCIM's 4x4 windows), as long as enough
     # programs remain to fill the GPU. The interpreter runs programs one after another: there,
     # fewer programs only save time.
-    min_programs = 1 if _interpreting() else 4096
+    min_programs = 1 if interpreting() else 4096
     bpp = max(1, min(Bt, _opt("planes_positions") // L))
     while bpp > 1 and n_db * 4 * -(-Bt // bpp) < min_programs:
         bpp //= 2
@@ -203,7 +180,7 @@ def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
         BLOCK_D=cfg.BLOCK_D, T=cfg.T, NP=cfg.NP, RP=cfg.RP,
         LOWRANK=w is not None, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        SAVE=save, INTERP=_interpreting(), num_warps=cfg.fwd_warps,
+        SAVE=save, INTERP=interpreting(), num_warps=cfg.fwd_warps,
     )
     return (y if out_dtype == torch.float32 else y.to(out_dtype)), states
 
@@ -238,7 +215,7 @@ def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), gy.stride(0), gy.stride(1),
         BLOCK_D=cfg.BLOCK_D_BWD, T=cfg.T, NP=cfg.NP, RP=cfg.RP,
         LOWRANK=w is not None, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
-        INTERP=_interpreting(), num_warps=cfg.bwd_warps,
+        INTERP=interpreting(), num_warps=cfg.bwd_warps,
     )
     return du.to(u.dtype), ddl.to(dl.dtype), dA, dB.to(B.dtype), dC.to(C.dtype), dD, dbias, dw
 
@@ -338,7 +315,7 @@ def _check(u, device_tensors: dict, lowrank_args=None):
     for name, t in device_tensors.items():
         if t is not None and t.device != u.device:
             raise ValueError(f"{name}: expected device {u.device} (the device of u), got {t.device}")
-    if u.device.type != "cuda" and not _interpreting():
+    if u.device.type != "cuda" and not interpreting():
         raise ValueError(f"u: the triton backend expects CUDA tensors (or TRITON_INTERPRET=1), got {u.device}")
     if lowrank_args is not None:
         dt, w = lowrank_args
