@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 from pathlib import Path
 
@@ -33,21 +32,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # DESIGN.md, the published implementation on one H100 (fp16 autocast, batch 8, 512x512).
 PUBLISHED = {"train_step_ms": 643.0, "infer_ms": 216.0, "peak_gb": 37.6}
 PUBLISHED_PARTS = {"encoder": 263.0, "dcim": 189.0, "decoder": 157.0, "cgm": 13.0}
-
-
-def events_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 @contextlib.contextmanager
@@ -124,10 +108,10 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
             raise RuntimeError(f"{provider}/{dtype_name}: non-finite training loss {loss.item()}")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        train_ms = events_ms(step, warmup=2, iters=iters)
+        train_ms = harness.events_median_ms(step, warmup=2, iters=iters)
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
         model.eval()
-        infer_ms = events_ms(infer, warmup=2, iters=iters)
+        infer_ms = harness.events_median_ms(infer, warmup=2, iters=iters)
         model.train()
         recs.append(harness.record("model", "train", provider, dtype_name, batch, env, train_step_ms=train_ms,
                                    pairs_per_s=batch / train_ms * 1e3, peak_gb=peak_gb))
@@ -140,7 +124,7 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
                         out = fn()
                     _backward_all(out)
                 recs.append(harness.record("model", f"part_{name}", provider, dtype_name, batch, env,
-                                           fwdbwd_ms=events_ms(fwdbwd, warmup=1, iters=max(3, iters // 2))))
+                                           fwdbwd_ms=harness.events_median_ms(fwdbwd, warmup=1, iters=max(3, iters // 2))))
     del model, opt
     torch.cuda.empty_cache()
     return recs

@@ -59,10 +59,17 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
         do_bench = None
     if do_bench is not None:
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    fn()
+    return events_median_ms(fn, warmup=1, iters=max(5, int(rep_ms // 5)))
+
+
+def events_median_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median of ``iters`` CUDA-event timings of ``fn`` after ``warmup`` calls (for long calls
+    such as a training step, where a time budget in ms would mean one or two repetitions)."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(max(5, int(rep_ms // 5))):
+    for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
