@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--patients", type=_positive, default=None)
     d.add_argument("--slices", type=_positive, default=None)
     d.add_argument("--size", type=_positive, default=None,
-                   help="image side, a multiple of 32 (default: 128)")
+                   help="image side, a multiple of 32 (default: 64 on a CPU, 128 on a GPU)")
     d.add_argument("--epochs", type=_positive, default=None)
     d.add_argument("--batch-size", type=_positive, default=None)
     d.add_argument("--steps-per-epoch", type=_positive, default=None)

@@ -19,10 +19,11 @@ MARKER = ".vmambax-demo"  # a demo folder may be replaced by the next demo; anyt
 
 
 # Sizes per device, measured on the 2-core CI CPU (the full model, its scans through the PyTorch
-# reference): a training step of batch 4 at 128x128 took 19 s on an idle machine and 40-55 s with
-# other jobs running; after 6 steps (lr 5e-4) validation Dice was 0.69. So the CPU demo trains
-# 6 steps in two epochs (about 2.5 minutes idle, 6 busy); a GPU trains more.
-_AUTO = {"cpu": dict(patients=10, slices=6, size=128, epochs=2, batch_size=4, steps_per_epoch=3),
+# reference). At 128x128 a training step of batch 4 took 19 s on an idle machine but 180 s beside
+# one other test job (two processes' threads fighting over two cores), so 128x128 cannot promise
+# 10 minutes. At 64x64 a step of batch 2 took 0.65 s idle (4.8 s busy); 63 steps (lr 5e-4) gave
+# test Dice 0.31 in 60 s. A GPU trains at 128x128.
+_AUTO = {"cpu": dict(patients=10, slices=6, size=64, epochs=3, batch_size=2, steps_per_epoch=None),
          "cuda": dict(patients=12, slices=8, size=128, epochs=8, batch_size=8, steps_per_epoch=None)}
 
 
