@@ -28,3 +28,26 @@ def availability() -> str | None:
         return None
     return ("no CUDA GPU is visible (torch.cuda.is_available() is False); "
             "set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors (slow, for tests)")
+
+
+def fix_interpreter_index() -> None:
+    """Let the interpreter use a scalar kernel argument as a loop bound under numpy >= 2.3.
+
+    Triton 3.6's interpreter holds scalar arguments as 1-element arrays and converts them with
+    int(array), which numpy 2.3+ rejects ("only 0-dimensional arrays can be converted").
+    Idempotent; a no-op where the interpreter's internals differ.
+    """
+    try:
+        from triton.runtime import interpreter
+        orig = interpreter._patch_lang_tensor
+    except (ImportError, AttributeError):
+        return
+    if getattr(orig, "_vmambax_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._vmambax_fixed = True
+    interpreter._patch_lang_tensor = patched

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .._triton_env import availability, interpreting  # noqa: F401  (backend API)
+from .._triton_env import availability, fix_interpreter_index, interpreting  # noqa: F401  (backend API)
 
 from . import reference
 
@@ -302,27 +302,8 @@ def _kernels() -> dict:
             g[name] = triton.jit(g[name])
             _built[name] = g[name]
         if interpreting():
-            _fix_interpreter_index()
+            fix_interpreter_index()
     return _built
-
-
-def _fix_interpreter_index() -> None:
-    """Triton 3.6's interpreter holds scalar arguments as 1-element arrays and turns them into
-    loop bounds with int(array), which numpy >= 2.3 rejects; give its tensors an __index__."""
-    try:
-        from triton.runtime import interpreter
-        orig = interpreter._patch_lang_tensor
-    except (ImportError, AttributeError):
-        return
-    if getattr(orig, "_vmambax_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._vmambax_fixed = True
-    interpreter._patch_lang_tensor = patched
 
 
 # ----------------------------------------------------------------------------------------------

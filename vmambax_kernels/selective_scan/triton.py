@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._triton_env import availability, interpreting  # noqa: F401  (backend API)
+from .._triton_env import availability, fix_interpreter_index, interpreting  # noqa: F401  (backend API)
 
 from .flops import register_scan_flops
 
@@ -26,30 +26,8 @@ def _kernels():
     from . import _triton_kernels
     if interpreting():
         _vectorise_interpreter_scan()
-        _fix_interpreter_index()
+        fix_interpreter_index()
     return _triton_kernels
-
-
-def _fix_interpreter_index() -> None:
-    """Let the interpreter use a scalar kernel argument as a loop bound under numpy >= 2.3.
-
-    Triton 3.6's interpreter holds scalar arguments as 1-element arrays and converts them with
-    int(array), which numpy 2.3+ rejects ("only 0-dimensional arrays can be converted").
-    """
-    try:
-        from triton.runtime import interpreter
-        orig = interpreter._patch_lang_tensor
-    except (ImportError, AttributeError):
-        return
-    if getattr(orig, "_vmambax_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._vmambax_fixed = True
-    interpreter._patch_lang_tensor = patched
 
 
 def _vectorise_interpreter_scan() -> None:
