@@ -110,3 +110,23 @@ def test_init_checkpoint_starts_from_those_weights(tiny_data, tmp_path):
     learned = [k for k in a if "running" not in k and "num_batches" not in k]
     assert len(learned) > 4 and r["history"]
     assert all(torch.allclose(a[k], b[k], atol=1e-9) for k in learned)
+
+
+def test_backbone_weights_start_the_shared_encoder(tiny_data, tmp_path):
+    # --backbone wiring: the file's encoder tensors (VMamba's current names here; the v0 renames are
+    # tested with the model) are in the encoder when training starts.
+    from vmambax.models.encoder import VSSEncoder
+    small = {"depths": [1, 1, 1, 1], "dims": [32, 64, 128, 256], "decoder_depth": 1}
+    torch.manual_seed(3)
+    enc = VSSEncoder(3, small["depths"], small["dims"]).state_dict()
+    sd = {k: torch.randn(v.shape) if v.is_floating_point() else v for k, v in enc.items()
+          if not k.startswith("outnorm")}
+    path = tmp_path / "backbone.pth"
+    torch.save({"model": sd}, path)
+    train(_cfg(tiny_data, tmp_path / "run", epochs=1, steps_per_epoch=1, lr=1e-12, backbone=str(path),
+               model={"name": "VMambaX", "kwargs": {"num_classes": 1, **small}}))
+    got = load(str(tmp_path / "run" / "checkpoint_final.pt"))["model"]
+    learned = [k for k in sd if "running" not in k and "num_batches" not in k]
+    assert len(learned) > 20
+    assert all(torch.allclose(got[f"backbone.vssm.{k}"], sd[k], atol=1e-9) for k in learned)
+    assert "backbone" in open(tmp_path / "run" / "train.log").read()
