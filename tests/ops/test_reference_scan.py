@@ -44,6 +44,19 @@ def naive_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
     return y
 
 
+def assert_same_values_and_grads(fn, ref_fn, inputs, out_tol, grad_rtol, grad_atol):
+    """fn and ref_fn give the same output and the same gradient of every input, float64."""
+    a = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    b = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    y, y_ref = fn(**a), ref_fn(**b)
+    torch.testing.assert_close(y, y_ref, rtol=out_tol, atol=out_tol)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    for k in a:
+        torch.testing.assert_close(a[k].grad, b[k].grad, rtol=grad_rtol, atol=grad_atol, msg=f"grad {k}")
+
+
 def test_walk_orders_literal():
     # SPEC.md's example: H = 2, W = 3.
     assert reference.walk_orders(2, 3).tolist() == [[0, 1, 2, 3, 4, 5], [0, 3, 1, 4, 2, 5],
@@ -71,16 +84,10 @@ def test_each_walk_visits_positions_in_spec_order():
 @pytest.mark.parametrize("with_D", [True, False])
 def test_reference_matches_naive_forward_and_grads(case, with_D):
     inputs = cast(scan_inputs(case, torch.float64, with_D=with_D, with_bias=with_D, Bt=min(case.Bt, 3)), torch.float64)
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
-    y = vk.selective_scan_2d(**leaves, out_dtype=torch.float64, backend="reference")
-    naive_leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
-    y_naive = naive_scan(**naive_leaves)
-    torch.testing.assert_close(y, y_naive, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_naive.backward(g)
-    for k in leaves:
-        torch.testing.assert_close(leaves[k].grad, naive_leaves[k].grad, rtol=1e-10, atol=1e-12, msg=f"grad {k}")
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    assert_same_values_and_grads(
+        lambda **kw: vk.selective_scan_2d(**kw, out_dtype=torch.float64, backend="reference"), naive_scan, inputs,
+        out_tol=1e-12, grad_rtol=1e-10, grad_atol=1e-12)
 
 
 GRADCHECK_CASES = [ScanCase("h1", 2, 2, 1, 5, 3), ScanCase("w1", 1, 2, 4, 1, 2), ScanCase("prime", 1, 1, 3, 5, 1),
@@ -131,13 +138,7 @@ def test_bf16_inputs_give_fp32_output_close_to_fp64():
 def test_fast_reference_equals_the_spec_loop(case):
     # The reference op runs selective_scan_2d_fast (explicit reverse scan); the spec is the plain loop.
     inputs = cast(scan_inputs(case, torch.float64, Bt=min(case.Bt, 3)), torch.float64)
-    spec = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    fast = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    y_spec = reference.selective_scan_2d(**spec, out_dtype=torch.float64)
-    y_fast = reference.selective_scan_2d_fast(**fast, out_dtype=torch.float64)
-    torch.testing.assert_close(y_fast, y_spec, rtol=1e-13, atol=1e-13)
-    g = torch.randn_like(y_spec)
-    y_spec.backward(g)
-    y_fast.backward(g)
-    for k in spec:
-        torch.testing.assert_close(fast[k].grad, spec[k].grad, rtol=1e-11, atol=1e-13, msg=f"grad {k}")
+    assert_same_values_and_grads(
+        lambda **kw: reference.selective_scan_2d_fast(**kw, out_dtype=torch.float64),
+        lambda **kw: reference.selective_scan_2d(**kw, out_dtype=torch.float64), inputs,
+        out_tol=1e-13, grad_rtol=1e-11, grad_atol=1e-13)
