@@ -137,12 +137,17 @@ def _plane_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
-    kern = _kernels()
+def _sizes(u, dl, w, A):
+    """(Bt, Dm, H, W, N, L, R) and the launch config, shared by the forward and backward launchers."""
     Bt, Dm, H, W = u.shape
     N, L = A.shape[-1], H * W
     R = dl.shape[2] if w is not None else 0
-    cfg = config(Bt, Dm, L, N, R)
+    return Bt, Dm, H, W, N, L, R, config(Bt, Dm, L, N, R)
+
+
+def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
+    kern = _kernels()
+    Bt, Dm, H, W, N, L, R, cfg = _sizes(u, dl, w, A)
     n_chunks, n_db = _n_chunks(L, cfg), -(-Dm // cfg.BLOCK_D)
     u, dl, B, C = map(_plane_contiguous, (u, dl, B, C))
     A, w, D, bias = (None if t is None else t.contiguous() for t in (A, w, D, bias))
@@ -165,10 +170,7 @@ def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
 
 def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
     kern = _kernels()
-    Bt, Dm, H, W = u.shape
-    N, L = A.shape[-1], H * W
-    R = dl.shape[2] if w is not None else 0
-    cfg = config(Bt, Dm, L, N, R)
+    Bt, Dm, H, W, N, L, R, cfg = _sizes(u, dl, w, A)
     n_chunks, n_db = _n_chunks(L, cfg), -(-Dm // cfg.BLOCK_D_BWD)
     if states.shape != (Bt, 4, Dm, n_chunks, N):
         raise RuntimeError("ss2d_triton_bwd: the forward did not save its chunk states "
