@@ -55,15 +55,20 @@ def _softplus(x, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _load_delta(dl_ptr, w_tile, base, offs_d, offs_r, p, mask_d, mask_r, mask_t, s_c, bias,
+def _load_delta(dl_ptr, w_ptr, kd, R, base, offs_d, p, mask_d, mask_t, s_c, bias, BLOCK_D: tl.constexpr,
                 LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 INTERP: tl.constexpr):
     """delta (+ bias) at positions p for the block's channels: [T, BLOCK_D] fp32 (pre-softplus, post)
-    and what was loaded ([T, RP] low-rank dt, or delta)."""
+    and what was loaded (delta; None for the low-rank form)."""
     if LOWRANK:
-        dt = tl.load(dl_ptr + base + offs_r[None, :] * s_c + p[:, None],
-                     mask=mask_t[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-        x = tl.dot(dt, w_tile, input_precision="ieee")                       # [T, RP] @ [RP, BLOCK_D]
+        # delta = W @ dt as R rank-1 updates in fp32 FMAs. Not tl.dot: on the H100 the dots of the
+        # first version gave TF32-sized errors (~1e-3 relative) in the low-rank gradients.
+        x = tl.zeros([p.shape[0], BLOCK_D], dtype=tl.float32)
+        for r in range(R):
+            dt_r = tl.load(dl_ptr + base + r * s_c + p, mask=mask_t, other=0.0).to(tl.float32)
+            w_r = tl.load(w_ptr + kd * R + r, mask=mask_d, other=0.0)
+            x += dt_r[:, None] * w_r[None, :]
+        dt = None
     else:
         dt = tl.load(dl_ptr + base + offs_d[None, :] * s_c + p[:, None],
                      mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
@@ -110,8 +115,6 @@ def _ss2d_fwd_kernel(
     A2 = tl.load(A_ptr + kd[:, None] * N + offs_n[None, :], mask=mdn, other=0.0) * LOG2E   # [BLOCK_D, NP]
     Dv = tl.load(D_ptr + kd, mask=mask_d, other=0.0) if HAS_D else None
     bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0) if HAS_BIAS else None
-    w_tile = tl.load(w_ptr + kd[None, :] * R + offs_r[:, None], mask=mask_r[:, None] & mask_d[None, :],
-                     other=0.0) if LOWRANK else None                                      # [RP, BLOCK_D]
 
     for i in range(BPP):
         b = b0 + i
@@ -125,8 +128,8 @@ def _ss2d_fwd_kernel(
             m2 = mask_t[:, None] & mask_d[None, :]
             mtn = mask_t[:, None] & mask_n[None, :]
             u = tl.load(u_ptr + bb * su_b + offs_d[None, :] * su_d + p[:, None], mask=m2, other=0.0).to(tl.float32)
-            _, dl, _ = _load_delta(dl_ptr, w_tile, bb * sdl_b + k * sdl_k, offs_d, offs_r, p, mask_d, mask_r,
-                                   mask_t, sdl_c, bias, LOWRANK, HAS_BIAS, SOFTPLUS, INTERP)
+            _, dl, _ = _load_delta(dl_ptr, w_ptr, kd, R, bb * sdl_b + k * sdl_k, offs_d, p, mask_d, mask_t,
+                                   sdl_c, bias, BLOCK_D, LOWRANK, HAS_BIAS, SOFTPLUS, INTERP)
             Bv = tl.load(B_ptr + bb * sB_b + k * sB_k + offs_n[None, :] * sB_n + p[:, None], mask=mtn,
                          other=0.0).to(tl.float32)                                        # [T, NP]
             Cv = tl.load(C_ptr + bb * sC_b + k * sC_k + offs_n[None, :] * sC_n + p[:, None], mask=mtn,
@@ -173,7 +176,6 @@ def _ss2d_bwd_kernel(
     A2 = A * LOG2E
     Dv = tl.load(D_ptr + kd, mask=mask_d, other=0.0) if HAS_D else None
     bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0) if HAS_BIAS else None
-    w_tile = tl.load(w_ptr + kd[None, :] * R + offs_r[:, None], mask=mrd, other=0.0) if LOWRANK else None
 
     # parameter gradients, with their compensation terms
     dA_acc = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
@@ -199,8 +201,8 @@ def _ss2d_bwd_kernel(
             mtn = mask_t[:, None] & mask_n[None, :]
             u = tl.load(u_ptr + bb * su_b + offs_d[None, :] * su_d + p[:, None], mask=m2, other=0.0).to(tl.float32)
             gy = tl.load(gy_ptr + bb * sg_b + offs_d[None, :] * sg_d + p[:, None], mask=m2, other=0.0).to(tl.float32)
-            x, dl, dt = _load_delta(dl_ptr, w_tile, dl_base, offs_d, offs_r, p, mask_d, mask_r, mask_t, sdl_c,
-                                    bias, LOWRANK, HAS_BIAS, SOFTPLUS, INTERP)
+            x, dl, _ = _load_delta(dl_ptr, w_ptr, kd, R, dl_base, offs_d, p, mask_d, mask_t, sdl_c,
+                                   bias, BLOCK_D, LOWRANK, HAS_BIAS, SOFTPLUS, INTERP)
             Bv = tl.load(B_ptr + bb * sB_b + k * sB_k + offs_n[None, :] * sB_n + p[:, None], mask=mtn,
                          other=0.0).to(tl.float32)
             Cv = tl.load(C_ptr + bb * sC_b + k * sC_k + offs_n[None, :] * sC_n + p[:, None], mask=mtn,
@@ -219,8 +221,8 @@ def _ss2d_bwd_kernel(
             tn = t + 1
             mask_nx = (offs_t < T - 1) & (tn < L) & b_ok
             pn = tl.where(mask_nx, _walk_pos(tn, k, H, W, L), 0)
-            _, dln, _ = _load_delta(dl_ptr, w_tile, dl_base, offs_d, offs_r, pn, mask_d, mask_r, mask_nx, sdl_c,
-                                    bias, LOWRANK, HAS_BIAS, SOFTPLUS, INTERP)
+            _, dln, _ = _load_delta(dl_ptr, w_ptr, kd, R, dl_base, offs_d, pn, mask_d, mask_nx, sdl_c,
+                                    bias, BLOCK_D, LOWRANK, HAS_BIAS, SOFTPLUS, INTERP)
             alpha = tl.where(mask_nx[:, None, None], tl.exp2(dln[:, :, None] * A2[None, :, :]), 1.0)
             cg = gy[:, :, None] * Cv[:, None, :]
             Pr, Gr = tl.associative_scan((alpha, cg), 0, _lin_combine, reverse=True)
@@ -245,13 +247,15 @@ def _ss2d_bwd_kernel(
             if HAS_BIAS:
                 dbias_acc, dbias_c = _kahan(dbias_acc, dbias_c, tl.sum(ddl, axis=0))
             if LOWRANK:
-                if BLOCK_D >= 16:   # tl.dot needs a reduction length of at least 16
-                    ddt = tl.dot(ddl, tl.trans(w_tile), input_precision="ieee")           # [T, RP]
-                else:
-                    ddt = tl.sum(ddl[:, :, None] * tl.trans(w_tile)[None, :, :], axis=1)
-                tl.atomic_add(ddl_ptr + (bb * 4 + k) * R * L + offs_r[None, :] * L + p[:, None], ddt,
-                              mask=mask_t[:, None] & mask_r[None, :], sem="relaxed")
-                dw_acc, dw_c = _kahan(dw_acc, dw_c, tl.dot(tl.trans(dt), ddl, input_precision="ieee"))  # [RP, BD]
+                # d dt and dW one rank at a time in fp32 (no tl.dot: see _load_delta)
+                dw_chunk = tl.zeros([RP, BLOCK_D], dtype=tl.float32)
+                for r in range(R):
+                    w_r = tl.load(w_ptr + kd * R + r, mask=mask_d, other=0.0)
+                    tl.atomic_add(ddl_ptr + ((bb * 4 + k) * R + r) * L + p, tl.sum(ddl * w_r[None, :], axis=1),
+                                  mask=mask_t, sem="relaxed")
+                    dt_r = tl.load(dl_ptr + dl_base + r * sdl_c + p, mask=mask_t, other=0.0).to(tl.float32)
+                    dw_chunk += tl.where(offs_r[:, None] == r, tl.sum(dt_r[:, None] * ddl, axis=0)[None, :], 0.0)
+                dw_acc, dw_c = _kahan(dw_acc, dw_c, dw_chunk)
             else:
                 tl.store(ddl_ptr + (bb * 4 + k) * Dm * L + offs_d[None, :] * L + p[:, None], ddl, mask=m2)
 

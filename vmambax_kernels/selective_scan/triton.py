@@ -101,7 +101,7 @@ def _opt(name):
 
 def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
     NP = max(2, _pow2(N))
-    RP = max(16, _pow2(R))
+    RP = max(2, _pow2(R))
     T = _opt("T")
     # the same tile size whatever N: wider channel blocks for small states, narrower for large
     bd = max(8, min(_opt("BLOCK_D") * 16 // NP, 64, _pow2(Dm)))
