@@ -1,7 +1,7 @@
 """SS2D benchmark over DESIGN.md's shape set (contract: DESIGN.md, "Benchmark contract").
 
     python benchmarks/bench_ss2d.py [--cases enc1,rect1] [--dtypes bf16,fp16] [--scopes core,op]
-                                    [--providers cuda,cuda_v3,triton,unfused_mamba] [--quick] [--no-record]
+                                    [--providers cuda,triton,unfused_mamba] [--quick] [--no-record]
     python benchmarks/bench_ss2d.py --sanitize     # cut-down fwd+bwd pass for compute-sanitizer
 
 Scope "core": cross_selective_scan_2d + LayerNorm (x after the depthwise conv and SiLU -> output
@@ -10,14 +10,12 @@ fwd under no_grad; fwdbwd = forward + backward of every input and parameter with
 output gradient; peak_mb = extra memory of fwdbwd. Providers: cuda, triton (when available), the
 unfused peer (PyTorch cross-scan + mamba-ssm selective_scan_fn + PyTorch cross-merge:
 unfused_mamba; unfused_torch, the reference scan in that pipeline, where mamba-ssm is absent and
-the case is small enough); cuda_v3, the cuda backend with the opt-in v3 forward
-(VMAMBAX_CUDA_FWD=v3), forward only (fwd_ms). Every record names the provider that actually ran.
+the case is small enough). Every record names the provider that actually ran.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -135,27 +133,10 @@ def core_inputs(case: ScanCase, dtype, Bt: int, seed=0) -> dict:
                 Ds=torch.ones(4 * Dm).cuda())
 
 
-def _with_fwd_v3(fn):
-    """fn with VMAMBAX_CUDA_FWD=v3 set during each call (read by the cuda backend per call)."""
-    def wrapped(**kw):
-        old = os.environ.get("VMAMBAX_CUDA_FWD")
-        os.environ["VMAMBAX_CUDA_FWD"] = "v3"
-        try:
-            return fn(**kw)
-        finally:
-            if old is None:
-                del os.environ["VMAMBAX_CUDA_FWD"]
-            else:
-                os.environ["VMAMBAX_CUDA_FWD"] = old
-    return wrapped
-
-
-FORWARD_ONLY = ("cuda_v3",)  # providers timed without a backward
+FORWARD_ONLY = ()  # providers timed without a backward
 
 
 def make_fn(scope: str, provider: str):
-    if provider == "cuda_v3":
-        return _with_fwd_v3(make_fn(scope, "cuda"))
     if scope == "core":
         if provider in ("cuda", "triton", "reference"):
             scan = lambda **kw: vk.cross_selective_scan_2d(**kw, backend=provider)  # noqa: E731
@@ -176,7 +157,7 @@ def providers_here(requested):
     avail = vk.available_backends()
     out = []
     for p in requested:
-        if p in ("cuda", "triton", "cuda_v3"):
+        if p in ("cuda", "triton"):
             if avail[p.split("_")[0]].available:
                 out.append(p)
             else:

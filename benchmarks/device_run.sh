@@ -82,10 +82,12 @@ if [ "$SANITIZE" = 1 ]; then
 fi
 
 if [ "$PROFILE" = 1 ]; then
-  echo "== ncu (enc1 core bf16: one forward and one backward kernel)"
-  timeout "${PROFILE_TIMEOUT:-90}" ncu -k regex:ss2d_ --launch-skip 1 --launch-count 2 --section SpeedOfLight \
+  # after the warm-up forward's 3 (chunk + 2 output passes): the forward's chunk and output passes,
+  # then the backward's chunk pass and its two main passes
+  echo "== ncu (enc1 core bf16: the forward's and the backward's chunk and main kernels)"
+  timeout "${PROFILE_TIMEOUT:-90}" ncu -k "regex:ss2d_(fwd|bwd)_(chunk|out|main)" --launch-skip 3 --launch-count 6 --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
-    --section MemoryWorkloadAnalysis python3 benchmarks/bench_ss2d.py --profile > "$OUT/ncu.txt" 2>&1
+    --section MemoryWorkloadAnalysis --section SchedulerStats python3 benchmarks/bench_ss2d.py --profile > "$OUT/ncu.txt" 2>&1
   echo "== ncu rc=$? ($(wc -l < "$OUT/ncu.txt") lines)"
   so=$(ls vmambax_kernels/_C*.so | head -1)
   cuobjdump -sass "$so" | grep -oE "(ATOMS|ATOM|RED|MUFU|SHFL|LDL|STL|LDS|STS|LDG|STG)(\.[A-Z0-9_]+)*" \

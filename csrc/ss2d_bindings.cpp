@@ -84,10 +84,16 @@ SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const
   SS2DParams p{};
   p.Bt = int(Bt); p.Dm = int(Dm); p.H = int(H); p.W = int(W); p.L = int(H * W); p.N = int(N); p.R = int(R);
   p.softplus = softplus;
-  ss2d_layout(p);
-  const size_t smem = sizeof(float) * size_t(2 * N + R) * p.LP * p.CH;
-  TORCH_CHECK(smem <= 200 * 1024, "dt_projs_weight: the backward needs (2N + R) * ", p.LP * p.CH,
-              " floats of shared memory, over 200 KB for N = ", N, ", R = ", R);
+  p.T = kChunk;
+  p.nc = ss2d_chunks(p.L);
+  p.nth = ss2d_threads(p.Dm);
+  TORCH_CHECK(int64_t(p.nc) * 2 * Bt < (int64_t(1) << 31), "u: expected Bt * ceil(H*W / ", kChunk,
+              ") * 2 < 2^31 (grid size), got Bt = ", Bt, ", H*W = ", p.L);
+  auto smem_of = [&](int nth) { return std::max(ss2d_fwd_smem(p.N, p.R, nth), ss2d_bwd_smem(p.N, p.R, nth)); };
+  while (p.nth > 32 && smem_of(p.nth) > 227 * 1024) p.nth -= 32;  // large N: fewer channels per block
+  const size_t smem = smem_of(p.nth);
+  TORCH_CHECK(smem <= 227 * 1024, "dt_projs_weight: the kernels stage R = ", R, " rows of dt and N = ", N,
+              " states per block in shared memory: ", smem, " bytes, over 227 KB");
   // Row walks read the tensors as given (k = 0, 2: k >> 1 steps two k's); column walks read
   // copies of u and of the k = 1, 3 slices transposed to (W, H) planes, so both walk memory order.
   auto odd_t = [](const Tensor &t) { return t.slice(1, 1, 4, 2).transpose(3, 4).contiguous(); };
@@ -97,7 +103,7 @@ SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const
   keep.push_back(odd_t(C));
   const Tensor *src[2][4] = {{&u, &dl, &B, &C}, {&keep[0], &keep[1], &keep[2], &keep[3]}};
   for (int side = 0; side < 2; ++side) {
-    SS2DSide &sd = p.side[side];
+    SS2DSide &sd = p.sides[side];
     const Tensor &tu = *src[side][0], &tdl = *src[side][1], &tB = *src[side][2], &tC = *src[side][3];
     const int64_t kmul = side == 0 ? 2 : 1;
     sd.u = tu.data_ptr(); sd.dl = tdl.data_ptr(); sd.B = tB.data_ptr(); sd.C = tC.data_ptr();
@@ -113,6 +119,9 @@ SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const
   return p;
 }
 
+// The forward returns (out, states): states = the fp32 state entering each chunk of every walk,
+// (Bt, 4, nc, N, Dm) with nc = ceil(H*W / T) (size 0 along nc when a walk is one chunk), when
+// save_states; else an empty (0,) tensor.
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B,
                                     const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
                                     const optional<Tensor> &Wdt, bool softplus, at::ScalarType out_dtype,
@@ -122,17 +131,23 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor &u, const Tensor &dl, const Ten
   SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus, keep);
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
+  auto f32 = u.options().dtype(at::kFloat);
   Tensor out = at::empty({p.Bt, p.Dm, p.H, p.W}, u.options().dtype(out_dtype));
-  Tensor acc = out_dtype == at::kFloat ? out : at::empty({p.Bt, p.Dm, p.H, p.W}, u.options().dtype(at::kFloat));
-  Tensor states = save_states ? at::empty({p.Bt, p.Dm, 4, p.nsp - 1, p.N}, u.options().dtype(at::kFloat))
-                              : at::empty({0}, u.options().dtype(at::kFloat));
+  Tensor acc = out_dtype == at::kFloat ? out : at::empty({p.Bt, p.Dm, p.H, p.W}, f32);
+  Tensor cS, cE;
+  if (p.nc > 1) {
+    cS = at::empty({p.Bt, 4, p.nc, p.Dm}, f32);
+    cE = at::empty({p.Bt, 4, p.nc, p.N, p.Dm}, f32);
+    p.cS = cS.data_ptr<float>();
+    p.cE = cE.data_ptr<float>();
+  }
   p.acc = acc.data_ptr<float>();
   p.out = out.data_ptr();
   p.out_type = out_dtype == at::kFloat ? OutType::kFloat : out_dtype == at::kBFloat16 ? OutType::kBFloat16 : OutType::kHalf;
-  p.states = save_states ? states.data_ptr<float>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_input(u.scalar_type(), "u", [&](auto x) { ss2d_fwd_launch<decltype(x)>(p, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Tensor states = !save_states ? at::empty({0}, f32) : p.nc > 1 ? cE : at::empty({p.Bt, 4, 0, p.N, p.Dm}, f32);
   return {out, states};
 }
 
@@ -149,61 +164,6 @@ std::tuple<Tensor, Tensor> ss2d_lowrank_fwd(const Tensor &u, const Tensor &dt, c
   return fwd_impl(u, dt, A, B, C, D, bias, Wdt, softplus, out_dtype, save_states);
 }
 
-// Forward v3 (opt-in, ss2d_fwd_v3_kernel.cuh): same contract and outputs as fwd_impl, including the
-// span states of the v2 layout, so the v2 backward runs on its saved states.
-std::tuple<Tensor, Tensor> fwd_v3_impl(const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B,
-                                       const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
-                                       const optional<Tensor> &Wdt, bool softplus, at::ScalarType out_dtype,
-                                       bool save_states) {
-  c10::cuda::CUDAGuard guard(u.device());
-  std::vector<Tensor> keep;
-  SS2DV3Params v{};
-  v.p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus, keep);
-  SS2DParams &p = v.p;
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
-              "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
-  v.T = kV3Chunk;
-  v.nc = (p.L + v.T - 1) / v.T;
-  v.nth = ss2d_v3_threads(p.Dm);
-  TORCH_CHECK(int64_t(v.nc) * 2 * p.Bt < (int64_t(1) << 31), "u: expected Bt * ceil(H*W / ", v.T,
-              ") * 2 < 2^31 (grid size), got Bt = ", p.Bt, ", H*W = ", p.L);
-  const size_t smem = ss2d_v3_smem(p.N, p.R, v.nth);
-  TORCH_CHECK(smem <= 227 * 1024, "dt_projs_weight: the v3 forward stages R = ", p.R,
-              " rows of dt per tile in shared memory: ", smem, " bytes, over 227 KB");
-  auto f32 = u.options().dtype(at::kFloat);
-  Tensor out = at::empty({p.Bt, p.Dm, p.H, p.W}, u.options().dtype(out_dtype));
-  Tensor acc = out_dtype == at::kFloat ? out : at::empty({p.Bt, p.Dm, p.H, p.W}, f32);
-  Tensor states = save_states ? at::empty({p.Bt, p.Dm, 4, p.nsp - 1, p.N}, f32) : at::empty({0}, f32);
-  Tensor cS, cE;
-  if (v.nc > 1) {
-    cS = at::empty({p.Bt, 4, v.nc, p.Dm}, f32);
-    cE = at::empty({p.Bt, 4, v.nc, p.N, p.Dm}, f32);
-    v.cS = cS.data_ptr<float>();
-    v.cE = cE.data_ptr<float>();
-  }
-  p.acc = acc.data_ptr<float>();
-  p.out = out.data_ptr();
-  p.out_type = out_dtype == at::kFloat ? OutType::kFloat : out_dtype == at::kBFloat16 ? OutType::kBFloat16 : OutType::kHalf;
-  p.states = save_states && states.numel() > 0 ? states.data_ptr<float>() : nullptr;
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  dispatch_input(u.scalar_type(), "u", [&](auto x) { ss2d_fwd_v3_launch<decltype(x)>(v, stream); });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, states};
-}
-
-std::tuple<Tensor, Tensor> ss2d_fwd_v3(const Tensor &u, const Tensor &delta, const Tensor &A, const Tensor &B,
-                                       const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
-                                       bool softplus, at::ScalarType out_dtype, bool save_states) {
-  return fwd_v3_impl(u, delta, A, B, C, D, bias, c10::nullopt, softplus, out_dtype, save_states);
-}
-
-std::tuple<Tensor, Tensor> ss2d_lowrank_fwd_v3(const Tensor &u, const Tensor &dt, const Tensor &A, const Tensor &B,
-                                               const Tensor &C, const optional<Tensor> &D,
-                                               const optional<Tensor> &bias, const Tensor &Wdt, bool softplus,
-                                               at::ScalarType out_dtype, bool save_states) {
-  return fwd_v3_impl(u, dt, A, B, C, D, bias, Wdt, softplus, out_dtype, save_states);
-}
-
 // Gradients in fp32 (the Python side casts them to each input's dtype); absent D / delta_bias /
 // dt_projs_weight give empty tensors.
 std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B,
@@ -218,11 +178,13 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
   VMX_CHECK_CONTIGUOUS(dy);
   VMX_CHECK_CUDA(states);
   VMX_CHECK_DTYPE(states, at::kFloat);
-  VMX_CHECK_SHAPE(states, p.Bt, p.Dm, 4, p.nsp - 1, p.N);
+  VMX_CHECK_SHAPE(states, p.Bt, 4, p.nc > 1 ? p.nc : 0, p.N, p.Dm);
   VMX_CHECK_CONTIGUOUS(states);
   auto f32 = u.options().dtype(at::kFloat);
   const int64_t Bt = p.Bt, Dm = p.Dm, H = p.H, W = p.W, N = p.N, R = p.R, L = p.L, Cl = R > 0 ? R : Dm;
   Tensor du = at::empty({Bt, Dm, H, W}, f32);
+  // Column walks read dy in their transposed layout (coalesced along their walk).
+  Tensor dyT = dy.transpose(2, 3).contiguous();
   // Channel sums (dB, dC, low-rank ddt) are accumulated with atomics: zeros. The full-rank ddelta is
   // written once per element by its owner. Column walks write transposed slices, copied back below.
   Tensor ddl = R > 0 ? at::zeros({Bt, 4, R, H, W}, f32) : at::empty({Bt, 4, Dm, H, W}, f32);
@@ -235,14 +197,21 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
   Tensor dW = Wdt.has_value() ? at::zeros({4, Dm, R}, f32) : at::empty({0}, f32);
   Tensor *g[2][3] = {{&ddl, &dB, &dC}, {&ddlT, &dBT, &dCT}};
   for (int side = 0; side < 2; ++side) {
-    SS2DSide &sd = p.side[side];
+    SS2DSide &sd = p.sides[side];
+    sd.dy = (side == 0 ? dy : dyT).data_ptr<float>();
     const int64_t kw = side == 0 ? 4 : 2;  // k's in the buffer; row side steps two of them
     sd.ddl = g[side][0]->data_ptr<float>(); sd.dB = g[side][1]->data_ptr<float>(); sd.dC = g[side][2]->data_ptr<float>();
     sd.ddl_b = kw * Cl * L; sd.ddl_k = (side == 0 ? 2 : 1) * Cl * L;
     sd.g_b = kw * N * L; sd.g_k = (side == 0 ? 2 : 1) * N * L;
   }
-  p.dy = dy.data_ptr<float>();
-  p.states = states.data_ptr<float>();
+  Tensor cS, cQ;
+  if (p.nc > 1) {
+    cS = at::empty({Bt, 4, p.nc, Dm}, f32);
+    cQ = at::empty({Bt, 4, p.nc, N, Dm}, f32);
+    p.cS = cS.data_ptr<float>();
+    p.cQ = cQ.data_ptr<float>();
+    p.cE = states.data_ptr<float>();
+  }
   p.du = du.data_ptr<float>();
   p.dA = dA.data_ptr<float>();
   p.dD = D.has_value() ? dD.data_ptr<float>() : nullptr;
@@ -264,11 +233,6 @@ TORCH_LIBRARY_FRAGMENT(vmambax, m) {
         "bool delta_softplus, ScalarType out_dtype, bool save_states) -> (Tensor, Tensor)");
   m.def("ss2d_lowrank_cuda_fwd(Tensor u, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
         "Tensor dt_projs_weight, bool delta_softplus, ScalarType out_dtype, bool save_states) -> (Tensor, Tensor)");
-  m.def("ss2d_cuda_fwd_v3(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
-        "bool delta_softplus, ScalarType out_dtype, bool save_states) -> (Tensor, Tensor)");
-  m.def("ss2d_lowrank_cuda_fwd_v3(Tensor u, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
-        "Tensor? delta_bias, Tensor dt_projs_weight, bool delta_softplus, ScalarType out_dtype, "
-        "bool save_states) -> (Tensor, Tensor)");
   m.def("ss2d_cuda_bwd(Tensor dy, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
         "Tensor? delta_bias, Tensor? dt_projs_weight, Tensor states, bool delta_softplus) -> Tensor[]");
 }
@@ -276,8 +240,6 @@ TORCH_LIBRARY_FRAGMENT(vmambax, m) {
 TORCH_LIBRARY_IMPL(vmambax, CUDA, m) {
   m.impl("ss2d_cuda_fwd", &ss2d_fwd);
   m.impl("ss2d_lowrank_cuda_fwd", &ss2d_lowrank_fwd);
-  m.impl("ss2d_cuda_fwd_v3", &ss2d_fwd_v3);
-  m.impl("ss2d_lowrank_cuda_fwd_v3", &ss2d_lowrank_fwd_v3);
   m.impl("ss2d_cuda_bwd", &ss2d_bwd);
 }
 

@@ -15,17 +15,21 @@ enum class OutType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 struct SS2DSide {
   const void *u, *dl, *B, *C;  // u (Bt, Dm, L); dl = delta (.., Dm, L) or dt (.., R, L); B, C (.., N, L)
   int64_t u_b, u_d, dl_b, dl_k, dl_c, B_b, B_k, B_n, C_b, C_k, C_n;
-  float *ddl, *dB, *dC;        // backward: gradients in the same layout (fp32, contiguous)
-  int64_t ddl_b, ddl_k, g_b, g_k;  // strides of ddl and of dB / dC (their n stride is L)
+  const float *dy;             // backward: dy (Bt, Dm, L) fp32 contiguous, in this side's layout
+  float *ddl, *dB, *dC;        // backward: gradients in this side's layout (fp32, contiguous)
+  int64_t ddl_b, ddl_k, g_b, g_k;  // strides of ddl and of dB / dC (their d / r / n stride is L)
 };
 
+// Work split (ss2d_fwd_kernel.cuh, ss2d_bwd_kernel.cuh): a thread owns one channel of one
+// (b, walk pair) for one chunk of T consecutive positions of its side's plane; a block is nth
+// channels of one (b, side, chunk). Chunk carries go through separate chunk and carry passes.
 struct SS2DParams {
   int Bt, Dm, H, W, L, N, R;  // R > 0: delta is formed in-kernel from dt (low rank)
   bool softplus;
-  // Work split (see ss2d_layout): LP lanes walk one (b, d) plane in chunks of CH positions; a
-  // span is LP * CH consecutive steps of a walk; nsp spans per walk.
-  int LP, CH, nsp;
-  SS2DSide side[2];   // [0]: row walks, [1]: column walks
+  int T, nc;          // positions per chunk, chunks per walk
+  int nth;            // threads (channels) per block, a multiple of 32, <= 128
+  int side;           // set by the launcher for the passes that run one side at a time
+  SS2DSide sides[2];  // [0]: row walks, [1]: column walks
   const float *A;     // (4, Dm, N) contiguous
   const float *D;     // (4, Dm) or null
   const float *bias;  // (4, Dm) or null
@@ -34,45 +38,25 @@ struct SS2DParams {
   float *acc;         // fp32 merge buffer; == out when out is fp32
   void *out;
   OutType out_type;
-  float *states;      // (Bt, Dm, 4, nsp - 1, N): state at the start of spans 1.. ; null: not saved
+  // Carries, chunk c of walk k of batch b at row (b * 4 + k) * nc + c; null when nc == 1.
+  float *cS;          // (Bt, 4, nc, Dm): sum of delta over the chunk
+  float *cE;          // (Bt, 4, nc, N, Dm): forward: the state entering the chunk (saved for the backward)
+  float *cQ;          // (Bt, 4, nc, N, Dm): backward: a_{t+1} dh_{t+1} entering the chunk's last step
   // Backward, original layout, fp32.
-  const float *dy;    // (Bt, Dm, L) contiguous
   float *du;          // (Bt, Dm, L)
   float *dA;          // (4, Dm, N), zero-initialised
   float *dD, *dbias;  // (4, Dm) or null, zero-initialised
   float *dW;          // (4, Dm, R) or null, zero-initialised
 };
 
-// Chunk length per lane for a state bucket: CH * NMAX = 64 registers of per-step state per lane.
-constexpr int ss2d_chunk(int nmax) { return 64 / nmax; }
-inline int ss2d_nmax(int N) { return N <= 4 ? 4 : (N <= 16 ? 16 : 64); }
-
-// Fills LP, CH, nsp from L and N (mirrored by vmambax_kernels/selective_scan/cuda.py:_layout).
-inline void ss2d_layout(SS2DParams &p) {
-  p.CH = ss2d_chunk(ss2d_nmax(p.N));
-  int chunks = (p.L + p.CH - 1) / p.CH;
-  p.LP = 1;
-  while (p.LP < chunks && p.LP < 32) p.LP *= 2;
-  int span = p.LP * p.CH;
-  p.nsp = (p.L + span - 1) / span;
-}
-
-// Forward v3 (ss2d_fwd_v3_kernel.cuh, opt-in): threads over channels, chunks of T positions.
-struct SS2DV3Params {
-  SS2DParams p;   // as for v2 (LP, CH, nsp give the saved states' span layout)
-  int T, nc;      // positions per chunk, chunks per walk
-  int nth;        // threads (channels) per block, a multiple of 32, <= 128
-  int side;       // set by the launcher for the output pass
-  float *cS;      // (Bt, 4, nc, Dm): sum of delta per chunk; null when nc == 1
-  float *cE;      // (Bt, 4, nc, N, Dm): chunk end state from zero, then the state entering the chunk
-};
-
-// Chunk length of v3: the chunk pass costs one more exp2 per element whatever T is; the carry
-// pass costs L / T sequential steps per (b, k, d, n). 128 positions = 4 staged tiles.
-constexpr int kV3Chunk = 128;
+// Chunk length. The forward's chunk pass costs one more exp2 per element whatever T is; the carry
+// passes cost L / T sequential steps per (b, k, d, n); the saved entering states are 1 / T of a
+// (Bt, 4, Dm, L, N) tensor (100 MB fp32 at enc1); the backward keeps the states entering each
+// sub-tile of its chunk in shared memory (T / kBwdTile of them).
+constexpr int kChunk = 64;
 
 // Channels per block: the multiple of 32 <= 128 that wastes the fewest threads on Dm (larger wins ties).
-inline int ss2d_v3_threads(int Dm) {
+inline int ss2d_threads(int Dm) {
   int best = 32, waste_best = 1 << 30;
   for (int w = 1; w <= 4; ++w) {
     const int nth = 32 * w, waste = (Dm + nth - 1) / nth * nth - Dm;
@@ -81,22 +65,37 @@ inline int ss2d_v3_threads(int Dm) {
   return best;
 }
 
-// Positions per staged tile (shared memory per block ~ 2 * nth * (kS + 1) floats + B, C, dt).
-constexpr int kV3Tile = 32;
-constexpr int kV3MaxThreads = 128;
+inline int ss2d_chunks(int L) { return (L + kChunk - 1) / kChunk; }
 
-inline int ss2d_v3_nmax(int N) { return N <= 4 ? 4 : N <= 8 ? 8 : N <= 16 ? 16 : N <= 32 ? 32 : 64; }
+// Forward: positions per staged tile (shared memory per block ~ 2 * nth * (kTile + 1) floats + B, C, dt).
+constexpr int kTile = 32;
+constexpr int kMaxThreads = 128;
+
+inline int ss2d_nmax(int N) { return N <= 4 ? 4 : N <= 8 ? 8 : N <= 16 ? 16 : N <= 32 ? 32 : 64; }
 // Row stride of the staged B / C tiles: a multiple of 4 (float4 reads), padded against bank conflicts.
-constexpr int ss2d_v3_ns(int nmax) { return nmax + 4; }
+constexpr int ss2d_ns(int nmax) { return nmax + 4; }
 
-// Dynamic shared memory of a v3 kernel (bytes), for the host launcher and the bindings' check.
-inline size_t ss2d_v3_smem(int N, int R, int nth) {
-  const int ns = ss2d_v3_ns(ss2d_v3_nmax(N));
-  return sizeof(float) * (size_t(2) * kV3Tile * ns + size_t(R) * kV3Tile + size_t(2) * nth * (kV3Tile + 1));
+// Dynamic shared memory of a forward kernel (bytes), for the host launcher and the bindings' check.
+inline size_t ss2d_fwd_smem(int N, int R, int nth) {
+  const int ns = ss2d_ns(ss2d_nmax(N));
+  return sizeof(float) * (size_t(2) * kTile * ns + size_t(R) * kTile + size_t(2) * nth * (kTile + 1));
+}
+
+// Backward: positions per sub-tile (registers hold 7 per-step values per thread and sub-tile).
+constexpr int kBwdTile = 16;
+constexpr int kBwdSub = kChunk / kBwdTile;
+
+// Dynamic shared memory of the backward kernels (bytes), see ss2d_bwd_kernel.cuh:BwdSmem.
+inline size_t ss2d_bwd_smem(int N, int R, int nth) {
+  const int ns = ss2d_ns(ss2d_nmax(N));
+  const size_t tile = size_t(nth) * (kBwdTile + 1);
+  const size_t bc = size_t(2) * kBwdTile * (ns > N ? ns : N);           // B, C (either layout)
+  const size_t main = size_t(kBwdSub + 2) * N * nth + size_t(nth / 32) * N * 32  // hS, e, dA; warp partials
+                      + 4 * tile + size_t(R) * nth;                               // tiles; dW
+  return sizeof(float) * (bc + size_t(R) * kBwdTile + main);
 }
 
 template <typename T> void ss2d_fwd_launch(const SS2DParams &p, cudaStream_t stream);
-template <typename T> void ss2d_fwd_v3_launch(const SS2DV3Params &v, cudaStream_t stream);
 template <typename T> void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream);
 
 }  // namespace vmambax

@@ -1,200 +1,419 @@
-// Backward: one launch, all four walks, every gradient.
+// Backward: threads over channels, the forward's chunks, carries by separate passes.
 //
-// Same split as the forward (a group of LP lanes owns one (b, d) plane), walking each direction's
-// spans last to first. Saved from the forward: only the fp32 state at the start of each span after
-// the first (N floats per LP*CH steps, e.g. 1/8 of a (Bt, 4, Dm, L) fp32 tensor at N = 16). Per
-// span the kernel recomputes the decays, the states inside the span (chunk scans + shuffle scan
-// from the saved state), then runs the reverse recurrence dh_t = C_t g_t + a_{t+1} dh_{t+1} the
-// same way (local reverse scans + reverse shuffle scan, carried across spans).
-// Gradient ownership: du, ddelta (full-rank form) are written by the plane's owner (ordered over
-// the four walks, deterministic); dA, dD, dbias, dW are reduced over the group then added with
-// atomics (Bt-fold); dB, dC and ddt (low rank) are sums over channels: the block's groups (same b,
-// consecutive channels) add them in shared memory, then one global atomic per element and block.
-// Float atomics make the backward non-deterministic in the last bits. Column walks read and write
-// the transposed side (SS2DSide), so every access of a walk runs in memory order.
+// Per walk k and channel d the gradients follow from the reverse recurrence
+//   dh_t = C_t g_t + a_{t+1} dh_{t+1}      (g = dy at the walk's position, a_t = exp(delta_t A))
+// and the states h_{t-1}, h_t of the forward:
+//   dC_t += g_t h_t, dB_t += dh_t delta_t u_t             (sums over channels)
+//   du_t += delta_t X_t + D g_t, ddelta_t = u_t X_t + Y_t  with X_t = sum_n dh_t B_t, Y_t = sum_n dh_t a_t h_{t-1} A
+//   dA += dh_t a_t h_{t-1} delta_t, dD += g_t u_t, dbias += dz_t (dz = ddelta softplus'(z)),
+//   low rank: ddt_t[r] += W[r] dz_t (sum over channels), dW[r] += dz_t dt_t[r].
+// Saved by the forward: the state entering each chunk of T positions (cE). Launches:
+//   1. chunk pass (when a walk has several chunks): each chunk's reverse recurrence from zero gives
+//      Q_c = a_first dh_first (N floats) and the chunk's sum of delta S_c.
+//   2. carry pass: per (b, k, d, n), last chunk of the walk first, X_c (the value a_{t+1} dh_{t+1}
+//      entering chunk c's last step) = Q_{c+1} + exp2(A2 S_{c+1}) X_{c+1}, written over Q.
+//   3. main pass, row side then column side (du is a read-add-write over the four walks). A block
+//      is nth channels of one (b, chunk); per walk it replays the chunk forward once to keep the
+//      state entering each sub-tile of kBwdTile positions (shared memory), then takes the
+//      sub-tiles last to first. Per sub-tile and state n (runtime loop, N exactly): the forward
+//      replay keeps h_t and a_t of the sub-tile in registers, the reverse recurrence forms every
+//      term; the per-channel values of dB and dC go through shared memory, each warp sums its 32
+//      channels, and after the last state one global atomic per element and block adds the
+//      warps' sums. dA, dW: per thread in shared memory, one atomic per block at the end.
+// Exps per element: chunk pass 1, main pass 1 + 3/4 (sweep of all but the last sub-tile).
+// Float atomics (dB, dC, ddt, dA, dD, dbias, dW): the backward is not bitwise deterministic.
 #pragma once
-#include "common/static_switch.h"
 #include "ss2d_common.cuh"
 
 namespace vmambax {
 
-constexpr int kBwdThreads = 256;
+constexpr int TB = kBwdTile;
+static_assert(2 * TB == 32, "the dB / dC reduction gives each lane of a warp one of 2 * TB rows");
 
+// Shared memory of the backward kernels (sizes in ss2d.h:ss2d_bwd_smem).
+struct BwdSmem {
+  float *sB, *sC;  // NMAJOR: [n][TB]; else [i][NS] (float4 over states)
+  float *sDt;      // [R][TB]
+  float *hS;       // [kBwdSub][N][nth]: state entering each sub-tile of the chunk
+  float *sE;       // [N][nth]: reverse carry a_{t+1} dh_{t+1}
+  float *sDA;      // [N][nth]
+  float *sP;       // [nth / 32][N][32]: each warp's channel sums of dC (rows 0..TB-1), dB (TB..2TB-1)
+  float *t0, *t1;  // [nth][TB + 1]: delta (raw, then after softplus), dy; later du, dz of the sub-tile;
+                   // in the state loop, the reduction buffer [2 * TB][nth + 1] (fits in both)
+  float *tU, *tS;  // [nth][TB + 1]: u, softplus'(z)
+  float *sDW;      // [R][nth]
+  __device__ __forceinline__ BwdSmem(float *smem, int N, int R, int nth, int NS) {
+    const int tile = nth * (TB + 1);
+    sB = smem;
+    sC = sB + TB * NS;
+    sDt = sC + TB * NS;
+    hS = sDt + R * TB;
+    sE = hS + kBwdSub * N * nth;
+    sDA = sE + N * nth;
+    sP = sDA + N * nth;
+    t0 = sP + (nth / 32) * N * 32;
+    t1 = t0 + tile;
+    tU = t1 + tile;
+    tS = tU + tile;
+    sDW = tS + tile;
+  }
+};
+
+// Stages positions [q, q + cnt) of the side's plane for walk k (kk = k >> 1), channels d0 ..:
+// B (and C), dt (low rank), u, the raw delta + bias (full rank) and dy, as requested.
+template <typename T, int NMAX, bool NMAJOR>
+__device__ __forceinline__ void bwd_stage(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b, int k,
+                                          int d0, int q, int cnt, bool withU, bool withB, bool withC, bool withG) {
+  constexpr int NS = ss2d_ns(NMAX);
+  const int tid = threadIdx.x, nth = blockDim.x, N = p.N, R = p.R, kk = k >> 1;
+  const T *Bp = static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k + q;
+  const T *Cp = static_cast<const T *>(sd.C) + b * sd.C_b + kk * sd.C_k + q;
+  const int rows = NMAJOR ? N : NMAX;
+  for (int e = tid; e < rows * TB; e += nth) {
+    const int n = e / TB, i = e - n * TB;
+    const bool on = n < N && i < cnt;
+    const int o = NMAJOR ? e : i * NS + n;
+    if (withB) m.sB[o] = on ? to_f(Bp[n * sd.B_n + i]) : 0.f;
+    if (withC) m.sC[o] = on ? to_f(Cp[n * sd.C_n + i]) : 0.f;
+  }
+  const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b + kk * sd.dl_k + q;
+  if (R > 0) {
+    for (int e = tid; e < R * TB; e += nth) {
+      const int r = e / TB, i = e - r * TB;
+      m.sDt[e] = i < cnt ? to_f(dl[r * sd.dl_c + i]) : 0.f;
+    }
+  }
+  const T *up = static_cast<const T *>(sd.u) + b * sd.u_b + q;
+  const float *gp = sd.dy + int64_t(b) * p.Dm * p.L + q;
+  for (int e = tid; e < nth * TB; e += nth) {
+    const int c = e / TB, i = e - c * TB, d = d0 + c, o = c * (TB + 1) + i;
+    const bool on = d < p.Dm && i < cnt;
+    if (withU) m.tU[o] = on ? to_f(up[int64_t(d) * sd.u_d + i]) : 0.f;
+    if (R == 0) {
+      float z = on ? to_f(dl[int64_t(d) * sd.dl_c + i]) : 0.f;
+      if (on && p.bias) z += p.bias[k * p.Dm + d];
+      m.t0[o] = z;
+    }
+    if (withG) m.t1[o] = on ? gp[int64_t(d) * p.L + i] : 0.f;
+  }
+}
+
+// After bwd_stage and a barrier: the thread's own row of t0 becomes delta (after softplus; 0 past
+// the end and for channels >= Dm) and, with withS, tS gets softplus'(z) (1 without softplus).
+__device__ __forceinline__ void bwd_delta(const SS2DParams &p, const BwdSmem &m, int k, int d, int cnt, bool withS) {
+  const int c = threadIdx.x, R = p.R;
+  float *row = m.t0 + c * (TB + 1), *srow = m.tS + c * (TB + 1);
+  if (d >= p.Dm) {
+    for (int i = 0; i < TB; ++i) row[i] = srow[i] = 0.f;
+    return;
+  }
+  float z[TB];
+  if (R > 0) {
+    const float *Wk = p.Wdt + int64_t(k * p.Dm + d) * R;
+    const float z0 = p.bias ? p.bias[k * p.Dm + d] : 0.f;
+#pragma unroll
+    for (int i = 0; i < TB; ++i) z[i] = z0;
+    for (int r = 0; r < R; ++r) {
+      const float w = __ldg(Wk + r);
+#pragma unroll
+      for (int i = 0; i < TB; i += 4) {
+        const float4 a = ld4(m.sDt + r * TB + i);
+        z[i] = fmaf(w, a.x, z[i]); z[i + 1] = fmaf(w, a.y, z[i + 1]);
+        z[i + 2] = fmaf(w, a.z, z[i + 2]); z[i + 3] = fmaf(w, a.w, z[i + 3]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < TB; ++i) z[i] = row[i];
+  }
+#pragma unroll
+  for (int i = 0; i < TB; ++i) {
+    const bool on = i < cnt;
+    row[i] = on ? (p.softplus ? softplus(z[i]) : z[i]) : 0.f;
+    if (withS) srow[i] = on ? (p.softplus ? softplus_grad(z[i]) : 1.f) : 0.f;
+  }
+}
+
+// Pass 1: Q_c and S_c of every chunk but each walk's first, both walks of both sides.
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kBwdThreads) ss2d_bwd_kernel(const SS2DParams p) {
-  constexpr int CH = ss2d_chunk(NMAX);
-  extern __shared__ float smem[];
-  const int LP = p.LP, L = p.L, N = p.N, R = p.R, span = p.LP * CH;
-  const int G = kBwdThreads / LP;                 // channels per block
-  const int dgroups = (p.Dm + G - 1) / G;
-  const int j = threadIdx.x & (LP - 1);
-  const int b = blockIdx.x / dgroups;
-  const int d_raw = (blockIdx.x % dgroups) * G + threadIdx.x / LP;
-  const bool active = d_raw < p.Dm;
-  const int d = active ? d_raw : 0;
-  const int64_t bd = int64_t(b) * p.Dm + d;
-  float *redB = smem, *redC = smem + N * span, *redW = smem + 2 * N * span;  // [n][i*LP + j]
-  for (int idx = threadIdx.x; idx < (2 * N + R) * span; idx += kBwdThreads) smem[idx] = 0.f;
-  __syncthreads();
-
-  const float *dy = p.dy + bd * L;
-  float *du_out = p.du + bd * L;
-
-  for (int k = 0; k < 4; ++k) {
-    const SS2DSide &sd = p.side[k & 1];
-    const int kd = k * p.Dm + d, kk = k >> 1;
-    float Ak[NMAX], A2[NMAX], dAacc[NMAX], ecarry[NMAX];
+__global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DParams p) {
+  extern __shared__ __align__(16) float smem[];
+  constexpr int NS = ss2d_ns(NMAX);
+  const ChunkBlock g(p, true);
+  const SS2DSide &sd = p.sides[g.side];
+  const BwdSmem m(smem, p.N, p.R, blockDim.x, NS);
+  const int c = threadIdx.x, d = g.d0 + c;
+  const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
+  for (int kk = 0; kk < 2; ++kk) {
+    if (g.c == (kk ? p.nc - 1 : 0)) continue;  // the walk's first chunk: nothing leaves it
+    const int k = g.side + 2 * kk;
+    float A2[NMAX], e[NMAX];
+    load_A2<NMAX>(p, k, d, A2);
 #pragma unroll
-    for (int n = 0; n < NMAX; ++n) {
-      Ak[n] = n < N ? p.A[kd * N + n] : 0.f;
-      A2[n] = Ak[n] * kLog2e;
-      dAacc[n] = ecarry[n] = 0.f;
+    for (int n = 0; n < NMAX; ++n) e[n] = 0.f;
+    float S = 0.f;
+    for (int jt = 0; jt < nsub; ++jt) {
+      const int st = kk ? jt : nsub - 1 - jt;  // reverse walk order
+      const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
+      __syncthreads();  // the previous sub-tile is consumed
+      bwd_stage<T, NMAX, false>(p, sd, m, g.b, k, g.d0, q, cnt, false, false, true, true);
+      __syncthreads();
+      bwd_delta(p, m, k, d, cnt, false);
+      const float *sl = m.t0 + c * (TB + 1), *sg = m.t1 + c * (TB + 1);
+      for (int s = 0; s < TB; ++s) {  // past the end: delta 0, C 0, dy 0: identity steps
+        const int i = kk ? s : TB - 1 - s;
+        const float dl = sl[i], gi = sg[i];
+        S += dl;
+        const float *ci = m.sC + i * NS;
+#pragma unroll
+        for (int n = 0; n < NMAX; n += 4) {
+          const float4 c4 = ld4(ci + n);
+          e[n] = ex2(dl * A2[n]) * fmaf(c4.x, gi, e[n]);
+          e[n + 1] = ex2(dl * A2[n + 1]) * fmaf(c4.y, gi, e[n + 1]);
+          e[n + 2] = ex2(dl * A2[n + 2]) * fmaf(c4.z, gi, e[n + 2]);
+          e[n + 3] = ex2(dl * A2[n + 3]) * fmaf(c4.w, gi, e[n + 3]);
+        }
+      }
     }
-    const float Dk = p.D ? p.D[kd] : 0.f, bk = p.bias ? p.bias[kd] : 0.f;
+    if (d < p.Dm) {
+      const int64_t row = chunk_row(p, g.b, k, g.c);
+      p.cS[row * p.Dm + d] = S;
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n)
+        if (n < p.N) p.cQ[(row * p.N + n) * p.Dm + d] = e[n];
+    }
+  }
+}
+
+// Pass 2: Q <- X, the reverse carry entering each chunk's last step (walk order, last chunk first).
+template <typename T>
+__global__ void ss2d_bwd_carry_kernel(const SS2DParams p) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= int64_t(p.Bt) * 4 * p.Dm * p.N) return;
+  const int d = int(idx % p.Dm);
+  const int n = int((idx / p.Dm) % p.N);
+  const int k = int((idx / (int64_t(p.Dm) * p.N)) % 4);
+  const int b = int(idx / (int64_t(p.Dm) * p.N * 4));
+  const float A2 = p.A[(k * p.Dm + d) * p.N + n] * kLog2e;
+  float x = 0.f;
+  for (int j = p.nc - 1; j >= 0; --j) {
+    const int c = k < 2 ? j : p.nc - 1 - j;
+    const int64_t row = chunk_row(p, b, k, c);
+    float *e = p.cQ + (row * p.N + n) * p.Dm + d;
+    if (j == 0) {  // the walk's first chunk: its Q was not computed
+      *e = x;
+      break;
+    }
+    const float qc = *e, S = p.cS[row * p.Dm + d];
+    *e = x;
+    x = fmaf(exp2f(A2 * S), x, qc);
+  }
+}
+
+// One sub-tile of the main pass, walk direction KK (0: positions ascending), sub-tile j of the
+// chunk in walk order. The staged tiles hold u, delta, softplus', dy, B and C ([n][TB]).
+template <int KK>
+__device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b, int k,
+                                            int d0, int j, int q, int cnt, float Dk, float &dDacc, float &dbacc) {
+  const int c = threadIdx.x, nth = blockDim.x, d = d0 + c, N = p.N, RS = nth + 1;
+  const int dA_row = k * p.Dm + (d < p.Dm ? d : 0);
+  float dl[TB], du[TB], gg[TB], X[TB], Y[TB], hA[TB], aA[TB];
+#pragma unroll
+  for (int i = 0; i < TB; ++i) {
+    dl[i] = m.t0[c * (TB + 1) + i];
+    du[i] = dl[i] * m.tU[c * (TB + 1) + i];
+    gg[i] = m.t1[c * (TB + 1) + i];
+    X[i] = Y[i] = 0.f;
+  }
+  __syncthreads();  // t0 / t1 become the reduction buffer
+  float *red = m.t0;
+  const int w = c >> 5, l = c & 31;
+  for (int n = 0; n < N; ++n) {
+    const float An = p.A[dA_row * N + n], A2n = An * kLog2e;
+    const float *Bn = m.sB + n * TB, *Cn = m.sC + n * TB;
+    float h = m.hS[(j * N + n) * nth + c];
+#pragma unroll
+    for (int s = 0; s < TB; ++s) {
+      const int i = KK ? TB - 1 - s : s;
+      aA[i] = ex2(dl[i] * A2n);
+      h = fmaf(aA[i], h, du[i] * Bn[i]);
+      hA[i] = h;
+    }
+    float en = m.sE[n * nth + c], dAn = 0.f;
+#pragma unroll
+    for (int s = TB - 1; s >= 0; --s) {
+      const int i = KK ? TB - 1 - s : s;
+      const float bi = Bn[i];
+      const float dh = fmaf(Cn[i], gg[i], en);
+      red[i * RS + c] = gg[i] * hA[i];
+      red[(TB + i) * RS + c] = dh * du[i];
+      X[i] = fmaf(dh, bi, X[i]);
+      const float t = dh * fmaf(-du[i], bi, hA[i]);  // dh_t a_t h_{t-1}
+      Y[i] = fmaf(t, An, Y[i]);
+      dAn = fmaf(t, dl[i], dAn);
+      en = aA[i] * dh;
+    }
+    m.sE[n * nth + c] = en;
+    m.sDA[n * nth + c] += dAn;
+    __syncthreads();  // the rows are complete
+    float acc = 0.f;
+    const float *rr = red + l * RS + 32 * w;
+#pragma unroll 8
+    for (int jj = 0; jj < 32; ++jj) acc += rr[jj];
+    m.sP[(w * N + n) * 32 + l] = acc;
+    __syncthreads();  // the rows are read
+  }
+  // dB, dC: the warps' sums, one atomic per element and block.
+  const int nw = nth >> 5, kk = k >> 1;
+  for (int o = c; o < N * 32; o += nth) {
+    const int n = o >> 5, r = o & 31, i = r & (TB - 1);
+    if (i >= cnt) continue;
+    float v = 0.f;
+    for (int ww = 0; ww < nw; ++ww) v += m.sP[(ww * N + n) * 32 + r];
+    float *dst = r < TB ? sd.dC : sd.dB;
+    atomicAdd(dst + b * sd.g_b + kk * sd.g_k + int64_t(n) * p.L + q + i, v);
+  }
+  // Per-step gradients of the thread's channel: du into t0, dz into t1.
+  float *o1 = m.t0 + c * (TB + 1), *o2 = m.t1 + c * (TB + 1);
+  const float *uu = m.tU + c * (TB + 1), *sp = m.tS + c * (TB + 1);
+#pragma unroll
+  for (int i = 0; i < TB; ++i) {
+    const bool on = i < cnt && d < p.Dm;
+    const float dz = on ? fmaf(uu[i], X[i], Y[i]) * sp[i] : 0.f;
+    o1[i] = fmaf(dl[i], X[i], Dk * gg[i]);
+    o2[i] = dz;
+    dDacc = fmaf(gg[i], uu[i], dDacc);
+    dbacc += dz;
+  }
+}
+
+// Pass 3 (per side): replays, reverse recurrence, every gradient.
+template <typename T, int NMAX>
+__global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2DParams p) {
+  extern __shared__ __align__(16) float smem[];
+  constexpr int NS = ss2d_ns(NMAX);
+  const ChunkBlock g(p, false);
+  const SS2DSide &sd = p.sides[g.side];
+  const BwdSmem m(smem, p.N, p.R, blockDim.x, NS);
+  const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, N = p.N, R = p.R, L = p.L;
+  const bool active = d < p.Dm;
+  const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
+  for (int kk = 0; kk < 2; ++kk) {
+    const int k = g.side + 2 * kk;
+    const int64_t row = chunk_row(p, g.b, k, g.c);
+    const bool carried = p.nc > 1 && active;
+    for (int r = 0; r < R; ++r) m.sDW[r * nth + c] = 0.f;
+    for (int n = 0; n < N; ++n) {
+      m.sDA[n * nth + c] = 0.f;
+      m.sE[n * nth + c] = carried ? p.cQ[(row * N + n) * p.Dm + d] : 0.f;
+    }
+    const float Dk = (p.D && active) ? p.D[k * p.Dm + d] : 0.f;
     float dDacc = 0.f, dbacc = 0.f;
-    const T *u = static_cast<const T *>(sd.u) + b * sd.u_b + d * sd.u_d;
-    const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b + kk * sd.dl_k + (R > 0 ? 0 : d * sd.dl_c);
-    const T *Bp = static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k;
-    const T *Cp = static_cast<const T *>(sd.C) + b * sd.C_b + kk * sd.C_k;
-    const float *Wk = p.Wdt ? p.Wdt + int64_t(kd) * R : nullptr;
-
-    for (int s = p.nsp - 1; s >= 0; --s) {
-      int pos[CH];  // index into the side's plane; -1 past the end (identity step)
-      float uu[CH], z[CH], dlt[CH], du[CH], g[CH];
+    // Forward replay of the chunk: the state entering each sub-tile.
+    {
+      float A2[NMAX], h[NMAX];
+      load_A2<NMAX>(p, k, d, A2);
 #pragma unroll
-      for (int i = 0; i < CH; ++i) {
-        const int t = s * span + j * CH + i;
-        pos[i] = (active && t < L) ? walk_index(k, t, L) : -1;
-        uu[i] = z[i] = dlt[i] = du[i] = g[i] = 0.f;
-        if (pos[i] >= 0) {
-          uu[i] = to_f(u[pos[i]]);
-          z[i] = load_z(sd, R, dl, Wk, pos[i], bk);
-          dlt[i] = p.softplus ? softplus(z[i]) : z[i];
-          du[i] = dlt[i] * uu[i];
-          g[i] = dy[orig_pos(k, pos[i], p.H, p.W)];
-        }
-      }
-      // 1. Decays and chunk scans from zero; 2. states entering each chunk.
-      float dA[CH][NMAX], hs[CH][NMAX], P[NMAX], h[NMAX], carry[NMAX];
+      for (int n = 0; n < NMAX; ++n) h[n] = (carried && n < N) ? p.cE[(row * N + n) * p.Dm + d] : 0.f;
+      for (int j = 0; j < nsub; ++j) {
 #pragma unroll
-      for (int n = 0; n < NMAX; ++n) {
-        carry[n] = (s > 0 && n < N) ? p.states[((bd * 4 + k) * (p.nsp - 1) + (s - 1)) * N + n] : 0.f;
-        P[n] = 1.f;
-        h[n] = 0.f;
+        for (int n = 0; n < NMAX; ++n)
+          if (n < N) m.hS[(j * N + n) * nth + c] = h[n];
+        if (j == nsub - 1) break;
+        const int st = kk ? nsub - 1 - j : j;
+        const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
+        __syncthreads();
+        bwd_stage<T, NMAX, false>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, false, false);
+        __syncthreads();
+        bwd_delta(p, m, k, d, cnt, false);
+        const float *sl = m.t0 + c * (TB + 1), *su = m.tU + c * (TB + 1);
+        for (int s = 0; s < TB; ++s) {
+          const int i = kk ? TB - 1 - s : s;
+          const float dl = sl[i], du = dl * su[i];
+          const float *bi = m.sB + i * NS;
 #pragma unroll
-        for (int i = 0; i < CH; ++i) {
-          dA[i][n] = exp2f(dlt[i] * A2[n]);
-          const float bu = (n < N && pos[i] >= 0) ? du[i] * to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
-          h[n] = fmaf(dA[i][n], h[n], bu);
-          P[n] *= dA[i][n];
-        }
-      }
-      scan_forward<NMAX>(P, h, carry, j, LP);
-      // 3. States before each step (hs) and after the chunk (h); chunk reverse scans from zero.
-      float e[NMAX];
-#pragma unroll
-      for (int n = 0; n < NMAX; ++n) {
-        P[n] = 1.f;
-        e[n] = 0.f;
-#pragma unroll
-        for (int i = 0; i < CH; ++i) {
-          hs[i][n] = h[n];
-          const float bu = (n < N && pos[i] >= 0) ? du[i] * to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
-          h[n] = fmaf(dA[i][n], h[n], bu);
-          P[n] *= dA[i][n];
-        }
-#pragma unroll
-        for (int i = CH - 1; i >= 0; --i) {
-          const float c = (n < N && pos[i] >= 0) ? to_f(Cp[n * sd.C_n + pos[i]]) : 0.f;
-          e[n] = dA[i][n] * fmaf(c, g[i], e[n]);
-        }
-      }
-      scan_reverse<NMAX>(P, e, ecarry, j, LP);
-      // 4. Gradients, last step of the chunk first; e enters as a_{t+1} dh_{t+1}.
-      float dz[CH];
-#pragma unroll
-      for (int i = CH - 1; i >= 0; --i) {
-        float ddl = 0.f, dui = 0.f;
-#pragma unroll
-        for (int n = 0; n < NMAX; ++n) {
-          const bool on = n < N && pos[i] >= 0;
-          const float c = on ? to_f(Cp[n * sd.C_n + pos[i]]) : 0.f;
-          const float bv = on ? to_f(Bp[n * sd.B_n + pos[i]]) : 0.f;
-          const float hi = i == CH - 1 ? h[n] : hs[i + 1 < CH ? i + 1 : i][n];  // state after step i
-          const float dh = fmaf(c, g[i], e[n]);
-          if (on) {
-            atomicAdd(&redC[n * span + i * LP + j], g[i] * hi);
-            atomicAdd(&redB[n * span + i * LP + j], dh * du[i]);
+          for (int n = 0; n < NMAX; n += 4) {
+            const float4 b4 = ld4(bi + n);
+            h[n] = fmaf(ex2(dl * A2[n]), h[n], du * b4.x);
+            h[n + 1] = fmaf(ex2(dl * A2[n + 1]), h[n + 1], du * b4.y);
+            h[n + 2] = fmaf(ex2(dl * A2[n + 2]), h[n + 2], du * b4.z);
+            h[n + 3] = fmaf(ex2(dl * A2[n + 3]), h[n + 3], du * b4.w);
           }
-          const float dh_a = dh * hs[i][n] * dA[i][n];  // dL/da_t * a_t
-          ddl = fmaf(dh_a, Ak[n], fmaf(dh * bv, uu[i], ddl));
-          dui = fmaf(dh * dlt[i], bv, dui);
-          dAacc[n] = fmaf(dh_a, dlt[i], dAacc[n]);
-          e[n] = dA[i][n] * dh;
-        }
-        dz[i] = 0.f;
-        if (pos[i] >= 0) {
-          dui = fmaf(Dk, g[i], dui);
-          dDacc = fmaf(g[i], uu[i], dDacc);
-          dz[i] = p.softplus ? ddl * softplus_grad(z[i]) : ddl;
-          dbacc += dz[i];
-          const int po = orig_pos(k, pos[i], p.H, p.W);
-          du_out[po] = k == 0 ? dui : du_out[po] + dui;
-          if (R == 0) sd.ddl[b * sd.ddl_b + kk * sd.ddl_k + int64_t(d) * L + pos[i]] = dz[i];
         }
       }
-      // Low rank: ddt[r] += W[r] dz (channel sum, via shared memory); dW[r] += dz dt[r].
-      for (int r = 0; r < R; ++r) {
-        float w = 0.f;
-#pragma unroll
-        for (int i = 0; i < CH; ++i) {
-          if (pos[i] < 0) continue;
-          atomicAdd(&redW[r * span + i * LP + j], Wk[r] * dz[i]);
-          w = fmaf(dz[i], to_f(dl[r * sd.dl_c + pos[i]]), w);
-        }
-        w = group_sum(w, LP);
-        if (j == 0 && active) atomicAdd(&p.dW[int64_t(kd) * R + r], w);
-      }
+    }
+    // Sub-tiles last to first.
+    for (int j = nsub - 1; j >= 0; --j) {
+      const int st = kk ? nsub - 1 - j : j;
+      const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
+      __syncthreads();  // the previous sub-tile's outputs are stored
+      bwd_stage<T, NMAX, true>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, true, true);
       __syncthreads();
-      // Flush the block's channel sums: one global atomic per element of the span.
-      for (int idx = threadIdx.x; idx < (2 * N + R) * span; idx += kBwdThreads) {
-        const int row = idx / span, q = idx - row * span;
-        const int t = s * span + (q % LP) * CH + q / LP;
-        const float v = smem[idx];
-        if (t < L && v != 0.f) {
-          float *dst = row < N ? sd.dB + b * sd.g_b + kk * sd.g_k + int64_t(row) * L
-                     : row < 2 * N ? sd.dC + b * sd.g_b + kk * sd.g_k + int64_t(row - N) * L
-                     : sd.ddl + b * sd.ddl_b + kk * sd.ddl_k + int64_t(row - 2 * N) * L;
-          atomicAdd(dst + walk_index(k, t, L), v);
-        }
-        smem[idx] = 0.f;
-      }
-      __syncthreads();
-    }
+      bwd_delta(p, m, k, d, cnt, true);
+      if (kk) bwd_subtile<1>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc);
+      else bwd_subtile<0>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc);
+      if (R > 0 && active) {  // dW[r] += sum_i dz_i dt_i[r]: the thread's own channel
+        const float *o2 = m.t1 + c * (TB + 1);
+        for (int r = 0; r < R; ++r) {
+          float a = 0.f;
 #pragma unroll
-    for (int n = 0; n < NMAX; ++n) {
-      const float v = group_sum(dAacc[n], LP);
-      if (j == 0 && active && n < N) atomicAdd(&p.dA[kd * N + n], v);
+          for (int i = 0; i < TB; ++i) a = fmaf(o2[i], m.sDt[r * TB + i], a);
+          m.sDW[r * nth + c] += a;
+        }
+      }
+      __syncthreads();  // du, dz tiles complete
+      for (int e = c; e < nth * TB; e += nth) {
+        const int cc = e / TB, i = e - cc * TB, dd = g.d0 + cc;
+        if (dd >= p.Dm || i >= cnt) continue;
+        const int qq = q + i;
+        const int pos = g.side ? orig_pos(1, qq, p.H, p.W) : qq;
+        const int64_t o = (int64_t(g.b) * p.Dm + dd) * L + pos;
+        const float v = m.t0[cc * (TB + 1) + i];
+        if (g.side == 0 && kk == 0) p.du[o] = v;
+        else p.du[o] += v;
+        if (R == 0) sd.ddl[g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(dd) * L + qq] = m.t1[cc * (TB + 1) + i];
+      }
+      if (R > 0) {  // ddt[r] = sum over the block's channels of W[k, d, r] dz
+        const int nact = min(nth, p.Dm - g.d0);
+        for (int o = c; o < R * TB; o += nth) {
+          const int r = o / TB, i = o - r * TB;
+          if (i >= cnt) continue;
+          const float *Wr = p.Wdt + int64_t(k * p.Dm + g.d0) * R + r;
+          float a = 0.f;
+          for (int cc = 0; cc < nact; ++cc) a = fmaf(__ldg(Wr + int64_t(cc) * R), m.t1[cc * (TB + 1) + i], a);
+          atomicAdd(sd.ddl + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(r) * L + q + i, a);
+        }
+      }
     }
-    dDacc = group_sum(dDacc, LP);
-    dbacc = group_sum(dbacc, LP);
-    if (j == 0 && active) {
-      if (p.dD) atomicAdd(&p.dD[kd], dDacc);
-      if (p.dbias) atomicAdd(&p.dbias[kd], dbacc);
+    if (active) {
+      for (int n = 0; n < N; ++n) atomicAdd(p.dA + (int64_t(k) * p.Dm + d) * N + n, m.sDA[n * nth + c]);
+      if (p.dD) atomicAdd(p.dD + k * p.Dm + d, dDacc);
+      if (p.dbias) atomicAdd(p.dbias + k * p.Dm + d, dbacc);
+      for (int r = 0; r < R; ++r) atomicAdd(p.dW + (int64_t(k) * p.Dm + d) * R + r, m.sDW[r * nth + c]);
     }
-    __syncwarp();  // the next walk adds to du entries other lanes of the group wrote
   }
 }
 
 template <typename T>
 void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream) {
-  const int G = kBwdThreads / p.LP;
-  const unsigned grid = unsigned(int64_t(p.Bt) * ((p.Dm + G - 1) / G));
-  const size_t smem = sizeof(float) * size_t(2 * p.N + p.R) * p.LP * ss2d_chunk(ss2d_nmax(p.N));
+  const int nth = p.nth;
+  const size_t smem = ss2d_bwd_smem(p.N, p.R, nth);
+  const unsigned dtiles = unsigned((p.Dm + nth - 1) / nth);
   SS2D_NMAX_SWITCH(p.N, NMAX, [&] {
-    auto kernel = ss2d_bwd_kernel<T, NMAX>;
-    if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    kernel<<<grid, kBwdThreads, smem, stream>>>(p);
+    if (smem > 48 * 1024) {
+      cudaFuncSetAttribute(ss2d_bwd_chunk_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      cudaFuncSetAttribute(ss2d_bwd_main_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    }
+    if (p.nc > 1) {
+      ss2d_bwd_chunk_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem, stream>>>(p);
+      const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
+      ss2d_bwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
+    }
+    SS2DParams w = p;
+    for (int side = 0; side < 2; ++side) {  // rows write du, then columns add into it
+      w.side = side;
+      ss2d_bwd_main_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
+    }
   });
 }
 

@@ -1,15 +1,15 @@
-// Device helpers shared by the forward and backward kernels: loads, the four walks, lane scans.
+// Device helpers shared by the forward and backward kernels: loads, the four walks, chunk geometry.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/static_switch.h"
 #include "ss2d.h"
 
 namespace vmambax {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr unsigned kFull = 0xffffffffu;
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -25,10 +25,8 @@ __device__ __forceinline__ void store_out(void *out, int64_t i, float v, OutType
 __device__ __forceinline__ float softplus(float z) { return z > 20.f ? z : log1pf(expf(z)); }
 __device__ __forceinline__ float softplus_grad(float z) { return z > 20.f ? 1.f : 1.f / (1.f + expf(-z)); }
 
-// Step t of walk k (SPEC.md section 1: k = 0 row-major, 1 column-major, 2 and 3 the same read
-// backwards) as the index into the walk's own side (row walks: the plane; column walks: the
-// transposed plane), and the position p = h*W + w of that index in the original plane.
-__device__ __forceinline__ int walk_index(int k, int t, int L) { return k >= 2 ? L - 1 - t : t; }
+// Index tt of a side's plane (row side: the plane; column side: the transposed (W, H) plane) as the
+// position p = h*W + w of the original plane (k odd: column side).
 __device__ __forceinline__ int orig_pos(int k, int tt, int H, int W) {
   if (k & 1) {
     const int w = tt / H;
@@ -37,75 +35,42 @@ __device__ __forceinline__ int orig_pos(int k, int tt, int H, int W) {
   return tt;
 }
 
-// z = delta + bias (before softplus) at index i of the side: delta given, or formed from the
-// low-rank dt in fp32.
-template <typename T>
-__device__ __forceinline__ float load_z(const SS2DSide &sd, int R, const T *dl, const float *Wk, int i, float bias) {
-  float z = bias;
-  if (R > 0) {
-    for (int r = 0; r < R; ++r) z = fmaf(Wk[r], to_f(dl[r * sd.dl_c + i]), z);
-  } else {
-    z += to_f(dl[i]);
-  }
-  return z;
+__device__ __forceinline__ float4 ld4(const float *s) { return *reinterpret_cast<const float4 *>(s); }
+
+// 2^x by one MUFU.EX2 with flush-to-zero: exp2f adds a range test and two multiplies per call to
+// keep results below 2^-126 as denormals, i.e. decays < 1e-38 (zero for the state either way).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
-// Lanes j = 0..LP-1 of a group hold consecutive chunks of one walk. Each chunk is the affine map
-// h -> P*h + h0 (P: product of the decays, h0: its end state from zero). After this call h0 holds
-// the state entering the lane's chunk and carry the state after the whole span.
 template <int NMAX>
-__device__ __forceinline__ void scan_forward(float (&P)[NMAX], float (&h0)[NMAX], float (&carry)[NMAX], int j, int LP) {
-  for (int off = 1; off < LP; off *= 2) {
+__device__ __forceinline__ void load_A2(const SS2DParams &p, int k, int d, float (&A2)[NMAX]) {
+  const int kd = k * p.Dm + (d < p.Dm ? d : 0);
 #pragma unroll
-    for (int n = 0; n < NMAX; ++n) {
-      float Pu = __shfl_up_sync(kFull, P[n], off, LP);
-      float hu = __shfl_up_sync(kFull, h0[n], off, LP);
-      if (j >= off) {
-        h0[n] = fmaf(P[n], hu, h0[n]);
-        P[n] *= Pu;
-      }
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < NMAX; ++n) {
-    float Pe = __shfl_up_sync(kFull, P[n], 1, LP);
-    float he = __shfl_up_sync(kFull, h0[n], 1, LP);
-    if (j == 0) { Pe = 1.f; he = 0.f; }
-    float total = fmaf(P[n], carry[n], h0[n]);
-    h0[n] = fmaf(Pe, carry[n], he);
-    carry[n] = __shfl_sync(kFull, total, LP - 1, LP);
-  }
+  for (int n = 0; n < NMAX; ++n) A2[n] = n < p.N ? p.A[kd * p.N + n] * kLog2e : 0.f;
 }
 
-// The same for the reverse recurrence of the backward (lane LP-1 first): e -> e0 + P*e_right.
-template <int NMAX>
-__device__ __forceinline__ void scan_reverse(float (&P)[NMAX], float (&e0)[NMAX], float (&carry)[NMAX], int j, int LP) {
-  for (int off = 1; off < LP; off *= 2) {
-#pragma unroll
-    for (int n = 0; n < NMAX; ++n) {
-      float Pd = __shfl_down_sync(kFull, P[n], off, LP);
-      float ed = __shfl_down_sync(kFull, e0[n], off, LP);
-      if (j + off < LP) {
-        e0[n] = fmaf(P[n], ed, e0[n]);
-        P[n] *= Pd;
-      }
-    }
+// Geometry of a block: blockIdx.x = (b * sides + side) * nc + chunk, blockIdx.y = channel tile
+// (b folded into x: grid.z would cap Bt at 65535).
+struct ChunkBlock {
+  int c, d0, b, side, q0, q1;
+  __device__ __forceinline__ ChunkBlock(const SS2DParams &p, bool both_sides) {
+    const int sides = both_sides ? 2 : 1;
+    c = int(blockIdx.x % unsigned(p.nc));
+    const int rest = int(blockIdx.x / unsigned(p.nc));
+    b = rest / sides;
+    side = both_sides ? rest % 2 : p.side;
+    d0 = blockIdx.y * blockDim.x;
+    q0 = c * p.T;
+    q1 = min(q0 + p.T, p.L);
   }
-#pragma unroll
-  for (int n = 0; n < NMAX; ++n) {
-    float Pr = __shfl_down_sync(kFull, P[n], 1, LP);
-    float er = __shfl_down_sync(kFull, e0[n], 1, LP);
-    if (j == LP - 1) { Pr = 1.f; er = 0.f; }
-    float total = fmaf(P[n], carry[n], e0[n]);
-    e0[n] = fmaf(Pr, carry[n], er);
-    carry[n] = __shfl_sync(kFull, total, 0, LP);
-  }
-}
+};
 
-// Sum over the LP lanes of a group (groups are aligned, so xor stays inside).
-__device__ __forceinline__ float group_sum(float v, int LP) {
-  for (int off = LP / 2; off > 0; off /= 2) v += __shfl_xor_sync(kFull, v, off, LP);
-  return v;
+// Index of (b, k, chunk c) rows in the carry buffers (S: [..][Dm]; e: [..][N][Dm]).
+__device__ __forceinline__ int64_t chunk_row(const SS2DParams &p, int b, int k, int c) {
+  return (int64_t(b) * 4 + k) * p.nc + c;
 }
 
 }  // namespace vmambax

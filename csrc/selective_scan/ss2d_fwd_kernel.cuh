@@ -1,10 +1,10 @@
-// Forward v3 (opt-in: VMAMBAX_CUDA_FWD=v3): lanes over channels, chunk carries by separate passes.
+// Forward: threads over channels, chunk carries by separate passes.
 //
 // A thread owns one channel d of one (b, walk pair) for one chunk of T consecutive positions of
 // its side's plane (row side: the plane; column side: the transposed copy). Both walks of a pair
 // (k and k + 2) cover the same positions of a chunk, in opposite orders, so the thread sums them.
 // A block is nth <= 128 channels of the same (b, side, chunk): B, C and the low-rank dt of a tile
-// of kS positions are staged once in shared memory and read as broadcasts (float4 over states);
+// of kTile positions are staged once in shared memory and read as broadcasts (float4 over states);
 // u and delta (or delta formed from dt) are staged as a (channel, position) tile read coalesced
 // along positions; y goes back through the same tile, written coalesced along positions.
 //
@@ -15,70 +15,58 @@
 //      entering chunk c (h <- exp2(A2 * S_c) * h + e_c): nc exps per (b, k, d, n), negligible.
 //   3. output pass, row side: replays each chunk from its entering state; acc = y_0 + y_2.
 //   4. output pass, column side: acc += y_1, then out = acc + y_3 (out_dtype).
-// No atomics, fixed order everywhere: bitwise deterministic. With save_states, the output pass
-// writes the states at the span boundaries of the v2 layout (ss2d.h), so the v2 backward runs on it.
+// No atomics, fixed order everywhere: bitwise deterministic. The entering states (cE) are what the
+// backward keeps from the forward.
 // Steps per element: chunk pass one exp2 + 3 FP32 ops, output pass one exp2 + 4 FP32 ops.
 #pragma once
 #include "ss2d_common.cuh"
 
 namespace vmambax {
 
-// State buckets of v3: N <= NMAX, states n >= N masked by zero B / C and A2 = 0 (decay 1).
-#define SS2D_V3_NMAX_SWITCH(N, NMAX, ...)                                    \
-  [&] {                                                                      \
-    if ((N) <= 4) { constexpr int NMAX = 4; return __VA_ARGS__(); }          \
-    else if ((N) <= 8) { constexpr int NMAX = 8; return __VA_ARGS__(); }     \
-    else if ((N) <= 16) { constexpr int NMAX = 16; return __VA_ARGS__(); }   \
-    else if ((N) <= 32) { constexpr int NMAX = 32; return __VA_ARGS__(); }   \
-    else { constexpr int NMAX = 64; return __VA_ARGS__(); }                  \
-  }()
-
-__device__ __forceinline__ float4 ld4(const float *s) { return *reinterpret_cast<const float4 *>(s); }
-
 // Pointers of walk k's inputs for batch b on its side, and its staging into shared memory.
 template <typename T, int NMAX>
-struct V3Tile {
+struct FwdTile {
   float *sB, *sC, *sDt, *sU, *sDl;  // sB/sC [kS][NS], sDt [R][kS], sU/sDl [nth][kS + 1]
 
-  __device__ __forceinline__ V3Tile(float *smem, int R, int nth) {
-    constexpr int NS = ss2d_v3_ns(NMAX);
+  __device__ __forceinline__ FwdTile(float *smem, int R, int nth) {
+    constexpr int NS = ss2d_ns(NMAX);
     sB = smem;
-    sC = sB + kV3Tile * NS;
-    sDt = sC + kV3Tile * NS;
-    sU = sDt + R * kV3Tile;
-    sDl = sU + nth * (kV3Tile + 1);
+    sC = sB + kTile * NS;
+    sDt = sC + kTile * NS;
+    sU = sDt + R * kTile;
+    sDl = sU + nth * (kTile + 1);
   }
 
   // Stages positions [q0, q0 + cnt) of the side's plane for walk k (kk = k >> 1), channels
   // d0 .. d0 + nth - 1 (those >= Dm as zeros). delta is stored after bias and softplus.
   __device__ __forceinline__ void load(const SS2DParams &p, const SS2DSide &sd, int b, int k, int d0, int q0,
                                        int cnt, bool withC) {
-    constexpr int NS = ss2d_v3_ns(NMAX);
+    constexpr int NS = ss2d_ns(NMAX);
     const int tid = threadIdx.x, nth = blockDim.x, N = p.N, R = p.R, kk = k >> 1;
     const T *Bp = static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k + q0;
     const T *Cp = static_cast<const T *>(sd.C) + b * sd.C_b + kk * sd.C_k + q0;
-    for (int e = tid; e < NMAX * kV3Tile; e += nth) {
-      const int n = e / kV3Tile, i = e - n * kV3Tile;
+    for (int e = tid; e < NMAX * kTile; e += nth) {
+      const int n = e / kTile, i = e - n * kTile;
       const bool on = n < N && i < cnt;
       sB[i * NS + n] = on ? to_f(Bp[n * sd.B_n + i]) : 0.f;
       if (withC) sC[i * NS + n] = on ? to_f(Cp[n * sd.C_n + i]) : 0.f;
     }
     const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b + kk * sd.dl_k + q0;
     if (R > 0) {
-      for (int e = tid; e < R * kV3Tile; e += nth) {
-        const int r = e / kV3Tile, i = e - r * kV3Tile;
+      for (int e = tid; e < R * kTile; e += nth) {
+        const int r = e / kTile, i = e - r * kTile;
         sDt[e] = i < cnt ? to_f(dl[r * sd.dl_c + i]) : 0.f;
       }
     }
     const T *up = static_cast<const T *>(sd.u) + b * sd.u_b + q0;
-    for (int e = tid; e < nth * kV3Tile; e += nth) {
-      const int c = e / kV3Tile, i = e - c * kV3Tile, d = d0 + c;
+    for (int e = tid; e < nth * kTile; e += nth) {
+      const int c = e / kTile, i = e - c * kTile, d = d0 + c;
       const bool on = d < p.Dm && i < cnt;
-      sU[c * (kV3Tile + 1) + i] = on ? to_f(up[int64_t(d) * sd.u_d + i]) : 0.f;
+      sU[c * (kTile + 1) + i] = on ? to_f(up[int64_t(d) * sd.u_d + i]) : 0.f;
       if (R == 0) {
         float z = on ? to_f(dl[int64_t(d) * sd.dl_c + i]) : 0.f;
         if (on && p.bias) z += p.bias[k * p.Dm + d];
-        sDl[c * (kV3Tile + 1) + i] = on ? (p.softplus ? softplus(z) : z) : 0.f;
+        sDl[c * (kTile + 1) + i] = on ? (p.softplus ? softplus(z) : z) : 0.f;
       }
     }
     if (R > 0) {
@@ -86,17 +74,17 @@ struct V3Tile {
       // delta[c][i] = W[k, d, :] . dt[:, i] + bias in fp32 by the channel's own thread: W[k, d, r]
       // is one load per 8 positions, dt[r][i..i+3] a float4 broadcast from shared memory.
       const int c = tid, d = d0 + c;
-      float *out = sDl + c * (kV3Tile + 1);
+      float *out = sDl + c * (kTile + 1);
       if (d < p.Dm) {
         const float *Wk = p.Wdt + int64_t(k * p.Dm + d) * R;
         const float z0 = p.bias ? p.bias[k * p.Dm + d] : 0.f;
-        for (int i0 = 0; i0 < kV3Tile; i0 += 8) {
+        for (int i0 = 0; i0 < kTile; i0 += 8) {
           float z[8];
 #pragma unroll
           for (int j = 0; j < 8; ++j) z[j] = z0;
           for (int r = 0; r < R; ++r) {
             const float w = __ldg(Wk + r);
-            const float4 a = ld4(sDt + r * kV3Tile + i0), b = ld4(sDt + r * kV3Tile + i0 + 4);
+            const float4 a = ld4(sDt + r * kTile + i0), b = ld4(sDt + r * kTile + i0 + 4);
             z[0] = fmaf(w, a.x, z[0]); z[1] = fmaf(w, a.y, z[1]); z[2] = fmaf(w, a.z, z[2]); z[3] = fmaf(w, a.w, z[3]);
             z[4] = fmaf(w, b.x, z[4]); z[5] = fmaf(w, b.y, z[5]); z[6] = fmaf(w, b.z, z[6]); z[7] = fmaf(w, b.w, z[7]);
           }
@@ -105,62 +93,24 @@ struct V3Tile {
             out[i0 + j] = i0 + j < cnt ? (p.softplus ? softplus(z[j]) : z[j]) : 0.f;
         }
       } else {
-        for (int i = 0; i < kV3Tile; ++i) out[i] = 0.f;
+        for (int i = 0; i < kTile; ++i) out[i] = 0.f;
       }
     }
   }
 };
 
-// 2^x by one MUFU.EX2 with flush-to-zero: exp2f adds a range test and two multiplies per call to
-// keep results below 2^-126 as denormals, i.e. decays < 1e-38 (zero for the state either way).
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-
-template <int NMAX>
-__device__ __forceinline__ void load_A2(const SS2DParams &p, int k, int d, float (&A2)[NMAX]) {
-  const int kd = k * p.Dm + (d < p.Dm ? d : 0);
-#pragma unroll
-  for (int n = 0; n < NMAX; ++n) A2[n] = n < p.N ? p.A[kd * p.N + n] * kLog2e : 0.f;
-}
-
-// Geometry of a block: blockIdx.x = (b * sides + side) * nc + chunk, blockIdx.y = channel tile
-// (b folded into x: grid.z would cap Bt at 65535).
-struct V3Block {
-  int c, d0, b, side, q0, q1;
-  __device__ __forceinline__ V3Block(const SS2DV3Params &v, bool both_sides) {
-    const int sides = both_sides ? 2 : 1;
-    c = int(blockIdx.x % unsigned(v.nc));
-    const int rest = int(blockIdx.x / unsigned(v.nc));
-    b = rest / sides;
-    side = both_sides ? rest % 2 : v.side;
-    d0 = blockIdx.y * blockDim.x;
-    q0 = c * v.T;
-    q1 = min(q0 + v.T, v.p.L);
-  }
-};
-
-// Index of (b, k, chunk c) rows in the carry buffers (S: [..][Dm]; e: [..][N][Dm]).
-__device__ __forceinline__ int64_t v3_row(const SS2DV3Params &v, int b, int k, int c) {
-  return (int64_t(b) * 4 + k) * v.nc + c;
-}
-
 // Pass 1: end state from zero and sum of delta of every chunk, both walks of both sides.
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kV3MaxThreads) ss2d_fwd_v3_chunk_kernel(const SS2DV3Params v) {
+__global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_chunk_kernel(const SS2DParams p) {
   extern __shared__ __align__(16) float smem[];
-  constexpr int NS = ss2d_v3_ns(NMAX);
-  const SS2DParams &p = v.p;
-  const V3Block g(v, true);
-  const SS2DSide &sd = p.side[g.side];
-  V3Tile<T, NMAX> tile(smem, p.R, blockDim.x);
+  constexpr int NS = ss2d_ns(NMAX);
+  const ChunkBlock g(p, true);
+  const SS2DSide &sd = p.sides[g.side];
+  FwdTile<T, NMAX> tile(smem, p.R, blockDim.x);
   const int c = threadIdx.x, d = g.d0 + c;
-  const int ntile = (g.q1 - g.q0 + kV3Tile - 1) / kV3Tile;
+  const int ntile = (g.q1 - g.q0 + kTile - 1) / kTile;
   for (int kk = 0; kk < 2; ++kk) {
-    if (g.c == (kk ? 0 : v.nc - 1)) continue;  // the walk's last chunk: nothing enters after it
+    if (g.c == (kk ? 0 : p.nc - 1)) continue;  // the walk's last chunk: nothing enters after it
     const int k = g.side + 2 * kk;
     float A2[NMAX], h[NMAX];
     load_A2<NMAX>(p, k, d, A2);
@@ -169,11 +119,11 @@ __global__ void __launch_bounds__(kV3MaxThreads) ss2d_fwd_v3_chunk_kernel(const 
     float S = 0.f;
     for (int jt = 0; jt < ntile; ++jt) {
       const int tt = kk ? ntile - 1 - jt : jt;
-      const int q = g.q0 + tt * kV3Tile, cnt = min(kV3Tile, g.q1 - q);
+      const int q = g.q0 + tt * kTile, cnt = min(kTile, g.q1 - q);
       __syncthreads();  // the previous tile is consumed
       tile.load(p, sd, g.b, k, g.d0, q, cnt, false);
       __syncthreads();
-      const float *su = tile.sU + c * (kV3Tile + 1), *sl = tile.sDl + c * (kV3Tile + 1);
+      const float *su = tile.sU + c * (kTile + 1), *sl = tile.sDl + c * (kTile + 1);
       for (int s = 0; s < cnt; ++s) {
         const int i = kk ? cnt - 1 - s : s;
         const float dl = sl[i], du = dl * su[i];
@@ -190,11 +140,11 @@ __global__ void __launch_bounds__(kV3MaxThreads) ss2d_fwd_v3_chunk_kernel(const 
       }
     }
     if (d < p.Dm) {
-      const int64_t row = v3_row(v, g.b, k, g.c);
-      v.cS[row * p.Dm + d] = S;
+      const int64_t row = chunk_row(p, g.b, k, g.c);
+      p.cS[row * p.Dm + d] = S;
 #pragma unroll
       for (int n = 0; n < NMAX; ++n)
-        if (n < p.N) v.cE[(row * p.N + n) * p.Dm + d] = h[n];
+        if (n < p.N) p.cE[(row * p.N + n) * p.Dm + d] = h[n];
     }
   }
 }
@@ -202,8 +152,7 @@ __global__ void __launch_bounds__(kV3MaxThreads) ss2d_fwd_v3_chunk_kernel(const 
 // Pass 2: e[c] <- the state entering chunk c of its walk (k < 2: chunks ascending, else descending).
 // Templated on the input type only so that each translation unit has its own symbol.
 template <typename T>
-__global__ void ss2d_fwd_v3_carry_kernel(const SS2DV3Params v) {
-  const SS2DParams &p = v.p;
+__global__ void ss2d_fwd_carry_kernel(const SS2DParams p) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= int64_t(p.Bt) * 4 * p.Dm * p.N) return;
   const int d = int(idx % p.Dm);
@@ -212,15 +161,15 @@ __global__ void ss2d_fwd_v3_carry_kernel(const SS2DV3Params v) {
   const int b = int(idx / (int64_t(p.Dm) * p.N * 4));
   const float A2 = p.A[(k * p.Dm + d) * p.N + n] * kLog2e;
   float h = 0.f;
-  for (int j = 0; j < v.nc; ++j) {
-    const int c = k < 2 ? j : v.nc - 1 - j;
-    const int64_t row = v3_row(v, b, k, c);
-    float *e = v.cE + (row * p.N + n) * p.Dm + d;
-    if (j == v.nc - 1) {  // the walk's last chunk: its end state and sum were not computed
+  for (int j = 0; j < p.nc; ++j) {
+    const int c = k < 2 ? j : p.nc - 1 - j;
+    const int64_t row = chunk_row(p, b, k, c);
+    float *e = p.cE + (row * p.N + n) * p.Dm + d;
+    if (j == p.nc - 1) {  // the walk's last chunk: its end state and sum were not computed
       *e = h;
       break;
     }
-    const float end = *e, S = v.cS[row * p.Dm + d];
+    const float end = *e, S = p.cS[row * p.Dm + d];
     *e = h;
     h = fmaf(exp2f(A2 * S), h, end);
   }
@@ -228,48 +177,34 @@ __global__ void ss2d_fwd_v3_carry_kernel(const SS2DV3Params v) {
 
 // Passes 3 and 4: replay each chunk from its entering state, y into acc (row side) / out (column).
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kV3MaxThreads) ss2d_fwd_v3_out_kernel(const SS2DV3Params v) {
+__global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DParams p) {
   extern __shared__ __align__(16) float smem[];
-  constexpr int NS = ss2d_v3_ns(NMAX);
-  const SS2DParams &p = v.p;
-  const V3Block g(v, false);
-  const SS2DSide &sd = p.side[g.side];
-  V3Tile<T, NMAX> tile(smem, p.R, blockDim.x);
+  constexpr int NS = ss2d_ns(NMAX);
+  const ChunkBlock g(p, false);
+  const SS2DSide &sd = p.sides[g.side];
+  FwdTile<T, NMAX> tile(smem, p.R, blockDim.x);
   const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, L = p.L;
   const bool active = d < p.Dm;
-  const int ntile = (g.q1 - g.q0 + kV3Tile - 1) / kV3Tile;
-  const int span = p.LP * p.CH;
+  const int ntile = (g.q1 - g.q0 + kTile - 1) / kTile;
   for (int kk = 0; kk < 2; ++kk) {
     const int k = g.side + 2 * kk;
     float A2[NMAX], h[NMAX];
     load_A2<NMAX>(p, k, d, A2);
-    const int64_t row = v3_row(v, g.b, k, g.c);
+    const int64_t row = chunk_row(p, g.b, k, g.c);
 #pragma unroll
     for (int n = 0; n < NMAX; ++n)
-      h[n] = (v.nc > 1 && active && n < p.N) ? v.cE[(row * p.N + n) * p.Dm + d] : 0.f;
+      h[n] = (p.nc > 1 && active && n < p.N) ? p.cE[(row * p.N + n) * p.Dm + d] : 0.f;
     const float Dk = (p.D && active) ? p.D[k * p.Dm + d] : 0.f;
-    // Walk step of this chunk's first step, and the next span boundary whose entering state is saved.
-    const int t0 = kk ? L - g.q1 : g.q0;
-    int nxt = ((max(t0, 1) + span - 1) / span) * span;
-    float *st = (p.states && active) ? p.states + (int64_t(g.b * p.Dm + d) * 4 + k) * (p.nsp - 1) * p.N : nullptr;
-    int t = t0;
     for (int jt = 0; jt < ntile; ++jt) {
       const int tt = kk ? ntile - 1 - jt : jt;
-      const int q = g.q0 + tt * kV3Tile, cnt = min(kV3Tile, g.q1 - q);
+      const int q = g.q0 + tt * kTile, cnt = min(kTile, g.q1 - q);
       __syncthreads();  // the previous tile is stored
       tile.load(p, sd, g.b, k, g.d0, q, cnt, true);
       __syncthreads();
-      float *su = tile.sU + c * (kV3Tile + 1);
-      const float *sl = tile.sDl + c * (kV3Tile + 1);
-      for (int s = 0; s < cnt; ++s, ++t) {
+      float *su = tile.sU + c * (kTile + 1);
+      const float *sl = tile.sDl + c * (kTile + 1);
+      for (int s = 0; s < cnt; ++s) {
         const int i = kk ? cnt - 1 - s : s;
-        if (st && t == nxt) {  // state entering walk step t = s' * span (v2 backward's layout)
-          float *o = st + int64_t(t / span - 1) * p.N;
-#pragma unroll
-          for (int n = 0; n < NMAX; ++n)
-            if (n < p.N) o[n] = h[n];
-          nxt += span;
-        }
         const float uu = su[i], dl = sl[i], du = dl * uu;
         const float *bi = tile.sB + i * NS, *ci = tile.sC + i * NS;
         float y0 = Dk * uu, y1 = 0.f, y2 = 0.f, y3 = 0.f;
@@ -290,13 +225,13 @@ __global__ void __launch_bounds__(kV3MaxThreads) ss2d_fwd_v3_out_kernel(const SS
       __syncthreads();  // the tile's y is complete
       // Store along positions (coalesced on the row side). Per element, the same thread of this
       // block reads back what an earlier phase wrote, so no fences are needed.
-      for (int e = threadIdx.x; e < nth * kV3Tile; e += nth) {
-        const int cc = e / kV3Tile, i = e - cc * kV3Tile, dd = g.d0 + cc;
+      for (int e = threadIdx.x; e < nth * kTile; e += nth) {
+        const int cc = e / kTile, i = e - cc * kTile, dd = g.d0 + cc;
         if (dd >= p.Dm || i >= cnt) continue;
         const int qq = q + i;
         const int pos = g.side ? orig_pos(1, qq, p.H, p.W) : qq;
         const int64_t o = (int64_t(g.b) * p.Dm + dd) * L + pos;
-        const float y = tile.sU[cc * (kV3Tile + 1) + i];
+        const float y = tile.sU[cc * (kTile + 1) + i];
         if (g.side == 0 && kk == 0) p.acc[o] = y;
         else if (g.side == 1 && kk == 1) store_out(p.out, o, p.acc[o] + y, p.out_type);
         else p.acc[o] += y;
@@ -306,25 +241,24 @@ __global__ void __launch_bounds__(kV3MaxThreads) ss2d_fwd_v3_out_kernel(const SS
 }
 
 template <typename T>
-void ss2d_fwd_v3_launch(const SS2DV3Params &v, cudaStream_t stream) {
-  const SS2DParams &p = v.p;
-  const int nth = v.nth;
-  const size_t smem = ss2d_v3_smem(p.N, p.R, nth);
+void ss2d_fwd_launch(const SS2DParams &p, cudaStream_t stream) {
+  const int nth = p.nth;
+  const size_t smem = ss2d_fwd_smem(p.N, p.R, nth);
   const unsigned dtiles = unsigned((p.Dm + nth - 1) / nth);
-  SS2D_V3_NMAX_SWITCH(p.N, NMAX, [&] {
+  SS2D_NMAX_SWITCH(p.N, NMAX, [&] {
     if (smem > 48 * 1024) {
-      cudaFuncSetAttribute(ss2d_fwd_v3_chunk_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      cudaFuncSetAttribute(ss2d_fwd_v3_out_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      cudaFuncSetAttribute(ss2d_fwd_chunk_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      cudaFuncSetAttribute(ss2d_fwd_out_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     }
-    if (v.nc > 1) {
-      ss2d_fwd_v3_chunk_kernel<T, NMAX><<<dim3(unsigned(v.nc * 2 * p.Bt), dtiles), nth, smem, stream>>>(v);
+    if (p.nc > 1) {
+      ss2d_fwd_chunk_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem, stream>>>(p);
       const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
-      ss2d_fwd_v3_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(v);
+      ss2d_fwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
     }
-    SS2DV3Params w = v;
+    SS2DParams w = p;
     for (int side = 0; side < 2; ++side) {  // rows write acc, then columns add into it and write out
       w.side = side;
-      ss2d_fwd_v3_out_kernel<T, NMAX><<<dim3(unsigned(v.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
+      ss2d_fwd_out_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
     }
   });
 }

@@ -4,16 +4,14 @@ Layering: C++ ops ``torch.ops.vmambax.ss2d_cuda_fwd`` / ``ss2d_lowrank_cuda_fwd`
 (registered by the extension ``vmambax_kernels._C``) -> fake implementations and autograd (here)
 -> ``selective_scan_2d`` / ``selective_scan_2d_lowrank`` (the backend contract of ``_backend``).
 
-Forward: one launch for the four walks and their merge; saves, when a gradient is needed, only the
-fp32 state at span boundaries (see ``_layout``). Backward: one launch that recomputes the rest.
-The low-rank form takes dt (Bt, 4, R, H, W) and forms delta inside the kernel in fp32: neither the
-full delta nor its gradient is ever materialised. ``VMAMBAX_CUDA_FWD=v3`` selects the v3 forward
-(``ss2d_cuda_fwd_v3`` / ``ss2d_lowrank_cuda_fwd_v3``: threads over channels, chunk carries by
-separate passes), read at each call; the backward is the same.
+Forward (csrc/selective_scan/ss2d_fwd_kernel.cuh): threads over channels, chunks of T = 64
+positions, chunk carries by a chunk pass and a carry pass, then one output pass per side; saves,
+when a gradient is needed, only the fp32 state entering each chunk (``_states_shape``). Backward
+(ss2d_bwd_kernel.cuh): a reverse chunk pass and carry pass, then one pass per side that replays each
+chunk from its saved state and forms every gradient. The low-rank form takes dt (Bt, 4, R, H, W) and
+forms delta inside the kernel in fp32: neither the full delta nor its gradient is ever materialised.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -38,21 +36,14 @@ def availability() -> str | None:
     return None
 
 
-def _layout(N: int, L: int) -> tuple[int, int, int]:
-    """(LP, CH, nsp) as csrc/selective_scan/ss2d.h:ss2d_layout: LP lanes per plane, CH steps per
-    lane, nsp spans of LP*CH steps per walk."""
-    nmax = 4 if N <= 4 else (16 if N <= 16 else 64)
-    ch = 64 // nmax
-    chunks = (L + ch - 1) // ch  # integer arithmetic: L may be a SymInt under torch.compile
-    lp = 1
-    while lp < chunks and lp < 32:
-        lp *= 2
-    return lp, ch, (L + lp * ch - 1) // (lp * ch)
+CHUNK = 64  # csrc/selective_scan/ss2d.h:kChunk
 
 
 def _states_shape(u, N):
+    """(Bt, 4, nc, N, Dm): the state entering each chunk of each walk; nc = 0 when a walk is one chunk."""
     Bt, Dm, H, W = u.shape
-    return (Bt, Dm, 4, _layout(N, H * W)[2] - 1, N)
+    nc = (H * W + CHUNK - 1) // CHUNK  # integer arithmetic: H*W may be a SymInt under torch.compile
+    return (Bt, 4, nc if nc > 1 else 0, N, Dm)
 
 
 if _IMPORT_ERROR is None:
@@ -104,25 +95,6 @@ if _IMPORT_ERROR is None:
     register_scan_flops(_fwd, lowrank=False)
     register_scan_flops(_fwd_lr, lowrank=True)
 
-    # Forward v3 (csrc/selective_scan/ss2d_fwd_v3_kernel.cuh), opt-in with VMAMBAX_CUDA_FWD=v3: same
-    # schema, outputs and saved span states as the v2 forward, so the same backward serves both.
-    _fwd_v3 = torch.ops.vmambax.ss2d_cuda_fwd_v3
-    _fwd_lr_v3 = torch.ops.vmambax.ss2d_lowrank_cuda_fwd_v3
-    torch.library.register_fake("vmambax::ss2d_cuda_fwd_v3")(_fake_fwd)
-    torch.library.register_fake("vmambax::ss2d_lowrank_cuda_fwd_v3")(_fake_fwd)
-    torch.library.register_autograd("vmambax::ss2d_cuda_fwd_v3", _backward, setup_context=_setup)
-    torch.library.register_autograd("vmambax::ss2d_lowrank_cuda_fwd_v3", _backward, setup_context=_setup)
-    register_scan_flops(_fwd_v3, lowrank=False)
-    register_scan_flops(_fwd_lr_v3, lowrank=True)
-
-
-def _forward_version() -> str:
-    """VMAMBAX_CUDA_FWD: unset or "v2" (default) | "v3" (threads over channels; opt-in until timed)."""
-    v = os.environ.get("VMAMBAX_CUDA_FWD", "v2") or "v2"
-    if v not in ("v2", "v3"):
-        raise ValueError(f"VMAMBAX_CUDA_FWD: expected 'v2' or 'v3', got {v!r}")
-    return v
-
 
 def _prepare(u, dl, dl_name, B, C, A, D, delta_bias, W, out_dtype):
     """Backend-level checks the public validation leaves open (the kernels take fp32/bf16/fp16
@@ -155,8 +127,7 @@ def selective_scan_2d(u, delta, A, B, C, D, delta_bias, delta_softplus: bool, ou
         raise RuntimeError(f"selective_scan_2d: the cuda backend cannot run: {why}")
     u, delta, B, C, A, D, delta_bias, _ = _prepare(u, delta, "delta", B, C, A, D, delta_bias, None, out_dtype)
     save = _needs_grad(u, delta, A, B, C, D, delta_bias)
-    fwd = _fwd_v3 if _forward_version() == "v3" else _fwd
-    y, _ = fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype, save)
+    y, _ = _fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype, save)
     return y
 
 
@@ -168,6 +139,5 @@ def selective_scan_2d_lowrank(u, dt, dt_projs_weight, A, B, C, D, delta_bias, de
         raise RuntimeError(f"selective_scan_2d_lowrank: the cuda backend cannot run: {why}")
     u, dt, B, C, A, D, delta_bias, W = _prepare(u, dt, "dt", B, C, A, D, delta_bias, dt_projs_weight, out_dtype)
     save = _needs_grad(u, dt, A, B, C, D, delta_bias, W)
-    fwd = _fwd_lr_v3 if _forward_version() == "v3" else _fwd_lr
-    y, _ = fwd(u, dt, A, B, C, D, delta_bias, W, bool(delta_softplus), out_dtype, save)
+    y, _ = _fwd_lr(u, dt, A, B, C, D, delta_bias, W, bool(delta_softplus), out_dtype, save)
     return y
