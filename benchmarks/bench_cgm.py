@@ -6,7 +6,8 @@ Module scope: forward + backward of a whole CGM (GAP, channel MLP, both spatial 
 mirroring SPEC.md section 2, with the gate in the Triton kernels ("triton") or as the plain
 PyTorch module computes it under autocast ("torch": conv2d in the activation dtype). fwd under
 no_grad; fwdbwd with a fixed random gradient for both outputs, gradients for x and every parameter;
-peak_mb = extra memory of fwdbwd. floor_ms counts the bytes a fused module must move for
+fwdbwd_graph_ms the same step replayed from a CUDA graph (device time without the host's per-op
+overhead); peak_mb = extra memory of fwdbwd. floor_ms counts the bytes a fused module must move for
 fwdbwd (GAP read, gate read + write, backward read x and dy, write dx) at DESIGN.md's measured
 3.0 TB/s. Kernel scope: the forward and backward kernels alone, their achieved bandwidth on the
 bytes they must move (fwd: read both x, write both y; bwd: read both x and dy, write both dx), next
@@ -38,10 +39,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASES = {"cgm1": (8, 96, 128, 128), "cgm2": (8, 192, 64, 64), "cgm3": (8, 384, 32, 32), "cgm4": (8, 768, 16, 16)}
 COPY_TBPS = 3.0  # DESIGN.md: measured H100 copy bandwidth
 DEVICE = "cuda"
-# Launch configurations tried by --sweep (keys of vmambax_kernels.cgm.triton._DEFAULTS, plus rows)
-SWEEP = {"fwd": [dict(), dict(BLOCK_P=128, num_warps=8), dict(num_stages=2), dict(rows=4, programs_per_sm=2)],
-         "bwd": [dict(), dict(BLOCK_P=64), dict(BLOCK_P=64, num_warps=8), dict(num_stages=2),
-                 dict(rows=4, programs_per_sm=2)]}
+# Launch configurations tried by --sweep (keys of vmambax_kernels.cgm.triton._DEFAULTS; strip rows
+# follow from programs_per_sm for each case, so a choice made at cgm1 carries to the others)
+SWEEP = {"fwd": [dict(), dict(programs_per_sm=1), dict(programs_per_sm=4), dict(BC=32), dict(num_warps=8),
+                 dict(num_stages=3)],
+         "bwd": [dict(), dict(programs_per_sm=1), dict(programs_per_sm=4), dict(BC=64), dict(BC=16),
+                 dict(num_warps=8), dict(num_stages=3)]}
 
 
 class CGM(nn.Module):
@@ -90,6 +93,26 @@ def _fwdbwd(module, xs, grads):
         torch.autograd.backward(ys, grads)
         return ys
     return run
+
+
+def graphed_ms(module, xs, grads):
+    """fwd+bwd of ``module`` replayed from a CUDA graph: the device time, without the host's
+    per-op launch and autograd overhead (which sets the eager time at these sizes)."""
+    params = list(module.parameters())
+
+    def step():
+        leaves = [x.detach().requires_grad_() for x in xs]
+        return torch.autograd.grad(module(*leaves), leaves + params, grads)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return harness.time_ms(graph.replay)
 
 
 def measure_copy_tbps() -> float:
@@ -175,10 +198,10 @@ def bench_case(case, dtype_name, copy_tbps, env):
             fwd = harness.time_ms(lambda: module(*xs))
         fwdbwd = harness.time_ms(_fwdbwd(module, xs, grads))
         peak = harness.peak_mb(_fwdbwd(module, xs, grads))
-        extra = {}
+        extra = dict(fwdbwd_graph_ms=graphed_ms(module, xs, grads))
         if provider == "triton":
             kf, kb = kernel_times(case, dtype)
-            extra = dict(kernel_fwd_ms=kf, kernel_bwd_ms=kb,
+            extra.update(kernel_fwd_ms=kf, kernel_bwd_ms=kb,
                          kernel_fwd_tbps=4 * n * e / (kf * 1e-3) / 1e12,
                          kernel_bwd_tbps=6 * n * e / (kb * 1e-3) / 1e12,
                          copy_tbps=copy_tbps, config=dict(cgm_triton.CONFIG_OVERRIDE) or "default")
@@ -217,7 +240,10 @@ def main(argv=None):
         peer = next(p for p in records if p["provider"] == "torch" and p["case"] == r["case"] and p["dtype"] == r["dtype"])
         table.append(dict(case=r["case"], dtype=r["dtype"], fwd=r["fwd_ms"], torch_fwd=peer["fwd_ms"],
                           fwdbwd=r["fwdbwd_ms"], torch_fwdbwd=peer["fwdbwd_ms"],
-                          speedup=harness.ratio(r["fwdbwd_ms"], peer["fwdbwd_ms"]), floor=r["floor_ms"],
+                          speedup=harness.ratio(r["fwdbwd_ms"], peer["fwdbwd_ms"]),
+                          graph=r["fwdbwd_graph_ms"], torch_graph=peer["fwdbwd_graph_ms"],
+                          graph_speedup=harness.ratio(r["fwdbwd_graph_ms"], peer["fwdbwd_graph_ms"]),
+                          floor=r["floor_ms"],
                           vs_floor=harness.ratio(r["floor_ms"], r["fwdbwd_ms"]),
                           k_fwd=r["kernel_fwd_ms"], k_bwd=r["kernel_bwd_ms"],
                           bw_fwd=f"{100 * r['kernel_fwd_tbps'] / copy_tbps:.0f}%",

@@ -1,26 +1,33 @@
 """Triton backend of the CGM gate (SPEC.md section 2): one forward and one backward kernel.
 
-Notation: x_a = X_ct, x_b = X_pet, t = one of the 18 (map, tap) pairs. Both 3x3 convolutions
-reduce over all 2C channels before any output can be gated, so a program owns a band of TH full
-rows of one plane and walks it in chunks of BLOCK_P pixels, in two phases per chunk:
+Notation: x_a = X_ct, x_b = X_pet, m = the map (0: z_ct, 1: z_pet), (dy, dx) = a tap of the 3x3.
+A program owns a strip of SR rows of one plane (all channels, a column tile of TWP pixels, the
+whole width when it fits) and streams through it row by row, keeping the 3x3 neighbourhood in
+registers instead of a scratch buffer:
 
-  phase 1 (channel reduction, on the band plus one halo row above and below):
-      forward   Q[p, t]  = sum_c xa[c, p] * Wa[c, t] + xb[c, p] * Wb[c, t]       (tl.dot)
-      backward  dz_m[p]  = s_m (1 - s_m) * sum_c c_m[c] dy_m[c, p] x_m[c, p]
-    stored in a small per-program ring buffer in global memory (it stays in L1/L2);
-  phase 2 (per channel, own pixels only), after a CTA barrier:
-      forward   z_m[p] = sum of the 9 shifted Q[p + off, t] of map m; s = sigmoid(z);
-                y_m = x_m * (1 + c_m s_m)   (or x_m * c_m s_m)
-      backward  dzs[p, t] = dz_m[p - off];  dx_m = dy_m (1 + c_m s_m) + dzs @ W_m^T;
-                dW_m += x_m^T @ dzs;  dc_m += sum_p dy_m x_m s_m.
+  forward, row r:  P_r[w, (m, dy, dx)] = sum_c xa[c, r, w] Wa[c, m, dy, dx] + xb[c, r, w] Wb[...]
+        (tl.dot over the 2C channels, one column per (map, tap)); a column shift by dx
+        (tl.gather along w) and a sum over dx leave the row's contribution to z_m of rows
+        r + 1, r, r - 1, added to two row accumulators carried by the loop. Row r - 1 is then
+        complete: s = sigmoid(z), and every channel of row r - 1 is gated (y = x (1 + c s)), its
+        x read a second time while still in L1/L2 (one row of all channels ago).
+  backward, row r: dz_m[r, w] = s (1 - s) sum_c c_m dy_m x_m (CUDA-core reduction); the three
+        dz rows r - 2..r are carried; for row r - 1, dzs[w, (m, dy, dx)] = dz_m[r - 1 - dy, w - dx]
+        (tl.gather), then per channel block dx_m = dy_m gate + dzs @ W_m^T, dW_m += x_m^T dzs
+        (tl.dot), dc_m += sum_w dy_m x_m s_m. dW and dc are per-program partial sums in global
+        memory (read-modify-write per row, L1/L2 hot), summed on the host after the launch.
 
-Phase 1 runs one chunk ahead of phase 2, so between the two reads of a pixel only about
-2 * BLOCK_P + W pixels of all channels are touched: the aim is that the second read hits L2 and
-each input comes from memory about once (not yet measured on a GPU). Wa/Wb pack the two weights by input: column t < 9 feeds z_ct, t >= 9 z_pet.
+Each input is thus read from memory once per pass (the strip's two halo rows are also read by the
+neighbouring strip, mostly from L2), each output written once; the forward saves s (Bt, 2, H, W)
+in fp32 for the backward.
 
-The convolution products run on tensor cores in fp32 accuracy: an fp32 operand is split into
+Packed weights: row c of modality MOD, column j = m * 16 + (dy + 1) * 4 + (dx + 1) (32 columns,
+18 used) holds w_m[c + C * (MOD == m), dy + 1, dx + 1] (w_m acts on cat([X_other, X_m])); the
+kernels read it from w_ct and w_pet directly, so the host adds no packing ops.
+
+The channel reductions run on tensor cores in fp32 accuracy: an fp32 operand is split into
 three tf32-exact parts (hi, mid, lo) whose products are exact in fp32; bf16/fp16 activations are
-already tf32-exact. The forward saves s (Bt, 2, H, W) in fp32 for the backward.
+already tf32-exact.
 
 Runs on CUDA GPUs, or on CPU tensors under TRITON_INTERPRET=1 (tests). Kernels are defined on the
 first launch, because Triton picks compiling or interpreting when a kernel is defined.
@@ -34,7 +41,6 @@ from .._triton_env import availability, fix_interpreter_index, interpreting  # n
 from . import reference
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-NT = 32  # 18 (map, tap) columns padded to a tl.dot size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,215 +85,272 @@ def _mm(a0, a1, a2, b0, b1, b2, acc, A_EXACT: constexpr, HALF: constexpr):
     return acc
 
 
-def _w_tiles(wk_ptr, row0, C, ch, mc, TRANS: constexpr):
-    """The three parts of rows row0 + ch of the packed weights, (BLOCK_C, 32) or transposed."""
-    t = tl.arange(0, 32)
+def _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD: constexpr,
+           TRANS: constexpr):
+    """Packed weights of input channels ch of modality MOD: (BC, 32), or (32, BC) when TRANS, as
+    three tf32-exact parts. Column j = m * 16 + (dy + 1) * 4 + (dx + 1); zero where unused."""
+    j = tl.arange(0, 32)
+    m = j // 16
+    ky = (j // 4) % 4
+    kx = j % 4
+    ok_j = (ky < 3) & (kx < 3)
     if TRANS:
-        offs = (row0 + ch[None, :]) * 32 + t[:, None]
-        m = mc[None, :]
+        jj, cc, mm = j[:, None], ch[None, :], mc[None, :] & ok_j[:, None]
+        m2, ky2, kx2 = m[:, None], ky[:, None], kx[:, None]
     else:
-        offs = (row0 + ch[:, None]) * 32 + t[None, :]
-        m = mc[:, None]
-    part = 2 * C * 32
-    return (tl.load(wk_ptr + offs, mask=m, other=0.0), tl.load(wk_ptr + part + offs, mask=m, other=0.0),
-            tl.load(wk_ptr + 2 * part + offs, mask=m, other=0.0))
+        jj, cc, mm = j[None, :], ch[:, None], mc[:, None] & ok_j[None, :]
+        m2, ky2, kx2 = m[None, :], ky[None, :], kx[None, :]
+    # w_m's input channel: X_m is the second half of cat([X_other, X_m])
+    row = cc + C * (m2 == MOD).to(tl.int32)
+    va = tl.load(wa_ptr + row * swa_c + ky2 * swa_h + kx2 * swa_w, mask=mm & (m2 == 0), other=0.0)
+    vb = tl.load(wb_ptr + row * swb_c + ky2 * swb_h + kx2 * swb_w, mask=mm & (m2 == 1), other=0.0)
+    return _split(va.to(tl.float32) + vb.to(tl.float32), False)
 
 
-def _tile(ptr, b, sb, sc, sp, pix, mp, ch, mc):
-    """(BLOCK_P, BLOCK_C) fp32 tile of a (Bt, C, H*W)-indexed tensor; zero where masked."""
-    # 64-bit only for the plane's start: int64 offsets per element cost 2 registers each
-    base = ptr + b.to(tl.int64) * sb
-    return tl.load(base + (ch[None, :] * sc + pix[:, None] * sp), mask=mp[:, None] & mc[None, :],
-                   other=0.0).to(tl.float32)
-
-
-def _store_tile(ptr, val, b, sb, sc, sp, pix, mp, ch, mc, INTERP: constexpr):
+def _round_bf16(val, ptr, INTERP: constexpr):
     if INTERP:
         if ptr.dtype.element_ty == tl.bfloat16:
             # The interpreter truncates fp32 -> bf16; round to nearest even as the GPU does.
             bits = val.to(tl.int32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             val = bits.to(tl.float32, bitcast=True)
-    base = ptr + b.to(tl.int64) * sb
-    tl.store(base + (ch[None, :] * sc + pix[:, None] * sp), val.to(ptr.dtype.element_ty),
-             mask=mp[:, None] & mc[None, :])
+    return val
 
 
-def _neighbours(pix, mp, H, W, SIGN: constexpr):
-    """For each pixel and column t (BLOCK_P, NT): the pixel p + SIGN * off(t), whether it is in
-    the plane, and the map m of column t (t // 9)."""
-    t = tl.arange(0, 32)
-    k = t % 9
-    dy = k // 3 - 1
-    dx = k % 3 - 1
-    h = pix // W
-    w = pix - h * W
-    nh = h[:, None] + SIGN * dy[None, :]
-    nw = w[:, None] + SIGN * dx[None, :]
-    ok = mp[:, None] & (t[None, :] < 18) & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
-    return nh * W + nw, ok, t // 9
+def _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, r, C, H, wcol, in_cols,
+              sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+              swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
+              X_EXACT: constexpr, TWP: constexpr, BC: constexpr):
+    """Row r's contribution to z: (TWP, 2, 4), [w, m, dy + 1] adds to z_m[r - dy, w]."""
+    acc = tl.zeros((TWP, 32), dtype=tl.float32)
+    rok = (r >= 0) & (r < H)
+    mp = in_cols & rok
+    for MOD in tl.static_range(2):
+        if MOD == 0:
+            base = xa_ptr + b.to(tl.int64) * sxa_b + r * sxa_h
+            sc, sw = sxa_c, sxa_w
+        else:
+            base = xb_ptr + b.to(tl.int64) * sxb_b + r * sxb_h
+            sc, sw = sxb_c, sxb_w
+        for c0 in range(0, C, BC):
+            ch = c0 + tl.arange(0, BC)
+            mc = ch < C
+            x = tl.load(base + ch[None, :] * sc + wcol[:, None] * sw, mask=mp[:, None] & mc[None, :],
+                        other=0.0).to(tl.float32)
+            w0, w1, w2 = _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
+                                MOD, False)
+            x0, x1, x2 = _split(x, X_EXACT)
+            acc = _mm(x0, x1, x2, w0, w1, w2, acc, X_EXACT, False)
+    # z_m[r - dy, w] gets P_r[w + dx, (m, dy, dx)]: shift each column by its dx, sum over dx
+    i = tl.arange(0, TWP)
+    j = tl.arange(0, 32)
+    src = i[:, None] + (j % 4)[None, :] - 1
+    ok = (src >= 0) & (src < TWP) & ((j % 4) < 3)[None, :]
+    g = tl.where(ok, tl.gather(acc, tl.where(ok, src, 0), 0), 0.0)
+    return tl.sum(tl.reshape(g, (TWP, 2, 4, 4)), axis=3)
 
 
-def _band(tile, n_bands, TH, H, W):
-    b = tile // n_bands
-    o_lo = (tile % n_bands) * TH * W
-    o_hi = tl.minimum(o_lo + TH * W, H * W)
-    return b, o_lo, o_hi, tl.maximum(o_lo - W, 0), tl.minimum(o_hi + W, H * W)
+def _pick(t3, k):
+    """(TWP, 2) slice [:, :, k] of a (TWP, 2, 4) tensor."""
+    kk = tl.arange(0, 4)
+    return tl.sum(tl.where(kk[None, None, :] == k, t3, 0.0), axis=2)
 
 
-def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wk_ptr, ring_ptr,
-                    C, H, W, n_bands, n_tiles, TH, RING,
-                    sxa_b, sxa_c, sxa_p, sxb_b, sxb_c, sxb_p,
-                    sya_b, sya_c, sya_p, syb_b, syb_c, syb_p,
+def _col(t2, m):
+    """Column m of a (TWP, 2) tensor."""
+    return tl.sum(tl.where(tl.arange(0, 2)[None, :] == m, t2, 0.0), axis=1)
+
+
+def _tile_cols(pid, n_strips, n_ct, SR, H, W, TWP: constexpr):
+    """The program's plane b, rows [h0, h1), and columns: wcol = wb + i for i < TWP, the ones
+    loaded (in the plane) and the ones it outputs (all when one tile spans the width; else the
+    inner TWP - 2, the two outer ones being halo)."""
+    kt = pid % n_ct
+    rest = pid // n_ct
+    strip = rest % n_strips
+    b = rest // n_strips
+    h0 = strip * SR
+    h1 = tl.minimum(h0 + SR, H)
+    lo = (n_ct > 1).to(tl.int32)
+    i = tl.arange(0, TWP)
+    wcol = kt * (TWP - 2) - lo + i
+    in_cols = (wcol >= 0) & (wcol < W)
+    out_cols = in_cols & (i >= lo) & (i < TWP - lo)
+    return b, h0, h1, wcol, in_cols, out_cols
+
+
+def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr,
+                    C, H, W, n_strips, n_ct, SR,
+                    sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                    sya_b, sya_c, sya_h, sya_w, syb_b, syb_c, syb_h, syb_w,
+                    sca_b, sca_c, scb_b, scb_c,
+                    swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
                     RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr,
-                    BLOCK_P: constexpr, BLOCK_C: constexpr):
-    # The two modalities are walked one after the other (static MOD loops) rather than side by
-    # side: half the tiles live at once (ptxas, sm_90: 255 registers with spills side by side).
+                    TWP: constexpr, BC: constexpr):
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    HW = H * W
-    ring = ring_ptr + pid.to(tl.int64) * 32 * RING   # [32, RING] fp32: Q[t, p % RING]
-    t = tl.arange(0, 32)
-    for tile in range(pid, n_tiles, nprog):
-        b, o_lo, o_hi, x_lo, x_hi = _band(tile, n_bands, TH, H, W)
-        s_row = s_ptr + b.to(tl.int64) * 2 * HW
-        done = x_lo
-        tl.debug_barrier()  # the previous tile's phase 2 has read the ring
-        for p0 in range(o_lo, o_hi, BLOCK_P):
-            need = tl.minimum(p0 + BLOCK_P + W + 1, x_hi)
-            while done < need:  # phase 1: Q on the next chunk of the band + halo
-                pe = done + tl.arange(0, BLOCK_P)
-                me = pe < x_hi
-                acc = tl.zeros((BLOCK_P, 32), dtype=tl.float32)
-                for MOD in tl.static_range(2):
-                    if MOD == 0:
-                        x_ptr, sb, sc, sp = xa_ptr, sxa_b, sxa_c, sxa_p
-                    else:
-                        x_ptr, sb, sc, sp = xb_ptr, sxb_b, sxb_c, sxb_p
-                    for c0 in range(0, C, BLOCK_C):
-                        ch = c0 + tl.arange(0, BLOCK_C)
-                        mc = ch < C
-                        w0, w1, w2 = _w_tiles(wk_ptr, MOD * C, C, ch, mc, False)
-                        x0, x1, x2 = _split(_tile(x_ptr, b, sb, sc, sp, pe, me, ch, mc), X_EXACT)
-                        acc = _mm(x0, x1, x2, w0, w1, w2, acc, X_EXACT, False)
-                tl.store(ring + t[None, :] * RING + (pe & (RING - 1))[:, None], acc,
-                         mask=me[:, None] & (t[None, :] < 18))
-                done += BLOCK_P
-            tl.debug_barrier()  # Q of the chunk and its halo is in the ring
-            # phase 2: spatial gates of the chunk, then every channel gated
-            pix = p0 + tl.arange(0, BLOCK_P)
-            mp = pix < o_hi
-            nb, ok, m = _neighbours(pix, mp, H, W, 1)
-            q = tl.load(ring + t[None, :] * RING + (nb & (RING - 1)), mask=ok, other=0.0)
-            for MOD in tl.static_range(2):
-                if MOD == 0:
-                    x_ptr, sb, sc, sp, c_ptr = xa_ptr, sxa_b, sxa_c, sxa_p, ca_ptr
-                    y_ptr, tb, tc, tp = ya_ptr, sya_b, sya_c, sya_p
-                else:
-                    x_ptr, sb, sc, sp, c_ptr = xb_ptr, sxb_b, sxb_c, sxb_p, cb_ptr
-                    y_ptr, tb, tc, tp = yb_ptr, syb_b, syb_c, syb_p
-                s_m = tl.sigmoid(tl.sum(tl.where(m[None, :] == MOD, q, 0.0), axis=1))
-                tl.store(s_row + MOD * HW + pix, s_m, mask=mp)
-                for c0 in range(0, C, BLOCK_C):
-                    ch = c0 + tl.arange(0, BLOCK_C)
-                    mc = ch < C
-                    gate = tl.load(c_ptr + b * C + ch, mask=mc, other=0.0)[None, :] * s_m[:, None]
-                    if RESIDUAL:
-                        gate += 1.0
-                    x = _tile(x_ptr, b, sb, sc, sp, pix, mp, ch, mc)
-                    _store_tile(y_ptr, x * gate, b, tb, tc, tp, pix, mp, ch, mc, INTERP)
-            tl.debug_barrier()  # phase 1 of the next chunk may overwrite what was read
+    b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, SR, H, W, TWP)
+    s_plane = s_ptr + b.to(tl.int64) * 2 * H * W
+    mcol = tl.arange(0, 2)
+    # z accumulators: za for the row to finish next, zb for the row after it
+    t = _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, h0 - 1, C, H, wcol, in_cols,
+                  sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                  swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, X_EXACT, TWP, BC)
+    za = _pick(t, 0)
+    t = _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, h0, C, H, wcol, in_cols,
+                  sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                  swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, X_EXACT, TWP, BC)
+    za += _pick(t, 1)
+    zb = _pick(t, 0)
+    for r in range(h0 + 1, h1 + 1):
+        t = _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, r, C, H, wcol, in_cols,
+                      sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                      swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, X_EXACT, TWP, BC)
+        s = tl.sigmoid(za + _pick(t, 2))     # (TWP, 2): row r - 1 is complete
+        za = zb + _pick(t, 1)
+        zb = _pick(t, 0)
+        h = r - 1
+        tl.store(s_plane + mcol[None, :] * H * W + h * W + wcol[:, None], s, mask=out_cols[:, None])
+        for MOD in tl.static_range(2):
+            if MOD == 0:
+                xrow = xa_ptr + b.to(tl.int64) * sxa_b + h * sxa_h
+                yrow = ya_ptr + b.to(tl.int64) * sya_b + h * sya_h
+                sc, sw, tc, tw = sxa_c, sxa_w, sya_c, sya_w
+                c_base = ca_ptr + b * sca_b
+                cs = sca_c
+            else:
+                xrow = xb_ptr + b.to(tl.int64) * sxb_b + h * sxb_h
+                yrow = yb_ptr + b.to(tl.int64) * syb_b + h * syb_h
+                sc, sw, tc, tw = sxb_c, sxb_w, syb_c, syb_w
+                c_base = cb_ptr + b * scb_b
+                cs = scb_c
+            s_m = _col(s, MOD)
+            for c0 in range(0, C, BC):
+                ch = c0 + tl.arange(0, BC)
+                mc = ch < C
+                msk = out_cols[:, None] & mc[None, :]
+                gate = tl.load(c_base + ch * cs, mask=mc, other=0.0).to(tl.float32)[None, :] * s_m[:, None]
+                if RESIDUAL:
+                    gate += 1.0
+                x = tl.load(xrow + ch[None, :] * sc + wcol[:, None] * sw, mask=msk, other=0.0).to(tl.float32)
+                y = _round_bf16(x * gate, ya_ptr, INTERP)
+                tl.store(yrow + ch[None, :] * tc + wcol[:, None] * tw, y.to(ya_ptr.dtype.element_ty), mask=msk)
 
 
-def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wk_ptr, ring_ptr,
+def _row_dz(g_ptr, x_ptr, s_plane, c_ptr, b, r, C, H, W, wcol, in_cols,
+            sg_b, sg_c, sg_h, sg_w, sx_b, sx_c, sx_h, sx_w, sc_b, sc_c,
+            MOD: constexpr, TWP: constexpr, BC: constexpr):
+    """dz_m[r, w] = s (1 - s) sum_c c_m dy_m x_m of modality MOD (zero outside the plane)."""
+    mp = in_cols & (r >= 0) & (r < H)
+    xrow = x_ptr + b.to(tl.int64) * sx_b + r * sx_h
+    grow = g_ptr + b.to(tl.int64) * sg_b + r * sg_h
+    ds = tl.zeros((TWP,), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        ch = c0 + tl.arange(0, BC)
+        mc = ch < C
+        msk = mp[:, None] & mc[None, :]
+        cc = tl.load(c_ptr + b * sc_b + ch * sc_c, mask=mc, other=0.0).to(tl.float32)
+        x = tl.load(xrow + ch[None, :] * sx_c + wcol[:, None] * sx_w, mask=msk, other=0.0).to(tl.float32)
+        gy = tl.load(grow + ch[None, :] * sg_c + wcol[:, None] * sg_w, mask=msk, other=0.0).to(tl.float32)
+        ds += tl.sum(gy * x * cc[None, :], axis=1)
+    s_m = tl.load(s_plane + MOD * H * W + r * W + wcol, mask=mp, other=0.0)
+    return ds * s_m * (1.0 - s_m)
+
+
+def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr,
                     dxa_ptr, dxb_ptr, dc_ptr, dw_ptr,
-                    C, H, W, n_bands, n_tiles, TH, RING,
-                    sga_b, sga_c, sga_p, sgb_b, sgb_c, sgb_p,
-                    sxa_b, sxa_c, sxa_p, sxb_b, sxb_c, sxb_p,
-                    sda_b, sda_c, sda_p, sdb_b, sdb_c, sdb_p,
+                    C, H, W, n_strips, n_ct, SR,
+                    sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
+                    sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                    sda_b, sda_c, sda_h, sda_w, sdb_b, sdb_c, sdb_h, sdb_w,
+                    sca_b, sca_c, scb_b, scb_c,
+                    swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
                     RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr,
-                    BLOCK_P: constexpr, BLOCK_C: constexpr):
+                    TWP: constexpr, BC: constexpr):
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    HW = H * W
-    ring = ring_ptr + pid.to(tl.int64) * 2 * RING    # [2, RING] fp32: dz_m[p % RING]
-    dw_prog = dw_ptr + pid.to(tl.int64) * 2 * C * 18  # this program's partial dW, [2C, 18]
-    t = tl.arange(0, 32)
-    for tile in range(pid, n_tiles, nprog):
-        b, o_lo, o_hi, x_lo, x_hi = _band(tile, n_bands, TH, H, W)
-        s_row = s_ptr + b.to(tl.int64) * 2 * HW
-        dc_tile = dc_ptr + tile * 2 * C  # this tile's partial dc, [2, C]
-        done = x_lo
-        tl.debug_barrier()
-        for p0 in range(o_lo, o_hi, BLOCK_P):
-            need = tl.minimum(p0 + BLOCK_P + W + 1, x_hi)
-            while done < need:  # phase 1: dz on the next chunk of the band + halo
-                pe = done + tl.arange(0, BLOCK_P)
-                me = pe < x_hi
-                for MOD in tl.static_range(2):
-                    if MOD == 0:
-                        x_ptr, sb, sc, sp, c_ptr = xa_ptr, sxa_b, sxa_c, sxa_p, ca_ptr
-                        g_ptr, gb_, gc, gp = ga_ptr, sga_b, sga_c, sga_p
-                    else:
-                        x_ptr, sb, sc, sp, c_ptr = xb_ptr, sxb_b, sxb_c, sxb_p, cb_ptr
-                        g_ptr, gb_, gc, gp = gb_ptr, sgb_b, sgb_c, sgb_p
-                    ds = tl.zeros((BLOCK_P,), dtype=tl.float32)
-                    for c0 in range(0, C, BLOCK_C):
-                        ch = c0 + tl.arange(0, BLOCK_C)
-                        mc = ch < C
-                        cc = tl.load(c_ptr + b * C + ch, mask=mc, other=0.0)
-                        x = _tile(x_ptr, b, sb, sc, sp, pe, me, ch, mc)
-                        gy = _tile(g_ptr, b, gb_, gc, gp, pe, me, ch, mc)
-                        ds += tl.sum(gy * x * cc[None, :], axis=1)
-                    s_m = tl.load(s_row + MOD * HW + pe, mask=me, other=0.0)
-                    tl.store(ring + MOD * RING + (pe & (RING - 1)), ds * s_m * (1.0 - s_m), mask=me)
-                done += BLOCK_P
-            tl.debug_barrier()
-            # phase 2: dzs[p, t] = dz_m[p - off(t)], then every channel
-            pix = p0 + tl.arange(0, BLOCK_P)
-            mp = pix < o_hi
-            nb, ok, m = _neighbours(pix, mp, H, W, -1)
-            dz_ptrs = ring + m[None, :] * RING + (nb & (RING - 1))
-            # partial sums start with the program's first chunk (no zero-filled buffers to write)
-            add_w = (tile != pid) | (p0 != o_lo)
-            add_c = p0 != o_lo
-            for MOD in tl.static_range(2):
-                if MOD == 0:
-                    x_ptr, sb, sc, sp, c_ptr = xa_ptr, sxa_b, sxa_c, sxa_p, ca_ptr
-                    g_ptr, gb_, gc, gp = ga_ptr, sga_b, sga_c, sga_p
-                    d_ptr, db, dcs, dp = dxa_ptr, sda_b, sda_c, sda_p
-                else:
-                    x_ptr, sb, sc, sp, c_ptr = xb_ptr, sxb_b, sxb_c, sxb_p, cb_ptr
-                    g_ptr, gb_, gc, gp = gb_ptr, sgb_b, sgb_c, sgb_p
-                    d_ptr, db, dcs, dp = dxb_ptr, sdb_b, sdb_c, sdb_p
-                s_m = tl.load(s_row + MOD * HW + pix, mask=mp, other=0.0)
-                for c0 in range(0, C, BLOCK_C):
-                    ch = c0 + tl.arange(0, BLOCK_C)
-                    mc = ch < C
-                    # dz is reloaded (L1) and split per channel block: kept live across the
-                    # loop, its parts cost ~50 registers (ptxas, sm_90)
-                    dz0, dz1, dz2 = _split(tl.load(dz_ptrs, mask=ok, other=0.0), False)
-                    x = _tile(x_ptr, b, sb, sc, sp, pix, mp, ch, mc)
-                    gy = _tile(g_ptr, b, gb_, gc, gp, pix, mp, ch, mc)
-                    gate = tl.load(c_ptr + b * C + ch, mask=mc, other=0.0)[None, :] * s_m[:, None]
-                    if RESIDUAL:
-                        gate += 1.0
-                    w0, w1, w2 = _w_tiles(wk_ptr, MOD * C, C, ch, mc, True)
-                    dx = _mm(dz0, dz1, dz2, w0, w1, w2, gy * gate, False, X_EXACT)
-                    _store_tile(d_ptr, dx, b, db, dcs, dp, pix, mp, ch, mc, INTERP)
-                    x0, x1, x2 = _split(tl.trans(x), X_EXACT)
-                    dw = _mm(x0, x1, x2, dz0, dz1, dz2, tl.zeros((BLOCK_C, 32), dtype=tl.float32), X_EXACT, False)
-                    # partial sums owned by this program; the barriers order the read-modify-writes
-                    w_ptrs = dw_prog + (MOD * C + ch[:, None]) * 18 + t[None, :]
-                    mw = mc[:, None] & (t[None, :] < 18)
-                    tl.store(w_ptrs, tl.load(w_ptrs, mask=mw & add_w, other=0.0) + dw, mask=mw)
-                    dc = tl.sum(gy * x * s_m[:, None], axis=0)
-                    c_ptrs = dc_tile + MOD * C + ch
-                    tl.store(c_ptrs, tl.load(c_ptrs, mask=mc & add_c, other=0.0) + dc, mask=mc)
-            tl.debug_barrier()
+    b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, SR, H, W, TWP)
+    s_plane = s_ptr + b.to(tl.int64) * 2 * H * W
+    dc_prog = dc_ptr + pid.to(tl.int64) * 2 * C          # this program's partial dc, [2, C]
+    dw_prog = dw_ptr + pid.to(tl.int64) * 2 * 2 * C * 9  # its partial dW, [2 (map), 2C, 9]
+    i = tl.arange(0, TWP)
+    j = tl.arange(0, 32)
+    jm = (j // 16)[None, :]
+    jy = ((j // 4) % 4)[None, :]
+    jx = (j % 4)[None, :]
+    ok_j = (jy < 3) & (jx < 3)
+    # dzs[w, (m, dy, dx)] = dz_m[h - dy, w - dx]: gather source column and its validity
+    src = i[:, None] - jx + 1
+    ok = ok_j & (src >= 0) & (src < TWP)
+    src = tl.where(ok, src, 0)
+    # dz rows h - 1 (p), h (q), h + 1 (n) for the row h being finished
+    p0 = _row_dz(ga_ptr, xa_ptr, s_plane, ca_ptr, b, h0 - 1, C, H, W, wcol, in_cols, 
+                 sga_b, sga_c, sga_h, sga_w, sxa_b, sxa_c, sxa_h, sxa_w, sca_b, sca_c, 0, TWP, BC)
+    p1 = _row_dz(gb_ptr, xb_ptr, s_plane, cb_ptr, b, h0 - 1, C, H, W, wcol, in_cols, 
+                 sgb_b, sgb_c, sgb_h, sgb_w, sxb_b, sxb_c, sxb_h, sxb_w, scb_b, scb_c, 1, TWP, BC)
+    q0 = _row_dz(ga_ptr, xa_ptr, s_plane, ca_ptr, b, h0, C, H, W, wcol, in_cols, 
+                 sga_b, sga_c, sga_h, sga_w, sxa_b, sxa_c, sxa_h, sxa_w, sca_b, sca_c, 0, TWP, BC)
+    q1 = _row_dz(gb_ptr, xb_ptr, s_plane, cb_ptr, b, h0, C, H, W, wcol, in_cols, 
+                 sgb_b, sgb_c, sgb_h, sgb_w, sxb_b, sxb_c, sxb_h, sxb_w, scb_b, scb_c, 1, TWP, BC)
+    for r in range(h0 + 1, h1 + 1):
+        n0 = _row_dz(ga_ptr, xa_ptr, s_plane, ca_ptr, b, r, C, H, W, wcol, in_cols, 
+                 sga_b, sga_c, sga_h, sga_w, sxa_b, sxa_c, sxa_h, sxa_w, sca_b, sca_c, 0, TWP, BC)
+        n1 = _row_dz(gb_ptr, xb_ptr, s_plane, cb_ptr, b, r, C, H, W, wcol, in_cols, 
+                 sgb_b, sgb_c, sgb_h, sgb_w, sxb_b, sxb_c, sxb_h, sxb_w, scb_b, scb_c, 1, TWP, BC)
+        h = r - 1
+        d_n = tl.where(jm == 0, n0[:, None], n1[:, None])
+        d_q = tl.where(jm == 0, q0[:, None], q1[:, None])
+        d_p = tl.where(jm == 0, p0[:, None], p1[:, None])
+        dsel = tl.where(jy == 0, d_n, tl.where(jy == 1, d_q, d_p))   # row h - dy
+        dzs = tl.where(ok, tl.gather(dsel, src, 0), 0.0)              # column w - dx
+        dz0, dz1, dz2 = _split(dzs, False)
+        not_first = h != h0
+        for MOD in tl.static_range(2):
+            if MOD == 0:
+                xrow = xa_ptr + b.to(tl.int64) * sxa_b + h * sxa_h
+                grow = ga_ptr + b.to(tl.int64) * sga_b + h * sga_h
+                drow = dxa_ptr + b.to(tl.int64) * sda_b + h * sda_h
+                sc, sw, gc, gw, dcs, dws = sxa_c, sxa_w, sga_c, sga_w, sda_c, sda_w
+                c_base = ca_ptr + b * sca_b
+                cs = sca_c
+            else:
+                xrow = xb_ptr + b.to(tl.int64) * sxb_b + h * sxb_h
+                grow = gb_ptr + b.to(tl.int64) * sgb_b + h * sgb_h
+                drow = dxb_ptr + b.to(tl.int64) * sdb_b + h * sdb_h
+                sc, sw, gc, gw, dcs, dws = sxb_c, sxb_w, sgb_c, sgb_w, sdb_c, sdb_w
+                c_base = cb_ptr + b * scb_b
+                cs = scb_c
+            s_m = tl.load(s_plane + MOD * H * W + h * W + wcol, mask=out_cols, other=0.0)
+            for c0 in range(0, C, BC):
+                ch = c0 + tl.arange(0, BC)
+                mc = ch < C
+                msk = out_cols[:, None] & mc[None, :]
+                cc = tl.load(c_base + ch * cs, mask=mc, other=0.0).to(tl.float32)
+                x = tl.load(xrow + ch[None, :] * sc + wcol[:, None] * sw, mask=msk, other=0.0).to(tl.float32)
+                gy = tl.load(grow + ch[None, :] * gc + wcol[:, None] * gw, mask=msk, other=0.0).to(tl.float32)
+                gate = cc[None, :] * s_m[:, None]
+                if RESIDUAL:
+                    gate += 1.0
+                w0, w1, w2 = _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
+                                    MOD, True)
+                dx = _mm(dz0, dz1, dz2, w0, w1, w2, gy * gate, False, X_EXACT)
+                dx = _round_bf16(dx, dxa_ptr, INTERP)
+                tl.store(drow + ch[None, :] * dcs + wcol[:, None] * dws, dx.to(dxa_ptr.dtype.element_ty), mask=msk)
+                x0, x1, x2 = _split(tl.trans(x), X_EXACT)
+                dw = _mm(x0, x1, x2, dz0, dz1, dz2, tl.zeros((BC, 32), dtype=tl.float32), X_EXACT, False)
+                # packed (MOD, c, j) -> dW of map m = j // 16 at input channel c + C (MOD == m)
+                wrow = ch[:, None] + C * (jm == MOD).to(tl.int32)
+                w_ptrs = dw_prog + jm * (2 * C * 9) + wrow * 9 + jy * 3 + jx
+                mw = mc[:, None] & ok_j
+                # partial sums owned by this program, started by its first row (no zero fill)
+                tl.store(w_ptrs, tl.load(w_ptrs, mask=mw & not_first, other=0.0) + dw, mask=mw)
+                c_ptrs = dc_prog + MOD * C + ch
+                dc = tl.sum(gy * x * s_m[:, None], axis=0)
+                tl.store(c_ptrs, tl.load(c_ptrs, mask=mc & not_first, other=0.0) + dc, mask=mc)
+        p0, p1, q0, q1 = q0, q1, n0, n1
+        tl.debug_barrier()  # the partial sums' read-modify-writes of this row are done
 
 
-_HELPERS = ("_tf32_trunc", "_split", "_mm", "_w_tiles", "_tile", "_store_tile", "_neighbours", "_band")
+_HELPERS = ("_tf32_trunc", "_split", "_mm", "_wpack", "_round_bf16", "_row_taps", "_pick", "_col",
+            "_tile_cols", "_row_dz")
 _KERNELS = ("_cgm_fwd_kernel", "_cgm_bwd_kernel")
 _built: dict = {}
 
@@ -310,13 +373,10 @@ def _kernels() -> dict:
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
 
-# First guesses from ptxas on sm_90 (registers per thread at 4 warps, no spills): forward
-# (64 pixels, 32 channels) 107 -> 4 programs per SM; backward (32, 16) 168 -> 3 per SM, where
-# (64, 16) takes 181 and (64, 32) 255. Not yet timed on a GPU: benchmarks/bench_cgm.py --sweep
-# times alternatives through CONFIG_OVERRIDE = {"fwd": {...}, "bwd": {...}} (keys as below).
-_DEFAULTS = {"fwd": dict(BLOCK_P=64, BLOCK_C=32, num_warps=4, num_stages=1, programs_per_sm=4),
-             "bwd": dict(BLOCK_P=32, BLOCK_C=16, num_warps=4, num_stages=1, programs_per_sm=3)}
+_DEFAULTS = {"fwd": dict(BC=64, num_warps=4, num_stages=2, programs_per_sm=2, max_tw=128),
+             "bwd": dict(BC=32, num_warps=4, num_stages=2, programs_per_sm=2, max_tw=128)}
 CONFIG_OVERRIDE: dict = {}
+_SMS: dict = {}
 
 
 def _pow2(x: int) -> int:
@@ -325,80 +385,39 @@ def _pow2(x: int) -> int:
 
 def _config(kind, Bt, C, H, W, device):
     o = {**_DEFAULTS[kind], **CONFIG_OVERRIDE.get(kind, {})}
-    block_c = max(16, min(o["BLOCK_C"], _pow2(C)))  # tl.dot needs 16
+    bc = max(16, min(o["BC"], _pow2(C)))  # tl.dot needs K >= 16
+    if _pow2(W) <= o["max_tw"]:
+        twp, n_ct = max(16, _pow2(W)), 1
+    else:  # column tiles overlapping by the two halo columns
+        twp = o["max_tw"]
+        n_ct = -(-W // (twp - 2))
     if device.type == "cuda":
-        slots = torch.cuda.get_device_properties(device).multi_processor_count * o["programs_per_sm"]
+        if device not in _SMS:
+            _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        slots = _SMS[device] * o["programs_per_sm"]
     else:
-        slots = 3  # the interpreter runs programs one by one: few, but more than one tile each
-    # About one band of rows per program; each band re-reads its two halo rows in phase 1.
-    rows = min(H, o.get("rows") or max(1, -(-(Bt * H) // slots)))
-    n_bands = -(-H // rows)
-    n_tiles = Bt * n_bands
-    return dict(BLOCK_P=o["BLOCK_P"], BLOCK_C=block_c, TH=rows, n_bands=n_bands, n_tiles=n_tiles,
-                nprog=min(n_tiles, slots), RING=_pow2(2 * o["BLOCK_P"] + 2 * W + 2),
+        slots = 4  # the interpreter: a few programs, several rows each
+    # Strips of SR rows: enough programs to fill the GPU, each re-reading two halo rows
+    rows = o.get("rows") or max(1, round(Bt * H * n_ct / slots))
+    rows = min(rows, H)
+    n_strips = -(-H // rows)
+    return dict(TWP=twp, BC=bc, SR=rows, n_strips=n_strips, n_ct=n_ct, grid=(Bt * n_strips * n_ct,),
                 num_warps=o["num_warps"], num_stages=o["num_stages"])
-
-
-def _flat(x: torch.Tensor):
-    """x with (H, W) addressable as one index p = h*W + w of stride sp: (x, sb, sc, sp). Channels-
-    first and channels-last tensors (and expanded gradients) pass as they are; other layouts are
-    copied once to contiguous."""
-    Bt, C, H, W = x.shape
-    if W == 1:
-        sp = x.stride(2)
-    elif H == 1 or x.stride(2) == W * x.stride(3):
-        sp = x.stride(3)
-    else:
-        x = x.contiguous()
-        sp = 1
-    return x, x.stride(0), x.stride(1), sp
-
-
-def _pack_weights(w_ct, w_pet, C):
-    """(3, 2C, 32) fp32, three tf32-exact parts of: row c feeds x_ct channel c, row C + c x_pet channel c; column k < 9 is tap k
-    of z_ct, column 9 + k tap k of z_pet (w_m acts on cat([X_other, X_m]))."""
-    wc = w_ct.reshape(2 * C, 9).float()
-    wp = w_pet.reshape(2 * C, 9).float()
-    pack = torch.zeros(2 * C, NT, dtype=torch.float32, device=w_ct.device)
-    pack[:C, :9], pack[:C, 9:18] = wc[C:], wp[:C]
-    pack[C:, :9], pack[C:, 9:18] = wc[:C], wp[C:]
-    return torch.stack(_split_host(pack))
-
-
-def _split_host(a):
-    """_split on the host: (3, ...) tf32-exact parts of an fp32 tensor."""
-    def trunc(v):
-        return (v.view(torch.int32) & -8192).view(torch.float32)
-    a0 = trunc(a.contiguous())
-    r = a - a0
-    a1 = trunc(r)
-    return a0, a1, r - a1
-
-
-def _unpack_weight_grads(dpack, C, w_ct, w_pet):
-    dwc = torch.cat([dpack[C:, :9], dpack[:C, :9]]).reshape(w_ct.shape).to(w_ct.dtype)
-    dwp = torch.cat([dpack[:C, 9:18], dpack[C:, 9:18]]).reshape(w_pet.shape).to(w_pet.dtype)
-    return dwc, dwp
 
 
 def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
     k = _kernels()
     Bt, C, H, W = x_ct.shape
     cfg = _config("fwd", Bt, C, H, W, x_ct.device)
-    xa, *sa = _flat(x_ct)
-    xb, *sb = _flat(x_pet)
-    ya, yb = torch.empty_like(xa), torch.empty_like(xb)
-    _, *sya = _flat(ya)
-    _, *syb = _flat(yb)
+    ya, yb = torch.empty_like(x_ct), torch.empty_like(x_pet)
     s = torch.empty((Bt, 2, H, W), dtype=torch.float32, device=x_ct.device)
-    ring = torch.empty((cfg["nprog"], NT, cfg["RING"]), dtype=torch.float32, device=x_ct.device)
-    k["_cgm_fwd_kernel"][(cfg["nprog"],)](
-        xa, xb, ya, yb, s, c_ct.float().contiguous(), c_pet.float().contiguous(),
-        _pack_weights(w_ct, w_pet, C), ring,
-        C, H, W, cfg["n_bands"], cfg["n_tiles"], cfg["TH"], cfg["RING"], *sa, *sb, *sya, *syb,
+    k["_cgm_fwd_kernel"][cfg["grid"]](
+        x_ct, x_pet, ya, yb, s, c_ct, c_pet, w_ct, w_pet,
+        C, H, W, cfg["n_strips"], cfg["n_ct"], cfg["SR"],
+        *x_ct.stride(), *x_pet.stride(), *ya.stride(), *yb.stride(), *c_ct.stride(), *c_pet.stride(),
+        *w_ct.stride()[1:], *w_pet.stride()[1:],
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        TWP=cfg["TWP"], BC=cfg["BC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return ya, yb, s
 
 
@@ -407,27 +426,22 @@ def _backward(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual):
     Bt, C, H, W = x_ct.shape
     cfg = _config("bwd", Bt, C, H, W, x_ct.device)
     dev = x_ct.device
-    ga, *sga = _flat(g_ct.to(x_ct.dtype))
-    gb, *sgb = _flat(g_pet.to(x_pet.dtype))
-    xa, *sxa = _flat(x_ct)
-    xb, *sxb = _flat(x_pet)
-    dxa, dxb = torch.empty_like(xa), torch.empty_like(xb)
-    _, *sda = _flat(dxa)
-    _, *sdb = _flat(dxb)
-    ring = torch.empty((cfg["nprog"], 2, cfg["RING"]), dtype=torch.float32, device=dev)
-    dc = torch.empty((cfg["n_tiles"], 2, C), dtype=torch.float32, device=dev)
-    dw = torch.empty((cfg["nprog"], 2 * C, 18), dtype=torch.float32, device=dev)
-    k["_cgm_bwd_kernel"][(cfg["nprog"],)](
-        ga, gb, xa, xb, s, c_ct.float().contiguous(), c_pet.float().contiguous(),
-        _pack_weights(w_ct, w_pet, C), ring, dxa, dxb, dc, dw,
-        C, H, W, cfg["n_bands"], cfg["n_tiles"], cfg["TH"], cfg["RING"],
-        *sga, *sgb, *sxa, *sxb, *sda, *sdb,
+    ga, gb = g_ct.to(x_ct.dtype), g_pet.to(x_pet.dtype)
+    dxa, dxb = torch.empty_like(x_ct), torch.empty_like(x_pet)
+    nprog = cfg["grid"][0]
+    dc = torch.empty((nprog, 2, C), dtype=torch.float32, device=dev)
+    dw = torch.empty((nprog, 2, 2 * C, 9), dtype=torch.float32, device=dev)
+    k["_cgm_bwd_kernel"][cfg["grid"]](
+        ga, gb, x_ct, x_pet, s, c_ct, c_pet, w_ct, w_pet, dxa, dxb, dc, dw,
+        C, H, W, cfg["n_strips"], cfg["n_ct"], cfg["SR"],
+        *ga.stride(), *gb.stride(), *x_ct.stride(), *x_pet.stride(), *dxa.stride(), *dxb.stride(),
+        *c_ct.stride(), *c_pet.stride(), *w_ct.stride()[1:], *w_pet.stride()[1:],
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
-        BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    dc = dc.view(Bt, cfg["n_bands"], 2, C).sum(1)
-    dwc, dwp = _unpack_weight_grads(dw.sum(0), C, w_ct, w_pet)
-    return dxa, dxb, dc[:, 0].to(c_ct.dtype, copy=True), dc[:, 1].to(c_pet.dtype, copy=True), dwc, dwp
+        TWP=cfg["TWP"], BC=cfg["BC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dc = dc.view(Bt, nprog // Bt, 2, C).sum(1)
+    dw = dw.sum(0)
+    return (dxa, dxb, dc[:, 0].to(c_ct.dtype, copy=True), dc[:, 1].to(c_pet.dtype, copy=True),
+            dw[0].view(w_ct.shape).to(w_ct.dtype, copy=True), dw[1].view(w_pet.shape).to(w_pet.dtype, copy=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,6 +494,25 @@ def _backward_rule(ctx, g_ct, g_pet, _g_s):
 _fwd_op.register_autograd(_backward_rule, setup_context=_setup)
 
 
+class _EagerFn(torch.autograd.Function):
+    """The same two kernels as the ops above, for eager mode: going through torch.library's
+    custom-op dispatch costs host time on every call, and the CGM module is host-bound at these
+    sizes (benchmarks/NOTES.md, "CGM kernel"). torch.compile traces the registered ops instead."""
+
+    @staticmethod
+    def forward(ctx, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
+        y_ct, y_pet, s = _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual)
+        ctx.save_for_backward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s)
+        ctx.residual = residual
+        return y_ct, y_pet
+
+    @staticmethod
+    def backward(ctx, g_ct, g_pet):
+        x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s = ctx.saved_tensors
+        # autograd materialises zeros for an output that was not used
+        return (*_backward(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, ctx.residual), None)
+
+
 def cgm_gate(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual=True):
     """Backend entry (arguments already validated by the public ``cgm_gate``): (y_ct, y_pet).
 
@@ -488,5 +521,7 @@ def cgm_gate(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual=True):
     """
     if x_ct.dtype not in _DTYPES:
         return reference.cgm_gate(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual)
-    y_ct, y_pet, _ = _fwd_op(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, bool(residual))
-    return y_ct, y_pet
+    if torch.compiler.is_compiling():
+        y_ct, y_pet, _ = _fwd_op(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, bool(residual))
+        return y_ct, y_pet
+    return _EagerFn.apply(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, bool(residual))
