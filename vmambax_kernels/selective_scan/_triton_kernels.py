@@ -112,7 +112,7 @@ def _ss2d_fwd_kernel(
     mask_r = offs_r < R
     kd = k * Dm + offs_d
     mdn = mask_d[:, None] & mask_n[None, :]
-    A2 = tl.load(A_ptr + kd[:, None] * N + offs_n[None, :], mask=mdn, other=0.0) * LOG2E   # [BLOCK_D, NP]
+    A2 = tl.load(A_ptr + (k * N + offs_n[None, :]) * Dm + offs_d[:, None], mask=mdn, other=0.0) * LOG2E   # [BLOCK_D, NP]
     Dv = tl.load(D_ptr + kd, mask=mask_d, other=0.0) if HAS_D else None
     bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0) if HAS_BIAS else None
 
@@ -135,7 +135,7 @@ def _ss2d_fwd_kernel(
             Cv = tl.load(C_ptr + bb * sC_b + k * sC_k + offs_n[None, :] * sC_n + p[:, None], mask=mtn,
                          other=0.0).to(tl.float32)
             if SAVE:
-                st = st_ptr + (((bb * 4 + k) * Dm + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
+                st = st_ptr + (((bb * 4 + k) * n_chunks + c) * N + offs_n[None, :]) * Dm + offs_d[:, None]
                 tl.store(st, h, mask=mdn & b_ok)
             dA = tl.exp2(dl[:, :, None] * A2[None, :, :])                                 # [T, BLOCK_D, NP]
             dBu = (dl * u)[:, :, None] * Bv[:, None, :]
@@ -207,7 +207,7 @@ def _ss2d_bwd_kernel(
                          other=0.0).to(tl.float32)
             Cv = tl.load(C_ptr + bb * sC_b + k * sC_k + offs_n[None, :] * sC_n + p[:, None], mask=mtn,
                          other=0.0).to(tl.float32)
-            st = st_ptr + (((bb * 4 + k) * Dm + offs_d[:, None]) * n_chunks + c) * N + offs_n[None, :]
+            st = st_ptr + (((bb * 4 + k) * n_chunks + c) * N + offs_n[None, :]) * Dm + offs_d[:, None]
             h0 = tl.load(st, mask=mdn & b_ok, other=0.0)
 
             # forward states of the chunk, recomputed from its saved start
@@ -266,3 +266,120 @@ def _ss2d_bwd_kernel(
         tl.atomic_add(dbias_ptr + kd, dbias_acc, mask=mask_d, sem="relaxed")
     if LOWRANK:
         tl.atomic_add(dw_ptr + kd[None, :] * R + offs_r[:, None], dw_acc, mask=mrd, sem="relaxed")
+
+
+
+@triton.jit
+def _seq_step(t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, C_base,
+              offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
+              LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+              NEED_C: tl.constexpr, INTERP: tl.constexpr):
+    """One step of the walk for a block of channels: (p, u, delta, decay dA, input dBu, C)."""
+    p = _walk_pos(t, k, H, W, L)
+    u = tl.load(u_ptr + u_base + offs_d * su_d + p, mask=mask_d, other=0.0).to(tl.float32)
+    if LOWRANK:
+        # dt is (Bt, 4, L, R): the step's R values are contiguous and shared by the block
+        dtv = tl.load(dl_ptr + dl_base + p * R + offs_r * one, mask=mask_r, other=0.0).to(tl.float32)
+        x = tl.sum(w_tile * dtv[None, :], axis=1)
+    else:
+        x = tl.load(dl_ptr + dl_base + offs_d * sdl_c + p, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x = x + bias
+    if SOFTPLUS:
+        dl = _softplus(x, INTERP)
+    else:
+        dl = x
+    # B, C are (Bt, 4, L, N): one step's N values share a sector. ``one`` (a runtime 1) hides that
+    # they are contiguous: a vectorised load would spread the states over lanes (see the kernel).
+    # int32 offsets: the compiler hoists the per-state part out of the loop (16 registers, not 64)
+    off_n = p * N + offs_n * one
+    Bv = tl.load(B_ptr + B_base + off_n, mask=mask_n, other=0.0).to(tl.float32)
+    if NEED_C:
+        Cv = tl.load(C_ptr + C_base + off_n, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        Cv = Bv
+    dA = tl.exp2(dl[:, None] * A2)
+    dBu = (dl * u)[:, None] * Bv[None, :]
+    return p, u, dl, dA, dBu, Cv
+
+
+@triton.jit(do_not_specialize=["Bt", "Dm", "n_db", "n_ck", "TC", "BPP", "n_st", "one"])
+def _ss2d_fwd_seq_kernel(
+    u_ptr, dl_ptr, w_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, st_ptr, he_ptr, S_ptr,
+    Bt, Dm, H, W, L, N, R, n_db, n_ck, TC, BPP, n_st,
+    su_b, su_d, sdl_b, sdl_k, sdl_c, one,
+    BLOCK_D: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, TS: tl.constexpr, PHASE: tl.constexpr,
+    LOWRANK: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SAVE: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Forward, one thread per channel walking its steps in order with the N states in registers.
+
+    Program = (channel block, chunk c of TC steps) x (BPP planes) x walk k. PHASE 0 walks chunk c
+    from a zero state and stores its end state he (Bt, 4, n_ck, N, Dm) and its sum of delta S
+    (Bt, 4, n_ck, Dm). PHASE 1 folds the chunks before c into the entering state
+    (h <- exp2(A2 * S_c') * h + he_c'), walks chunk c again adding y_k into y (fp32 atomics), and
+    saves the state every TS steps for the backward (st: (Bt, 4, n_st, N, Dm)).
+    B, C (and the low-rank dt) come as (Bt, 4, L, N|R) contiguous copies; A as (4, N, Dm) and W
+    as (4, R, Dm). Every [BLOCK_D, *] tile is contiguous along channels and Dm is not specialised,
+    so the compiler does not vectorise them and its layout puts channels on lanes and the states in
+    each thread's registers (the sum over states needs no shuffles, per-channel work is done once).
+    """
+    pid = tl.program_id(0)
+    db = pid % n_db
+    c = pid // n_db
+    b0 = tl.program_id(1) * BPP
+    k = tl.program_id(2)
+    offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    offs_r = tl.arange(0, RP)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    kd = k * Dm + offs_d
+    mdn = mask_d[:, None] & mask_n[None, :]
+    A2 = tl.load(A_ptr + (k * N + offs_n[None, :]) * Dm + offs_d[:, None], mask=mdn, other=0.0) * LOG2E
+    Dv = tl.load(D_ptr + kd, mask=mask_d, other=0.0) if HAS_D else None
+    bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0) if HAS_BIAS else None
+    w_tile = tl.load(w_ptr + (k * R + offs_r[None, :]) * Dm + offs_d[:, None], mask=mask_d[:, None] & mask_r[None, :],
+                     other=0.0) if LOWRANK else None                                      # [BLOCK_D, RP]
+    t0 = c * TC
+    t1 = tl.minimum(t0 + TC, L)
+    b_end = tl.minimum(b0 + BPP, Bt)
+    for i in range(0, b_end - b0):
+        bb = (b0 + i).to(tl.int64)
+        u_base = bb * su_b
+        dl_base = bb * sdl_b + k * sdl_k
+        B_base = (bb * 4 + k) * L * N
+        bk = bb * 4 + k
+        h = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
+        if PHASE == 0:
+            S = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for t in range(t0, t1):
+                p, u, dl, dA, dBu, Cv = _seq_step(
+                    t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
+                    offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
+                    LOWRANK, HAS_BIAS, SOFTPLUS, False, INTERP)
+                h = dA * h + dBu
+                S += dl
+            tl.store(he_ptr + ((bk * n_ck + c) * N + offs_n[None, :]) * Dm + offs_d[:, None], h, mask=mdn)
+            tl.store(S_ptr + (bk * n_ck + c) * Dm + offs_d, S, mask=mask_d)
+        else:
+            for cp in range(c):
+                S = tl.load(S_ptr + (bk * n_ck + cp) * Dm + offs_d, mask=mask_d, other=0.0)
+                he = tl.load(he_ptr + ((bk * n_ck + cp) * N + offs_n[None, :]) * Dm + offs_d[:, None],
+                             mask=mdn, other=0.0)
+                h = tl.exp2(A2 * S[:, None]) * h + he
+            for ts in range(t0, t1, TS):
+                if SAVE:
+                    tl.store(st_ptr + ((bk * n_st + ts // TS) * N + offs_n[None, :]) * Dm + offs_d[:, None], h,
+                             mask=mdn)
+                for t in range(ts, tl.minimum(ts + TS, t1)):
+                    p, u, dl, dA, dBu, Cv = _seq_step(
+                        t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
+                        offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
+                        LOWRANK, HAS_BIAS, SOFTPLUS, True, INTERP)
+                    h = dA * h + dBu
+                    y = tl.sum(h * Cv[None, :], axis=1)
+                    if HAS_D:
+                        y += Dv * u
+                    tl.atomic_add(y_ptr + bb * Dm * L + offs_d * L + p, y, mask=mask_d, sem="relaxed")

@@ -80,6 +80,10 @@ class _Config(NamedTuple):
     BPP: int            # planes per program
     fwd_warps: int
     bwd_warps: int
+    seq: bool           # forward: one thread per channel walking its steps (else the [T, BLOCK_D, NP] tile)
+    SEQ_D: int          # channels per program of the sequential forward (32 per warp)
+    TC: int             # steps per chunk of the sequential forward (a multiple of T)
+    SEQ_BPP: int        # planes per program of the sequential forward
 
 
 def _pow2(x: int) -> int:
@@ -91,7 +95,8 @@ def _pow2(x: int) -> int:
 # bf16, low-rank): forward BLOCK_D=16 takes 123 and spills nothing; backward BLOCK_D=8 takes
 # 255 and spills 48 bytes. H100 timings of the alternatives: main() with --sweep (see git log).
 # _CONFIG_OVERRIDE replaces entries for that sweep.
-_DEFAULTS = dict(BLOCK_D=16, BLOCK_D_BWD=8, T=16, fwd_warps=0, bwd_warps=0, planes_positions=256)
+_DEFAULTS = dict(BLOCK_D=16, BLOCK_D_BWD=8, T=16, fwd_warps=0, bwd_warps=0, planes_positions=256,
+                 fwd="seq", seq_d=32, seq_programs=8192, seq_planes_positions=512, seq_maxnreg=0)
 _CONFIG_OVERRIDE: dict = {}
 
 
@@ -118,7 +123,18 @@ def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
         bpp //= 2
     fw = _opt("fwd_warps") or max(1, min(16, bd * NP // 32))
     bw = _opt("bwd_warps") or max(1, min(16, bdb * NP // 32))
-    return _Config(bd, bdb, T, NP, RP, bpp, fw, bw)
+    # Sequential forward: chunks of TC steps, as many as it takes to reach seq_programs programs
+    # (1 warp each at seq_d = 32); the fold of earlier chunks costs n_ck / 2 exps per state and
+    # program against TC per chunk, so chunks stay long where the grid is already full.
+    sd = max(8, min(_opt("seq_d"), _pow2(Dm)))
+    n_sdb = -(-Dm // sd)
+    min_programs = 1 if interpreting() else _opt("seq_programs")
+    sbpp = max(1, min(Bt, _opt("seq_planes_positions") // L))
+    while sbpp > 1 and n_sdb * 4 * -(-Bt // sbpp) < min_programs:
+        sbpp //= 2
+    n_ck = max(1, min(-(-L // T), -(-min_programs // (n_sdb * 4 * -(-Bt // sbpp)))))
+    TC = -(-(-(-L // n_ck)) // T) * T
+    return _Config(bd, bdb, T, NP, RP, bpp, fw, bw, _opt("fwd") == "seq", sd, TC, sbpp)
 
 
 def _n_chunks(L: int, cfg: _Config) -> int:
@@ -152,8 +168,11 @@ def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
     u, dl, B, C = map(_plane_contiguous, (u, dl, B, C))
     A, w, D, bias = (None if t is None else t.contiguous() for t in (A, w, D, bias))
     y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
-    states = (torch.empty((Bt, 4, Dm, n_chunks, N), dtype=torch.float32, device=u.device) if save
+    states = (torch.empty((Bt, 4, n_chunks, N, Dm), dtype=torch.float32, device=u.device) if save
               else torch.empty(0, dtype=torch.float32, device=u.device))
+    if cfg.seq:
+        _fwd_seq(kern, cfg, u, dl, w, A, B, C, D, bias, softplus, y, states, save)
+        return (y if out_dtype == torch.float32 else y.to(out_dtype)), states
     grid = (n_db * -(-Bt // cfg.BPP), 4)
     kern._ss2d_fwd_kernel[grid](
         u, dl, w if w is not None else A, A, B, C, D if D is not None else A, bias if bias is not None else A,
@@ -168,11 +187,40 @@ def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
     return (y if out_dtype == torch.float32 else y.to(out_dtype)), states
 
 
+def _fwd_seq(kern, cfg, u, dl, w, A, B, C, D, bias, softplus, y, states, save):
+    """Two launches: chunk end states (only when a plane has several chunks), then the output."""
+    Bt, Dm, H, W = u.shape
+    N, L = A.shape[-1], H * W
+    R = dl.shape[2] if w is not None else 0
+    n_db, n_ck = -(-Dm // cfg.SEQ_D), -(-L // cfg.TC)
+    # (Bt, 4, L, N|R) copies: one step's values contiguous (see _seq_step)
+    B, C = (t.flatten(3).transpose(2, 3).contiguous() for t in (B, C))
+    if w is not None:
+        dl = dl.flatten(3).transpose(2, 3).contiguous()
+    f32 = dict(dtype=torch.float32, device=u.device)
+    he = torch.empty((Bt, 4, n_ck, N, Dm), **f32) if n_ck > 1 else y
+    At = A.transpose(1, 2).contiguous()                                    # (4, N, Dm)
+    wt = w.transpose(1, 2).contiguous() if w is not None else At           # (4, R, Dm)
+    S = torch.empty((Bt, 4, n_ck, Dm), **f32) if n_ck > 1 else y
+    args = [u, dl, wt, At, B, C, D if D is not None else A, bias if bias is not None else A,
+            y, states, he, S, Bt, Dm, H, W, L, N, R, n_db, n_ck, cfg.TC, cfg.SEQ_BPP, _n_chunks(L, cfg),
+            u.stride(0), u.stride(1), dl.stride(0), dl.stride(1), dl.stride(2), 1]
+    meta = dict(BLOCK_D=cfg.SEQ_D, NP=cfg.NP, RP=cfg.RP, TS=cfg.T, LOWRANK=w is not None, HAS_D=D is not None,
+                HAS_BIAS=bias is not None, SOFTPLUS=softplus, SAVE=save, INTERP=interpreting(),
+                num_warps=max(1, cfg.SEQ_D // 32))
+    if _opt("seq_maxnreg"):
+        meta["maxnreg"] = _opt("seq_maxnreg")
+    nb = -(-Bt // cfg.SEQ_BPP)
+    if n_ck > 1:   # the last chunk's end state is never used
+        kern._ss2d_fwd_seq_kernel[(n_db * (n_ck - 1), nb, 4)](*args, PHASE=0, **meta)
+    kern._ss2d_fwd_seq_kernel[(n_db * n_ck, nb, 4)](*args, PHASE=1, **meta)
+
+
 def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
     kern = _kernels()
     Bt, Dm, H, W, N, L, R, cfg = _sizes(u, dl, w, A)
     n_chunks, n_db = _n_chunks(L, cfg), -(-Dm // cfg.BLOCK_D_BWD)
-    if states.shape != (Bt, 4, Dm, n_chunks, N):
+    if states.shape != (Bt, 4, n_chunks, N, Dm):
         raise RuntimeError("ss2d_triton_bwd: the forward did not save its chunk states "
                            f"(got states of shape {tuple(states.shape)}); call it with save_states=True")
     gy, u, dl, B, C = map(_plane_contiguous, (gy, u, dl, B, C))
@@ -210,7 +258,7 @@ def _states_shape(u, A, R, save):
     if not save:
         return (0,)
     T = _opt("T")
-    return (Bt, 4, Dm, (H * W + T - 1) // T, A.shape[-1])
+    return (Bt, 4, (H * W + T - 1) // T, A.shape[-1], Dm)
 
 
 @torch.library.custom_op("vmambax::ss2d_triton_fwd", mutates_args=())
