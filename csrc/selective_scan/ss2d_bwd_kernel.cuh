@@ -34,28 +34,29 @@ static_assert(2 * TB == 32, "the dB / dC reduction gives each lane of a warp one
 struct BwdSmem {
   float *sB, *sC;  // NMAJOR: [n][TB]; else [i][NS] (float4 over states)
   float *sDt;      // [R][TB]
+  float *t0, *t1;  // [nth][TB + 1]: delta (raw, then after softplus), dy; later du, dz of the sub-tile;
+                   // in the state loop, the reduction buffer [2 * TB][nth + 1] (fits in both)
+  float *tU, *tS;  // [nth][TB + 1]: u, softplus'(z)
   float *hS;       // [kBwdSub][N][nth]: state entering each sub-tile of the chunk
   float *sE;       // [N][nth]: reverse carry a_{t+1} dh_{t+1}
   float *sDA;      // [N][nth]
   float *sP;       // [nth / 32][N][32]: each warp's channel sums of dC (rows 0..TB-1), dB (TB..2TB-1)
-  float *t0, *t1;  // [nth][TB + 1]: delta (raw, then after softplus), dy; later du, dz of the sub-tile;
-                   // in the state loop, the reduction buffer [2 * TB][nth + 1] (fits in both)
-  float *tU, *tS;  // [nth][TB + 1]: u, softplus'(z)
   float *sDW;      // [R][nth]
-  __device__ __forceinline__ BwdSmem(float *smem, int N, int R, int nth, int NS) {
-    const int tile = nth * (TB + 1);
+  // The chunk pass (main = false) has no hS, e, dA, warp partials or dW (ss2d.h:ss2d_bwd_smem).
+  __device__ __forceinline__ BwdSmem(float *smem, int N, int R, int nth, int NS, bool main) {
+    const int tile = nth * (TB + 1), m = main ? 1 : 0;
     sB = smem;
     sC = sB + TB * NS;
     sDt = sC + TB * NS;
-    hS = sDt + R * TB;
-    sE = hS + kBwdSub * N * nth;
-    sDA = sE + N * nth;
-    sP = sDA + N * nth;
-    t0 = sP + (nth / 32) * N * 32;
+    t0 = sDt + R * TB;
     t1 = t0 + tile;
     tU = t1 + tile;
     tS = tU + tile;
-    sDW = tS + tile;
+    hS = tS + tile;
+    sE = hS + m * kBwdSub * N * nth;
+    sDA = sE + m * N * nth;
+    sP = sDA + m * N * nth;
+    sDW = sP + m * (nth / 32) * N * 32;
   }
 };
 
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DP
   constexpr int NS = ss2d_ns(NMAX);
   const ChunkBlock g(p, true);
   const SS2DSide &sd = p.sides[g.side];
-  const BwdSmem m(smem, p.N, p.R, blockDim.x, NS);
+  const BwdSmem m(smem, p.N, p.R, blockDim.x, NS, false);
   const int c = threadIdx.x, d = g.d0 + c;
   const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
   for (int kk = 0; kk < 2; ++kk) {
@@ -294,7 +295,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
   constexpr int NS = ss2d_ns(NMAX);
   const ChunkBlock g(p, false);
   const SS2DSide &sd = p.sides[g.side];
-  const BwdSmem m(smem, p.N, p.R, blockDim.x, NS);
+  const BwdSmem m(smem, p.N, p.R, blockDim.x, NS, true);
   const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, N = p.N, R = p.R, L = p.L;
   const bool active = d < p.Dm;
   const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
@@ -397,15 +398,15 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
 template <typename T>
 void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream) {
   const int nth = p.nth;
-  const size_t smem = ss2d_bwd_smem(p.N, p.R, nth);
+  const size_t smem = ss2d_bwd_smem(p.N, p.R, nth), smem_chunk = ss2d_bwd_smem(p.N, p.R, nth, false);
   const unsigned dtiles = unsigned((p.Dm + nth - 1) / nth);
   SS2D_NMAX_SWITCH(p.N, NMAX, [&] {
-    if (smem > 48 * 1024) {
-      cudaFuncSetAttribute(ss2d_bwd_chunk_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (smem_chunk > 48 * 1024)
+      cudaFuncSetAttribute(ss2d_bwd_chunk_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_chunk));
+    if (smem > 48 * 1024)
       cudaFuncSetAttribute(ss2d_bwd_main_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    }
     if (p.nc > 1) {
-      ss2d_bwd_chunk_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem, stream>>>(p);
+      ss2d_bwd_chunk_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem_chunk, stream>>>(p);
       const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
       ss2d_bwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
     }
