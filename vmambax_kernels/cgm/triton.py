@@ -161,7 +161,7 @@ def _col(t2, m):
     return tl.sum(tl.where(tl.arange(0, 2)[None, :] == m, t2, 0.0), axis=1)
 
 
-def _tile_cols(pid, n_strips, n_ct, SR, H, W, TWP: constexpr):
+def _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP: constexpr):
     """The program's plane b, rows [h0, h1), and columns: wcol = wb + i for i < TWP, the ones
     loaded (in the plane) and the ones it outputs (all when one tile spans the width; else the
     inner TWP - 2, the two outer ones being halo)."""
@@ -171,16 +171,15 @@ def _tile_cols(pid, n_strips, n_ct, SR, H, W, TWP: constexpr):
     b = rest // n_strips
     h0 = strip * SR
     h1 = tl.minimum(h0 + SR, H)
-    lo = (n_ct > 1).to(tl.int32)
     i = tl.arange(0, TWP)
-    wcol = kt * (TWP - 2) - lo + i
+    wcol = kt * (TWP - 2) - LO + i
     in_cols = (wcol >= 0) & (wcol < W)
-    out_cols = in_cols & (i >= lo) & (i < TWP - lo)
+    out_cols = in_cols & (i >= LO) & (i < TWP - LO)
     return b, h0, h1, wcol, in_cols, out_cols
 
 
 def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr,
-                    C, H, W, n_strips, n_ct, SR,
+                    C, H, W, n_strips, n_ct, LO, SR,
                     sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
                     sya_b, sya_c, sya_h, sya_w, syb_b, syb_c, syb_h, syb_w,
                     sca_b, sca_c, scb_b, scb_c,
@@ -188,7 +187,7 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                     RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr,
                     TWP: constexpr, BC: constexpr):
     pid = tl.program_id(0)
-    b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, SR, H, W, TWP)
+    b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP)
     s_plane = s_ptr + b.to(tl.int64) * 2 * H * W
     mcol = tl.arange(0, 2)
     # z accumulators: za for the row to finish next, zb for the row after it
@@ -258,7 +257,7 @@ def _row_dz(g_ptr, x_ptr, s_plane, c_ptr, b, r, C, H, W, wcol, in_cols,
 
 def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr,
                     dxa_ptr, dxb_ptr, dc_ptr, dw_ptr,
-                    C, H, W, n_strips, n_ct, SR,
+                    C, H, W, n_strips, n_ct, LO, SR,
                     sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
                     sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
                     sda_b, sda_c, sda_h, sda_w, sdb_b, sdb_c, sdb_h, sdb_w,
@@ -267,7 +266,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                     RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr,
                     TWP: constexpr, BC: constexpr):
     pid = tl.program_id(0)
-    b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, SR, H, W, TWP)
+    b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP)
     s_plane = s_ptr + b.to(tl.int64) * 2 * H * W
     dc_prog = dc_ptr + pid.to(tl.int64) * 2 * C          # this program's partial dc, [2, C]
     dw_prog = dw_ptr + pid.to(tl.int64) * 2 * 2 * C * 9  # its partial dW, [2 (map), 2C, 9]
@@ -373,8 +372,11 @@ def _kernels() -> dict:
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
 
-_DEFAULTS = {"fwd": dict(BC=64, num_warps=4, num_stages=2, programs_per_sm=2, max_tw=128),
-             "bwd": dict(BC=32, num_warps=4, num_stages=2, programs_per_sm=2, max_tw=128)}
+# ptxas (sm_90, Triton 3.6) at cgm1 bf16: fwd BC 64 / 4 warps 255 registers + 744 B of spills,
+# BC 32 / 8 warps 250 and none; bwd BC 32 / 4 warps 255 + 416 B, BC 16 / 8 warps 234 and none.
+# One 8-warp program per SM at that size; --sweep in benchmarks/bench_cgm.py times the others.
+_DEFAULTS = {"fwd": dict(BC=32, num_warps=8, num_stages=2, programs_per_sm=2, max_tw=128),
+             "bwd": dict(BC=16, num_warps=8, num_stages=2, programs_per_sm=2, max_tw=128)}
 CONFIG_OVERRIDE: dict = {}
 _SMS: dict = {}
 
@@ -413,7 +415,7 @@ def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
     s = torch.empty((Bt, 2, H, W), dtype=torch.float32, device=x_ct.device)
     k["_cgm_fwd_kernel"][cfg["grid"]](
         x_ct, x_pet, ya, yb, s, c_ct, c_pet, w_ct, w_pet,
-        C, H, W, cfg["n_strips"], cfg["n_ct"], cfg["SR"],
+        C, H, W, cfg["n_strips"], cfg["n_ct"], int(cfg["n_ct"] > 1), cfg["SR"],
         *x_ct.stride(), *x_pet.stride(), *ya.stride(), *yb.stride(), *c_ct.stride(), *c_pet.stride(),
         *w_ct.stride()[1:], *w_pet.stride()[1:],
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
@@ -433,7 +435,7 @@ def _backward(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual):
     dw = torch.empty((nprog, 2, 2 * C, 9), dtype=torch.float32, device=dev)
     k["_cgm_bwd_kernel"][cfg["grid"]](
         ga, gb, x_ct, x_pet, s, c_ct, c_pet, w_ct, w_pet, dxa, dxb, dc, dw,
-        C, H, W, cfg["n_strips"], cfg["n_ct"], cfg["SR"],
+        C, H, W, cfg["n_strips"], cfg["n_ct"], int(cfg["n_ct"] > 1), cfg["SR"],
         *ga.stride(), *gb.stride(), *x_ct.stride(), *x_pet.stride(), *dxa.stride(), *dxb.stride(),
         *c_ct.stride(), *c_pet.stride(), *w_ct.stride()[1:], *w_pet.stride()[1:],
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
