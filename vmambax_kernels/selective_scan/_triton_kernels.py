@@ -68,7 +68,7 @@ def _load_delta(dl_ptr, w_ptr, kd, R, base, offs_d, p, mask_d, mask_t, s_c, bias
             dt_r = tl.load(dl_ptr + base + r * s_c + p, mask=mask_t, other=0.0).to(tl.float32)
             w_r = tl.load(w_ptr + kd * R + r, mask=mask_d, other=0.0)
             x += dt_r[:, None] * w_r[None, :]
-        dt = None
+        dt = x   # unused by the callers (a None here does not compile)
     else:
         dt = tl.load(dl_ptr + base + offs_d[None, :] * s_c + p[:, None],
                      mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
