@@ -2,13 +2,16 @@
 
     python benchmarks/bench_model.py                        # cuda/triton/unfused, bf16 + fp16
     python benchmarks/bench_model.py --providers cuda --dtypes bf16 --no-split
+    python benchmarks/bench_model.py --providers triton --dtypes bf16 --compile --profile
 
 Per provider and autocast dtype: one training step (forward, backward, AdamW) and one inference
 batch, medians of CUDA-event timings after warm-up, peak memory of the step, pairs/s; then the
 split of a training step's forward+backward between encoder (both branches), CGM, DCIM and decoder,
 each part timed alone on the inputs the full model gives it. Records go to
 benchmarks/results/<gpu>.jsonl (bench "model", cases "train" / "infer" / "part_<name>").
-Providers: "cuda" and "triton" set the model's backend; "unfused_mamba" swaps SS2D's core for
+--compile [MODE] runs the model through torch.compile (records carry "compiled": MODE); --profile prints
+the CUDA kernels of one training step grouped into scan / CGM / GEMM / normalisation / other, the
+answer to "where does the remaining time go". Providers: "cuda" and "triton" set the model's backend; "unfused_mamba" swaps SS2D's core for
 PyTorch cross-scan + mamba-ssm's selective_scan_fn + cross-merge (the published path's structure).
 """
 from __future__ import annotations
@@ -78,10 +81,43 @@ def _backward_all(out):
     torch.autograd.backward(flat, [torch.ones_like(t) for t in flat])
 
 
-def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int, split: bool) -> list[dict]:
+# kernel-name fragments -> group, first match wins (names of our ops, cuBLAS/cuDNN and inductor)
+KERNEL_GROUPS = (("scan", ("ss2d", "selective_scan", "scan_2d", "_scan_")), ("cgm", ("cgm",)),
+                 ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "wgmma", "conv", "implicit")),
+                 ("norm", ("layer_norm", "batch_norm", "bn_", "welford", "norm")))
+
+
+def kernel_split(step, steps: int = 3) -> None:
+    """Print where one training step's GPU time goes, by kernel group and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    groups, kernels = {}, []
+    for ev in prof.key_averages():
+        us = ev.device_time_total / steps
+        if us <= 0:
+            continue
+        name = ev.key.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + us
+        kernels.append((us, group, ev.key[:90]))
+    total = sum(groups.values())
+    print(f"  GPU time per step {total / 1e3:.1f} ms: " + ", ".join(
+        f"{g} {us / 1e3:.1f} ms ({100 * us / total:.0f}%)" for g, us in sorted(groups.items(), key=lambda x: -x[1])))
+    for us, group, name in sorted(kernels, reverse=True)[:15]:
+        print(f"    {us / 1e3:8.2f} ms  {group:6s} {name}")
+
+
+def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int, split: bool,
+              compiled: str | None = None, profile: bool = False) -> list[dict]:
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     model = VMambaX().cuda().train()
+    run = torch.compile(model, mode=compiled) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     ct = torch.rand(batch, 1, size, size, device="cuda") * 3.2 - 1.6
@@ -92,7 +128,7 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
     with provider_setup(model, provider):
         def step():
             with torch.autocast("cuda", dtype=dtype):
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(ct, pet).float(), target)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(run(ct, pet).float(), target)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -101,7 +137,7 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
 
         def infer():
             with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-                return model(ct, pet)
+                return run(ct, pet)
 
         loss = step()
         if not torch.isfinite(loss):
@@ -113,10 +149,14 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
         model.eval()
         infer_ms = harness.events_median_ms(infer, warmup=2, iters=iters)
         model.train()
+        extra = {"compiled": compiled} if compiled else {}
         recs.append(harness.record("model", "train", provider, dtype_name, batch, env, train_step_ms=train_ms,
-                                   pairs_per_s=batch / train_ms * 1e3, peak_gb=peak_gb))
+                                   pairs_per_s=batch / train_ms * 1e3, peak_gb=peak_gb, **extra))
         recs.append(harness.record("model", "infer", provider, dtype_name, batch, env, infer_ms=infer_ms,
-                                   pairs_per_s=batch / infer_ms * 1e3))
+                                   pairs_per_s=batch / infer_ms * 1e3, **extra))
+        if profile:
+            print(f"{provider}/{dtype_name}{f' compiled ({compiled})' if compiled else ''}: kernels of a training step")
+            kernel_split(step)
         if split:
             for name, fn in parts(model, ct, pet):
                 def fwdbwd(fn=fn):
@@ -159,6 +199,9 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-split", action="store_true", help="skip the per-part split")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                    help="torch.compile the model (MODE: default | reduce-overhead, which adds CUDA graphs)")
+    ap.add_argument("--profile", action="store_true", help="print the kernel split of a training step")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_model.py needs a CUDA GPU")
@@ -167,7 +210,8 @@ def main(argv=None) -> None:
     for provider in providers_here(args.providers.split(",")):
         for dt in args.dtypes.split(","):
             try:
-                recs += bench_one(provider, dt, args.batch, args.size, args.iters, not args.no_split)
+                recs += bench_one(provider, dt, args.batch, args.size, args.iters, not args.no_split,
+                                  args.compile, args.profile)
             except (RuntimeError, torch.OutOfMemoryError) as exc:  # report and go on with the others
                 print(f"{provider}/{dt}: FAILED: {exc}")
                 torch.cuda.empty_cache()

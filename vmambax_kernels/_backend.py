@@ -79,6 +79,19 @@ def resolve(op: str, requested: str | None, device: torch.device):
 _LOADED: dict = {}
 
 
+def _load_all() -> None:
+    # Every importable implementation is loaded together: under torch.compile, Dynamo snapshots
+    # _LOADED at its first lookup in a graph, so an entry added later (the CGM gate's, after the
+    # scan's) was missing in the traced copy (KeyError, seen compiling the whole model).
+    for op, impls in _IMPLS.items():
+        for backend in impls:
+            if (op, backend) not in _LOADED:
+                try:
+                    _LOADED[(op, backend)] = _module(op, backend)
+                except ImportError:
+                    pass
+
+
 # Evaluated once at trace time under torch.compile (its result is a constant string), so the
 # importlib/environment work here never enters a compiled graph.
 @torch.compiler.assume_constant_result
@@ -103,5 +116,6 @@ def _choose(op: str, requested: str | None, device_type: str) -> str:
             if _runs_on(backend, device) is None and _status(op, backend).available:
                 chosen = backend
                 break
-    _LOADED[(op, chosen)] = _module(op, chosen)
+    _load_all()
+    _LOADED[(op, chosen)] = _module(op, chosen)  # raises here if the chosen one failed to import
     return chosen

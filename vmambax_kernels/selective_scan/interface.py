@@ -39,7 +39,11 @@ def _ref_backward(ctx, grad):
         y = reference.selective_scan_2d_fast(*leaves, *ctx.flags)
         wanted = [t for t, need in zip(leaves, ctx.needs_input_grad[:7]) if t is not None and need]
         grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True)) if wanted else iter(())
-    out = [next(grads) if t is not None and need else None for t, need in zip(leaves, ctx.needs_input_grad[:7])]
+    # Contiguous, so the strides are the same under fake tensors and real ones: the gradient of a
+    # non-contiguous input (B, C are split views of x_proj's output) came back with strides that
+    # differed between the two, and the compiled backward's `view` of it failed (aot_eager).
+    out = [next(grads).contiguous() if t is not None and need else None
+           for t, need in zip(leaves, ctx.needs_input_grad[:7])]
     return (*out, None, None)
 
 
