@@ -100,6 +100,11 @@ def _choose(op: str, requested: str | None, device_type: str) -> str:
     source = "backend argument"
     if requested is None and os.environ.get("VMAMBAX_BACKEND"):
         requested, source = os.environ["VMAMBAX_BACKEND"], "VMAMBAX_BACKEND"
+        # The variable sets every op at once; an op with no such implementation (cgm_gate has no
+        # CUDA C++ kernel) keeps the automatic choice, as the model does for backend="cuda". A
+        # training run with VMAMBAX_BACKEND=cuda failed on the CGM gate before this.
+        if requested in BACKENDS and requested not in _IMPLS[op]:
+            requested = None
     chosen = None
     if requested is not None:
         if requested not in BACKENDS:

@@ -127,3 +127,20 @@ def test_torch_compile_fullgraph_sees_the_reference_op():
     inputs = scan_inputs(CPU_SHAPES["row"], torch.float32)
     fn = torch.compile(lambda kw: vk.selective_scan_2d(**kw, backend="reference"), fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(inputs), vk.selective_scan_2d(**inputs, backend="reference"))
+
+
+def test_env_var_backend_an_op_lacks_keeps_the_automatic_choice(monkeypatch):
+    # VMAMBAX_BACKEND=cuda sets the scans; cgm_gate has no CUDA C++ kernel, so it keeps the
+    # automatic choice (a GPU training run with the variable set failed on the gate before).
+    g = torch.Generator().manual_seed(0)
+    x_ct, x_pet = torch.randn(2, 4, 5, 6, generator=g), torch.randn(2, 4, 5, 6, generator=g)
+    c_ct, c_pet = torch.rand(2, 4, generator=g), torch.rand(2, 4, generator=g)
+    w_ct, w_pet = torch.randn(1, 8, 3, 3, generator=g), torch.randn(1, 8, 3, 3, generator=g)
+    args = (x_ct, x_pet, c_ct, c_pet, w_ct, w_pet)
+    monkeypatch.delenv("VMAMBAX_BACKEND", raising=False)
+    expected = vk.cgm_gate(*args, backend="reference")
+    monkeypatch.setenv("VMAMBAX_BACKEND", "cuda")
+    for y, e in zip(vk.cgm_gate(*args), expected):
+        torch.testing.assert_close(y, e, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no cuda implementation of cgm_gate"):
+        vk.cgm_gate(*args, backend="cuda")  # an explicit request still raises
