@@ -3,8 +3,9 @@
     python benchmarks/report.py            # rewrite the table between the README markers
     python benchmarks/report.py --print    # print it instead
 
-For each (card, bench, scope, case, dtype, provider) the newest record wins; ratios are taken
-only between records of the same run (same commit and card), as DESIGN.md requires.
+For each (card, bench, scope, case, dtype, provider) the newest record wins, and each case shows
+only the providers of its newest run; ratios are taken only between records of the same run
+(same commit and card), as DESIGN.md requires.
 """
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ def table(rows: list[dict]) -> str:
     lines = ["| card | bench | scope | case | dtype | provider | " + " | ".join(FIGS[:3]) + " | train/infer ms | vs peer (fwdbwd) | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(groups, key=lambda k: tuple(str(x) for x in k)):
-        provs = groups[key]
+        # Only the newest run of each case: a provider that run did not measure (a kernel version
+        # since removed, a backend left out) would otherwise stand beside it with an older number.
+        latest = max(groups[key].values(), key=lambda r: r.get("date", ""))
+        provs = {p: r for p, r in groups[key].items() if r.get("commit") == latest.get("commit")}
         peer = provs.get("unfused_mamba") or provs.get("unfused_torch") or provs.get("torch")
         for prov, r in sorted(provs.items()):
             ratio = ""
