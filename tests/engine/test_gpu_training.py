@@ -41,10 +41,12 @@ def data512(tmp_path_factory):
 @pytest.mark.slow
 def test_full_model_512_learns(data512, tmp_path):
     # 17 steps of batch 8 per epoch; 18 epochs = 306 steps, the paper's recipe otherwise.
-    r = train(TrainConfig(data=data512, out=str(tmp_path / "run"), epochs=18, batch_size=8, size=512,
-                          workers=4, progress=False))
+    # The run folder goes to the report folder when one is given, so its log and CSVs (written as
+    # the run goes) come back even from a run cut short by a time limit.
+    run = os.path.join(os.environ.get("VMAMBAX_GPU_REPORT_DIR", str(tmp_path)), "train512-run")
+    r = train(TrainConfig(data=data512, out=run, epochs=18, batch_size=8, size=512, workers=4, progress=False))
     h = r["history"]
-    steps = [float(x["loss"]) for x in csv.DictReader(open(tmp_path / "run" / "steps.csv"))]
+    steps = [float(x["loss"]) for x in csv.DictReader(open(os.path.join(run, "steps.csv")))]
     rec = {"steps": len(steps), "first_20_loss_mean": sum(steps[:20]) / 20,
            "last_20_loss_mean": sum(steps[-20:]) / 20,
            "val_dice_by_epoch": [round(x["val_dice"], 4) for x in h], "best": r["best"],
