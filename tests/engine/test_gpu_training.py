@@ -9,6 +9,7 @@ to ``$VMAMBAX_GPU_REPORT_DIR`` (default: the test's tmp folder) as JSON.
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -41,10 +42,16 @@ def data512(tmp_path_factory):
 @pytest.mark.slow
 def test_full_model_512_learns(data512, tmp_path):
     # 17 steps of batch 8 per epoch; 18 epochs = 306 steps, the paper's recipe otherwise.
-    # The run folder goes to the report folder when one is given, so its log and CSVs (written as
-    # the run goes) come back even from a run cut short by a time limit.
-    run = os.path.join(os.environ.get("VMAMBAX_GPU_REPORT_DIR", str(tmp_path)), "train512-run")
-    r = train(TrainConfig(data=data512, out=run, epochs=18, batch_size=8, size=512, workers=4, progress=False))
+    run = str(tmp_path / "run")
+    try:
+        r = train(TrainConfig(data=data512, out=run, epochs=18, batch_size=8, size=512, workers=4, progress=False))
+    finally:  # the log and CSVs reach the report folder even from a run that fails or is cut short
+        report = os.environ.get("VMAMBAX_GPU_REPORT_DIR")
+        if report:
+            os.makedirs(report, exist_ok=True)
+            for name in ("train.log", "steps.csv", "metrics.csv"):
+                if os.path.exists(os.path.join(run, name)):
+                    shutil.copy(os.path.join(run, name), os.path.join(report, f"train512-{name}"))
     h = r["history"]
     steps = [float(x["loss"]) for x in csv.DictReader(open(os.path.join(run, "steps.csv")))]
     rec = {"steps": len(steps), "first_20_loss_mean": sum(steps[:20]) / 20,
