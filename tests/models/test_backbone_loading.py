@@ -78,7 +78,7 @@ def test_refuses_files_that_are_not_checkpoints(tmp_path):
         load_vmamba_backbone(model, lfs)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(ValueError, match="expected a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="junk.pth cannot be read as a PyTorch checkpoint"):
         load_vmamba_backbone(model, junk)
     other = tmp_path / "other.pth"
     torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, other)

@@ -96,7 +96,7 @@ def test_checkpoint_file_errors(tmp_path):
         from_reference_checkpoint(lfs)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00not a checkpoint at all" * 10)
-    with pytest.raises(ValueError, match="expected a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="junk.pth cannot be read as a PyTorch checkpoint"):
         from_reference_checkpoint(junk)
-    with pytest.raises(ValueError, match="expected an existing checkpoint file"):
+    with pytest.raises(FileNotFoundError, match="absent.pth does not exist"):
         from_reference_checkpoint(tmp_path / "absent.pth")

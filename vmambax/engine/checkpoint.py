@@ -74,7 +74,9 @@ def load(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read as a PyTorch checkpoint "
-                              f"(corrupt, truncated, or holding more than weights): {exc}") from None
+                              f"(corrupt, truncated, or holding more than weights): {exc}. If it is a "
+                              "checkpoint you trust that pickles other objects, load it yourself and "
+                              "pass its state dict") from None
 
 
 def is_ours(ckpt) -> bool:

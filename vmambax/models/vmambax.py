@@ -172,22 +172,11 @@ def checkpoint_filter_fn(checkpoint) -> dict[str, torch.Tensor]:
 
 
 def _read_checkpoint(path) -> dict:
-    """torch.load(weights_only=True) with clear errors for LFS pointers and non-checkpoints."""
+    # The one checkpoint reader (weights_only=True; errors name the file: missing, Git LFS pointer,
+    # unreadable), imported late because the engine builds models from this module.
+    from vmambax.engine.checkpoint import load
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"path: expected an existing checkpoint file, got {path!r}")
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head.startswith(b"version https://git-lfs"):
-        raise ValueError(f"path: {path!r} is a Git LFS pointer, not a checkpoint; fetch the real file "
-                         "(git lfs pull) or download it again")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors of every kind: the file is not a torch checkpoint
-        raise ValueError(f"path: expected a PyTorch checkpoint loadable with weights_only=True, "
-                         f"got {path!r}, which fails to load: {type(exc).__name__}: {exc}. If it is a "
-                         "checkpoint you trust that pickles other objects, load it yourself and pass "
-                         "its state dict") from exc
+    obj = load(path)
     if not isinstance(obj, dict):
         raise ValueError(f"path: expected a checkpoint dict in {path!r}, got {type(obj).__name__}")
     return obj
@@ -203,7 +192,9 @@ def from_reference_checkpoint(path_or_state_dict, **model_kwargs) -> VMambaX:
 
     ``path_or_state_dict``: a path (loaded with ``weights_only=True``), a state dict, ``{"model": sd}``
     or a Lightning checkpoint dict. Loading is strict: every tensor of the checkpoint is used and
-    every parameter and buffer of the model filled, else ValueError names the keys. ``num_classes``
+    every parameter and buffer of the model filled, else ValueError names the keys (a missing file:
+    FileNotFoundError; an unreadable one: ``vmambax.engine.checkpoint.CheckpointError``, a
+    ValueError). ``num_classes``
     is read from the checkpoint; ``model_kwargs`` go to ``VMambaX`` (e.g. ``use_cgm=False`` for a
     model trained without CGM, ``backend=``). Returned in eval mode, fp32, on the CPU.
     """
