@@ -176,6 +176,50 @@ def test_flop_formula_registered():
 
 
 # ---------------------------------------------------------------------------------------------
+# Sequential backward (_CONFIG_OVERRIDE bwd="seq"; not the default yet): forced into several
+# chunks of 16 steps (a partial last one where L is not a multiple of 16; dec_tiny: chunks of
+# two 16-step segments) and, for the DCIM-like case, several planes per program with a partial
+# last group; every CPU case has its channels in one partial block and runs the four walks (two
+# of them reversed).
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def seq_bwd(monkeypatch):
+    def use(**extra):
+        monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(dict(bwd="seq", seq_tc=16), **extra))
+        assert tb.config(1, 8, 64, 4, 1).bwd_seq
+    use()
+    return use
+
+
+# dcim_inner_tiny cut to 3 planes (its 37 take over a minute under the interpreter); 2 per program
+_SEQ_CASES = dict(CPU_SHAPES, dcim_inner_tiny=ScanCase("dcim_inner_tiny", 3, 6, 4, 4, 16))
+
+
+@pytest.mark.parametrize("name", list(_SEQ_CASES))
+def test_seq_bwd_lowrank_matches_reference(name, seq_bwd):
+    if name == "dcim_inner_tiny":
+        seq_bwd(seq_planes_positions=32)
+    if name == "dec_tiny":
+        seq_bwd(seq_tc=32)
+    inputs = scan_inputs(_SEQ_CASES[name], torch.float32, DEV, lowrank=True)
+    check_against_reference(_lowrank_fast, _lowrank_ref, inputs, device_ref=DEV)
+
+
+@pytest.mark.parametrize("name", ["row", "col", "n1"])
+def test_seq_bwd_plain_matches_reference(name, seq_bwd):
+    inputs = scan_inputs(CPU_SHAPES[name], torch.float32, DEV)
+    check_against_reference(_plain("triton"), _plain("reference"), inputs, device_ref=DEV)
+
+
+def test_seq_bwd_without_D_bias_or_softplus(seq_bwd):
+    inputs = scan_inputs(CPU_SHAPES["dec_tiny"], torch.float32, DEV, with_D=False, with_bias=False)
+    inputs["delta"] = inputs["delta"].abs() * 0.1
+    fast, ref = _plain("triton", softplus=False), _plain("reference", softplus=False)
+    check_against_reference(fast, ref, inputs, device_ref=DEV)
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: the DESIGN.md shape set, fp32/bf16/fp16, and random odd shapes
 # ---------------------------------------------------------------------------------------------
 
@@ -223,3 +267,19 @@ def test_gpu_random_odd_shapes(seed):
     # projects in fp64, which the tolerance rule (inputs rounded, not intermediates) does not cover
     check_against_reference(_module("triton"), _module("reference"), _module_inputs(case, torch.float32, DEV),
                             device_ref=DEV)
+
+
+# the same GPU checks with the sequential backward (default chunking: as the forward's)
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(_DTYPES))
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_gpu_shape_set_seq_bwd(name, dtype, monkeypatch):
+    monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(bwd="seq"))
+    test_gpu_shape_set(name, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(6))
+def test_gpu_random_odd_shapes_seq_bwd(seed, monkeypatch):
+    monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(bwd="seq"))
+    test_gpu_random_odd_shapes(seed)

@@ -283,6 +283,7 @@ def _seq_step(t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_bas
         x = tl.sum(w_tile * dtv[None, :], axis=1)
     else:
         x = tl.load(dl_ptr + dl_base + offs_d * sdl_c + p, mask=mask_d, other=0.0).to(tl.float32)
+        dtv = x   # unused by the callers (every branch must return a tensor to compile)
     if HAS_BIAS:
         x = x + bias
     if SOFTPLUS:
@@ -300,7 +301,7 @@ def _seq_step(t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_bas
         Cv = Bv
     dA = tl.exp2(dl[:, None] * A2)
     dBu = (dl * u)[:, None] * Bv[None, :]
-    return p, u, dl, dA, dBu, Cv
+    return p, u, dl, dA, dBu, Cv, x, Bv, dtv
 
 
 @triton.jit(do_not_specialize=["Bt", "Dm", "n_db", "n_ck", "TC", "BPP", "n_st", "one"])
@@ -355,7 +356,7 @@ def _ss2d_fwd_seq_kernel(
         if PHASE == 0:
             S = tl.zeros([BLOCK_D], dtype=tl.float32)
             for t in range(t0, t1):
-                p, u, dl, dA, dBu, Cv = _seq_step(
+                p, u, dl, dA, dBu, Cv, _, _, _ = _seq_step(
                     t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
                     offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
                     LOWRANK, HAS_BIAS, SOFTPLUS, False, INTERP)
@@ -374,7 +375,7 @@ def _ss2d_fwd_seq_kernel(
                     tl.store(st_ptr + ((bk * n_st + ts // TS) * N + offs_n[None, :]) * Dm + offs_d[:, None], h,
                              mask=mdn)
                 for t in range(ts, tl.minimum(ts + TS, t1)):
-                    p, u, dl, dA, dBu, Cv = _seq_step(
+                    p, u, dl, dA, dBu, Cv, _, _, _ = _seq_step(
                         t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
                         offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
                         LOWRANK, HAS_BIAS, SOFTPLUS, True, INTERP)
@@ -383,3 +384,180 @@ def _ss2d_fwd_seq_kernel(
                     if HAS_D:
                         y += Dv * u
                     tl.atomic_add(y_ptr + bb * Dm * L + offs_d * L + p, y, mask=mask_d, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["Bt", "Dm", "n_db", "n_ck", "TC", "BPP", "n_st", "one"])
+def _ss2d_bwd_seq_kernel(
+    u_ptr, dl_ptr, w_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, st_ptr, gy_ptr, ge_ptr, S_ptr, scr_ptr,
+    du_ptr, ddl_ptr, dB_ptr, dC_ptr, pA_ptr, pD_ptr, pbias_ptr, pw_ptr,
+    Bt, Dm, H, W, L, N, R, n_db, n_ck, TC, BPP, n_st,
+    su_b, su_d, sdl_b, sdl_k, sdl_c, sg_b, sg_d, one,
+    BLOCK_D: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr, TS: tl.constexpr, PHASE: tl.constexpr,
+    LOWRANK: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """Backward in the design of the sequential forward: one thread per channel, N states in registers.
+
+    Program = (channel block, chunk c of TC steps) x (BPP planes) x walk k, as the forward. With
+    g_t = dL/dh_t, the adjoint runs backwards: g_t = C_t gy_t + X_t, X_t = dA_{t+1} g_{t+1}.
+    PHASE 0 (several chunks only) walks chunk c backwards from X = 0 and stores what it hands to
+    the chunk before, E_c = dA_{t0} g_{t0} (ge: (Bt, 4, n_ck, N, Dm)), and its sum of delta S_c:
+    the true carry entering chunk c-1 is E_c + exp2(A2 * S_c) * (carry entering chunk c).
+    PHASE 1 folds the later chunks into the carry entering chunk c, then takes the chunk's
+    TS-step segments last to first: it replays the segment forward from the state the forward saved
+    at its start, keeping h_t in a per-program scratch (TS x NP x BLOCK_D fp32, written and read
+    back by the same thread; L1/L2-resident), then walks it backwards with the adjoint. Replay
+    instead of inverting the recurrence: h_{t-1} = (h_t - dBu_t) / dA_t loses digits fast.
+    Sums over channels (dB, dC, the low-rank d dt) are reduced in the block (tl.sum over the lane
+    axis) and added with one atomic per element and program; dA, dD, d bias, dW are per-program
+    partials stored into (n_parts, 4, ...) buffers and summed by the host.
+    """
+    pid = tl.program_id(0)
+    db = pid % n_db
+    c = pid // n_db
+    if PHASE == 0:
+        c += 1   # chunk 0 hands nothing on: PHASE 0 skips it
+    pb = tl.program_id(1)
+    b0 = pb * BPP
+    k = tl.program_id(2)
+    offs_d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    offs_r = tl.arange(0, RP)
+    mask_d = offs_d < Dm
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    kd = k * Dm + offs_d
+    mdn = mask_d[:, None] & mask_n[None, :]
+    off_dn = offs_n[None, :] * Dm + offs_d[:, None]                 # [BLOCK_D, NP] into (.., N, Dm)
+    A2 = tl.load(A_ptr + k * N * Dm + off_dn, mask=mdn, other=0.0) * LOG2E   # A itself is not kept (registers)
+    Dv = tl.load(D_ptr + kd, mask=mask_d, other=0.0) if HAS_D else None
+    bias = tl.load(bias_ptr + kd, mask=mask_d, other=0.0) if HAS_BIAS else None
+    w_tile = tl.load(w_ptr + (k * R + offs_r[None, :]) * Dm + offs_d[:, None], mask=mask_d[:, None] & mask_r[None, :],
+                     other=0.0) if LOWRANK else None                                      # [BLOCK_D, RP]
+    t0 = c * TC
+    t1 = tl.minimum(t0 + TC, L)
+    b_end = tl.minimum(b0 + BPP, Bt)
+    if PHASE == 0:
+        for i in range(0, b_end - b0):
+            bb = (b0 + i).to(tl.int64)
+            bk = bb * 4 + k
+            X = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
+            S = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for j in range(0, t1 - t0):
+                t = t1 - 1 - j
+                p, u, dl, dA, dBu, Cv, x, Bv, dtv = _seq_step(
+                    t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, bb * su_b, bb * sdl_b + k * sdl_k, bk * L * N,
+                    bk * L * N, offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile,
+                    bias, A2, LOWRANK, HAS_BIAS, SOFTPLUS, True, INTERP)
+                gy = tl.load(gy_ptr + bb * sg_b + offs_d * sg_d + p, mask=mask_d, other=0.0).to(tl.float32)
+                X = dA * (X + Cv[None, :] * gy[:, None])
+                S += dl
+            tl.store(ge_ptr + (bk * n_ck + c) * N * Dm + off_dn, X, mask=mdn)
+            tl.store(S_ptr + (bk * n_ck + c) * Dm + offs_d, S, mask=mask_d)
+    else:
+        # per-program partials: dA and dW summed per segment and added into their (n_parts, 4, ..)
+        # rows in memory (each row has one owner: plain read-modify-write, and no NP- or R-sized
+        # accumulators live in registers through the walk); dD and d bias compensated per step
+        dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dD_cmp = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dbias_cmp = tl.zeros([BLOCK_D], dtype=tl.float32)
+        part = (c * tl.num_programs(1) + pb) * 4 + k
+        # Scratch, one row per (chunk, plane group, walk) shared by its channel blocks: h [TS, N, Dm],
+        # then x, delta and d delta [TS, Dm] each. Every thread reads back only what it wrote (the
+        # barriers are for safety, one warp). Indexed like the saved states (off_dn), so no second
+        # [BLOCK_D, NP] offset tile stays live through the walk (each costs NP registers).
+        scr_h = scr_ptr + part.to(tl.int64) * (TS * (N + 3) * Dm)
+        scr_x = scr_h + TS * N * Dm
+        scr_dl = scr_x + TS * Dm
+        scr_g = scr_dl + TS * Dm
+        n_seg = tl.cdiv(t1 - t0, TS)
+        for i in range(0, b_end - b0):
+            bb = (b0 + i).to(tl.int64)
+            bk = bb * 4 + k
+            u_base = bb * su_b
+            dl_base = bb * sdl_b + k * sdl_k
+            B_base = bk * L * N
+            g_base = bb * sg_b
+            X = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
+            for cn in range(0, n_ck - 1 - c):
+                cp = n_ck - 1 - cn
+                S = tl.load(S_ptr + (bk * n_ck + cp) * Dm + offs_d, mask=mask_d, other=0.0)
+                E = tl.load(ge_ptr + (bk * n_ck + cp) * N * Dm + off_dn, mask=mdn, other=0.0)
+                X = tl.exp2(A2 * S[:, None]) * X + E
+            for si in range(0, n_seg):
+                ts = t0 + (n_seg - 1 - si) * TS
+                te = tl.minimum(ts + TS, t1)
+                # replay: h_t, x_t, delta_t of the segment into the scratch; dC_t = sum_d gy_t h_t
+                h = tl.load(st_ptr + (bk * n_st + ts // TS) * N * Dm + off_dn, mask=mdn, other=0.0)
+                for t in range(ts, te):
+                    p, u, dl, dA, dBu, Cv, x, Bv, dtv = _seq_step(
+                        t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
+                        offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
+                        LOWRANK, HAS_BIAS, SOFTPLUS, False, INTERP)
+                    h = dA * h + dBu
+                    tl.store(scr_h + (t - ts) * (N * Dm) + off_dn, h, mask=mdn)
+                    tl.store(scr_x + (t - ts) * Dm + offs_d, x, mask=mask_d)
+                    tl.store(scr_dl + (t - ts) * Dm + offs_d, dl, mask=mask_d)
+                    gy = tl.load(gy_ptr + g_base + offs_d * sg_d + p, mask=mask_d, other=0.0).to(tl.float32)
+                    tl.atomic_add(dC_ptr + B_base + p * N + offs_n, tl.sum(gy[:, None] * h, axis=0), mask=mask_n,
+                                  sem="relaxed")
+                tl.debug_barrier()
+                seg_dA = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
+                for j in range(0, te - ts):
+                    t = te - 1 - j
+                    p = _walk_pos(t, k, H, W, L)
+                    u = tl.load(u_ptr + u_base + offs_d * su_d + p, mask=mask_d, other=0.0).to(tl.float32)
+                    gy = tl.load(gy_ptr + g_base + offs_d * sg_d + p, mask=mask_d, other=0.0).to(tl.float32)
+                    off_n = p * N + offs_n * one
+                    Bv = tl.load(B_ptr + B_base + off_n, mask=mask_n, other=0.0).to(tl.float32)
+                    Cv = tl.load(C_ptr + B_base + off_n, mask=mask_n, other=0.0).to(tl.float32)
+                    x = tl.load(scr_x + (t - ts) * Dm + offs_d, mask=mask_d, other=0.0)
+                    dl = tl.load(scr_dl + (t - ts) * Dm + offs_d, mask=mask_d, other=0.0)
+                    h = tl.load(scr_h + (t - ts) * (N * Dm) + off_dn, mask=mdn, other=0.0)
+                    g = X + Cv[None, :] * gy[:, None]
+                    dlu = dl * u
+                    tl.atomic_add(dB_ptr + B_base + p * N + offs_n, tl.sum(g * dlu[:, None], axis=0), mask=mask_n,
+                                  sem="relaxed")
+                    gh = g * (h - dlu[:, None] * Bv[None, :])     # g_t * dA_t * h_{t-1}
+                    seg_dA += gh * dl[:, None]
+                    gB = tl.sum(g * Bv[None, :], axis=1)
+                    ddl = tl.sum(gh * A2, axis=1) * (1.0 / LOG2E) + u * gB
+                    du = dl * gB
+                    if HAS_D:
+                        du += Dv * gy
+                        dD_acc, dD_cmp = _kahan(dD_acc, dD_cmp, gy * u)
+                    tl.atomic_add(du_ptr + bb * Dm * L + offs_d * L + p, du, mask=mask_d, sem="relaxed")
+                    if SOFTPLUS:
+                        ddl = ddl / (1.0 + tl.exp(-x))
+                    ddl = tl.where(mask_d, ddl, 0.0)
+                    if HAS_BIAS:
+                        dbias_acc, dbias_cmp = _kahan(dbias_acc, dbias_cmp, ddl)
+                    if LOWRANK:
+                        tl.store(scr_g + (t - ts) * Dm + offs_d, ddl, mask=mask_d)
+                    else:
+                        tl.store(ddl_ptr + (bk * Dm + offs_d) * L + p, ddl, mask=mask_d)
+                    X = tl.exp2(dl[:, None] * A2) * g
+                pA_row = pA_ptr + part * N * Dm + off_dn
+                tl.store(pA_row, tl.load(pA_row, mask=mdn, other=0.0) + seg_dA, mask=mdn)
+                if LOWRANK:
+                    # d dt_t[r] = sum_d W[d, r] d delta_t[d] (one atomic per program) and
+                    # dW[d, r] += sum_t d delta_t[d] dt_t[r], one rank at a time: the W column
+                    # and the dW row are the only rank-sized values, never a [BLOCK_D, RP] tile
+                    tl.debug_barrier()
+                    for r in range(0, R):
+                        w_r = tl.load(w_ptr + (k * R + r) * Dm + offs_d, mask=mask_d, other=0.0)
+                        dw_r = tl.zeros([BLOCK_D], dtype=tl.float32)
+                        for j in range(0, te - ts):
+                            p = _walk_pos(ts + j, k, H, W, L)
+                            ddl = tl.load(scr_g + j * Dm + offs_d, mask=mask_d, other=0.0)
+                            tl.atomic_add(ddl_ptr + (bk * L + p) * R + r, tl.sum(ddl * w_r, axis=0), sem="relaxed")
+                            dw_r += ddl * tl.load(dl_ptr + dl_base + p * R + r).to(tl.float32)
+                        pw_row = pw_ptr + (part * R + r) * Dm + offs_d
+                        tl.store(pw_row, tl.load(pw_row, mask=mask_d, other=0.0) + dw_r, mask=mask_d)
+                # the next segment's replay overwrites the scratch this one read
+                tl.debug_barrier()
+        if HAS_D:
+            tl.store(pD_ptr + part * Dm + offs_d, dD_acc, mask=mask_d)
+        if HAS_BIAS:
+            tl.store(pbias_ptr + part * Dm + offs_d, dbias_acc, mask=mask_d)

@@ -83,7 +83,8 @@ class _Config(NamedTuple):
     seq: bool           # forward: one thread per channel walking its steps (else the [T, BLOCK_D, NP] tile)
     SEQ_D: int          # channels per program of the sequential forward (32 per warp)
     TC: int             # steps per chunk of the sequential forward (a multiple of T)
-    SEQ_BPP: int        # planes per program of the sequential forward
+    SEQ_BPP: int        # planes per program of the sequential forward (and backward)
+    bwd_seq: bool       # backward: one thread per channel (_ss2d_bwd_seq_kernel; else the tile backward)
 
 
 def _pow2(x: int) -> int:
@@ -96,8 +97,16 @@ def _pow2(x: int) -> int:
 # 255 and spills 48 bytes. H100 timings of the alternatives: main() with --sweep (see git log).
 # _CONFIG_OVERRIDE replaces entries for that sweep.
 _DEFAULTS = dict(BLOCK_D=16, BLOCK_D_BWD=8, T=16, fwd_warps=0, bwd_warps=0, planes_positions=256,
-                 fwd="seq", seq_d=32, seq_programs=8192, seq_planes_positions=512, seq_maxnreg=0)
+                 fwd="seq", seq_d=32, seq_programs=8192, seq_planes_positions=512, seq_maxnreg=0,
+                 bwd="tile", seq_tc=0, bwd_seq_maxnreg=0)
+# bwd="seq" selects the sequential backward (CPU-verified, not yet run on a GPU: see NOTES);
+# seq_tc forces the steps per chunk of the sequential kernels (tests: several chunks on tiny planes).
+# VMAMBAX_TRITON_CONFIG (a JSON dict, e.g. '{"bwd": "seq"}') sets overrides for a whole process, so
+# benchmark scripts that only call the public API can time a variant.
 _CONFIG_OVERRIDE: dict = {}
+if os.environ.get("VMAMBAX_TRITON_CONFIG"):
+    import json as _json
+    _CONFIG_OVERRIDE.update(_json.loads(os.environ["VMAMBAX_TRITON_CONFIG"]))
 
 
 def _opt(name):
@@ -134,7 +143,9 @@ def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
         sbpp //= 2
     n_ck = max(1, min(-(-L // T), -(-min_programs // (n_sdb * 4 * -(-Bt // sbpp)))))
     TC = -(-(-(-L // n_ck)) // T) * T
-    return _Config(bd, bdb, T, NP, RP, bpp, fw, bw, _opt("fwd") == "seq", sd, TC, sbpp)
+    if _opt("seq_tc"):
+        TC = -(-_opt("seq_tc") // T) * T
+    return _Config(bd, bdb, T, NP, RP, bpp, fw, bw, _opt("fwd") == "seq", sd, TC, sbpp, _opt("bwd") == "seq")
 
 
 def _n_chunks(L: int, cfg: _Config) -> int:
@@ -225,6 +236,8 @@ def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
                            f"(got states of shape {tuple(states.shape)}); call it with save_states=True")
     gy, u, dl, B, C = map(_plane_contiguous, (gy, u, dl, B, C))
     A, w, D, bias = (None if t is None else t.contiguous() for t in (A, w, D, bias))
+    if cfg.bwd_seq:
+        return _bwd_seq(kern, cfg, gy, u, dl, w, A, B, C, D, bias, states, softplus)
     f32 = dict(dtype=torch.float32, device=u.device)
     du = torch.zeros(u.shape, **f32)
     ddl = torch.zeros(dl.shape, **f32) if w is not None else torch.empty(dl.shape, dtype=dl.dtype, device=u.device)
@@ -246,6 +259,58 @@ def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
         INTERP=interpreting(), num_warps=cfg.bwd_warps,
     )
     return du.to(u.dtype), ddl.to(dl.dtype), dA, dB.to(B.dtype), dC.to(C.dtype), dD, dbias, dw
+
+
+def _bwd_seq(kern, cfg, gy, u, dl, w, A, B, C, D, bias, states, softplus):
+    """Two launches, as the sequential forward: the adjoint handed across chunks (only when a plane
+    has several chunks), then the gradients. Chunks and planes per program as the forward's."""
+    Bt, Dm, H, W = u.shape
+    N, L = A.shape[-1], H * W
+    R = dl.shape[2] if w is not None else 0
+    n_db, n_ck, nb = -(-Dm // cfg.SEQ_D), -(-L // cfg.TC), -(-Bt // cfg.SEQ_BPP)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    # (Bt, 4, L, N|R) copies, as the forward's (one step's values share a sector); dB, dC and the
+    # low-rank d dt are accumulated in that layout and transposed back at the end
+    Bq, Cq = (t.flatten(3).transpose(2, 3).contiguous() for t in (B, C))
+    dlq = dl.flatten(3).transpose(2, 3).contiguous() if w is not None else dl
+    At = A.transpose(1, 2).contiguous()                                    # (4, N, Dm)
+    wt = w.transpose(1, 2).contiguous() if w is not None else At           # (4, R, Dm)
+    du = torch.zeros(u.shape, **f32)
+    dB = torch.zeros((Bt, 4, L, N), **f32)
+    dC = torch.zeros((Bt, 4, L, N), **f32)
+    ddl = torch.zeros((Bt, 4, L, R), **f32) if w is not None else torch.empty(dl.shape, **f32)
+    ge = torch.empty((Bt, 4, n_ck, N, Dm), **f32) if n_ck > 1 else du
+    S = torch.empty((Bt, 4, n_ck, Dm), **f32) if n_ck > 1 else du
+    grid = (n_db * n_ck, nb, 4)
+    n_parts = n_ck * nb
+    scratch = torch.empty(n_parts * 4 * cfg.T * (N + 3) * Dm, **f32)
+    pA = torch.zeros((n_parts, 4, N, Dm), **f32)      # added into per segment
+    pD = torch.empty((n_parts, 4, Dm), **f32) if D is not None else du
+    pbias = torch.empty((n_parts, 4, Dm), **f32) if bias is not None else du
+    pw = torch.zeros((n_parts, 4, R, Dm), **f32) if w is not None else du
+    args = [u, dlq, wt, At, Bq, Cq, D if D is not None else A, bias if bias is not None else A, states, gy,
+            ge, S, scratch, du, ddl, dB, dC, pA, pD, pbias, pw,
+            Bt, Dm, H, W, L, N, R, n_db, n_ck, cfg.TC, cfg.SEQ_BPP, _n_chunks(L, cfg),
+            u.stride(0), u.stride(1), dlq.stride(0), dlq.stride(1), dlq.stride(2), gy.stride(0), gy.stride(1), 1]
+    meta = dict(BLOCK_D=cfg.SEQ_D, NP=cfg.NP, RP=cfg.RP, TS=cfg.T, LOWRANK=w is not None, HAS_D=D is not None,
+                HAS_BIAS=bias is not None, SOFTPLUS=softplus, INTERP=interpreting(),
+                num_warps=max(1, cfg.SEQ_D // 32))
+    if _opt("bwd_seq_maxnreg"):
+        meta["maxnreg"] = _opt("bwd_seq_maxnreg")
+    if n_ck > 1:   # chunk 0 hands nothing on
+        kern._ss2d_bwd_seq_kernel[(n_db * (n_ck - 1), nb, 4)](*args, PHASE=0, **meta)
+    kern._ss2d_bwd_seq_kernel[grid](*args, PHASE=1, **meta)
+    # parameter partials: one per (chunk, plane block) and walk, summed here (pairwise in torch)
+    dA = pA.sum(0).transpose(1, 2)                                          # (4, Dm, N)
+    dD = pD.sum(0) if D is not None else torch.empty(0, **f32)
+    dbias = pbias.sum(0) if bias is not None else torch.empty(0, **f32)
+    dw = pw.sum(0).transpose(1, 2) if w is not None else torch.empty(0, **f32)
+    dB = dB.transpose(2, 3).reshape(B.shape)
+    dC = dC.transpose(2, 3).reshape(C.shape)
+    if w is not None:
+        ddl = ddl.transpose(2, 3).reshape(dl.shape)
+    return (du.to(u.dtype), ddl.to(dl.dtype), dA.contiguous(), dB.to(B.dtype), dC.to(C.dtype), dD, dbias,
+            dw.contiguous())
 
 
 # ----------------------------------------------------------------------------------------------
