@@ -185,8 +185,9 @@ def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
         _fwd_seq(kern, cfg, u, dl, w, A, B, C, D, bias, softplus, y, states, save)
         return (y if out_dtype == torch.float32 else y.to(out_dtype)), states
     grid = (n_db * -(-Bt // cfg.BPP), 4)
+    At = A.transpose(1, 2).contiguous()   # the tile forward reads A as (4, N, Dm), as the sequential one
     kern._ss2d_fwd_kernel[grid](
-        u, dl, w if w is not None else A, A, B, C, D if D is not None else A, bias if bias is not None else A,
+        u, dl, w if w is not None else A, At, B, C, D if D is not None else A, bias if bias is not None else A,
         y, states,
         Bt, Dm, H, W, L, N, R, n_db, n_chunks, cfg.BPP,
         u.stride(0), u.stride(1), dl.stride(0), dl.stride(1), dl.stride(2),
