@@ -13,6 +13,9 @@
 #   --bench      a benchmark script and its arguments (default: "benchmarks/bench_ss2d.py --quick");
 #                repeat --bench to run several
 # SANITIZE_CASES=enc1,odd limits the sanitizer pass to those cases (default: the whole shape set).
+# PROFILE_KERNELS (an ncu -k regex), PROFILE_SKIP, PROFILE_COUNT override the profiled launches; e.g.
+# with the carry passes: PROFILE_KERNELS="regex:ss2d_(fwd|bwd)_(chunk|carry|out|main)" PROFILE_SKIP=4 PROFILE_COUNT=8.
+# VMAMBAX_CUDA_SCAN=v5 (exported by the caller) runs the opt-in kernel set in sanitize/profile/plain cuda.
 # Time limits per step (seconds): TEST_TIMEOUT (300), SANITIZE_TIMEOUT (120 per tool), BENCH_TIMEOUT (300).
 # Set VMAMBAX_COMMIT to the commit under test when the tree travels without .git.
 # Files under $OUT: log.txt (everything), build.log, tests.log, sanitizer.log, evidence-<commit>.json,
@@ -42,6 +45,7 @@ done
 [ ${#BENCHES[@]} -eq 0 ] && BENCHES=("benchmarks/bench_ss2d.py --quick")
 
 echo "== device: $(nvidia-smi -L 2>/dev/null | head -1)"
+echo "== VMAMBAX_CUDA_SCAN=${VMAMBAX_CUDA_SCAN:-v4 (default)}"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 nvcc --version | tail -1
 
@@ -85,7 +89,8 @@ if [ "$PROFILE" = 1 ]; then
   # after the warm-up forward's 3 (chunk + 2 output passes): the forward's chunk and output passes,
   # then the backward's chunk pass and its two main passes
   echo "== ncu (enc1 core bf16: the forward's and the backward's chunk and main kernels)"
-  timeout "${PROFILE_TIMEOUT:-90}" ncu -k "regex:ss2d_(fwd|bwd)_(chunk|out|main)" --launch-skip 3 --launch-count 6 --section SpeedOfLight \
+  timeout "${PROFILE_TIMEOUT:-90}" ncu -k "${PROFILE_KERNELS:-regex:ss2d_(fwd|bwd)_(chunk|out|main)}" \
+    --launch-skip "${PROFILE_SKIP:-3}" --launch-count "${PROFILE_COUNT:-6}" --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis --section SchedulerStats python3 benchmarks/bench_ss2d.py --profile > "$OUT/ncu.txt" 2>&1
   echo "== ncu rc=$? ($(wc -l < "$OUT/ncu.txt") lines)"

@@ -395,25 +395,326 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
   }
 }
 
+// ---- v5 (opt-in: SS2DParams::variant == kVariantV5, VMAMBAX_CUDA_SCAN=v5) ----
+// Separate functions, so that the v4 kernels above compile to what was measured (templating them
+// on the variant moved ptxas' spills of the v4 main kernel at N 4, 8, 32).
+
+// Pass 2, v5: as v4, with the loads of kCarryBatch chunks issued before any store. v4 reads Q[c]
+// and S[c] after storing X into Q[c + 1]: the compiler cannot move a load above a store it cannot
+// prove disjoint, so each chunk costs one dependent global round trip (nc = 256 at enc1: 256 round
+// trips per thread; 19.4 ms per training step in these launches). Same operations in the same order.
+template <typename T>
+__global__ void __launch_bounds__(256) ss2d_bwd_carry_v5_kernel(const SS2DParams p) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= int64_t(p.Bt) * 4 * p.Dm * p.N) return;
+  const int d = int(idx % p.Dm);
+  const int n = int((idx / p.Dm) % p.N);
+  const int k = int((idx / (int64_t(p.Dm) * p.N)) % 4);
+  const int b = int(idx / (int64_t(p.Dm) * p.N * 4));
+  const float A2 = p.A[(k * p.Dm + d) * p.N + n] * kLog2e;
+  const int nc = p.nc;
+  // Chunk c of this walk: Q at q0[c * es], S at s0[c * Dm] (chunk_row is linear in c).
+  const int64_t row0 = chunk_row(p, b, k, 0), es = int64_t(p.N) * p.Dm;
+  float *q0 = p.cQ + (row0 * p.N + n) * p.Dm + d;
+  const float *s0 = p.cS + row0 * p.Dm + d;
+  float x = 0.f;
+  // v4's j counts down from nc - 1 (chunk c in walk order); Q and S are read except at j == 0 (the
+  // walk's first chunk), where only X is stored.
+  for (int i0 = 0; i0 < nc; i0 += kCarryBatch) {
+    float qv[kCarryBatch], sv[kCarryBatch];
+#pragma unroll
+    for (int i = 0; i < kCarryBatch; ++i) {
+      const int j = nc - 1 - (i0 + i), c = k < 2 ? j : nc - 1 - j;
+      const bool on = j > 0;
+      qv[i] = on ? q0[c * es] : 0.f;
+      sv[i] = on ? s0[int64_t(c) * p.Dm] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kCarryBatch; ++i) {
+      const int j = nc - 1 - (i0 + i), c = k < 2 ? j : nc - 1 - j;
+      if (j >= 0) q0[c * es] = x;
+      x = fmaf(exp2f(A2 * sv[i]), x, qv[i]);
+    }
+  }
+}
+
+// Sum over the 32 lanes of a warp of each of 32 values, lane l getting row l's sum (a reduce-scatter
+// by halves: at step OFF a lane keeps the half of its rows named by its bit OFF and adds the
+// partner's copy of that half). 31 shuffles + 31 adds, no shared memory, no block barrier. One
+// template per step: with a runtime `off` loop nvcc kept v[] in local memory (128-byte stack frame).
+template <int OFF>
+__device__ __forceinline__ void reduce_scatter_step(float (&v)[32], int lane) {
+  const bool up = lane & OFF;
+#pragma unroll
+  for (int j = 0; j < OFF; ++j) {
+    const float send = up ? v[j] : v[j + OFF];
+    const float keep = up ? v[j + OFF] : v[j];
+    v[j] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+  }
+}
+
+__device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32], int lane) {
+  reduce_scatter_step<16>(v, lane);
+  reduce_scatter_step<8>(v, lane);
+  reduce_scatter_step<4>(v, lane);
+  reduce_scatter_step<2>(v, lane);
+  reduce_scatter_step<1>(v, lane);
+  return v[0];
+}
+
+// v5's shared layout of the main pass (ss2d.h:ss2d_bwd_smem with v5): no softplus' tile (it is
+// 1 - exp(-delta), formed in registers), hS has kBwdSub - 1 slots (the state entering sub-tile j >= 1
+// at slot j - 1; before sub-tile 0, slot 0, consumed by sub-tile 1, is refilled from the saved chunk
+// state), dA lives in slot kBwdSub - 2 (for sub-tile kBwdSub - 1, each state's h is read before its
+// dA is written: same slot, same n, same thread; the walk's first processed sub-tile initialises
+// dA). 74.4 -> 54.3 KB at enc1 (N 16, R 6, nth 96): 4 blocks per SM instead of 3.
+static_assert(kBwdSub >= 3, "v5 keeps the chunk-entry state and dA in hS slots 0 and kBwdSub - 2: distinct");
+__device__ __forceinline__ BwdSmem bwd_smem_v5(float *smem, int N, int R, int nth, int NS) {
+  BwdSmem m(smem, N, R, nth, NS, false);  // sB .. tU as v4
+  const int tile = nth * (TB + 1);
+  m.tS = m.t1;  // never read; bwd_delta zeroes idle channels' rows, which are 0 in t1 already
+  m.hS = m.tU + tile;
+  m.sE = m.hS + (kBwdSub - 1) * N * nth;
+  m.sDA = m.hS + (kBwdSub - 2) * N * nth;
+  m.sP = m.sE + N * nth;
+  m.sDW = m.sP + (nth / 32) * N * 32;
+  return m;
+}
+
+// One sub-tile of the v5 main pass (bwd_subtile's arithmetic): the per-state dB / dC channel sums
+// are warp shuffles (warp_reduce_scatter32) into the warp's own slots of sP, no block barrier in the
+// state loop and one after it. v4 goes through a [2 TB][nth + 1] shared buffer with two block
+// barriers per state (32 per sub-tile at N = 16), which 3-warp blocks at 14 % occupancy could not
+// hide (Nsight Compute: 0.40 eligible warps per scheduler, 5.0 + 5.9 ms at enc1).
+template <int KK>
+__device__ __forceinline__ void bwd_subtile_v5(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b,
+                                               int k, int d0, int j, int q, int cnt, float Dk, float &dDacc,
+                                               float &dbacc, bool first) {
+  const int c = threadIdx.x, nth = blockDim.x, d = d0 + c, N = p.N;
+  const int dA_row = k * p.Dm + (d < p.Dm ? d : 0);
+  float dl[TB], du[TB], gg[TB], X[TB], Y[TB], hA[TB], aA[TB];
+#pragma unroll
+  for (int i = 0; i < TB; ++i) {
+    dl[i] = m.t0[c * (TB + 1) + i];
+    du[i] = dl[i] * m.tU[c * (TB + 1) + i];
+    gg[i] = m.t1[c * (TB + 1) + i];
+    X[i] = Y[i] = 0.f;
+  }
+  const int w = c >> 5, l = c & 31, slot = j > 0 ? j - 1 : 0;
+  for (int n = 0; n < N; ++n) {
+    const float An = p.A[dA_row * N + n], A2n = An * kLog2e;
+    const float *Bn = m.sB + n * TB, *Cn = m.sC + n * TB;
+    float h = m.hS[(slot * N + n) * nth + c];
+#pragma unroll
+    for (int s = 0; s < TB; ++s) {
+      const int i = KK ? TB - 1 - s : s;
+      aA[i] = ex2(dl[i] * A2n);
+      h = fmaf(aA[i], h, du[i] * Bn[i]);
+      hA[i] = h;
+    }
+    float en = m.sE[n * nth + c], dAn = 0.f;
+#pragma unroll
+    for (int s = TB - 1; s >= 0; --s) {
+      const int i = KK ? TB - 1 - s : s;
+      const float bi = Bn[i];
+      const float dh = fmaf(Cn[i], gg[i], en);
+      X[i] = fmaf(dh, bi, X[i]);
+      const float t = dh * fmaf(-du[i], bi, hA[i]);  // dh_t a_t h_{t-1}
+      Y[i] = fmaf(t, An, Y[i]);
+      dAn = fmaf(t, dl[i], dAn);
+      en = aA[i] * dh;
+      hA[i] = gg[i] * hA[i];  // hA[i], aA[i] are dead from here: this channel's dC_i, dB_i terms
+      aA[i] = dh * du[i];
+    }
+    m.sE[n * nth + c] = en;
+    m.sDA[n * nth + c] = (first ? 0.f : m.sDA[n * nth + c]) + dAn;
+    float v[2 * TB];  // rows 0..TB-1: dC, TB..2TB-1: dB (the rows of v4's reduction buffer)
+#pragma unroll
+    for (int i = 0; i < TB; ++i) {
+      v[i] = hA[i];
+      v[TB + i] = aA[i];
+    }
+    m.sP[(w * N + n) * 32 + l] = warp_reduce_scatter32(v, l);
+  }
+  __syncthreads();  // every warp's sP slots are written
+  // dB, dC: the warps' sums, one atomic per element and block.
+  const int nw = nth >> 5, kk = k >> 1;
+  for (int o = c; o < N * 32; o += nth) {
+    const int n = o >> 5, r = o & 31, i = r & (TB - 1);
+    if (i >= cnt) continue;
+    float v = 0.f;
+    for (int ww = 0; ww < nw; ++ww) v += m.sP[(ww * N + n) * 32 + r];
+    float *dst = r < TB ? sd.dC : sd.dB;
+    atomicAdd(dst + b * sd.g_b + kk * sd.g_k + int64_t(n) * p.L + q + i, v);
+  }
+  // Per-step gradients of the thread's channel: du into t0, dz into t1.
+  float *o1 = m.t0 + c * (TB + 1), *o2 = m.t1 + c * (TB + 1);
+  const float *uu = m.tU + c * (TB + 1);
+#pragma unroll
+  for (int i = 0; i < TB; ++i) {
+    const bool on = i < cnt && d < p.Dm;
+    // softplus'(z) = sigmoid(z) = 1 - exp(-softplus(z)), from delta: ~1 ulp (expm1f: no cancellation
+    // for small delta; exactly 1.0f for z > 20, as the thresholded branch gives)
+    const float sp = p.softplus ? -expm1f(-dl[i]) : 1.f;
+    const float dz = on ? fmaf(uu[i], X[i], Y[i]) * sp : 0.f;
+    o1[i] = fmaf(dl[i], X[i], Dk * gg[i]);
+    o2[i] = dz;
+    dDacc = fmaf(gg[i], uu[i], dDacc);
+    dbacc += dz;
+  }
+}
+
+// Pass 3, v5: ss2d_bwd_main_kernel with bwd_subtile_v5, v5's shared layout, and du's
+// read-add-writes with kRmwBatch loads in flight per thread (v4: one dependent round trip per
+// element; on the column side each a separate sector, stride W: 5.9 ms against 5.0 for the rows).
+template <typename T, int NMAX>
+__global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_v5_kernel(const SS2DParams p) {
+  extern __shared__ __align__(16) float smem[];
+  constexpr int NS = ss2d_ns(NMAX);
+  const ChunkBlock g(p, false);
+  const SS2DSide &sd = p.sides[g.side];
+  const BwdSmem m = bwd_smem_v5(smem, p.N, p.R, blockDim.x, NS);
+  const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, N = p.N, R = p.R, L = p.L;
+  const bool active = d < p.Dm;
+  const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
+  for (int kk = 0; kk < 2; ++kk) {
+    const int k = g.side + 2 * kk;
+    const int64_t row = chunk_row(p, g.b, k, g.c);
+    const bool carried = p.nc > 1 && active;
+    for (int r = 0; r < R; ++r) m.sDW[r * nth + c] = 0.f;
+    for (int n = 0; n < N; ++n) m.sE[n * nth + c] = carried ? p.cQ[(row * N + n) * p.Dm + d] : 0.f;
+    const float Dk = (p.D && active) ? p.D[k * p.Dm + d] : 0.f;
+    float dDacc = 0.f, dbacc = 0.f;
+    // Forward replay of the chunk: the state entering each sub-tile j >= 1, at slot j - 1.
+    {
+      float A2[NMAX], h[NMAX];
+      load_A2<NMAX>(p, k, d, A2);
+#pragma unroll
+      for (int n = 0; n < NMAX; ++n) h[n] = (carried && n < N) ? p.cE[(row * N + n) * p.Dm + d] : 0.f;
+      for (int j = 0; j < nsub; ++j) {
+        if (j > 0) {
+#pragma unroll
+          for (int n = 0; n < NMAX; ++n)
+            if (n < N) m.hS[((j - 1) * N + n) * nth + c] = h[n];
+        }
+        if (j == nsub - 1) break;
+        const int st = kk ? nsub - 1 - j : j;
+        const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
+        __syncthreads();
+        bwd_stage<T, NMAX, false>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, false, false);
+        __syncthreads();
+        bwd_delta(p, m, k, d, cnt, false);
+        const float *sl = m.t0 + c * (TB + 1), *su = m.tU + c * (TB + 1);
+        for (int s = 0; s < TB; ++s) {
+          const int i = kk ? TB - 1 - s : s;
+          const float dl = sl[i], du = dl * su[i];
+          const float *bi = m.sB + i * NS;
+#pragma unroll
+          for (int n = 0; n < NMAX; n += 4) {
+            const float4 b4 = ld4(bi + n);
+            h[n] = fmaf(ex2(dl * A2[n]), h[n], du * b4.x);
+            h[n + 1] = fmaf(ex2(dl * A2[n + 1]), h[n + 1], du * b4.y);
+            h[n + 2] = fmaf(ex2(dl * A2[n + 2]), h[n + 2], du * b4.z);
+            h[n + 3] = fmaf(ex2(dl * A2[n + 3]), h[n + 3], du * b4.w);
+          }
+        }
+      }
+    }
+    // Sub-tiles last to first.
+    for (int j = nsub - 1; j >= 0; --j) {
+      const int st = kk ? nsub - 1 - j : j;
+      const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
+      __syncthreads();  // the previous sub-tile's outputs are stored
+      bwd_stage<T, NMAX, true>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, true, true);
+      __syncthreads();
+      bwd_delta(p, m, k, d, cnt, false);  // softplus' is formed in bwd_subtile_v5
+      if (j == 0) {  // slot 0 (sub-tile 1's state, consumed) gets the chunk's entering state
+        for (int n = 0; n < N; ++n) m.hS[n * nth + c] = carried ? p.cE[(row * N + n) * p.Dm + d] : 0.f;
+      }
+      const bool first = j == nsub - 1;
+      if (kk) bwd_subtile_v5<1>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
+      else bwd_subtile_v5<0>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
+      if (R > 0 && active) {  // dW[r] += sum_i dz_i dt_i[r]: the thread's own channel
+        const float *o2 = m.t1 + c * (TB + 1);
+        for (int r = 0; r < R; ++r) {
+          float a = 0.f;
+#pragma unroll
+          for (int i = 0; i < TB; ++i) a = fmaf(o2[i], m.sDt[r * TB + i], a);
+          m.sDW[r * nth + c] += a;
+        }
+      }
+      __syncthreads();  // du, dz tiles complete
+      const bool wfirst = g.side == 0 && kk == 0;  // du's first write (row walk k = 0)
+      for (int e0 = c; e0 < nth * TB; e0 += kRmwBatch * nth) {
+        float prev[kRmwBatch];
+#pragma unroll
+        for (int u = 0; u < kRmwBatch; ++u) {  // loads first (distinct elements: no ordering needed)
+          const int e = e0 + u * nth, cc = e / TB, i = e - cc * TB, dd = g.d0 + cc;
+          const bool on = e < nth * TB && dd < p.Dm && i < cnt;
+          const int pos = g.side ? orig_pos(1, q + i, p.H, p.W) : q + i;
+          prev[u] = (on && !wfirst) ? p.du[(int64_t(g.b) * p.Dm + dd) * L + pos] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < kRmwBatch; ++u) {
+          const int e = e0 + u * nth, cc = e / TB, i = e - cc * TB, dd = g.d0 + cc;
+          if (e >= nth * TB || dd >= p.Dm || i >= cnt) continue;
+          const int qq = q + i;
+          const int pos = g.side ? orig_pos(1, qq, p.H, p.W) : qq;
+          const float v = m.t0[cc * (TB + 1) + i];
+          p.du[(int64_t(g.b) * p.Dm + dd) * L + pos] = wfirst ? v : prev[u] + v;
+          if (R == 0) sd.ddl[g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(dd) * L + qq] = m.t1[cc * (TB + 1) + i];
+        }
+      }
+      if (R > 0) {  // ddt[r] = sum over the block's channels of W[k, d, r] dz
+        const int nact = min(nth, p.Dm - g.d0);
+        for (int o = c; o < R * TB; o += nth) {
+          const int r = o / TB, i = o - r * TB;
+          if (i >= cnt) continue;
+          const float *Wr = p.Wdt + int64_t(k * p.Dm + g.d0) * R + r;
+          float a = 0.f;
+          for (int cc = 0; cc < nact; ++cc) a = fmaf(__ldg(Wr + int64_t(cc) * R), m.t1[cc * (TB + 1) + i], a);
+          atomicAdd(sd.ddl + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(r) * L + q + i, a);
+        }
+      }
+    }
+    if (active) {
+      for (int n = 0; n < N; ++n) atomicAdd(p.dA + (int64_t(k) * p.Dm + d) * N + n, m.sDA[n * nth + c]);
+      if (p.dD) atomicAdd(p.dD + k * p.Dm + d, dDacc);
+      if (p.dbias) atomicAdd(p.dbias + k * p.Dm + d, dbacc);
+      for (int r = 0; r < R; ++r) atomicAdd(p.dW + (int64_t(k) * p.Dm + d) * R + r, m.sDW[r * nth + c]);
+    }
+  }
+}
+
 template <typename T>
 void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream) {
   const int nth = p.nth;
-  const size_t smem = ss2d_bwd_smem(p.N, p.R, nth), smem_chunk = ss2d_bwd_smem(p.N, p.R, nth, false);
+  const bool v5 = p.variant == kVariantV5;
+  const size_t smem = ss2d_bwd_smem(p.N, p.R, nth, true, v5), smem_chunk = ss2d_bwd_smem(p.N, p.R, nth, false);
   const unsigned dtiles = unsigned((p.Dm + nth - 1) / nth);
   SS2D_NMAX_SWITCH(p.N, NMAX, [&] {
     if (smem_chunk > 48 * 1024)
       cudaFuncSetAttribute(ss2d_bwd_chunk_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_chunk));
-    if (smem > 48 * 1024)
-      cudaFuncSetAttribute(ss2d_bwd_main_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (smem > 48 * 1024) {
+      if (v5) cudaFuncSetAttribute(ss2d_bwd_main_v5_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      else cudaFuncSetAttribute(ss2d_bwd_main_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    }
+    // v5's layout is sized for 4 blocks per SM at enc1 (4 x 55.3 KB with the 1 KB reserved per block):
+    // ask for the whole unified L1 as shared memory rather than leave the split to the driver's hint.
+    if (v5)
+      cudaFuncSetAttribute(ss2d_bwd_main_v5_kernel<T, NMAX>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           int(cudaSharedmemCarveoutMaxShared));
     if (p.nc > 1) {
       ss2d_bwd_chunk_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem_chunk, stream>>>(p);
       const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
-      ss2d_bwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
+      if (v5) ss2d_bwd_carry_v5_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
+      else ss2d_bwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
     }
     SS2DParams w = p;
     for (int side = 0; side < 2; ++side) {  // rows write du, then columns add into it
       w.side = side;
-      ss2d_bwd_main_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
+      if (v5) ss2d_bwd_main_v5_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
+      else ss2d_bwd_main_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
     }
   });
 }
