@@ -19,6 +19,10 @@ h_t - dBu_t, so no shifted tile is formed for the states; dA_{t+1} is recomputed
 next step. Reductions over channels (dB, dC, du over walks, d(dt)) are atomics into fp32
 buffers; parameter gradients are summed in registers over a program's planes (compensated: a
 plain fp32 sum over 1024 chunks missed the tolerance rule for dD by 4%), then added once.
+
+The sequential kernels (``_ss2d_fwd_seq_kernel``, the default forward, and
+``_ss2d_bwd_seq_kernel``, the backward behind ``bwd="seq"``) instead give each thread one channel
+and walk the steps in order with the N states in registers; their docstrings give the design.
 """
 from __future__ import annotations
 
@@ -405,12 +409,14 @@ def _ss2d_bwd_seq_kernel(
     the true carry entering chunk c-1 is E_c + exp2(A2 * S_c) * (carry entering chunk c).
     PHASE 1 folds the later chunks into the carry entering chunk c, then takes the chunk's
     TS-step segments last to first: it replays the segment forward from the state the forward saved
-    at its start, keeping h_t in a per-program scratch (TS x NP x BLOCK_D fp32, written and read
-    back by the same thread; L1/L2-resident), then walks it backwards with the adjoint. Replay
-    instead of inverting the recurrence: h_{t-1} = (h_t - dBu_t) / dA_t loses digits fast.
-    Sums over channels (dB, dC, the low-rank d dt) are reduced in the block (tl.sum over the lane
-    axis) and added with one atomic per element and program; dA, dD, d bias, dW are per-program
-    partials stored into (n_parts, 4, ...) buffers and summed by the host.
+    at its start, keeping h_t, x_t and delta_t in a scratch row (TS x (N + 3) x Dm fp32 per chunk,
+    plane group and walk; each thread reads back only what it wrote), then walks it backwards
+    with the adjoint. Replay instead of inverting the recurrence: h_{t-1} = (h_t - dBu_t) / dA_t
+    loses digits fast. Sums over channels (dB, dC, the low-rank d dt) are reduced in the block
+    (tl.sum over the lane axis) and added with one atomic per element and program; d dt and dW
+    are formed at the end of each segment from the d delta kept in the scratch, one rank at a
+    time. dA, dD, d bias, dW are per-program partial rows of (n_parts, 4, ...) buffers, summed by
+    the host.
     """
     pid = tl.program_id(0)
     db = pid % n_db
