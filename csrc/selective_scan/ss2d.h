@@ -53,15 +53,17 @@ struct SS2DParams {
 // Kernel sets, chosen per call by the ops' `variant` argument (vmambax_kernels/selective_scan/cuda.py
 // reads VMAMBAX_CUDA_SCAN once). v5 changes only how the passes run, not what they compute or save:
 // the carry passes keep kCarryBatch chunks' loads in flight per thread (v4: one dependent global load
-// per chunk); the output passes' read-add-writes (acc forward, du backward) issue kRmwBatch loads
-// before their stores; the backward main pass sums dB / dC over a warp's channels with shuffles (v4:
-// two block barriers per state) and needs 54 KB of shared memory instead of 74 at enc1 (4 blocks per
-// SM instead of 3). Forward and backward of either set use the same saved states.
+// per chunk); the output passes' read-add-writes (acc forward, du backward) issue kRmwBatchFwd /
+// kRmwBatchBwd loads before their stores; the backward main pass sums dB / dC over a warp's channels
+// with shuffles (v4: two block barriers per state) and needs 54 KB of shared memory instead of 74 at
+// enc1 (4 blocks per SM instead of 3). Forward and backward of either set use the same saved states.
 constexpr int kVariantV4 = 0, kVariantV5 = 1;
 constexpr int kCarryBatch = 8;  // 16 took 88-96 registers (2 blocks of 256 per SM); 8: ~50
 // v5: read-add-writes of the merge buffer (forward) and of du (backward) in batches of this many
-// elements per thread, loads first.
-constexpr int kRmwBatch = 8;
+// elements per thread, loads first. Forward 4: with 8 the output pass at NMAX 16 took 96 registers
+// and spilled 8 bytes (4: 72, no spill, as v4); 4 x 21 warps x 32 lanes of sectors in flight per SM
+// is already past what hides DRAM latency. Backward 8: no register cost at 168 (no spill at NMAX 16).
+constexpr int kRmwBatchFwd = 4, kRmwBatchBwd = 8;
 
 // Chunk length. The forward's chunk pass costs one more exp2 per element whatever T is; the carry
 // passes cost L / T sequential steps per (b, k, d, n); the saved entering states are 1 / T of a

@@ -565,7 +565,7 @@ __device__ __forceinline__ void bwd_subtile_v5(const SS2DParams &p, const SS2DSi
 }
 
 // Pass 3, v5: ss2d_bwd_main_kernel with bwd_subtile_v5, v5's shared layout, and du's
-// read-add-writes with kRmwBatch loads in flight per thread (v4: one dependent round trip per
+// read-add-writes with kRmwBatchBwd loads in flight per thread (v4: one dependent round trip per
 // element; on the column side each a separate sector, stride W: 5.9 ms against 5.0 for the rows).
 template <typename T, int NMAX>
 __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_v5_kernel(const SS2DParams p) {
@@ -645,17 +645,17 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_v5_kernel(const 
       }
       __syncthreads();  // du, dz tiles complete
       const bool wfirst = g.side == 0 && kk == 0;  // du's first write (row walk k = 0)
-      for (int e0 = c; e0 < nth * TB; e0 += kRmwBatch * nth) {
-        float prev[kRmwBatch];
+      for (int e0 = c; e0 < nth * TB; e0 += kRmwBatchBwd * nth) {
+        float prev[kRmwBatchBwd];
 #pragma unroll
-        for (int u = 0; u < kRmwBatch; ++u) {  // loads first (distinct elements: no ordering needed)
+        for (int u = 0; u < kRmwBatchBwd; ++u) {  // loads first (distinct elements: no ordering needed)
           const int e = e0 + u * nth, cc = e / TB, i = e - cc * TB, dd = g.d0 + cc;
           const bool on = e < nth * TB && dd < p.Dm && i < cnt;
           const int pos = g.side ? orig_pos(1, q + i, p.H, p.W) : q + i;
           prev[u] = (on && !wfirst) ? p.du[(int64_t(g.b) * p.Dm + dd) * L + pos] : 0.f;
         }
 #pragma unroll
-        for (int u = 0; u < kRmwBatch; ++u) {
+        for (int u = 0; u < kRmwBatchBwd; ++u) {
           const int e = e0 + u * nth, cc = e / TB, i = e - cc * TB, dd = g.d0 + cc;
           if (e >= nth * TB || dd >= p.Dm || i >= cnt) continue;
           const int qq = q + i;

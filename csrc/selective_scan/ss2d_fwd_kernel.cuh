@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(256) ss2d_fwd_carry_v5_kernel(const SS2DParams
 }
 
 // Passes 3 and 4: replay each chunk from its entering state, y into acc (row side) / out (column).
-// V5: the read-add-writes of acc issue kRmwBatch loads per thread before their stores. v4 reads
+// V5: the read-add-writes of acc issue kRmwBatchFwd loads per thread before their stores. v4 reads
 // acc[o] after storing the previous element (acc may alias out, so the compiler keeps the order):
 // one dependent global round trip per element, and on the column side each of them is a separate
 // sector (stride W): the column pass took 2.11 ms against the row pass's 0.87 ms at enc1, with
@@ -271,17 +271,17 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DPar
       // block reads back what an earlier phase wrote, so no fences are needed.
       if (V5) {
         const bool first = g.side == 0 && kk == 0, last = g.side == 1 && kk == 1;
-        for (int e0 = threadIdx.x; e0 < nth * kTile; e0 += kRmwBatch * nth) {
-          float prev[kRmwBatch];
+        for (int e0 = threadIdx.x; e0 < nth * kTile; e0 += kRmwBatchFwd * nth) {
+          float prev[kRmwBatchFwd];
 #pragma unroll
-          for (int u = 0; u < kRmwBatch; ++u) {  // loads first (distinct elements: no ordering needed)
+          for (int u = 0; u < kRmwBatchFwd; ++u) {  // loads first (distinct elements: no ordering needed)
             const int e = e0 + u * nth, cc = e / kTile, i = e - cc * kTile, dd = g.d0 + cc;
             const bool on = e < nth * kTile && dd < p.Dm && i < cnt;
             const int pos = g.side ? orig_pos(1, q + i, p.H, p.W) : q + i;
             prev[u] = (on && !first) ? p.acc[(int64_t(g.b) * p.Dm + dd) * L + pos] : 0.f;
           }
 #pragma unroll
-          for (int u = 0; u < kRmwBatch; ++u) {
+          for (int u = 0; u < kRmwBatchFwd; ++u) {
             const int e = e0 + u * nth, cc = e / kTile, i = e - cc * kTile, dd = g.d0 + cc;
             if (e >= nth * kTile || dd >= p.Dm || i >= cnt) continue;
             const int pos = g.side ? orig_pos(1, q + i, p.H, p.W) : q + i;
