@@ -24,8 +24,10 @@ def test_two_process_losses_match_one_process(tmp_path):
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29517", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+    # --standalone: a free port of its own (a fixed port collides with another run of this test on
+    # the same machine: rank 1 aborted once that way, "terminate called without an active exception")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")

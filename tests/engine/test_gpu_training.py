@@ -77,7 +77,7 @@ def test_two_gpus_match_one_gpu_first_20_losses(data512, tmp_path):
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env1,
                          capture_output=True, text=True, timeout=1800)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args,
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
                           "--out", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert two.returncode == 0, two.stderr[-3000:]
     la = [float(x["loss"]) for x in csv.DictReader(open(tmp_path / "one" / "steps.csv"))]
