@@ -18,7 +18,7 @@
 # VMAMBAX_CUDA_SCAN=v5 (exported by the caller) runs the opt-in kernel set in sanitize/profile/plain cuda.
 # Time limits per step (seconds): TEST_TIMEOUT (300), SANITIZE_TIMEOUT (120 per tool), BENCH_TIMEOUT (300).
 # Set VMAMBAX_COMMIT to the commit under test when the tree travels without .git.
-# Files under $OUT: log.txt (everything), build.log, tests.log, sanitizer.log, evidence-<commit>.json,
+# Files under $OUT: log.txt (everything), build.log, tests.log, sanitizer.log, evidence-<commit>.json, failures-live.txt (each failure as it happens),
 # new-records.jsonl (only the records this run appended; append them to benchmarks/results/ locally).
 set -o pipefail
 OUT=${OUT:-/tmp/vmambax-out}

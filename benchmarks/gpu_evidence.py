@@ -5,6 +5,9 @@
 writes ``benchmarks/results/gpu-tests/<commit>.json`` (or into $VMAMBAX_EVIDENCE_DIR): passed /
 failed / skipped per test file, the failures' names, the card, the backends available and the
 commit of the kernel sources tested ($VMAMBAX_COMMIT where the tree travels without .git).
+Each failure is also appended to ``failures-live.txt`` beside it as it happens, with the start of
+its message: a run killed by a time limit writes no JSON, and one such run lost the names of its
+failures.
 """
 from __future__ import annotations
 
@@ -19,6 +22,26 @@ ROOT = Path(__file__).resolve().parent.parent
 _counts: dict = defaultdict(lambda: {"passed": 0, "failed": 0, "skipped": 0, "error": 0})
 _failures: list = []
 _skip_reasons: dict = defaultdict(int)
+_live: Path | None = None
+
+
+def _out_dir() -> Path:
+    return Path(os.environ.get("VMAMBAX_EVIDENCE_DIR", ROOT / "benchmarks" / "results" / "gpu-tests"))
+
+
+def pytest_configure(config):
+    global _live
+    if not hasattr(config, "workerinput"):  # the controller sees every worker's reports
+        _out_dir().mkdir(parents=True, exist_ok=True)
+        _live = _out_dir() / "failures-live.txt"
+
+
+def _record_live(report) -> None:
+    if _live is None:
+        return
+    message = "\n".join("  " + line for line in report.longreprtext.splitlines()[-40:])
+    with open(_live, "a") as f:
+        f.write(f"{report.nodeid} ({report.when})\n{message}\n")
 
 
 def _kernel_commit() -> str:
@@ -44,9 +67,11 @@ def pytest_runtest_logreport(report):
         elif report.when == "setup":
             _counts[path]["error"] += 1
             _failures.append(report.nodeid)
+            _record_live(report)
         else:
             _counts[path]["failed"] += 1
             _failures.append(report.nodeid)
+            _record_live(report)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -59,7 +84,7 @@ def pytest_sessionfinish(session, exitstatus):
     except Exception as exc:  # evidence must be written even when the package is broken
         backends = {"error": repr(exc)}
     commit = _kernel_commit()
-    out_dir = Path(os.environ.get("VMAMBAX_EVIDENCE_DIR", ROOT / "benchmarks" / "results" / "gpu-tests"))
+    out_dir = _out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     totals = {k: sum(c[k] for c in _counts.values()) for k in ("passed", "failed", "skipped", "error")}
     evidence = {
