@@ -77,12 +77,17 @@ def resolve(op: str, requested: str | None, device: torch.device):
 
 
 _LOADED: dict = {}
+_ALL_LOADED = False
 
 
 def _load_all() -> None:
-    # Every importable implementation is loaded together: under torch.compile, Dynamo snapshots
-    # _LOADED at its first lookup in a graph, so an entry added later (the CGM gate's, after the
-    # scan's) was missing in the traced copy (KeyError, seen compiling the whole model).
+    # Every importable implementation is loaded together, once: under torch.compile, Dynamo
+    # snapshots _LOADED at its first lookup in a graph, so an entry added later (the CGM gate's,
+    # after the scan's) was missing in the traced copy (KeyError, seen compiling the whole model).
+    global _ALL_LOADED
+    if _ALL_LOADED:
+        return
+    _ALL_LOADED = True
     for op, impls in _IMPLS.items():
         for backend in impls:
             if (op, backend) not in _LOADED:
