@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=None, help="patients moved to val without val.txt (0.1)")
     t.add_argument("--workers", type=int, default=2)
     t.add_argument("--deterministic", action="store_true")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fuses the elementwise work around the kernels; the first steps compile)")
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched slices and report them")
     t.add_argument("--init-checkpoint", default=None, help="start from these weights (ours or the published vMambaX)")
     t.add_argument("--backbone", default=None, help="VMamba-T v0 ImageNet weights for the shared encoder")
@@ -194,7 +196,7 @@ def _cmd_train(a):
              if v is not None}
     cfg = TrainConfig(data=a.data, out=a.out, workers=a.workers, deterministic=a.deterministic, skip_bad=a.skip_bad,
                       init_checkpoint=a.init_checkpoint, backbone=a.backbone, resume=a.resume,
-                      progress=not a.no_progress, device=a.device, **given)
+                      progress=not a.no_progress, device=a.device, compile=a.compile, **given)
     if a.model:
         cfg.model = _model_spec(a.model)
     cfg.model = {"name": cfg.model["name"], "kwargs": {**cfg.model["kwargs"], **dict(a.model_arg)}}

@@ -59,6 +59,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     device: str | None = None
+    compile: bool = False              # torch.compile the model's forward (nn.Module.compile: same state dict)
     model: dict = field(default_factory=lambda: {"name": ckpt_io.DEFAULT_MODEL, "kwargs": {"num_classes": 1}})
 
 
@@ -225,9 +226,11 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
                  len(rep.used), len(rep.skipped), len(rep.missing))
     model.to(device)
     d.start(device)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.compile:  # in place, after the BatchNorm swap and before DDP: checkpoints keep their keys
+        model.compile()
     if d.world > 1:
-        if sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = amp_dtype(cfg.amp, device)
     n_steps = len(_epoch_batches(len(train_ds), per_device, d, cfg.seed, 0, cfg.steps_per_epoch))
