@@ -57,6 +57,7 @@ CPU_SHAPES: dict[str, ScanCase] = {c.name: c for c in (
     ScanCase("col", 2, 5, 8, 1, 2),
     ScanCase("n1", 3, 3, 3, 4, 1),
     ScanCase("odd_tiny", 1, 20, 7, 3, 7),
+    ScanCase("dot", 6, 5, 1, 1, 4),  # L = 1: DCIM's outer map of a 4x4 stage; grad A is exactly 0
 )}
 
 

@@ -233,6 +233,7 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
     const float An = p.A[dA_row * N + n], A2n = An * kLog2e;
     const float *Bn = m.sB + n * TB, *Cn = m.sC + n * TB;
     float h = m.hS[(j * N + n) * nth + c];
+    const float h0 = h;  // h_{t-1} of the sub-tile's first step
 #pragma unroll
     for (int s = 0; s < TB; ++s) {
       const int i = KK ? TB - 1 - s : s;
@@ -249,7 +250,9 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
       red[i * RS + c] = gg[i] * hA[i];
       red[(TB + i) * RS + c] = dh * du[i];
       X[i] = fmaf(dh, bi, X[i]);
-      const float t = dh * fmaf(-du[i], bi, hA[i]);  // dh_t a_t h_{t-1}
+      // dh_t a_t h_{t-1} from the replayed h_{t-1}, not as h_t - du_t B_t: that difference cancels
+      // (6e-11 instead of the exact 0 of an L = 1 plane, relative error growing as a_t h_{t-1} << du_t B_t)
+      const float t = dh * (aA[i] * (s == 0 ? h0 : hA[KK ? TB - s : s - 1]));
       Y[i] = fmaf(t, An, Y[i]);
       dAn = fmaf(t, dl[i], dAn);
       en = aA[i] * dh;
@@ -505,6 +508,7 @@ __device__ __forceinline__ void bwd_subtile_v5(const SS2DParams &p, const SS2DSi
     const float An = p.A[dA_row * N + n], A2n = An * kLog2e;
     const float *Bn = m.sB + n * TB, *Cn = m.sC + n * TB;
     float h = m.hS[(slot * N + n) * nth + c];
+    const float h0 = h;  // h_{t-1} of the sub-tile's first step
 #pragma unroll
     for (int s = 0; s < TB; ++s) {
       const int i = KK ? TB - 1 - s : s;
@@ -519,7 +523,9 @@ __device__ __forceinline__ void bwd_subtile_v5(const SS2DParams &p, const SS2DSi
       const float bi = Bn[i];
       const float dh = fmaf(Cn[i], gg[i], en);
       X[i] = fmaf(dh, bi, X[i]);
-      const float t = dh * fmaf(-du[i], bi, hA[i]);  // dh_t a_t h_{t-1}
+      // dh_t a_t h_{t-1} from the replayed h_{t-1}, not as h_t - du_t B_t: that difference cancels
+      // (6e-11 instead of the exact 0 of an L = 1 plane, relative error growing as a_t h_{t-1} << du_t B_t)
+      const float t = dh * (aA[i] * (s == 0 ? h0 : hA[KK ? TB - s : s - 1]));
       Y[i] = fmaf(t, An, Y[i]);
       dAn = fmaf(t, dl[i], dAn);
       en = aA[i] * dh;

@@ -254,7 +254,8 @@ def test_bad_input_is_rejected_with_the_argument_name():
 EXTRA = {"n1": ScanCase("n1", 2, 24, 19, 23, 1),      # N = 1 (bucket 4), L = 437: 7 chunks, a partial one
          "n33": ScanCase("n33", 2, 20, 21, 17, 33),   # N = 33 (bucket 64), Dm 40: 2 warps, 8 threads idle
          "row1": ScanCase("row1", 2, 8, 1, 131, 16),  # H = 1: one column walk step per column
-         "col1": ScanCase("col1", 2, 8, 97, 1, 4)}
+         "col1": ScanCase("col1", 2, 8, 97, 1, 4),
+         "dot": ScanCase("dot", 6, 8, 1, 1, 16)}     # L = 1 (DCIM's outer 1x1 map): grad A must be exactly 0
 
 
 @pytest.mark.parametrize("lowrank", [False, True], ids=["full", "lowrank"])

@@ -409,7 +409,7 @@ def _ss2d_bwd_seq_kernel(
     the true carry entering chunk c-1 is E_c + exp2(A2 * S_c) * (carry entering chunk c).
     PHASE 1 folds the later chunks into the carry entering chunk c, then takes the chunk's
     TS-step segments last to first: it replays the segment forward from the state the forward saved
-    at its start, keeping h_t, x_t and delta_t in a scratch row (TS x (N + 3) x Dm fp32 per chunk,
+    at its start, keeping a_t h_{t-1}, x_t and delta_t in a scratch row (TS x (N + 3) x Dm fp32 per chunk,
     plane group and walk; each thread reads back only what it wrote), then walks it backwards
     with the adjoint. Replay instead of inverting the recurrence: h_{t-1} = (h_t - dBu_t) / dA_t
     loses digits fast. Sums over channels (dB, dC, the low-rank d dt) are reduced in the block
@@ -501,8 +501,10 @@ def _ss2d_bwd_seq_kernel(
                         t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
                         offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
                         LOWRANK, HAS_BIAS, SOFTPLUS, False, INTERP)
-                    h = dA * h + dBu
-                    tl.store(scr_h + (t - ts) * (N * Dm) + off_dn, h, mask=mdn)
+                    # a_t h_{t-1} kept as is: h_t - dBu_t cancels (not 0 where h_{t-1} = 0, e.g. L = 1)
+                    ah = dA * h
+                    h = ah + dBu
+                    tl.store(scr_h + (t - ts) * (N * Dm) + off_dn, ah, mask=mdn)
                     tl.store(scr_x + (t - ts) * Dm + offs_d, x, mask=mask_d)
                     tl.store(scr_dl + (t - ts) * Dm + offs_d, dl, mask=mask_d)
                     gy = tl.load(gy_ptr + g_base + offs_d * sg_d + p, mask=mask_d, other=0.0).to(tl.float32)
@@ -520,12 +522,12 @@ def _ss2d_bwd_seq_kernel(
                     Cv = tl.load(C_ptr + B_base + off_n, mask=mask_n, other=0.0).to(tl.float32)
                     x = tl.load(scr_x + (t - ts) * Dm + offs_d, mask=mask_d, other=0.0)
                     dl = tl.load(scr_dl + (t - ts) * Dm + offs_d, mask=mask_d, other=0.0)
-                    h = tl.load(scr_h + (t - ts) * (N * Dm) + off_dn, mask=mdn, other=0.0)
+                    ah = tl.load(scr_h + (t - ts) * (N * Dm) + off_dn, mask=mdn, other=0.0)
                     g = X + Cv[None, :] * gy[:, None]
                     dlu = dl * u
                     tl.atomic_add(dB_ptr + B_base + p * N + offs_n, tl.sum(g * dlu[:, None], axis=0), mask=mask_n,
                                   sem="relaxed")
-                    gh = g * (h - dlu[:, None] * Bv[None, :])     # g_t * dA_t * h_{t-1}
+                    gh = g * ah                                    # g_t * dA_t * h_{t-1}
                     seg_dA += gh * dl[:, None]
                     gB = tl.sum(g * Bv[None, :], axis=1)
                     ddl = tl.sum(gh * A2, axis=1) * (1.0 / LOG2E) + u * gB
