@@ -1,7 +1,7 @@
 """SS2D benchmark over DESIGN.md's shape set (contract: DESIGN.md, "Benchmark contract").
 
     python benchmarks/bench_ss2d.py [--cases enc1,rect1] [--dtypes bf16,fp16] [--scopes core,op]
-                                    [--providers cuda,cuda_v5,triton,unfused_mamba] [--quick] [--no-record]
+                                    [--providers cuda,triton,unfused_mamba] [--quick] [--no-record]
     python benchmarks/bench_ss2d.py --sanitize     # cut-down fwd+bwd pass for compute-sanitizer
 
 Scope "core": cross_selective_scan_2d + LayerNorm (x after the depthwise conv and SiLU -> output
@@ -10,8 +10,7 @@ fwd under no_grad; fwdbwd = forward + backward of every input and parameter with
 output gradient; peak_mb = extra memory of fwdbwd. Providers: cuda, triton (when available), the
 unfused peer (PyTorch cross-scan + mamba-ssm selective_scan_fn + PyTorch cross-merge:
 unfused_mamba; unfused_torch, the reference scan in that pipeline, where mamba-ssm is absent and
-the case is small enough); cuda_v4 / cuda_v5: the cuda backend with that kernel set forced (plain
-cuda runs the set VMAMBAX_CUDA_SCAN chose at import). Every record names the provider that actually ran.
+the case is small enough). Every record names the provider that actually ran.
 """
 from __future__ import annotations
 
@@ -137,23 +136,7 @@ def core_inputs(case: ScanCase, dtype, Bt: int, seed=0) -> dict:
 FORWARD_ONLY = ()  # providers timed without a backward
 
 
-def _with_variant(fn, name: str):
-    """fn with the cuda backend's kernel set forced to ``name`` during each call; the backward runs
-    the set its forward ran with (the autograd context keeps it)."""
-    def wrapped(**kw):
-        from vmambax_kernels.selective_scan import cuda
-        old = cuda._VARIANT
-        cuda._VARIANT = cuda.VARIANTS[name]
-        try:
-            return fn(**kw)
-        finally:
-            cuda._VARIANT = old
-    return wrapped
-
-
 def make_fn(scope: str, provider: str):
-    if provider in ("cuda_v4", "cuda_v5"):
-        return _with_variant(make_fn(scope, "cuda"), provider.split("_")[1])
     if scope == "core":
         if provider in ("cuda", "triton", "reference"):
             scan = lambda **kw: vk.cross_selective_scan_2d(**kw, backend=provider)  # noqa: E731
@@ -174,12 +157,11 @@ def providers_here(requested):
     avail = vk.available_backends()
     out = []
     for p in requested:
-        if p in ("cuda", "triton", "cuda_v4", "cuda_v5"):
-            base = p.split("_")[0]
-            if avail[base].available:
+        if p in ("cuda", "triton"):
+            if avail[p].available:
                 out.append(p)
             else:
-                print(f"# {p}: not measured: {avail[base].reason}")
+                print(f"# {p}: not measured: {avail[p].reason}")
         elif p == "unfused":
             try:
                 import mamba_ssm  # noqa: F401

@@ -15,7 +15,6 @@
 # SANITIZE_CASES=enc1,odd limits the sanitizer pass to those cases (default: the whole shape set).
 # PROFILE_KERNELS (an ncu -k regex), PROFILE_SKIP, PROFILE_COUNT override the profiled launches; e.g.
 # with the carry passes: PROFILE_KERNELS="regex:ss2d_(fwd|bwd)_(chunk|carry|out|main)" PROFILE_SKIP=4 PROFILE_COUNT=8.
-# VMAMBAX_CUDA_SCAN=v5 (exported by the caller) runs the opt-in kernel set in sanitize/profile/plain cuda.
 # Time limits per step (seconds): TEST_TIMEOUT (300), SANITIZE_TIMEOUT (120 per tool), BENCH_TIMEOUT (300).
 # Set VMAMBAX_COMMIT to the commit under test when the tree travels without .git.
 # Files under $OUT: log.txt (everything), build.log, tests.log, sanitizer.log, evidence-<commit>.json, failures-live.txt (each failure as it happens),
@@ -45,7 +44,6 @@ done
 [ ${#BENCHES[@]} -eq 0 ] && BENCHES=("benchmarks/bench_ss2d.py --quick")
 
 echo "== device: $(nvidia-smi -L 2>/dev/null | head -1)"
-echo "== VMAMBAX_CUDA_SCAN=${VMAMBAX_CUDA_SCAN:-v4 (default)}"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 nvcc --version | tail -1
 

@@ -37,13 +37,10 @@ void check_param(const optional<Tensor> &t, const char *name, int64_t K, int64_t
   TORCH_CHECK(t->is_contiguous(), name, ": expected a contiguous tensor, got strides ", t->strides());
 }
 
-// Validates the scan's tensors and fills everything of SS2DParams but the outputs. variant: the
-// kernel set (ss2d.h:kVariantV4 / kVariantV5), same inputs, outputs and saved states either way.
+// Validates the scan's tensors and fills everything of SS2DParams but the outputs.
 SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B, const Tensor &C,
                        const optional<Tensor> &D, const optional<Tensor> &bias, const optional<Tensor> &Wdt,
-                       bool softplus, int64_t variant, std::vector<Tensor> &keep) {
-  TORCH_CHECK(variant == kVariantV4 || variant == kVariantV5, "variant: expected ", kVariantV4, " (v4) or ",
-              kVariantV5, " (v5), got ", variant);
+                       bool softplus, std::vector<Tensor> &keep) {
   VMX_CHECK_CUDA(u);
   TORCH_CHECK(u.dim() == 4, "u: expected a 4-D tensor (Bt, Dm, H, W), got shape ", u.sizes());
   const int64_t Bt = u.size(0), Dm = u.size(1), H = u.size(2), W = u.size(3);
@@ -87,7 +84,6 @@ SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const
   SS2DParams p{};
   p.Bt = int(Bt); p.Dm = int(Dm); p.H = int(H); p.W = int(W); p.L = int(H * W); p.N = int(N); p.R = int(R);
   p.softplus = softplus;
-  p.variant = int(variant);
   p.T = kChunk;
   p.nc = ss2d_chunks(p.L);
   p.nth = ss2d_threads(p.Dm);
@@ -129,10 +125,10 @@ SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B,
                                     const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
                                     const optional<Tensor> &Wdt, bool softplus, at::ScalarType out_dtype,
-                                    bool save_states, int64_t variant) {
+                                    bool save_states) {
   c10::cuda::CUDAGuard guard(u.device());
   std::vector<Tensor> keep;
-  SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus, variant, keep);
+  SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus, keep);
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
   auto f32 = u.options().dtype(at::kFloat);
@@ -157,25 +153,25 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor &u, const Tensor &dl, const Ten
 
 std::tuple<Tensor, Tensor> ss2d_fwd(const Tensor &u, const Tensor &delta, const Tensor &A, const Tensor &B,
                                     const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
-                                    bool softplus, at::ScalarType out_dtype, bool save_states, int64_t variant) {
-  return fwd_impl(u, delta, A, B, C, D, bias, c10::nullopt, softplus, out_dtype, save_states, variant);
+                                    bool softplus, at::ScalarType out_dtype, bool save_states) {
+  return fwd_impl(u, delta, A, B, C, D, bias, c10::nullopt, softplus, out_dtype, save_states);
 }
 
 std::tuple<Tensor, Tensor> ss2d_lowrank_fwd(const Tensor &u, const Tensor &dt, const Tensor &A, const Tensor &B,
                                             const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
                                             const Tensor &Wdt, bool softplus, at::ScalarType out_dtype,
-                                            bool save_states, int64_t variant) {
-  return fwd_impl(u, dt, A, B, C, D, bias, Wdt, softplus, out_dtype, save_states, variant);
+                                            bool save_states) {
+  return fwd_impl(u, dt, A, B, C, D, bias, Wdt, softplus, out_dtype, save_states);
 }
 
 // Gradients in fp32 (the Python side casts them to each input's dtype); absent D / delta_bias /
 // dt_projs_weight give empty tensors.
 std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B,
                              const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
-                             const optional<Tensor> &Wdt, const Tensor &states, bool softplus, int64_t variant) {
+                             const optional<Tensor> &Wdt, const Tensor &states, bool softplus) {
   c10::cuda::CUDAGuard guard(u.device());
   std::vector<Tensor> keep;
-  SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus, variant, keep);
+  SS2DParams p = make_params(u, dl, A, B, C, D, bias, Wdt, softplus, keep);
   VMX_CHECK_CUDA(dy);
   VMX_CHECK_DTYPE(dy, at::kFloat);
   VMX_CHECK_SHAPE(dy, p.Bt, p.Dm, p.H, p.W);
@@ -234,12 +230,11 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
 
 TORCH_LIBRARY_FRAGMENT(vmambax, m) {
   m.def("ss2d_cuda_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
-        "bool delta_softplus, ScalarType out_dtype, bool save_states, int variant=0) -> (Tensor, Tensor)");
+        "bool delta_softplus, ScalarType out_dtype, bool save_states) -> (Tensor, Tensor)");
   m.def("ss2d_lowrank_cuda_fwd(Tensor u, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, "
-        "Tensor dt_projs_weight, bool delta_softplus, ScalarType out_dtype, bool save_states, int variant=0) "
-        "-> (Tensor, Tensor)");
+        "Tensor dt_projs_weight, bool delta_softplus, ScalarType out_dtype, bool save_states) -> (Tensor, Tensor)");
   m.def("ss2d_cuda_bwd(Tensor dy, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
-        "Tensor? delta_bias, Tensor? dt_projs_weight, Tensor states, bool delta_softplus, int variant=0) -> Tensor[]");
+        "Tensor? delta_bias, Tensor? dt_projs_weight, Tensor states, bool delta_softplus) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(vmambax, CUDA, m) {

@@ -29,7 +29,6 @@ struct SS2DParams {
   int T, nc;          // positions per chunk, chunks per walk
   int nth;            // threads (channels) per block, a multiple of 32, <= 128
   int side;           // set by the launcher for the passes that run one side at a time
-  int variant;        // kernel set: 0 = v4 (default), 1 = v5 (opt-in, see kVariantV5)
   SS2DSide sides[2];  // [0]: row walks, [1]: column walks
   const float *A;     // (4, Dm, N) contiguous
   const float *D;     // (4, Dm) or null
@@ -50,19 +49,13 @@ struct SS2DParams {
   float *dW;          // (4, Dm, R) or null, zero-initialised
 };
 
-// Kernel sets, chosen per call by the ops' `variant` argument (vmambax_kernels/selective_scan/cuda.py
-// reads VMAMBAX_CUDA_SCAN once). v5 changes only how the passes run, not what they compute or save:
-// the carry passes keep kCarryBatch chunks' loads in flight per thread (v4: one dependent global load
-// per chunk); the output passes' read-add-writes (acc forward, du backward) issue kRmwBatchFwd /
-// kRmwBatchBwd loads before their stores; the backward main pass sums dB / dC over a warp's channels
-// with shuffles (v4: two block barriers per state) and needs 54 KB of shared memory instead of 74 at
-// enc1 (4 blocks per SM instead of 3). Forward and backward of either set use the same saved states.
-constexpr int kVariantV4 = 0, kVariantV5 = 1;
+// Loads in flight: the carry passes read kCarryBatch chunks per thread before storing any (one chunk
+// at a time, each is a dependent global round trip); the output passes' read-add-writes (acc
+// forward, du backward) issue kRmwBatchFwd / kRmwBatchBwd loads per thread before their stores.
 constexpr int kCarryBatch = 8;  // 16 took 88-96 registers (2 blocks of 256 per SM); 8: ~50
-// v5: read-add-writes of the merge buffer (forward) and of du (backward) in batches of this many
-// elements per thread, loads first. Forward 4: with 8 the output pass at NMAX 16 took 96 registers
-// and spilled 8 bytes (4: 72, no spill, as v4); 4 x 21 warps x 32 lanes of sectors in flight per SM
-// is already past what hides DRAM latency. Backward 8: no register cost at 168 (no spill at NMAX 16).
+// Forward 4: with 8 the output pass at NMAX 16 took 96 registers and spilled 8 bytes (4: 72, no
+// spill, as with one element at a time); 4 x 21 warps x 32 lanes of sectors in flight per SM is
+// already past what hides DRAM latency. Backward 8: no register cost at 168 (no spill at NMAX 16).
 constexpr int kRmwBatchFwd = 4, kRmwBatchBwd = 8;
 
 // Chunk length. The forward's chunk pass costs one more exp2 per element whatever T is; the carry
@@ -102,19 +95,18 @@ constexpr int kBwdTile = 16;
 constexpr int kBwdSub = kChunk / kBwdTile;
 
 // Dynamic shared memory of the backward kernels (bytes), see ss2d_bwd_kernel.cuh:BwdSmem. The chunk
-// pass needs only the staged tiles: with the main pass's 74 KB (enc1) it ran at 3 blocks per SM
-// (14 % occupancy, 2.29 ms, Nsight Compute, H100).
-// v5's main pass (v5 true) drops the softplus' tile and the chunk-entry state (re-read from the saved
-// states) and keeps dA in the last sub-tile-state slot: 74.4 -> 54.3 KB at enc1 (N 16, R 6, nth 96),
-// i.e. 4 blocks per SM instead of 3 (the 168 registers of 96 threads allow 4).
-inline size_t ss2d_bwd_smem(int N, int R, int nth, bool main = true, bool v5 = false) {
+// pass needs only the staged tiles: with the main pass's size (74 KB at enc1 at the time) it ran at
+// 3 blocks per SM (14 % occupancy, 2.29 ms, Nsight Compute, H100). The main pass keeps no softplus'
+// tile, re-reads the chunk-entry state from the saved states and keeps dA in the last sub-tile-state
+// slot: 54.3 KB at enc1 (N 16, R 6, nth 96) instead of 74.4, i.e. 4 blocks per SM instead of 3 (the
+// 168 registers of 96 threads allow 4).
+inline size_t ss2d_bwd_smem(int N, int R, int nth, bool main = true) {
   const int ns = ss2d_ns(ss2d_nmax(N));
   const size_t tile = size_t(nth) * (kBwdTile + 1);
   const size_t bc = size_t(2) * kBwdTile * (ns > N ? ns : N);  // B, C (either layout)
-  const bool v = main && v5;
-  const size_t states = size_t(v ? kBwdSub : kBwdSub + 2) * N * nth;  // hS, e, dA (v5: hS - 1, e)
+  const size_t states = size_t(kBwdSub) * N * nth;  // hS (kBwdSub - 1 slots, dA in the last), e
   const size_t carry = main ? states + size_t(nth / 32) * N * 32 + size_t(R) * nth : 0;
-  return sizeof(float) * (bc + size_t(R) * kBwdTile + (v ? 3 : 4) * tile + carry);  // + warp partials, dW
+  return sizeof(float) * (bc + size_t(R) * kBwdTile + 3 * tile + carry);  // + warp partials, dW
 }
 
 template <typename T> void ss2d_fwd_launch(const SS2DParams &p, cudaStream_t stream);

@@ -17,9 +17,9 @@
 //      state entering each sub-tile of kBwdTile positions (shared memory), then takes the
 //      sub-tiles last to first. Per sub-tile and state n (runtime loop, N exactly): the forward
 //      replay keeps h_t and a_t of the sub-tile in registers, the reverse recurrence forms every
-//      term; the per-channel values of dB and dC go through shared memory, each warp sums its 32
-//      channels, and after the last state one global atomic per element and block adds the
-//      warps' sums. dA, dW: per thread in shared memory, one atomic per block at the end.
+//      term; each warp sums the per-channel values of dB and dC over its 32 channels with shuffles
+//      into shared memory, and after the last state one global atomic per element and block adds
+//      the warps' sums. dA, dW: per thread in shared memory, one atomic per block at the end.
 // Exps per element: chunk pass 1, main pass 1 + 3/4 (sweep of all but the last sub-tile).
 // Float atomics (dB, dC, ddt, dA, dD, dbias, dW): the backward is not bitwise deterministic.
 #pragma once
@@ -30,19 +30,25 @@ namespace vmambax {
 constexpr int TB = kBwdTile;
 static_assert(2 * TB == 32, "the dB / dC reduction gives each lane of a warp one of 2 * TB rows");
 
-// Shared memory of the backward kernels (sizes in ss2d.h:ss2d_bwd_smem).
+// Shared memory of the backward kernels (sizes in ss2d.h:ss2d_bwd_smem). The main pass keeps no
+// softplus' tile (softplus' = 1 - exp(-delta), formed in registers) and no separate chunk-entry state
+// or dA: hS has kBwdSub - 1 slots, the state entering sub-tile j >= 1 at slot j - 1; before sub-tile
+// 0, slot 0 (sub-tile 1's state, consumed) is refilled from the saved chunk state; dA lives in slot
+// kBwdSub - 2 (for sub-tile kBwdSub - 1, each state's h is read before its dA is written: same slot,
+// same n, same thread; the walk's first processed sub-tile initialises dA). 54.3 KB at enc1 (N 16,
+// R 6, nth 96) instead of 74.4 with those arrays separate: 4 blocks per SM instead of 3.
+static_assert(kBwdSub >= 3, "the chunk-entry state and dA share hS slots 0 and kBwdSub - 2: distinct");
 struct BwdSmem {
   float *sB, *sC;  // NMAJOR: [n][TB]; else [i][NS] (float4 over states)
   float *sDt;      // [R][TB]
-  float *t0, *t1;  // [nth][TB + 1]: delta (raw, then after softplus), dy; later du, dz of the sub-tile;
-                   // in the state loop, the reduction buffer [2 * TB][nth + 1] (fits in both)
-  float *tU, *tS;  // [nth][TB + 1]: u, softplus'(z)
-  float *hS;       // [kBwdSub][N][nth]: state entering each sub-tile of the chunk
+  float *t0, *t1;  // [nth][TB + 1]: delta (raw, then after softplus), dy; later du, dz of the sub-tile
+  float *tU;       // [nth][TB + 1]: u
+  float *hS;       // [kBwdSub - 1][N][nth]: state entering sub-tiles 1.. (slot 0 then sub-tile 0's)
   float *sE;       // [N][nth]: reverse carry a_{t+1} dh_{t+1}
-  float *sDA;      // [N][nth]
+  float *sDA;      // [N][nth]: hS slot kBwdSub - 2
   float *sP;       // [nth / 32][N][32]: each warp's channel sums of dC (rows 0..TB-1), dB (TB..2TB-1)
   float *sDW;      // [R][nth]
-  // The chunk pass (main = false) has no hS, e, dA, warp partials or dW (ss2d.h:ss2d_bwd_smem).
+  // The chunk pass (main = false) has only the staged tiles (ss2d.h:ss2d_bwd_smem).
   __device__ __forceinline__ BwdSmem(float *smem, int N, int R, int nth, int NS, bool main) {
     const int tile = nth * (TB + 1), m = main ? 1 : 0;
     sB = smem;
@@ -51,11 +57,10 @@ struct BwdSmem {
     t0 = sDt + R * TB;
     t1 = t0 + tile;
     tU = t1 + tile;
-    tS = tU + tile;
-    hS = tS + tile;
-    sE = hS + m * kBwdSub * N * nth;
-    sDA = sE + m * N * nth;
-    sP = sDA + m * N * nth;
+    hS = tU + tile;
+    sE = hS + m * (kBwdSub - 1) * N * nth;
+    sDA = hS + m * (kBwdSub - 2) * N * nth;
+    sP = sE + m * N * nth;
     sDW = sP + m * (nth / 32) * N * 32;
   }
 };
@@ -100,12 +105,12 @@ __device__ __forceinline__ void bwd_stage(const SS2DParams &p, const SS2DSide &s
 }
 
 // After bwd_stage and a barrier: the thread's own row of t0 becomes delta (after softplus; 0 past
-// the end and for channels >= Dm) and, with withS, tS gets softplus'(z) (1 without softplus).
-__device__ __forceinline__ void bwd_delta(const SS2DParams &p, const BwdSmem &m, int k, int d, int cnt, bool withS) {
+// the end and for channels >= Dm).
+__device__ __forceinline__ void bwd_delta(const SS2DParams &p, const BwdSmem &m, int k, int d, int cnt) {
   const int c = threadIdx.x, R = p.R;
-  float *row = m.t0 + c * (TB + 1), *srow = m.tS + c * (TB + 1);
+  float *row = m.t0 + c * (TB + 1);
   if (d >= p.Dm) {
-    for (int i = 0; i < TB; ++i) row[i] = srow[i] = 0.f;
+    for (int i = 0; i < TB; ++i) row[i] = 0.f;
     return;
   }
   float z[TB];
@@ -128,11 +133,7 @@ __device__ __forceinline__ void bwd_delta(const SS2DParams &p, const BwdSmem &m,
     for (int i = 0; i < TB; ++i) z[i] = row[i];
   }
 #pragma unroll
-  for (int i = 0; i < TB; ++i) {
-    const bool on = i < cnt;
-    row[i] = on ? (p.softplus ? softplus(z[i]) : z[i]) : 0.f;
-    if (withS) srow[i] = on ? (p.softplus ? softplus_grad(z[i]) : 1.f) : 0.f;
-  }
+  for (int i = 0; i < TB; ++i) row[i] = i < cnt ? (p.softplus ? softplus(z[i]) : z[i]) : 0.f;
 }
 
 // Pass 1: Q_c and S_c of every chunk but each walk's first, both walks of both sides.
@@ -159,7 +160,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DP
       __syncthreads();  // the previous sub-tile is consumed
       bwd_stage<T, NMAX, false>(p, sd, m, g.b, k, g.d0, q, cnt, false, false, true, true);
       __syncthreads();
-      bwd_delta(p, m, k, d, cnt, false);
+      bwd_delta(p, m, k, d, cnt);
       const float *sl = m.t0 + c * (TB + 1), *sg = m.t1 + c * (TB + 1);
       for (int s = 0; s < TB; ++s) {  // past the end: delta 0, C 0, dy 0: identity steps
         const int i = kk ? s : TB - 1 - s;
@@ -186,228 +187,13 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DP
   }
 }
 
-// Pass 2: Q <- X, the reverse carry entering each chunk's last step (walk order, last chunk first).
+// Pass 2: Q <- X, the reverse carry entering each chunk's last step (walk order, last chunk first),
+// with the loads of kCarryBatch chunks issued before any store. Reading Q[c] and S[c] after storing
+// X into Q[c + 1] costs one dependent global round trip per chunk, since the compiler cannot move a
+// load above a store it cannot prove disjoint (nc = 256 at enc1: 256 round trips per thread;
+// 19.4 ms per training step in these launches). Same operations in the same order as that loop.
 template <typename T>
-__global__ void ss2d_bwd_carry_kernel(const SS2DParams p) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= int64_t(p.Bt) * 4 * p.Dm * p.N) return;
-  const int d = int(idx % p.Dm);
-  const int n = int((idx / p.Dm) % p.N);
-  const int k = int((idx / (int64_t(p.Dm) * p.N)) % 4);
-  const int b = int(idx / (int64_t(p.Dm) * p.N * 4));
-  const float A2 = p.A[(k * p.Dm + d) * p.N + n] * kLog2e;
-  float x = 0.f;
-  for (int j = p.nc - 1; j >= 0; --j) {
-    const int c = k < 2 ? j : p.nc - 1 - j;
-    const int64_t row = chunk_row(p, b, k, c);
-    float *e = p.cQ + (row * p.N + n) * p.Dm + d;
-    if (j == 0) {  // the walk's first chunk: its Q was not computed
-      *e = x;
-      break;
-    }
-    const float qc = *e, S = p.cS[row * p.Dm + d];
-    *e = x;
-    x = fmaf(exp2f(A2 * S), x, qc);
-  }
-}
-
-// One sub-tile of the main pass, walk direction KK (0: positions ascending), sub-tile j of the
-// chunk in walk order. The staged tiles hold u, delta, softplus', dy, B and C ([n][TB]).
-template <int KK>
-__device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b, int k,
-                                            int d0, int j, int q, int cnt, float Dk, float &dDacc, float &dbacc) {
-  const int c = threadIdx.x, nth = blockDim.x, d = d0 + c, N = p.N, RS = nth + 1;
-  const int dA_row = k * p.Dm + (d < p.Dm ? d : 0);
-  float dl[TB], du[TB], gg[TB], X[TB], Y[TB], hA[TB], aA[TB];
-#pragma unroll
-  for (int i = 0; i < TB; ++i) {
-    dl[i] = m.t0[c * (TB + 1) + i];
-    du[i] = dl[i] * m.tU[c * (TB + 1) + i];
-    gg[i] = m.t1[c * (TB + 1) + i];
-    X[i] = Y[i] = 0.f;
-  }
-  __syncthreads();  // t0 / t1 become the reduction buffer
-  float *red = m.t0;
-  const int w = c >> 5, l = c & 31;
-  for (int n = 0; n < N; ++n) {
-    const float An = p.A[dA_row * N + n], A2n = An * kLog2e;
-    const float *Bn = m.sB + n * TB, *Cn = m.sC + n * TB;
-    float h = m.hS[(j * N + n) * nth + c];
-    const float h0 = h;  // h_{t-1} of the sub-tile's first step
-#pragma unroll
-    for (int s = 0; s < TB; ++s) {
-      const int i = KK ? TB - 1 - s : s;
-      aA[i] = ex2(dl[i] * A2n);
-      h = fmaf(aA[i], h, du[i] * Bn[i]);
-      hA[i] = h;
-    }
-    float en = m.sE[n * nth + c], dAn = 0.f;
-#pragma unroll
-    for (int s = TB - 1; s >= 0; --s) {
-      const int i = KK ? TB - 1 - s : s;
-      const float bi = Bn[i];
-      const float dh = fmaf(Cn[i], gg[i], en);
-      red[i * RS + c] = gg[i] * hA[i];
-      red[(TB + i) * RS + c] = dh * du[i];
-      X[i] = fmaf(dh, bi, X[i]);
-      // dh_t a_t h_{t-1} from the replayed h_{t-1}, not as h_t - du_t B_t: that difference cancels
-      // (6e-11 instead of the exact 0 of an L = 1 plane, relative error growing as a_t h_{t-1} << du_t B_t)
-      const float t = dh * (aA[i] * (s == 0 ? h0 : hA[KK ? TB - s : s - 1]));
-      Y[i] = fmaf(t, An, Y[i]);
-      dAn = fmaf(t, dl[i], dAn);
-      en = aA[i] * dh;
-    }
-    m.sE[n * nth + c] = en;
-    m.sDA[n * nth + c] += dAn;
-    __syncthreads();  // the rows are complete
-    float acc = 0.f;
-    const float *rr = red + l * RS + 32 * w;
-#pragma unroll 8
-    for (int jj = 0; jj < 32; ++jj) acc += rr[jj];
-    m.sP[(w * N + n) * 32 + l] = acc;
-    __syncthreads();  // the rows are read
-  }
-  // dB, dC: the warps' sums, one atomic per element and block.
-  const int nw = nth >> 5, kk = k >> 1;
-  for (int o = c; o < N * 32; o += nth) {
-    const int n = o >> 5, r = o & 31, i = r & (TB - 1);
-    if (i >= cnt) continue;
-    float v = 0.f;
-    for (int ww = 0; ww < nw; ++ww) v += m.sP[(ww * N + n) * 32 + r];
-    float *dst = r < TB ? sd.dC : sd.dB;
-    atomicAdd(dst + b * sd.g_b + kk * sd.g_k + int64_t(n) * p.L + q + i, v);
-  }
-  // Per-step gradients of the thread's channel: du into t0, dz into t1.
-  float *o1 = m.t0 + c * (TB + 1), *o2 = m.t1 + c * (TB + 1);
-  const float *uu = m.tU + c * (TB + 1), *sp = m.tS + c * (TB + 1);
-#pragma unroll
-  for (int i = 0; i < TB; ++i) {
-    const bool on = i < cnt && d < p.Dm;
-    const float dz = on ? fmaf(uu[i], X[i], Y[i]) * sp[i] : 0.f;
-    o1[i] = fmaf(dl[i], X[i], Dk * gg[i]);
-    o2[i] = dz;
-    dDacc = fmaf(gg[i], uu[i], dDacc);
-    dbacc += dz;
-  }
-}
-
-// Pass 3 (per side): replays, reverse recurrence, every gradient.
-template <typename T, int NMAX>
-__global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2DParams p) {
-  extern __shared__ __align__(16) float smem[];
-  constexpr int NS = ss2d_ns(NMAX);
-  const ChunkBlock g(p, false);
-  const SS2DSide &sd = p.sides[g.side];
-  const BwdSmem m(smem, p.N, p.R, blockDim.x, NS, true);
-  const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, N = p.N, R = p.R, L = p.L;
-  const bool active = d < p.Dm;
-  const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
-  for (int kk = 0; kk < 2; ++kk) {
-    const int k = g.side + 2 * kk;
-    const int64_t row = chunk_row(p, g.b, k, g.c);
-    const bool carried = p.nc > 1 && active;
-    for (int r = 0; r < R; ++r) m.sDW[r * nth + c] = 0.f;
-    for (int n = 0; n < N; ++n) {
-      m.sDA[n * nth + c] = 0.f;
-      m.sE[n * nth + c] = carried ? p.cQ[(row * N + n) * p.Dm + d] : 0.f;
-    }
-    const float Dk = (p.D && active) ? p.D[k * p.Dm + d] : 0.f;
-    float dDacc = 0.f, dbacc = 0.f;
-    // Forward replay of the chunk: the state entering each sub-tile.
-    {
-      float A2[NMAX], h[NMAX];
-      load_A2<NMAX>(p, k, d, A2);
-#pragma unroll
-      for (int n = 0; n < NMAX; ++n) h[n] = (carried && n < N) ? p.cE[(row * N + n) * p.Dm + d] : 0.f;
-      for (int j = 0; j < nsub; ++j) {
-#pragma unroll
-        for (int n = 0; n < NMAX; ++n)
-          if (n < N) m.hS[(j * N + n) * nth + c] = h[n];
-        if (j == nsub - 1) break;
-        const int st = kk ? nsub - 1 - j : j;
-        const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
-        __syncthreads();
-        bwd_stage<T, NMAX, false>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, false, false);
-        __syncthreads();
-        bwd_delta(p, m, k, d, cnt, false);
-        const float *sl = m.t0 + c * (TB + 1), *su = m.tU + c * (TB + 1);
-        for (int s = 0; s < TB; ++s) {
-          const int i = kk ? TB - 1 - s : s;
-          const float dl = sl[i], du = dl * su[i];
-          const float *bi = m.sB + i * NS;
-#pragma unroll
-          for (int n = 0; n < NMAX; n += 4) {
-            const float4 b4 = ld4(bi + n);
-            h[n] = fmaf(ex2(dl * A2[n]), h[n], du * b4.x);
-            h[n + 1] = fmaf(ex2(dl * A2[n + 1]), h[n + 1], du * b4.y);
-            h[n + 2] = fmaf(ex2(dl * A2[n + 2]), h[n + 2], du * b4.z);
-            h[n + 3] = fmaf(ex2(dl * A2[n + 3]), h[n + 3], du * b4.w);
-          }
-        }
-      }
-    }
-    // Sub-tiles last to first.
-    for (int j = nsub - 1; j >= 0; --j) {
-      const int st = kk ? nsub - 1 - j : j;
-      const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
-      __syncthreads();  // the previous sub-tile's outputs are stored
-      bwd_stage<T, NMAX, true>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, true, true);
-      __syncthreads();
-      bwd_delta(p, m, k, d, cnt, true);
-      if (kk) bwd_subtile<1>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc);
-      else bwd_subtile<0>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc);
-      if (R > 0 && active) {  // dW[r] += sum_i dz_i dt_i[r]: the thread's own channel
-        const float *o2 = m.t1 + c * (TB + 1);
-        for (int r = 0; r < R; ++r) {
-          float a = 0.f;
-#pragma unroll
-          for (int i = 0; i < TB; ++i) a = fmaf(o2[i], m.sDt[r * TB + i], a);
-          m.sDW[r * nth + c] += a;
-        }
-      }
-      __syncthreads();  // du, dz tiles complete
-      for (int e = c; e < nth * TB; e += nth) {
-        const int cc = e / TB, i = e - cc * TB, dd = g.d0 + cc;
-        if (dd >= p.Dm || i >= cnt) continue;
-        const int qq = q + i;
-        const int pos = g.side ? orig_pos(1, qq, p.H, p.W) : qq;
-        const int64_t o = (int64_t(g.b) * p.Dm + dd) * L + pos;
-        const float v = m.t0[cc * (TB + 1) + i];
-        if (g.side == 0 && kk == 0) p.du[o] = v;
-        else p.du[o] += v;
-        if (R == 0) sd.ddl[g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(dd) * L + qq] = m.t1[cc * (TB + 1) + i];
-      }
-      if (R > 0) {  // ddt[r] = sum over the block's channels of W[k, d, r] dz
-        const int nact = min(nth, p.Dm - g.d0);
-        for (int o = c; o < R * TB; o += nth) {
-          const int r = o / TB, i = o - r * TB;
-          if (i >= cnt) continue;
-          const float *Wr = p.Wdt + int64_t(k * p.Dm + g.d0) * R + r;
-          float a = 0.f;
-          for (int cc = 0; cc < nact; ++cc) a = fmaf(__ldg(Wr + int64_t(cc) * R), m.t1[cc * (TB + 1) + i], a);
-          atomicAdd(sd.ddl + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(r) * L + q + i, a);
-        }
-      }
-    }
-    if (active) {
-      for (int n = 0; n < N; ++n) atomicAdd(p.dA + (int64_t(k) * p.Dm + d) * N + n, m.sDA[n * nth + c]);
-      if (p.dD) atomicAdd(p.dD + k * p.Dm + d, dDacc);
-      if (p.dbias) atomicAdd(p.dbias + k * p.Dm + d, dbacc);
-      for (int r = 0; r < R; ++r) atomicAdd(p.dW + (int64_t(k) * p.Dm + d) * R + r, m.sDW[r * nth + c]);
-    }
-  }
-}
-
-// ---- v5 (opt-in: SS2DParams::variant == kVariantV5, VMAMBAX_CUDA_SCAN=v5) ----
-// Separate functions, so that the v4 kernels above compile to what was measured (templating them
-// on the variant moved ptxas' spills of the v4 main kernel at N 4, 8, 32).
-
-// Pass 2, v5: as v4, with the loads of kCarryBatch chunks issued before any store. v4 reads Q[c]
-// and S[c] after storing X into Q[c + 1]: the compiler cannot move a load above a store it cannot
-// prove disjoint, so each chunk costs one dependent global round trip (nc = 256 at enc1: 256 round
-// trips per thread; 19.4 ms per training step in these launches). Same operations in the same order.
-template <typename T>
-__global__ void __launch_bounds__(256) ss2d_bwd_carry_v5_kernel(const SS2DParams p) {
+__global__ void __launch_bounds__(256) ss2d_bwd_carry_kernel(const SS2DParams p) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= int64_t(p.Bt) * 4 * p.Dm * p.N) return;
   const int d = int(idx % p.Dm);
@@ -421,8 +207,8 @@ __global__ void __launch_bounds__(256) ss2d_bwd_carry_v5_kernel(const SS2DParams
   float *q0 = p.cQ + (row0 * p.N + n) * p.Dm + d;
   const float *s0 = p.cS + row0 * p.Dm + d;
   float x = 0.f;
-  // v4's j counts down from nc - 1 (chunk c in walk order); Q and S are read except at j == 0 (the
-  // walk's first chunk), where only X is stored.
+  // j counts down from nc - 1 (chunk c in walk order); Q and S are read except at j == 0 (the walk's
+  // first chunk: its Q was not computed), where only X is stored.
   for (int i0 = 0; i0 < nc; i0 += kCarryBatch) {
     float qv[kCarryBatch], sv[kCarryBatch];
 #pragma unroll
@@ -465,34 +251,17 @@ __device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32], int lane)
   return v[0];
 }
 
-// v5's shared layout of the main pass (ss2d.h:ss2d_bwd_smem with v5): no softplus' tile (it is
-// 1 - exp(-delta), formed in registers), hS has kBwdSub - 1 slots (the state entering sub-tile j >= 1
-// at slot j - 1; before sub-tile 0, slot 0, consumed by sub-tile 1, is refilled from the saved chunk
-// state), dA lives in slot kBwdSub - 2 (for sub-tile kBwdSub - 1, each state's h is read before its
-// dA is written: same slot, same n, same thread; the walk's first processed sub-tile initialises
-// dA). 74.4 -> 54.3 KB at enc1 (N 16, R 6, nth 96): 4 blocks per SM instead of 3.
-static_assert(kBwdSub >= 3, "v5 keeps the chunk-entry state and dA in hS slots 0 and kBwdSub - 2: distinct");
-__device__ __forceinline__ BwdSmem bwd_smem_v5(float *smem, int N, int R, int nth, int NS) {
-  BwdSmem m(smem, N, R, nth, NS, false);  // sB .. tU as v4
-  const int tile = nth * (TB + 1);
-  m.tS = m.t1;  // never read; bwd_delta zeroes idle channels' rows, which are 0 in t1 already
-  m.hS = m.tU + tile;
-  m.sE = m.hS + (kBwdSub - 1) * N * nth;
-  m.sDA = m.hS + (kBwdSub - 2) * N * nth;
-  m.sP = m.sE + N * nth;
-  m.sDW = m.sP + (nth / 32) * N * 32;
-  return m;
-}
-
-// One sub-tile of the v5 main pass (bwd_subtile's arithmetic): the per-state dB / dC channel sums
-// are warp shuffles (warp_reduce_scatter32) into the warp's own slots of sP, no block barrier in the
-// state loop and one after it. v4 goes through a [2 TB][nth + 1] shared buffer with two block
-// barriers per state (32 per sub-tile at N = 16), which 3-warp blocks at 14 % occupancy could not
-// hide (Nsight Compute: 0.40 eligible warps per scheduler, 5.0 + 5.9 ms at enc1).
+// One sub-tile of the main pass, walk direction KK (0: positions ascending), sub-tile j of the
+// chunk in walk order; first: the walk's first processed sub-tile (initialises dA). The staged tiles
+// hold u, delta, dy, B and C ([n][TB]). The per-state dB / dC channel sums are warp shuffles
+// (warp_reduce_scatter32) into the warp's own slots of sP: no block barrier in the state loop and
+// one after it. Through a [2 TB][nth + 1] shared buffer they took two block barriers per state (32
+// per sub-tile at N = 16), which 3-warp blocks at 14 % occupancy could not hide (Nsight Compute:
+// 0.40 eligible warps per scheduler, 5.0 + 5.9 ms at enc1).
 template <int KK>
-__device__ __forceinline__ void bwd_subtile_v5(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b,
-                                               int k, int d0, int j, int q, int cnt, float Dk, float &dDacc,
-                                               float &dbacc, bool first) {
+__device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b,
+                                            int k, int d0, int j, int q, int cnt, float Dk, float &dDacc,
+                                            float &dbacc, bool first) {
   const int c = threadIdx.x, nth = blockDim.x, d = d0 + c, N = p.N;
   const int dA_row = k * p.Dm + (d < p.Dm ? d : 0);
   float dl[TB], du[TB], gg[TB], X[TB], Y[TB], hA[TB], aA[TB];
@@ -534,7 +303,7 @@ __device__ __forceinline__ void bwd_subtile_v5(const SS2DParams &p, const SS2DSi
     }
     m.sE[n * nth + c] = en;
     m.sDA[n * nth + c] = (first ? 0.f : m.sDA[n * nth + c]) + dAn;
-    float v[2 * TB];  // rows 0..TB-1: dC, TB..2TB-1: dB (the rows of v4's reduction buffer)
+    float v[2 * TB];  // rows 0..TB-1: dC, TB..2TB-1: dB
 #pragma unroll
     for (int i = 0; i < TB; ++i) {
       v[i] = hA[i];
@@ -570,16 +339,16 @@ __device__ __forceinline__ void bwd_subtile_v5(const SS2DParams &p, const SS2DSi
   }
 }
 
-// Pass 3, v5: ss2d_bwd_main_kernel with bwd_subtile_v5, v5's shared layout, and du's
-// read-add-writes with kRmwBatchBwd loads in flight per thread (v4: one dependent round trip per
-// element; on the column side each a separate sector, stride W: 5.9 ms against 5.0 for the rows).
+// Pass 3 (per side): replays, reverse recurrence, every gradient. du's read-add-writes issue
+// kRmwBatchBwd loads per thread before their stores: one element at a time, each was a dependent
+// round trip (on the column side a separate sector, stride W: 5.9 ms against 5.0 for the rows).
 template <typename T, int NMAX>
-__global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_v5_kernel(const SS2DParams p) {
+__global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2DParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int NS = ss2d_ns(NMAX);
   const ChunkBlock g(p, false);
   const SS2DSide &sd = p.sides[g.side];
-  const BwdSmem m = bwd_smem_v5(smem, p.N, p.R, blockDim.x, NS);
+  const BwdSmem m(smem, p.N, p.R, blockDim.x, NS, true);
   const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, N = p.N, R = p.R, L = p.L;
   const bool active = d < p.Dm;
   const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
@@ -609,7 +378,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_v5_kernel(const 
         __syncthreads();
         bwd_stage<T, NMAX, false>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, false, false);
         __syncthreads();
-        bwd_delta(p, m, k, d, cnt, false);
+        bwd_delta(p, m, k, d, cnt);
         const float *sl = m.t0 + c * (TB + 1), *su = m.tU + c * (TB + 1);
         for (int s = 0; s < TB; ++s) {
           const int i = kk ? TB - 1 - s : s;
@@ -633,13 +402,13 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_v5_kernel(const 
       __syncthreads();  // the previous sub-tile's outputs are stored
       bwd_stage<T, NMAX, true>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, true, true);
       __syncthreads();
-      bwd_delta(p, m, k, d, cnt, false);  // softplus' is formed in bwd_subtile_v5
+      bwd_delta(p, m, k, d, cnt);  // softplus' is formed in bwd_subtile
       if (j == 0) {  // slot 0 (sub-tile 1's state, consumed) gets the chunk's entering state
         for (int n = 0; n < N; ++n) m.hS[n * nth + c] = carried ? p.cE[(row * N + n) * p.Dm + d] : 0.f;
       }
       const bool first = j == nsub - 1;
-      if (kk) bwd_subtile_v5<1>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
-      else bwd_subtile_v5<0>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
+      if (kk) bwd_subtile<1>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
+      else bwd_subtile<0>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
       if (R > 0 && active) {  // dW[r] += sum_i dz_i dt_i[r]: the thread's own channel
         const float *o2 = m.t1 + c * (TB + 1);
         for (int r = 0; r < R; ++r) {
@@ -695,32 +464,27 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_v5_kernel(const 
 template <typename T>
 void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream) {
   const int nth = p.nth;
-  const bool v5 = p.variant == kVariantV5;
-  const size_t smem = ss2d_bwd_smem(p.N, p.R, nth, true, v5), smem_chunk = ss2d_bwd_smem(p.N, p.R, nth, false);
+  const size_t smem = ss2d_bwd_smem(p.N, p.R, nth), smem_chunk = ss2d_bwd_smem(p.N, p.R, nth, false);
   const unsigned dtiles = unsigned((p.Dm + nth - 1) / nth);
   SS2D_NMAX_SWITCH(p.N, NMAX, [&] {
     if (smem_chunk > 48 * 1024)
       cudaFuncSetAttribute(ss2d_bwd_chunk_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_chunk));
-    if (smem > 48 * 1024) {
-      if (v5) cudaFuncSetAttribute(ss2d_bwd_main_v5_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      else cudaFuncSetAttribute(ss2d_bwd_main_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    }
-    // v5's layout is sized for 4 blocks per SM at enc1 (4 x 55.3 KB with the 1 KB reserved per block):
-    // ask for the whole unified L1 as shared memory rather than leave the split to the driver's hint.
-    if (v5)
-      cudaFuncSetAttribute(ss2d_bwd_main_v5_kernel<T, NMAX>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                           int(cudaSharedmemCarveoutMaxShared));
+    if (smem > 48 * 1024)
+      cudaFuncSetAttribute(ss2d_bwd_main_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    // The main pass's layout is sized for 4 blocks per SM at enc1 (4 x 55.3 KB with the 1 KB reserved
+    // per block): ask for the whole unified L1 as shared memory rather than leave the split to the
+    // driver's hint.
+    cudaFuncSetAttribute(ss2d_bwd_main_kernel<T, NMAX>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                         int(cudaSharedmemCarveoutMaxShared));
     if (p.nc > 1) {
       ss2d_bwd_chunk_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem_chunk, stream>>>(p);
       const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
-      if (v5) ss2d_bwd_carry_v5_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
-      else ss2d_bwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
+      ss2d_bwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
     }
     SS2DParams w = p;
     for (int side = 0; side < 2; ++side) {  // rows write du, then columns add into it
       w.side = side;
-      if (v5) ss2d_bwd_main_v5_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
-      else ss2d_bwd_main_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
+      ss2d_bwd_main_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
     }
   });
 }

@@ -21,9 +21,8 @@ __device__ __forceinline__ void store_out(void *out, int64_t i, float v, OutType
   else static_cast<__half *>(out)[i] = __float2half(v);
 }
 
-// torch.nn.functional.softplus (beta 1, threshold 20) and its derivative.
+// torch.nn.functional.softplus (beta 1, threshold 20).
 __device__ __forceinline__ float softplus(float z) { return z > 20.f ? z : log1pf(expf(z)); }
-__device__ __forceinline__ float softplus_grad(float z) { return z > 20.f ? 1.f : 1.f / (1.f + expf(-z)); }
 
 // Index tt of a side's plane (row side: the plane; column side: the transposed (W, H) plane) as the
 // position p = h*W + w of the original plane (k odd: column side).

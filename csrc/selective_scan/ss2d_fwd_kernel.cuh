@@ -149,40 +149,16 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_chunk_kernel(const SS2DP
   }
 }
 
-// Pass 2: e[c] <- the state entering chunk c of its walk (k < 2: chunks ascending, else descending).
+// Pass 2: e[c] <- the state entering chunk c of its walk (k < 2: chunks ascending, else descending),
+// h <- exp2(A2 * S_c) * h + e_c, with the loads of kCarryBatch chunks issued before any store. Reading
+// e[c] and S[c] after storing e[c - 1] costs one dependent global round trip per chunk, since the
+// compiler cannot move a load above a store it cannot prove disjoint (nc = 256 at enc1: 256 round
+// trips per thread; 18.6 ms per training step in the forward carry launches). Here each thread has
+// 2 * kCarryBatch independent loads in flight, then a batch of register-only steps; the operations
+// and their order are those of the one-chunk-at-a-time loop (bitwise the same states).
 // Templated on the input type only so that each translation unit has its own symbol.
 template <typename T>
-__global__ void ss2d_fwd_carry_kernel(const SS2DParams p) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= int64_t(p.Bt) * 4 * p.Dm * p.N) return;
-  const int d = int(idx % p.Dm);
-  const int n = int((idx / p.Dm) % p.N);
-  const int k = int((idx / (int64_t(p.Dm) * p.N)) % 4);
-  const int b = int(idx / (int64_t(p.Dm) * p.N * 4));
-  const float A2 = p.A[(k * p.Dm + d) * p.N + n] * kLog2e;
-  float h = 0.f;
-  for (int j = 0; j < p.nc; ++j) {
-    const int c = k < 2 ? j : p.nc - 1 - j;
-    const int64_t row = chunk_row(p, b, k, c);
-    float *e = p.cE + (row * p.N + n) * p.Dm + d;
-    if (j == p.nc - 1) {  // the walk's last chunk: its end state and sum were not computed
-      *e = h;
-      break;
-    }
-    const float end = *e, S = p.cS[row * p.Dm + d];
-    *e = h;
-    h = fmaf(exp2f(A2 * S), h, end);
-  }
-}
-
-// Pass 2, v5: the same recurrence, with the loads of kCarryBatch chunks issued before any store.
-// v4 reads e[c] and S[c] after storing e[c - 1]: the compiler cannot move a load above a store it
-// cannot prove disjoint, so each chunk costs one dependent global round trip (nc = 256 at enc1:
-// 256 round trips per thread; 18.6 ms per training step in the forward carry launches). Here
-// each thread has 2 * kCarryBatch independent loads in flight, then a batch of register-only steps.
-// Same operations in the same order as v4: bitwise the same states.
-template <typename T>
-__global__ void __launch_bounds__(256) ss2d_fwd_carry_v5_kernel(const SS2DParams p) {
+__global__ void __launch_bounds__(256) ss2d_fwd_carry_kernel(const SS2DParams p) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= int64_t(p.Bt) * 4 * p.Dm * p.N) return;
   const int d = int(idx % p.Dm);
@@ -215,12 +191,12 @@ __global__ void __launch_bounds__(256) ss2d_fwd_carry_v5_kernel(const SS2DParams
 }
 
 // Passes 3 and 4: replay each chunk from its entering state, y into acc (row side) / out (column).
-// V5: the read-add-writes of acc issue kRmwBatchFwd loads per thread before their stores. v4 reads
-// acc[o] after storing the previous element (acc may alias out, so the compiler keeps the order):
-// one dependent global round trip per element, and on the column side each of them is a separate
-// sector (stride W): the column pass took 2.11 ms against the row pass's 0.87 ms at enc1, with
+// The read-add-writes of acc issue kRmwBatchFwd loads per thread before their stores. Reading acc[o]
+// after storing the previous element (acc may alias out, so the compiler keeps the order) costs one
+// dependent global round trip per element, and on the column side each of them is a separate
+// sector (stride W): that column pass took 2.11 ms against the row pass's 0.87 ms at enc1, with
 // 64 % of its stalls on the global-load scoreboard (Nsight Compute, H100).
-template <typename T, int NMAX, bool V5 = false>
+template <typename T, int NMAX>
 __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int NS = ss2d_ns(NMAX);
@@ -269,41 +245,27 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DPar
       __syncthreads();  // the tile's y is complete
       // Store along positions (coalesced on the row side). Per element, the same thread of this
       // block reads back what an earlier phase wrote, so no fences are needed.
-      if (V5) {
-        const bool first = g.side == 0 && kk == 0, last = g.side == 1 && kk == 1;
-        for (int e0 = threadIdx.x; e0 < nth * kTile; e0 += kRmwBatchFwd * nth) {
-          float prev[kRmwBatchFwd];
+      const bool first = g.side == 0 && kk == 0, last = g.side == 1 && kk == 1;
+      for (int e0 = threadIdx.x; e0 < nth * kTile; e0 += kRmwBatchFwd * nth) {
+        float prev[kRmwBatchFwd];
 #pragma unroll
-          for (int u = 0; u < kRmwBatchFwd; ++u) {  // loads first (distinct elements: no ordering needed)
-            const int e = e0 + u * nth, cc = e / kTile, i = e - cc * kTile, dd = g.d0 + cc;
-            const bool on = e < nth * kTile && dd < p.Dm && i < cnt;
-            const int pos = g.side ? orig_pos(1, q + i, p.H, p.W) : q + i;
-            prev[u] = (on && !first) ? p.acc[(int64_t(g.b) * p.Dm + dd) * L + pos] : 0.f;
-          }
-#pragma unroll
-          for (int u = 0; u < kRmwBatchFwd; ++u) {
-            const int e = e0 + u * nth, cc = e / kTile, i = e - cc * kTile, dd = g.d0 + cc;
-            if (e >= nth * kTile || dd >= p.Dm || i >= cnt) continue;
-            const int pos = g.side ? orig_pos(1, q + i, p.H, p.W) : q + i;
-            const int64_t o = (int64_t(g.b) * p.Dm + dd) * L + pos;
-            const float y = tile.sU[cc * (kTile + 1) + i];
-            if (first) p.acc[o] = y;
-            else if (last) store_out(p.out, o, prev[u] + y, p.out_type);
-            else p.acc[o] = prev[u] + y;
-          }
+        for (int u = 0; u < kRmwBatchFwd; ++u) {  // loads first (distinct elements: no ordering needed)
+          const int e = e0 + u * nth, cc = e / kTile, i = e - cc * kTile, dd = g.d0 + cc;
+          const bool on = e < nth * kTile && dd < p.Dm && i < cnt;
+          const int pos = g.side ? orig_pos(1, q + i, p.H, p.W) : q + i;
+          prev[u] = (on && !first) ? p.acc[(int64_t(g.b) * p.Dm + dd) * L + pos] : 0.f;
         }
-        continue;
-      }
-      for (int e = threadIdx.x; e < nth * kTile; e += nth) {
-        const int cc = e / kTile, i = e - cc * kTile, dd = g.d0 + cc;
-        if (dd >= p.Dm || i >= cnt) continue;
-        const int qq = q + i;
-        const int pos = g.side ? orig_pos(1, qq, p.H, p.W) : qq;
-        const int64_t o = (int64_t(g.b) * p.Dm + dd) * L + pos;
-        const float y = tile.sU[cc * (kTile + 1) + i];
-        if (g.side == 0 && kk == 0) p.acc[o] = y;
-        else if (g.side == 1 && kk == 1) store_out(p.out, o, p.acc[o] + y, p.out_type);
-        else p.acc[o] += y;
+#pragma unroll
+        for (int u = 0; u < kRmwBatchFwd; ++u) {
+          const int e = e0 + u * nth, cc = e / kTile, i = e - cc * kTile, dd = g.d0 + cc;
+          if (e >= nth * kTile || dd >= p.Dm || i >= cnt) continue;
+          const int pos = g.side ? orig_pos(1, q + i, p.H, p.W) : q + i;
+          const int64_t o = (int64_t(g.b) * p.Dm + dd) * L + pos;
+          const float y = tile.sU[cc * (kTile + 1) + i];
+          if (first) p.acc[o] = y;
+          else if (last) store_out(p.out, o, prev[u] + y, p.out_type);
+          else p.acc[o] = prev[u] + y;
+        }
       }
     }
   }
@@ -318,21 +280,16 @@ void ss2d_fwd_launch(const SS2DParams &p, cudaStream_t stream) {
     if (smem > 48 * 1024) {
       cudaFuncSetAttribute(ss2d_fwd_chunk_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
       cudaFuncSetAttribute(ss2d_fwd_out_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      cudaFuncSetAttribute(ss2d_fwd_out_kernel<T, NMAX, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     }
     if (p.nc > 1) {
       ss2d_fwd_chunk_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem, stream>>>(p);
       const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
-      if (p.variant == kVariantV5) ss2d_fwd_carry_v5_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
-      else ss2d_fwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
+      ss2d_fwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
     }
     SS2DParams w = p;
     for (int side = 0; side < 2; ++side) {  // rows write acc, then columns add into it and write out
       w.side = side;
-      if (p.variant == kVariantV5)
-        ss2d_fwd_out_kernel<T, NMAX, true><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
-      else
-        ss2d_fwd_out_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
+      ss2d_fwd_out_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
     }
   });
 }

@@ -5,9 +5,9 @@ generation; -Xcicc -O0, no ptxas: ~5 s a file instead of ~60 s on 2 cores) so th
 the CPU budget; the slow one builds optimised sm_90 machine code and reports registers and spills.
 torch's CPU wheel lacks c10/cuda/impl/cuda_cmake_macros.h: a one-line stand-in is generated.
 
-Also here, since it needs no GPU either: a float64 transcription of the index logic that the v5 kernel
-set (VMAMBAX_CUDA_SCAN=v5) adds, the batched carry passes, the warp reduce-scatter of dB / dC and the
-main pass's shared slots, checked against the reference scan and its autograd.
+Also here, since it needs no GPU either: a float64 transcription of the kernels' index logic, the
+batched carry passes, the warp reduce-scatter of dB / dC and the backward main pass's shared slots,
+checked against the reference scan and its autograd.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_every_cu_assembles_for_sm90(tmp_path):
         print(cu.name, *report, sep="\n  ")
 
 
-# ---- v5 index logic, transcribed in float64 (csrc/selective_scan: *_carry_v5_kernel, bwd_subtile<.., true>) ----
+# ---- index logic, transcribed in float64 (csrc/selective_scan: *_carry_kernel, bwd_subtile) ----
 
 def _reduce_scatter32(v):
     """warp_reduce_scatter32: v[lane][row] (32 x 32) -> lane l's result; step OFF, lane keeps the
@@ -97,8 +97,8 @@ def _reduce_scatter32(v):
     return [v[lane][0] for lane in range(32)]
 
 
-def _carry_v5(buf, sums, A, Bt, Dm, N, nc, G, forward):
-    """One thread per (b, k, n, d), line by line as ss2d_{fwd,bwd}_carry_v5_kernel (buf: cE / cQ flat
+def _carry(buf, sums, A, Bt, Dm, N, nc, G, forward):
+    """One thread per (b, k, n, d), line by line as ss2d_{fwd,bwd}_carry_kernel (buf: cE / cQ flat
     [(b*4+k)*nc + c][n][d], sums: cS flat [(b*4+k)*nc + c][d])."""
     for idx in range(Bt * 4 * Dm * N):
         d, n, k, b = idx % Dm, (idx // Dm) % N, (idx // (Dm * N)) % 4, idx // (Dm * N * 4)
@@ -123,7 +123,7 @@ def _carry_v5(buf, sums, A, Bt, Dm, N, nc, G, forward):
 
 
 def _transcribed_scan(Bt, Dm, H, W, N, T, G, seed):
-    """Forward (chunk, v5 carry, output) and backward (chunk, v5 carry, main with the reduce-scatter)
+    """Forward (chunk, carry, output) and backward (chunk, carry, main with the reduce-scatter)
     of the kernels' chunk geometry (T positions a chunk, one sub-tile of <= 16) in float64."""
     import torch
     from vmambax_kernels.selective_scan import reference
@@ -179,8 +179,8 @@ def _transcribed_scan(Bt, Dm, H, W, N, T, G, seed):
                     cSb[r * Dm:(r + 1) * Dm] = S
                     for n in range(N):
                         cQ[(r * N + n) * Dm:(r * N + n + 1) * Dm] = e[:, n]
-    _carry_v5(cE, cS, A, Bt, Dm, N, nc, G, forward=True)
-    _carry_v5(cQ, cSb, A, Bt, Dm, N, nc, G, forward=False)
+    _carry(cE, cS, A, Bt, Dm, N, nc, G, forward=True)
+    _carry(cQ, cSb, A, Bt, Dm, N, nc, G, forward=False)
     assert not (torch.isnan(cE).any() or torch.isnan(cQ).any())
     y, du = torch.zeros(Bt, Dm, L, dtype=f64), torch.zeros(Bt, Dm, L, dtype=f64)
     ddl, dA, dD = torch.zeros(Bt, 4, Dm, L, dtype=f64), torch.zeros(4, Dm, N, dtype=f64), torch.zeros(4, Dm, dtype=f64)
@@ -228,7 +228,7 @@ def _transcribed_scan(Bt, Dm, H, W, N, T, G, seed):
 @pytest.mark.parametrize("shape", [(2, 5, 9, 11, 3, 8, 8), (1, 3, 17, 19, 2, 8, 8), (1, 2, 1, 37, 3, 4, 8),
                                    (1, 4, 8, 8, 1, 8, 8)],
                          ids=["nc13", "nc41", "row1_nc10", "nc8"])
-def test_v5_carry_and_reduction_transcribed(shape):
+def test_carry_and_reduction_transcribed(shape):
     """nc past one batch of kCarryBatch with a partial batch (13, 41), an exact batch (8), H = 1."""
     Bt, Dm, H, W, N, T, G = shape
     nc, errs = _transcribed_scan(Bt, Dm, H, W, N, T, G, seed=0)
@@ -236,8 +236,8 @@ def test_v5_carry_and_reduction_transcribed(shape):
     assert max(errs.values()) < 1e-12, errs
 
 
-def test_v5_reduce_scatter_and_slots():
-    """Lane l gets row l's sum; one thread's v5 slots: the state entering sub-tile j at slot
+def test_reduce_scatter_and_slots():
+    """Lane l gets row l's sum; one thread's hS slots: the state entering sub-tile j at slot
     max(j - 1, 0) (slot 0 refilled before sub-tile 0), dA in slot kBwdSub - 2, set by the first
     processed sub-tile (the walk's last): every read sees the right state, dA is the full sum."""
     import random
@@ -265,8 +265,8 @@ def test_v5_reduce_scatter_and_slots():
                 assert abs(mem[sub - 2][n] - sum(dAs[j][n] for j in range(nsub))) < 1e-12
 
 
-# ---- v5 backward main pass, ported line by line (ss2d_bwd_main_v5_kernel, bwd_subtile_v5) ----
-# Full rank with softplus, bias and D, in float64: the flat shared memory at bwd_smem_v5's offsets
+# ---- backward main pass, ported line by line (ss2d_bwd_main_kernel, bwd_subtile) ----
+# Full rank with softplus, bias and D, in float64: the flat shared memory at BwdSmem's offsets
 # (NaN until written, so a read of an unwritten or clobbered slot shows), the block's threads run
 # phase by phase between its barriers and in lockstep per state (the shuffle), the batched du
 # read-add-writes; the forward's entering states and the backward carries computed directly.
@@ -294,17 +294,16 @@ def _threads(Dm):
     return best
 
 
-def _bwd_smem(N, R, nth, main=True, v5=False):
+def _bwd_smem(N, R, nth, main=True):
     ns = _ns_(_nmax(N))
     tile = nth * (_TB + 1)
     bc = 2 * _TB * max(ns, N)
-    v = main and v5
-    states = (_KS if v else _KS + 2) * N * nth
+    states = _KS * N * nth
     carry = states + (nth // 32) * N * 32 + R * nth if main else 0
-    return 4 * (bc + R * _TB + (3 if v else 4) * tile + carry)
+    return 4 * (bc + R * _TB + 3 * tile + carry)
 
 
-def _port_main_v5(Bt, Dm, H, W, N, seed=0):
+def _port_main(Bt, Dm, H, W, N, seed=0):
     import numpy as np
     import torch
     from vmambax_kernels.selective_scan import reference
@@ -374,14 +373,13 @@ def _port_main_v5(Bt, Dm, H, W, N, seed=0):
     t0 = sDt + R * _TB
     t1 = t0 + tile
     tU = t1 + tile
-    tS = t1
     hS = tU + tile
     sE = hS + (_KS - 1) * N * nth
     sDA = hS + (_KS - 2) * N * nth
     sP = sE + N * nth
     sDW = sP + (nth // 32) * N * 32
     end = sDW + R * nth
-    assert end * 4 == _bwd_smem(N, R, nth, True, True), (end * 4, _bwd_smem(N, R, nth, True, True))
+    assert end * 4 == _bwd_smem(N, R, nth), (end * 4, _bwd_smem(N, R, nth))
     Anp, Dnp, bnp = A.numpy(), D.numpy(), bias.numpy()
     for side in range(2):
         for b in range(Bt):
@@ -417,14 +415,12 @@ def _port_main_v5(Bt, Dm, H, W, N, seed=0):
                                 sm[t0 + o] = z
                                 if withG:
                                     sm[t1 + o] = dys[d, q + i] if on else 0.0
-                        def bwd_delta(cc, cnt):  # withS false
+                        def bwd_delta(cc, cnt):
                             d = d0 + cc
                             r0 = t0 + cc * (_TB + 1)
-                            s0 = tS + cc * (_TB + 1)
                             if d >= Dm:
                                 for i in range(_TB):
                                     sm[r0 + i] = 0.0
-                                    sm[s0 + i] = 0.0
                                 return
                             for i in range(_TB):
                                 z = sm[r0 + i]
@@ -478,7 +474,7 @@ def _port_main_v5(Bt, Dm, H, W, N, seed=0):
                                     for n in range(N):
                                         sm[hS + n * nth + cc] = cE[(row * N + n) * Dm + d] if carried(d) else 0.0
                             first = j == nsub - 1
-                            # bwd_subtile_v5, all threads in lockstep per state
+                            # bwd_subtile, all threads in lockstep per state
                             slot = j - 1 if j > 0 else 0
                             dl = np.array([[sm[t0 + cc * (_TB + 1) + i] for i in range(_TB)] for cc in range(nth)])
                             uu = np.array([[sm[tU + cc * (_TB + 1) + i] for i in range(_TB)] for cc in range(nth)])
@@ -582,8 +578,8 @@ def _port_main_v5(Bt, Dm, H, W, N, seed=0):
 
 @pytest.mark.parametrize("shape", [(1, 5, 9, 11, 3), (1, 3, 5, 13, 2), (1, 34, 4, 5, 2), (1, 2, 1, 130, 2)],
                          ids=["nsub4+3", "nsub4+1", "nc1_2warps", "nc3_H1"])
-def test_v5_backward_main_pass_ported(shape):
+def test_backward_main_pass_ported(shape):
     """Sub-tile counts 4 and 3, 2, 1 (the dA slot shared with sub-tile 3's state; slot 0 refilled),
     idle threads of a 2-warp block, H = 1: du, ddelta, dA, dB, dC, dD, dbias within 1e-12 relative."""
-    nc, nth, errs = _port_main_v5(*shape)
+    nc, nth, errs = _port_main(*shape)
     assert max(errs.values()) < 1e-12, errs

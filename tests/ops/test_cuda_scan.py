@@ -3,9 +3,6 @@
 Whole shape set of DESIGN.md (batch cut down where the float64 reference would be slow or too
 large), random odd shapes, fp32/bf16/fp16, the output and every gradient; determinism of the
 forward; registration (opcheck, torch.compile fullgraph); bad input. Skipped without a GPU.
-
-Every test runs once per kernel set (ids v4 / v5: ``VMAMBAX_CUDA_SCAN``, switched here through
-``cuda._VARIANT``); ``-k v5`` runs the opt-in set alone.
 """
 from __future__ import annotations
 
@@ -31,14 +28,6 @@ def _cuda_backend():
     why = cuda.availability()
     if why:
         pytest.skip(f"cuda backend unavailable: {why}")
-
-
-@pytest.fixture(autouse=True, params=["v4", "v5"])
-def variant(request, monkeypatch):
-    """The kernel set under test (the module reads VMAMBAX_CUDA_SCAN once; tests switch its value)."""
-    from vmambax_kernels.selective_scan import cuda
-    monkeypatch.setattr(cuda, "_VARIANT", cuda.VARIANTS[request.param])
-    return cuda.VARIANTS[request.param]
 
 
 def _batch(case: ScanCase) -> int:
@@ -175,17 +164,17 @@ def test_model_fp16_activations_at_512_are_finite():
     assert torch.isfinite(out).all()
 
 
-def test_opcheck_registered_ops(variant):
+def test_opcheck_registered_ops():
     from vmambax_kernels.selective_scan import cuda
     case = ScanCase("tiny", 2, 6, 5, 7, 4)
     x = scan_inputs(case, torch.float32, "cuda", seed=1)
     lr = scan_inputs(case, torch.float32, "cuda", seed=1, lowrank=True)
     for dtype in (torch.float32, torch.bfloat16):
         args = (x["u"].to(dtype), x["delta"].to(dtype), x["A"], x["B"].to(dtype), x["C"].to(dtype), x["D"],
-                x["delta_bias"], True, torch.float32, True, variant)
+                x["delta_bias"], True, torch.float32, True)
         torch.library.opcheck(torch.ops.vmambax.ss2d_cuda_fwd.default, args)
         args = (lr["u"].to(dtype), lr["dt"].to(dtype), lr["A"], lr["B"].to(dtype), lr["C"].to(dtype), lr["D"],
-                lr["delta_bias"], lr["dt_projs_weight"], True, torch.float32, True, variant)
+                lr["delta_bias"], lr["dt_projs_weight"], True, torch.float32, True)
         torch.library.opcheck(torch.ops.vmambax.ss2d_lowrank_cuda_fwd.default, args)
     assert cuda.availability() is None
 
@@ -227,12 +216,11 @@ def test_bad_input_is_rejected_with_the_argument_name():
         "x = scan_inputs(ScanCase('b', 1, 4, 3, 5, 4), torch.float32, 'cuda', seed=0)\n"
         "for bad, what in ((dict(A=x['A'][:, :, :2].contiguous()), 'B: expected shape'),\n"
         "                  (dict(delta=x['delta'][:, :, :2]), 'delta: expected shape'),\n"
-        "                  (dict(A=x['A'][:, :, :2]), 'A: expected a contiguous'),\n"
-        "                  (dict(variant=7), 'variant: expected')):\n"
+        "                  (dict(A=x['A'][:, :, :2]), 'A: expected a contiguous')):\n"
         "    a = dict(x, **bad)\n"
         "    try:\n"
         "        torch.ops.vmambax.ss2d_cuda_fwd(a['u'], a['delta'], a['A'], a['B'], a['C'], None, None, True,\n"
-        "                                        torch.float32, False, a.get('variant', 0))\n"
+        "                                        torch.float32, False)\n"
         "    except RuntimeError as e:\n"
         "        assert what in str(e), (what, str(e)[:300])\n"
         "    else:\n"
@@ -290,37 +278,29 @@ def test_lowrank_forward_is_deterministic(name):
     assert all(torch.equal(ys[0], y) for y in ys[1:])
 
 
-# ---- v5 against v4 (same saved states, same forward arithmetic; backward sums in another order) ----
+# ---- saved states (the forward's entering states feed the op's backward) ----
 
 @pytest.mark.parametrize("lowrank", [False, True], ids=["full", "lowrank"])
 @pytest.mark.parametrize("name", ["odd", "dec3", "n1", "n33"])
-def test_v5_matches_v4(name, lowrank, variant):
-    """Forward bitwise equal (the v5 carry pass does v4's operations in v4's order), gradients within
-    fp32 summation-order noise; the forward of one set feeds the backward of the other."""
-    if variant != 1:
-        pytest.skip("one comparison is enough: runs under the v5 id")
-    from vmambax_kernels.selective_scan import cuda
+def test_saved_states_feed_the_backward(name, lowrank):
+    """The ops called directly: the forward bitwise the same with and without saved states and as
+    through autograd; the backward on the saved states gives autograd's gradients (same kernels;
+    float atomics, so within fp32 summation-order noise)."""
     case = EXTRA.get(name) or SHAPES[name]
     inputs = scan_inputs(case, torch.float32, "cuda", seed=13, lowrank=lowrank, Bt=min(case.Bt, 2))
-    fn = _fast_lowrank if lowrank else _fast
-    outs = {}
-    for v in (0, 1):
-        cuda._VARIANT = v
-        outs[v] = run_with_grads(fn, inputs)
-    cuda._VARIANT = 1
-    (y4, g4), (y5, g5) = outs[0], outs[1]
-    assert torch.equal(y4, y5)
-    for k in g4:
-        torch.testing.assert_close(g5[k], g4[k], rtol=1e-4, atol=1e-5 * float(g4[k].abs().max()), msg=k)
-    # states of one set feed the backward of the other
     dl_name = "dt" if lowrank else "delta"
+    y, grads = run_with_grads(_fast_lowrank if lowrank else _fast, inputs)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)  # run_with_grads' grad_out
     args = [inputs[k] for k in ("u", dl_name, "A", "B", "C", "D", "delta_bias")]
     W = [inputs["dt_projs_weight"]] if lowrank else []
     fwd = torch.ops.vmambax.ss2d_lowrank_cuda_fwd if lowrank else torch.ops.vmambax.ss2d_cuda_fwd
     with torch.no_grad():
-        y, states = fwd(*args, *W, True, torch.float32, True, 1)
-        dy = torch.randn_like(y)
-        ga = torch.ops.vmambax.ss2d_cuda_bwd(dy, *args, W[0] if W else None, states, True, 0)
-        gb = torch.ops.vmambax.ss2d_cuda_bwd(dy, *args, W[0] if W else None, states, True, 1)
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()) if a.numel() else 0)
+        y_saved, states = fwd(*args, *W, True, torch.float32, True)
+        y_plain, empty = fwd(*args, *W, True, torch.float32, False)
+        g = torch.ops.vmambax.ss2d_cuda_bwd(dy, *args, W[0] if W else None, states, True)
+    assert torch.equal(y_saved, y) and torch.equal(y_plain, y) and empty.numel() == 0
+    names = ["u", dl_name, "A", "B", "C", "D", "delta_bias", "dt_projs_weight"]
+    for k, mine in zip(names, g):
+        if k in grads:
+            ref = grads[k]
+            torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=k)

@@ -10,15 +10,8 @@ when a gradient is needed, only the fp32 state entering each chunk (``_states_sh
 (ss2d_bwd_kernel.cuh): a reverse chunk pass and carry pass, then one pass per side that replays each
 chunk from its saved state and forms every gradient. The low-rank form takes dt (Bt, 4, R, H, W) and
 forms delta inside the kernel in fp32: neither the full delta nor its gradient is ever materialised.
-
-Kernel set: ``VMAMBAX_CUDA_SCAN`` (read once, at import) = ``v4`` (default) or ``v5`` (opt-in, not yet
-run on a GPU: carry passes and read-add-writes with batched loads, backward main pass with shuffle
-reductions in less shared memory; see benchmarks/NOTES.md "v5"). It is passed to every op as ``variant``; both sets save and read the same
-states, and the backward runs the set its forward ran with. Tests switch it through ``_VARIANT``.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -31,17 +24,6 @@ except ImportError as exc:  # extension not built: say how, when the backend is 
     _IMPORT_ERROR = exc
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-VARIANTS = {"v4": 0, "v5": 1}  # csrc/selective_scan/ss2d.h:kVariantV4, kVariantV5
-
-
-def _read_variant() -> int:
-    name = os.environ.get("VMAMBAX_CUDA_SCAN", "v4").strip().lower() or "v4"
-    if name not in VARIANTS:
-        raise ValueError(f"VMAMBAX_CUDA_SCAN: expected one of {sorted(VARIANTS)}, got {name!r}")
-    return VARIANTS[name]
-
-
-_VARIANT = _read_variant()
 
 
 def availability() -> str | None:
@@ -73,17 +55,16 @@ if _IMPORT_ERROR is None:
         shape = _states_shape(u, A.shape[-1]) if save else (0,)
         return u.new_empty(u.shape, dtype=out_dtype), u.new_empty(shape, dtype=torch.float32)
 
-    # variant=0 as in the schema: the dispatcher drops arguments equal to their default
     @torch.library.register_fake("vmambax::ss2d_cuda_fwd")
-    def _(u, dl, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states, variant=0):
+    def _(u, dl, A, B, C, D, delta_bias, delta_softplus, out_dtype, save_states):
         return _fake_out(u, A, out_dtype, save_states)
 
     @torch.library.register_fake("vmambax::ss2d_lowrank_cuda_fwd")
-    def _(u, dt, A, B, C, D, delta_bias, dt_projs_weight, delta_softplus, out_dtype, save_states, variant=0):
+    def _(u, dt, A, B, C, D, delta_bias, dt_projs_weight, delta_softplus, out_dtype, save_states):
         return _fake_out(u, A, out_dtype, save_states)
 
     @torch.library.register_fake("vmambax::ss2d_cuda_bwd")
-    def _(dy, u, dl, A, B, C, D, delta_bias, dt_projs_weight, states, delta_softplus, variant=0):
+    def _(dy, u, dl, A, B, C, D, delta_bias, dt_projs_weight, states, delta_softplus):
         f32 = dict(dtype=torch.float32)
         return [u.new_empty(u.shape, **f32), dl.new_empty(dl.shape, **f32), A.new_empty(A.shape, **f32),
                 B.new_empty(B.shape, **f32), C.new_empty(C.shape, **f32),
@@ -92,12 +73,11 @@ if _IMPORT_ERROR is None:
                 A.new_empty(dt_projs_weight.shape if dt_projs_weight is not None else (0,), **f32)]
 
     def _setup(ctx, inputs, output):
-        # inputs have every schema argument (defaults filled): 11 full-rank, 12 low-rank
-        lowrank = len(inputs) == 12
+        # inputs: every schema argument, 10 full-rank, 11 low-rank
+        lowrank = len(inputs) == 11
         u, dl, A, B, C, D, bias = inputs[:7]
         W = inputs[7] if lowrank else None
         ctx.softplus = inputs[8] if lowrank else inputs[7]
-        ctx.variant = inputs[-1]
         ctx.lowrank = lowrank
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(u, dl, A, B, C, D, bias, W, output[1])
@@ -107,13 +87,13 @@ if _IMPORT_ERROR is None:
         if states.dim() != 5:
             raise RuntimeError("ss2d_cuda backward: the forward ran with save_states=False "
                                "(under no_grad or without inputs requiring grad); rerun it with grad enabled")
-        g = _bwd(gy.float().contiguous(), u, dl, A, B, C, D, bias, W, states, ctx.softplus, ctx.variant)
+        g = _bwd(gy.float().contiguous(), u, dl, A, B, C, D, bias, W, states, ctx.softplus)
         du, ddl, dA, dB, dC, dD, dbias, dW = g
         grads = [du.to(u.dtype), ddl.to(dl.dtype), dA, dB.to(B.dtype), dC.to(C.dtype),
                  dD if D is not None else None, dbias if bias is not None else None]
-        if ctx.lowrank:  # + softplus, out_dtype, save_states, variant
-            return (*grads, dW, None, None, None, None)
-        return (*grads, None, None, None, None)
+        if ctx.lowrank:  # + softplus, out_dtype, save_states
+            return (*grads, dW, None, None, None)
+        return (*grads, None, None, None)
 
     torch.library.register_autograd("vmambax::ss2d_cuda_fwd", _backward, setup_context=_setup)
     torch.library.register_autograd("vmambax::ss2d_lowrank_cuda_fwd", _backward, setup_context=_setup)
@@ -152,7 +132,7 @@ def selective_scan_2d(u, delta, A, B, C, D, delta_bias, delta_softplus: bool, ou
         raise RuntimeError(f"selective_scan_2d: the cuda backend cannot run: {why}")
     u, delta, B, C, A, D, delta_bias, _ = _prepare(u, delta, "delta", B, C, A, D, delta_bias, None, out_dtype)
     save = _needs_grad(u, delta, A, B, C, D, delta_bias)
-    y, _ = _fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype, save, _VARIANT)
+    y, _ = _fwd(u, delta, A, B, C, D, delta_bias, bool(delta_softplus), out_dtype, save)
     return y
 
 
@@ -164,5 +144,5 @@ def selective_scan_2d_lowrank(u, dt, dt_projs_weight, A, B, C, D, delta_bias, de
         raise RuntimeError(f"selective_scan_2d_lowrank: the cuda backend cannot run: {why}")
     u, dt, B, C, A, D, delta_bias, W = _prepare(u, dt, "dt", B, C, A, D, delta_bias, dt_projs_weight, out_dtype)
     save = _needs_grad(u, dt, A, B, C, D, delta_bias, W)
-    y, _ = _fwd_lr(u, dt, A, B, C, D, delta_bias, W, bool(delta_softplus), out_dtype, save, _VARIANT)
+    y, _ = _fwd_lr(u, dt, A, B, C, D, delta_bias, W, bool(delta_softplus), out_dtype, save)
     return y
