@@ -490,6 +490,7 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                                     An = Anp.reshape(-1)[kd * N + n]
                                     A2n = An * _LOG2E
                                     hh = sm[hS + (slot * N + n) * nth + cc]
+                                    h0 = hh
                                     hA = np.zeros(_TB)
                                     aA = np.zeros(_TB)
                                     for s in range(_TB):
@@ -504,7 +505,7 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                                         bi = sm[sB + n * _TB + i]
                                         dh = sm[sC + n * _TB + i] * gg[cc, i] + en
                                         X[cc, i] += dh * bi
-                                        t = dh * (hA[i] - du[cc, i] * bi)
+                                        t = dh * (aA[i] * (h0 if s == 0 else hA[_TB - s if kk else s - 1]))
                                         Y[cc, i] += t * An
                                         dAn += t * dl[cc, i]
                                         en = aA[i] * dh

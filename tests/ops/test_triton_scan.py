@@ -176,7 +176,7 @@ def test_flop_formula_registered():
 
 
 # ---------------------------------------------------------------------------------------------
-# Sequential backward (_CONFIG_OVERRIDE bwd="seq"; not the default yet): forced into several
+# Sequential backward (the default for N <= 16; forced here with bwd="seq"): forced into several
 # chunks of 16 steps (a partial last one where L is not a multiple of 16; dec_tiny: chunks of
 # two 16-step segments) and, for the DCIM-like case, several planes per program with a partial
 # last group; every CPU case has its channels in one partial block and runs the four walks (two
@@ -211,6 +211,13 @@ def test_seq_bwd_plain_matches_reference(name, fwd, seq_bwd):
     seq_bwd(fwd=fwd)   # the tile forward saves the same states (every 16 steps)
     inputs = scan_inputs(CPU_SHAPES[name], torch.float32, DEV)
     check_against_reference(_plain("triton"), _plain("reference"), inputs, device_ref=DEV)
+
+
+@pytest.mark.parametrize("name", ["enc_tiny", "odd_tiny", "dot"])
+def test_tile_bwd_matches_reference(name, monkeypatch):
+    monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(bwd="tile"))   # the default takes it for N > 16 only
+    inputs = scan_inputs(CPU_SHAPES[name], torch.float32, DEV, lowrank=True)
+    check_against_reference(_lowrank_fast, _lowrank_ref, inputs, device_ref=DEV)
 
 
 def test_seq_bwd_without_D_bias_or_softplus(seq_bwd):
@@ -270,17 +277,19 @@ def test_gpu_random_odd_shapes(seed):
                             device_ref=DEV)
 
 
-# the same GPU checks with the sequential backward (default chunking: as the forward's)
+# the same GPU checks with each backward forced (the default takes seq for N <= 16, tile above)
 @pytest.mark.gpu
+@pytest.mark.parametrize("bwd", ["seq", "tile"])
 @pytest.mark.parametrize("dtype", list(_DTYPES))
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_gpu_shape_set_seq_bwd(name, dtype, monkeypatch):
-    monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(bwd="seq"))
+def test_gpu_shape_set_forced_bwd(name, dtype, bwd, monkeypatch):
+    monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(bwd=bwd))
     test_gpu_shape_set(name, dtype)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bwd", ["seq", "tile"])
 @pytest.mark.parametrize("seed", range(6))
-def test_gpu_random_odd_shapes_seq_bwd(seed, monkeypatch):
-    monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(bwd="seq"))
+def test_gpu_random_odd_shapes_forced_bwd(seed, bwd, monkeypatch):
+    monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(bwd=bwd))
     test_gpu_random_odd_shapes(seed)
