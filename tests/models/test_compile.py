@@ -10,6 +10,7 @@ import torch
 
 from vmambax.models import VMambaX
 from vmambax_kernels import available_backends
+from vmambax_kernels.testing import assert_close_by_rule
 
 
 def _compare(backend, compiler, device):
@@ -48,12 +49,44 @@ def test_whole_model_compiles_fullgraph_and_matches_eager():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_whole_model_compiles_with_inductor_on_gpu(backend):
+    """Inductor generates its own kernels (fused, reordered, another LayerNorm/BatchNorm reduction),
+    so the compiled fast model is held to STYLE.md's rule against the reference model in float64
+    and float32, as tests/models/test_gpu.py holds the eager one (a 1e-5 relative bound against
+    eager fp32 failed on H100 by 4e-5 absolute: two fp32 results compared with each other, rather
+    than each with the float64 truth)."""
     status = available_backends()[backend]
     if not status.available:
         pytest.skip(f"{backend} backend not available: {status.reason}")
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 as on CPU
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 throughout
     try:
-        _compare(backend, "inductor", "cuda")
+        torch.manual_seed(0)
+        model = VMambaX(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256), decoder_depth=1, drop_path_rate=0.0,
+                        decoder_drop_path_rate=0.0, backend=backend).cuda().train()
+        g = torch.Generator().manual_seed(3)
+        ct, pet = (torch.randn(2, 1, 64, 64, generator=g).cuda() for _ in range(2))
+        runs = {"fast": _run(torch.compile(model, fullgraph=True, backend="inductor"), model, ct, pet)}
+        model.set_backend("reference")
+        runs["ref32"] = _run(model, model, ct, pet)
+        model.double()
+        runs["ref64"] = _run(model, model, ct.double(), pet.double())
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    (out, grads), (r32, g32), (r64, g64) = runs["fast"], runs["ref32"], runs["ref64"]
+    assert grads.keys() == g64.keys()
+    assert_close_by_rule("logits", out, r64, r32)
+    failures = []
+    for n in g64:
+        try:
+            assert_close_by_rule(f"grad {n}", grads[n], g64[n], g32[n])
+        except AssertionError as exc:
+            failures.append(str(exc))
+    assert not failures, f"{len(failures)} of {len(g64)} gradients break the rule:\n" + "\n".join(failures)
+
+
+def _run(fn, model, ct, pet):
+    """Output and every parameter gradient of one training-mode step of ``fn`` (on the CPU)."""
+    model.zero_grad(set_to_none=True)
+    out = fn(ct, pet)
+    out.square().mean().backward()
+    return out.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}

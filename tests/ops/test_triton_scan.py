@@ -130,8 +130,15 @@ def test_availability(monkeypatch):
         assert "TRITON_INTERPRET=1" in tb.availability()
 
 
-def _op_args(lowrank):
+def _channels_last_5d(t):
+    """Same values, strides of a (Bt, H, W, 4, X) buffer: the model's projections give dt this way."""
+    return t.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
+
+
+def _op_args(lowrank, permuted=False):
     inp = scan_inputs(CPU_SHAPES["row"], torch.float32, DEV, lowrank=lowrank)
+    if permuted:
+        inp = {k: _channels_last_5d(v) if k in ("dt", "delta", "B", "C") else v for k, v in inp.items()}
     inp = {k: v.requires_grad_(True) for k, v in inp.items()}
     if lowrank:
         return (inp["u"], inp["dt"], inp["A"], inp["B"], inp["C"], inp["D"], inp["delta_bias"],
@@ -140,10 +147,11 @@ def _op_args(lowrank):
             torch.float32, True)
 
 
+@pytest.mark.parametrize("permuted", [False, True], ids=["dense", "permuted"])
 @pytest.mark.parametrize("lowrank", [False, True])
-def test_opcheck(lowrank):
+def test_opcheck(lowrank, permuted):
     op = torch.ops.vmambax.ss2d_triton_lowrank_fwd if lowrank else torch.ops.vmambax.ss2d_triton_fwd
-    args = _op_args(lowrank)
+    args = _op_args(lowrank, permuted)
     torch.library.opcheck(op.default, args)
     y, states = op(*args)
     w = args[7].detach() if lowrank else None

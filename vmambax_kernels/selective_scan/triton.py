@@ -376,8 +376,9 @@ def _(u, dt, A, B, C, D, delta_bias, dt_projs_weight, delta_softplus, out_dtype,
 def _(grad_y, u, delta, A, B, C, D, delta_bias, dt_projs_weight, states, delta_softplus):
     f32 = dict(dtype=torch.float32)
     empty = u.new_empty(0, **f32)
-    return (torch.empty_like(u), torch.empty_like(delta), A.new_empty(A.shape, **f32), torch.empty_like(B),
-            torch.empty_like(C), empty if D is None else D.new_empty(D.shape, **f32),
+    # contiguous, as _bwd allocates them (empty_like would copy a permuted input's strides)
+    return (u.new_empty(u.shape), delta.new_empty(delta.shape), A.new_empty(A.shape, **f32), B.new_empty(B.shape),
+            C.new_empty(C.shape), empty if D is None else D.new_empty(D.shape, **f32),
             empty if delta_bias is None else delta_bias.new_empty(delta_bias.shape, **f32),
             empty if dt_projs_weight is None else dt_projs_weight.new_empty(dt_projs_weight.shape, **f32))
 
