@@ -47,7 +47,7 @@ def test_whole_model_compiles_fullgraph_and_matches_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])  # reference: Inductor's share alone
 def test_whole_model_compiles_with_inductor_on_gpu(backend):
     """Inductor generates its own kernels (fused, reordered, another LayerNorm/BatchNorm reduction),
     so the compiled fast model is held to STYLE.md's rule against the reference model in float64
