@@ -144,6 +144,21 @@ def run_with_grads(fn, inputs: dict, grad_out: torch.Tensor | None = None, seed:
     return out.detach(), {k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad}
 
 
+def assert_model_close_by_rule(fast, ref32, ref64) -> None:
+    """A whole model's runs, each (logits, {parameter name: gradient}): the fast run against the
+    reference run in float64 and float32 by the rule; every gradient that breaks it is reported."""
+    (out, grads), (r32, g32), (r64, g64) = fast, ref32, ref64
+    assert grads.keys() == g64.keys(), f"gradients of {sorted(set(grads) ^ set(g64))} on one side only"
+    assert_close_by_rule("logits", out, r64, r32)
+    failures = []
+    for n in g64:
+        try:
+            assert_close_by_rule(f"grad {n}", grads[n], g64[n], g32[n])
+        except AssertionError as exc:
+            failures.append(str(exc))
+    assert not failures, f"{len(failures)} of {len(g64)} gradients break the rule:\n" + "\n".join(failures)
+
+
 def check_against_reference(fast_fn, ref_fn, inputs: dict, out_dtype=torch.float32, device_ref="cpu"):
     """The full rule for the output and every gradient: ``fast_fn`` on ``inputs`` against
     ``ref_fn`` in float64 and float32 on the same (already rounded) values."""
