@@ -1,0 +1,173 @@
+"""Compile every Triton kernel launch of the package for a GPU on a machine without one.
+
+The CPU interpreter accepts code the compiler rejects (a helper returning None on one branch, an
+int argument specialised into a constexpr): a GPU call spent on that is lost. This script runs
+small scan and CGM calls with the GPU configuration, records each kernel launch instead of running
+it, then compiles each distinct launch with ``triton.compile`` for the target and prints its
+registers, spills and shared memory (from the cubin), so the next GPU call runs code that builds.
+
+    python benchmarks/compile_offline.py [--arch 90]      # exit status 1 when a launch fails to compile
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def record() -> list[dict]:
+    """Child process: the launches of a few forward+backward calls, not executed (outputs unset)."""
+    os.environ["TRITON_INTERPRET"] = "1"       # kernels become Python objects: no GPU needed
+    import torch
+    import triton.runtime.interpreter as ti
+
+    launches, seen = [], set()
+
+    def kind(v):
+        if isinstance(v, torch.Tensor):
+            return "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                          torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}[v.dtype]
+        if isinstance(v, bool):
+            return "i1"
+        if isinstance(v, int):
+            return "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+        if isinstance(v, float):
+            return "fp32"
+        return None
+
+    def run(self, *args, grid, warmup, **kwargs):
+        names = list(self.fn.__code__.co_varnames[:self.fn.__code__.co_argcount])
+        args_k = {n: kind(a) for n, a in zip(names, args)}
+        consts = {n: (a if kind(a) is None or not isinstance(a, torch.Tensor) else None)
+                  for n, a in zip(names, args)}
+        meta = {k: v for k, v in kwargs.items() if k not in names}
+        rec = dict(module=self.fn.__module__, name=self.fn.__name__, args=args_k,
+                   values={n: v for n, v in consts.items() if isinstance(v, (int, float, bool, str, type(None)))},
+                   constexprs={k: v for k, v in kwargs.items() if k in names}, meta=meta)
+        key = json.dumps(rec, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            launches.append(rec)
+
+    ti.InterpretedFunction.run = run
+    sys.path.insert(0, ROOT)
+    import vmambax_kernels as vk
+    from vmambax_kernels.cgm import triton as cgm_triton
+    from vmambax_kernels.selective_scan import triton as scan_triton
+    from vmambax_kernels.testing import ScanCase, scan_inputs
+    for mod in (scan_triton, cgm_triton):
+        mod.interpreting = lambda: False        # the GPU's configuration (block sizes, grids)
+    scan_triton._check = lambda *args, **kwargs: None   # it refuses CPU tensors outside the interpreter
+
+    def backward(y, leaves):
+        y.float().sum().backward()
+        for t in leaves:
+            t.grad = None
+
+    for bwd in ("auto", "tile"):
+        scan_triton._CONFIG_OVERRIDE.clear()
+        scan_triton._CONFIG_OVERRIDE["bwd"] = bwd
+        for dtype in (torch.float32, torch.bfloat16):
+            for case in (ScanCase("enc", 2, 24, 16, 16, 16), ScanCase("dec", 2, 24, 16, 16, 4)):
+                for lowrank in (False, True):
+                    x = scan_inputs(case, dtype, "cpu", lowrank=lowrank)
+                    leaves = [v.requires_grad_(True) for v in x.values() if isinstance(v, torch.Tensor)]
+                    if lowrank:
+                        y = scan_triton.selective_scan_2d_lowrank(
+                            x["u"], x["dt"], x["dt_projs_weight"], x["A"], x["B"], x["C"], x["D"],
+                            x["delta_bias"], True, torch.float32)
+                    else:
+                        y = vk.selective_scan_2d(**x, backend="triton")
+                    backward(y, leaves)
+    scan_triton._CONFIG_OVERRIDE.clear()
+    for dtype in (torch.float32, torch.bfloat16):
+        for residual in (True, False):
+            x = dict(x_ct=torch.randn(2, 96, 32, 32).to(dtype), x_pet=torch.randn(2, 96, 32, 32).to(dtype),
+                     c_ct=torch.rand(2, 96), c_pet=torch.rand(2, 96),
+                     w_ct=torch.randn(1, 192, 3, 3) * 0.05, w_pet=torch.randn(1, 192, 3, 3) * 0.05)
+            leaves = [v.requires_grad_(True) for v in x.values() if isinstance(v, torch.Tensor)]
+            ys = vk.cgm_gate(**x, residual=residual, backend="triton")
+            backward(sum(y.float().sum() for y in ys), leaves)
+    return launches
+
+
+def compile_all(launches: list[dict], arch: int) -> int:
+    """Parent process (no interpreter): triton.compile each launch; returns the number of failures."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    target = GPUTarget("cuda", arch, 32)
+    cuobjdump = os.path.join(os.path.dirname(importlib.import_module("triton.backends.nvidia").__file__),
+                             "bin", "cuobjdump")
+    failures = 0
+    for rec in launches:
+        module = importlib.import_module(rec["module"])
+        if hasattr(module, "_kernels"):   # modules that jit their kernels on first use (cgm)
+            module._kernels()
+        fn = getattr(module, rec["name"])
+        signature, constexprs = {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if fn.params[i].is_constexpr or name in rec["constexprs"]:
+                signature[name] = "constexpr"
+                value = rec["constexprs"].get(name, rec["values"].get(name))
+                constexprs[name] = False if name == "INTERP" else value
+            elif rec["args"].get(name) is None:        # None passed for an optional pointer
+                signature[name], constexprs[name] = "constexpr", None
+            else:
+                signature[name] = rec["args"][name]
+        opts = {k: v for k, v in rec["meta"].items() if k in ("num_warps", "num_stages", "maxnreg")}
+        dtype = next((t[1:] for t in rec["args"].values() if t and t.startswith("*")), "")
+        label = f"{rec['name']} {dtype} " + " ".join(f"{k}={v}" for k, v in sorted(rec["constexprs"].items())
+                                                      if k != "INTERP")
+        try:
+            kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=opts)
+        except Exception as exc:  # report every launch, not only the first failure
+            failures += 1
+            print(f"FAIL {label}\n     {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            continue
+        usage = ""
+        if not os.path.exists(cuobjdump):
+            print(f"ok   {label}")
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
+            m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out.stdout)
+            if m:
+                usage = f"regs {m.group(1)} stack {m.group(2)} B shared {m.group(3)} B"
+        print(f"ok   {label}  [{usage}]")
+    return failures
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100)")
+    ap.add_argument("--record", action="store_true", help=argparse.SUPPRESS)   # the child's role
+    args = ap.parse_args()
+    if args.record:
+        print(json.dumps(record(), default=str))
+        return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_offline.py: unset TRITON_INTERPRET (the compile step needs Triton's compiler)")
+        return 2
+    child = subprocess.run([sys.executable, __file__, "--record"], capture_output=True, text=True, cwd=ROOT)
+    if child.returncode != 0:
+        print(child.stderr[-3000:])
+        return 2
+    launches = json.loads(child.stdout.strip().splitlines()[-1])
+    print(f"{len(launches)} distinct launches recorded; compiling for sm_{args.arch}")
+    failures = compile_all(launches, args.arch)
+    print(f"{len(launches) - failures} compiled, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
