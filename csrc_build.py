@@ -1,4 +1,6 @@
 """Sources and compiler flags of the CUDA extension: used by setup.py and by the CPU compile test."""
+import os
+import subprocess
 from pathlib import Path
 
 
@@ -23,9 +25,50 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
               "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
 
 
+def loaded_libstdcxx() -> str | None:
+    """The libstdc++ shared library mapped into this process (torch, once imported, maps it)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "libstdc++.so" in line}
+    except OSError:
+        return None
+    return min(paths) if paths else None
+
+
+def linker_candidates() -> list[str]:
+    """The C++ compilers setuptools may link the extension with ($CXX, then Python's own CXX)."""
+    import sysconfig
+    names = [os.environ.get("CXX"), (sysconfig.get_config_var("CXX") or "").split(" ")[0], "c++"]
+    return [n for i, n in enumerate(names) if n and n not in names[:i]]
+
+
+def cxx_runtime_link_args(compilers: list[str]) -> list[str]:
+    """Link the C++ runtime that torch runs with when the compiler can only link a static one.
+
+    A compiler that ships libstdc++.a but no libstdc++.so puts a second copy of libstdc++ into the
+    extension. Its iostreams then use locale facets the process's own runtime never registered:
+    every TORCH_CHECK whose message formats a number (a shape, a stride, N) died with SIGSEGV in
+    operator<< instead of raising. Naming the loaded libstdc++.so.6 on the link line makes the
+    extension depend on it, so both share one runtime.
+    """
+    def links_shared(cxx: str) -> bool:
+        try:
+            found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                                   timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return True  # not a compiler here: nothing to fix
+        return os.path.isabs(found) and os.path.exists(found)
+
+    if all(links_shared(c) for c in compilers):
+        return []
+    lib = loaded_libstdcxx()
+    return [lib] if lib else []
+
+
 def extension_kwargs(root: Path, archs: str) -> dict:
     return dict(
         sources=sources(root),
         include_dirs=[str(root / "csrc")],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": NVCC_FLAGS + gencode_flags(archs)},
+        extra_link_args=cxx_runtime_link_args(linker_candidates()),
     )
