@@ -45,11 +45,12 @@ def linker_candidates() -> list[str]:
 def cxx_runtime_link_args(compilers: list[str]) -> list[str]:
     """Link the C++ runtime that torch runs with when the compiler can only link a static one.
 
-    A compiler that ships libstdc++.a but no libstdc++.so puts a second copy of libstdc++ into the
-    extension. Its iostreams then use locale facets the process's own runtime never registered:
-    every TORCH_CHECK whose message formats a number (a shape, a stride, N) died with SIGSEGV in
-    operator<< instead of raising. Naming the loaded libstdc++.so.6 on the link line makes the
-    extension depend on it, so both share one runtime.
+    A compiler that ships libstdc++.a but no libstdc++.so links a second, private copy of libstdc++
+    into the extension (no libstdc++.so.6 among its NEEDED libraries). Seen on a GPU machine whose
+    $CXX was such a g++: every TORCH_CHECK of the extension died with SIGSEGV inside the
+    extension's operator<< while formatting the message's numbers (a shape, a stride), instead of
+    raising. Naming the loaded libstdc++.so.6 on the link line makes the extension use the one
+    runtime of the process; all the checks then raise RuntimeError with their messages.
     """
     def links_shared(cxx: str) -> bool:
         try:

@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from csrc_build import NVCC_FLAGS  # noqa: E402
+from csrc_build import NVCC_FLAGS, cxx_runtime_link_args  # noqa: E402
 
 NVCC = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
 CU_FILES = sorted((ROOT / "csrc").rglob("*.cu"))
@@ -59,6 +59,21 @@ def test_there_are_kernels():
 
 @needs_nvcc
 @pytest.mark.timeout(120)
+def test_static_only_compiler_links_the_loaded_cxx_runtime(tmp_path):
+    """A g++ with libstdc++.a only (as on the GPU machine) would put a second C++ runtime into the
+    extension, where every TORCH_CHECK message with a number crashed: the link names torch's."""
+    import torch  # noqa: F401  (maps the libstdc++ torch runs with)
+    static_only = tmp_path / "g++"
+    static_only.write_text("#!/bin/sh\necho libstdc++.so\n")  # what g++ prints when it has no .so
+    static_only.chmod(0o755)
+    args = cxx_runtime_link_args([str(static_only)])
+    assert len(args) == 1 and Path(args[0]).name.startswith("libstdc++.so.6") and Path(args[0]).exists(), args
+    shared = tmp_path / "shared-g++"
+    shared.write_text(f"#!/bin/sh\necho {args[0]}\n")  # a compiler that links the shared runtime itself
+    shared.chmod(0o755)
+    assert cxx_runtime_link_args([str(shared)]) == []
+
+
 def test_every_cu_compiles_to_ptx(tmp_path):
     """Front end + PTX for compute_80 and compute_90 (CUDA 13; no CCCL API that CCCL 3 removed)."""
     _compile_all(tmp_path, ["-gencode", "arch=compute_80,code=compute_80", "-gencode", "arch=compute_90,code=compute_90"],
