@@ -89,18 +89,22 @@ __device__ __forceinline__ void bwd_stage(const SS2DParams &p, const SS2DSide &s
       m.sDt[e] = i < cnt ? to_f(dl[r * sd.dl_c + i]) : 0.f;
     }
   }
-  const T *up = static_cast<const T *>(sd.u) + b * sd.u_b + q;
-  const float *gp = sd.dy + int64_t(b) * p.Dm * p.L + q;
-  for (int e = tid; e < nth * TB; e += nth) {
-    const int c = e / TB, i = e - c * TB, d = d0 + c, o = c * (TB + 1) + i;
+  // A fixed position per thread (tile_lane), its channels nth / TB apart: one address each, stepped.
+  const int i = tile_lane<TB>(tid), cstep = nth / TB, c0 = tid / TB;
+  const T *up = static_cast<const T *>(sd.u) + b * sd.u_b + q + i + int64_t(d0 + c0) * sd.u_d;
+  const T *zp = dl + i + int64_t(d0 + c0) * sd.dl_c;
+  const float *gp = sd.dy + (int64_t(b) * p.Dm + d0 + c0) * p.L + q + i;
+  const int64_t su = cstep * sd.u_d, sz = cstep * sd.dl_c, sg = int64_t(cstep) * p.L;
+  for (int c = c0; c < nth; c += cstep, up += su, zp += sz, gp += sg) {
+    const int d = d0 + c, o = c * (TB + 1) + i;
     const bool on = d < p.Dm && i < cnt;
-    if (withU) m.tU[o] = on ? to_f(up[int64_t(d) * sd.u_d + i]) : 0.f;
+    if (withU) m.tU[o] = on ? to_f(*up) : 0.f;
     if (R == 0) {
-      float z = on ? to_f(dl[int64_t(d) * sd.dl_c + i]) : 0.f;
+      float z = on ? to_f(*zp) : 0.f;
       if (on && p.bias) z += p.bias[k * p.Dm + d];
       m.t0[o] = z;
     }
-    if (withG) m.t1[o] = on ? gp[int64_t(d) * p.L + i] : 0.f;
+    if (withG) m.t1[o] = on ? *gp : 0.f;
   }
 }
 
@@ -419,25 +423,30 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
         }
       }
       __syncthreads();  // du, dz tiles complete
+      // The thread's position i is fixed (tile_lane): its offsets are computed once per sub-tile and
+      // stepped across its channels (per element, the address work was most of this loop's cost).
       const bool wfirst = g.side == 0 && kk == 0;  // du's first write (row walk k = 0)
-      for (int e0 = c; e0 < nth * TB; e0 += kRmwBatchBwd * nth) {
-        float prev[kRmwBatchBwd];
+      const int i = tile_lane<TB>(c), cstep = nth / TB, nact = min(nth, p.Dm - g.d0);
+      if (i < cnt) {
+        const int64_t step = int64_t(cstep) * L;  // between the channels a thread takes
+        float *du = p.du + (int64_t(g.b) * p.Dm + g.d0 + c / TB) * L + (g.side ? orig_pos(1, q + i, p.H, p.W) : q + i);
+        float *ddl = sd.ddl + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(g.d0 + c / TB) * L + q + i;
+        const float *v0 = m.t0 + (c / TB) * (TB + 1) + i, *v1 = m.t1 + (c / TB) * (TB + 1) + i;
+        for (int c0 = c / TB; c0 < nact; c0 += kRmwBatchBwd * cstep) {
+          float prev[kRmwBatchBwd];
 #pragma unroll
-        for (int u = 0; u < kRmwBatchBwd; ++u) {  // loads first (distinct elements: no ordering needed)
-          const int e = e0 + u * nth, cc = e / TB, i = e - cc * TB, dd = g.d0 + cc;
-          const bool on = e < nth * TB && dd < p.Dm && i < cnt;
-          const int pos = g.side ? orig_pos(1, q + i, p.H, p.W) : q + i;
-          prev[u] = (on && !wfirst) ? p.du[(int64_t(g.b) * p.Dm + dd) * L + pos] : 0.f;
-        }
+          for (int u = 0; u < kRmwBatchBwd; ++u)  // loads first (distinct elements: no ordering needed)
+            prev[u] = (c0 + u * cstep < nact && !wfirst) ? du[u * step] : 0.f;
 #pragma unroll
-        for (int u = 0; u < kRmwBatchBwd; ++u) {
-          const int e = e0 + u * nth, cc = e / TB, i = e - cc * TB, dd = g.d0 + cc;
-          if (e >= nth * TB || dd >= p.Dm || i >= cnt) continue;
-          const int qq = q + i;
-          const int pos = g.side ? orig_pos(1, qq, p.H, p.W) : qq;
-          const float v = m.t0[cc * (TB + 1) + i];
-          p.du[(int64_t(g.b) * p.Dm + dd) * L + pos] = wfirst ? v : prev[u] + v;
-          if (R == 0) sd.ddl[g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(dd) * L + qq] = m.t1[cc * (TB + 1) + i];
+          for (int u = 0; u < kRmwBatchBwd; ++u) {
+            if (c0 + u * cstep >= nact) break;
+            du[u * step] = wfirst ? v0[u * cstep * (TB + 1)] : prev[u] + v0[u * cstep * (TB + 1)];
+            if (R == 0) ddl[u * step] = v1[u * cstep * (TB + 1)];
+          }
+          du += kRmwBatchBwd * step;
+          ddl += kRmwBatchBwd * step;
+          v0 += kRmwBatchBwd * cstep * (TB + 1);
+          v1 += kRmwBatchBwd * cstep * (TB + 1);
         }
       }
       if (R > 0) {  // ddt[r] = sum over the block's channels of W[k, d, r] dz

@@ -36,6 +36,16 @@ __device__ __forceinline__ int orig_pos(int k, int tt, int H, int W) {
 
 __device__ __forceinline__ float4 ld4(const float *s) { return *reinterpret_cast<const float4 *>(s); }
 
+// The position a thread takes in the (channel, position) tiles of kTile (forward) or kBwdTile
+// (backward) positions: element e = tid + j * nth of a tile is (channel e / TILE, position e % TILE),
+// and since nth is a multiple of 32 (ss2d_threads) and TILE divides 32, e % TILE == tid % TILE for
+// every j. Loops over a tile therefore step channels by nth / TILE at a fixed position.
+template <int TILE = kTile>
+__device__ __forceinline__ int tile_lane(int tid) {
+  static_assert(32 % TILE == 0, "tile_lane: the tile must divide the warp");
+  return tid & (TILE - 1);
+}
+
 // 2^x by one MUFU.EX2 with flush-to-zero: exp2f adds a range test and two multiplies per call to
 // keep results below 2^-126 as denormals, i.e. decays < 1e-38 (zero for the state either way).
 __device__ __forceinline__ float ex2(float x) {

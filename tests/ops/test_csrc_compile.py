@@ -556,24 +556,23 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                                     dbacc[cc] += dz
                             # barrier; du read-add-write in batches, ddl
                             wfirst = side == 0 and kk == 0
-                            for cc_t in range(nth):
-                                for e0 in range(cc_t, nth * _TB, 8 * nth):
+                            # each thread: a fixed position i (tile_lane), channels stepping by nth / TB
+                            cstep, nact = nth // _TB, min(nth, Dm - d0)
+                            for tid in range(nth):
+                                i = tid % _TB
+                                for c0 in range(tid // _TB, nact if i < cnt else 0, 8 * cstep):
                                     prev = []
                                     for uix in range(8):
-                                        e = e0 + uix * nth
-                                        cc, i = e // _TB, e % _TB
-                                        dd = d0 + cc
-                                        on = e < nth * _TB and dd < Dm and i < cnt
-                                        prev.append(du_out[b, dd, orig_pos(q + i, side)] if (on and not wfirst) else 0.0)
+                                        cc = c0 + uix * cstep
+                                        on = cc < nact and not wfirst
+                                        prev.append(du_out[b, d0 + cc, orig_pos(q + i, side)] if on else 0.0)
                                     for uix in range(8):
-                                        e = e0 + uix * nth
-                                        cc, i = e // _TB, e % _TB
-                                        dd = d0 + cc
-                                        if e >= nth * _TB or dd >= Dm or i >= cnt:
+                                        cc = c0 + uix * cstep
+                                        if cc >= nact:
                                             continue
                                         vv = sm[t0 + cc * (_TB + 1) + i]
-                                        du_out[b, dd, orig_pos(q + i, side)] = vv if wfirst else prev[uix] + vv
-                                        ddl[b, k, dd, orig_pos(q + i, side)] = sm[t1 + cc * (_TB + 1) + i]
+                                        du_out[b, d0 + cc, orig_pos(q + i, side)] = vv if wfirst else prev[uix] + vv
+                                        ddl[b, k, d0 + cc, orig_pos(q + i, side)] = sm[t1 + cc * (_TB + 1) + i]
                         for cc in range(nth):
                             d = d0 + cc
                             if d < Dm:
