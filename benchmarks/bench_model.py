@@ -92,14 +92,15 @@ def kernel_split(step, steps: int = 3) -> None:
     from torch.profiler import ProfilerActivity, profile
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     groups, kernels = {}, []
-    for ev in prof.key_averages():
+    events = prof.key_averages()
+    for ev in events:
         us = ev.device_time_total / steps
-        if us <= 0:
+        if us <= 0 or ev.device_type != torch.autograd.DeviceType.CUDA:  # kernels only, not the ops launching them
             continue
         name = ev.key.lower()
         group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
@@ -110,6 +111,14 @@ def kernel_split(step, steps: int = 3) -> None:
         f"{g} {us / 1e3:.1f} ms ({100 * us / total:.0f}%)" for g, us in sorted(groups.items(), key=lambda x: -x[1])))
     for us, group, name in sorted(kernels, reverse=True)[:15]:
         print(f"    {us / 1e3:8.2f} ms  {group:6s} {name}")
+    # Which PyTorch ops (and which lines of the model) launch the kernels outside the scan and the
+    # GEMMs: the "other" group's elementwise and copy kernels say nothing about their callers.
+    print("  PyTorch ops by the GPU time of their own kernels, with the model line that called them:")
+    ops = [ev for ev in prof.key_averages(group_by_stack_n=6) if ev.device_type == torch.autograd.DeviceType.CPU
+           and ev.self_device_time_total > 0 and ev.key.startswith("aten::")]
+    for ev in sorted(ops, key=lambda e: -e.self_device_time_total)[:20]:
+        where = next((f for f in ev.stack if "vmambax" in f and "bench_model" not in f), ev.stack[0] if ev.stack else "?")
+        print(f"    {ev.self_device_time_total / steps / 1e3:8.2f} ms  {ev.key:28s} {where}")
 
 
 def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int, split: bool,
