@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import vmambax_kernels as vk
-from vmambax_kernels.testing import CPU_SHAPES, scan_inputs
+from vmambax_kernels.selective_scan import reference
+from vmambax_kernels.testing import CPU_SHAPES, cast, scan_inputs
 
 CASE = CPU_SHAPES["enc_tiny"]
 
@@ -121,6 +122,39 @@ def test_reference_op_passes_opcheck():
     for a in args[:7]:
         a.requires_grad_(True)
     torch.library.opcheck(torch.ops.vmambax.selective_scan_2d_ref.default, args)
+
+
+def test_reference_backward_op_passes_opcheck():
+    # The backward is an op too (so a compiled backward does not unroll the reference's loop over L).
+    case = CPU_SHAPES["n1"]
+    inputs = scan_inputs(case, torch.float32)
+    # B and C as split views of one tensor, as the model's x_proj gives them (non-contiguous inputs)
+    B, C = torch.cat([inputs["B"], inputs["C"]], dim=2).split([case.N, case.N], dim=2)
+    saved = (inputs["u"], inputs["delta"], inputs["A"], B, C, inputs["D"], inputs["delta_bias"])
+    grad = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(1))
+    op = torch.ops.vmambax.selective_scan_2d_ref_bwd.default
+    torch.library.opcheck(op, (grad, *saved, True, torch.float32))
+    # No D or delta_bias (empty gradients); no softplus, with delta >= 0 (negative steps grow the
+    # state past float32, and NaN != NaN fails opcheck's comparison).
+    torch.library.opcheck(op, (grad, saved[0], saved[1].abs(), *saved[2:5], None, None, False, torch.float32))
+
+
+@pytest.mark.parametrize("with_D", [True, False])
+def test_reference_op_gradients_equal_the_plain_reference(with_D):
+    # Through the backward op (which differentiates selective_scan_2d_fast inside it) against autograd
+    # through the spec's loop, with some inputs not requiring grad and, without D, two inputs None.
+    inputs = cast(scan_inputs(CPU_SHAPES["dec_tiny"], torch.float64, with_D=with_D, with_bias=with_D), torch.float64)
+    wanted = {"u", "A", "C", "D"} if with_D else {"u", "delta", "B"}
+    a = {k: v.detach().clone().requires_grad_(k in wanted) if v is not None else None for k, v in inputs.items()}
+    b = {k: v.detach().clone().requires_grad_(k in wanted) if v is not None else None for k, v in inputs.items()}
+    y = vk.selective_scan_2d(**a, out_dtype=torch.float64, backend="reference")
+    y_ref = reference.selective_scan_2d(**b, out_dtype=torch.float64)
+    g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y.backward(g)
+    y_ref.backward(g)
+    for k in sorted(wanted):
+        assert a[k].grad.is_contiguous(), k
+        torch.testing.assert_close(a[k].grad, b[k].grad, rtol=1e-11, atol=1e-13, msg=f"grad {k}")
 
 
 def test_torch_compile_fullgraph_sees_the_reference_op():

@@ -5,6 +5,8 @@ Layering (flash-attention's): backend kernels -> torch.library custom ops with f
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _backend, _checks
@@ -27,6 +29,62 @@ def _(u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype):
     return u.new_empty(u.shape, dtype=out_dtype)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of a new tensor of its shape (the fake's ``new_empty``): ``contiguous()``
+    alone keeps whatever strides size-1 dimensions had, as is_contiguous() ignores them."""
+    if t.stride() != torch.empty(t.shape, device="meta").stride():
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+@contextlib.contextmanager
+def _autograd_dispatch():
+    """Grad mode with autograd's dispatch keys back on: a custom op's body runs below autograd (the
+    keys are excluded), where grad mode alone records nothing, and the backward differentiates the
+    reference with autograd."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                torch._C.DispatchKey.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+# The reference's backward is an op of its own for the same reason: traced into a compiled
+# backward graph, its loop over L unrolled (compiling a small model with Inductor ran past 4
+# minutes on an H100); as one op, the graph holds one call.
+@torch.library.custom_op("vmambax::selective_scan_2d_ref_bwd", mutates_args=())
+def _ref_bwd_op(grad: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                C: torch.Tensor, D: torch.Tensor | None, delta_bias: torch.Tensor | None, delta_softplus: bool,
+                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (du, d delta, dA, dB, dC, dD, d delta_bias) of the reference, each in its input's
+    dtype and contiguous; empty (0,) in A's dtype for an absent D or delta_bias."""
+    inputs = (u, delta, A, B, C, D, delta_bias)
+    with _autograd_dispatch():
+        leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+        y = reference.selective_scan_2d_fast(*leaves, delta_softplus, out_dtype)
+        grads = iter(torch.autograd.grad(y, [t for t in leaves if t is not None], grad))
+    # Contiguous, so the strides are the same under fake tensors and real ones: the gradient of a
+    # non-contiguous input (B, C are split views of x_proj's output) came back with strides that
+    # differed between the two, and the compiled backward's `view` of it failed (aot_eager).
+    # Each in a storage of its own: a sum over size-1 dimensions is a view (with Bt = H = W = 1,
+    # d delta_bias came back as a view of d delta), and an op's outputs may not alias.
+    taken, out = {t.untyped_storage().data_ptr() for t in (grad, *inputs) if t is not None and t.numel()}, []
+    for t in inputs:
+        g = A.new_empty(0) if t is None else _dense(next(grads))
+        if g.numel() and g.untyped_storage().data_ptr() in taken:
+            g = g.clone()
+        taken.add(g.untyped_storage().data_ptr())
+        out.append(g)
+    return tuple(out)
+
+
+@_ref_bwd_op.register_fake
+def _(grad, u, delta, A, B, C, D, delta_bias, delta_softplus, out_dtype):
+    return tuple(A.new_empty(0) if t is None else t.new_empty(t.shape) for t in (u, delta, A, B, C, D, delta_bias))
+
+
 def _ref_setup(ctx, inputs, output):
     ctx.save_for_backward(*[t if isinstance(t, torch.Tensor) else None for t in inputs[:7]])
     ctx.flags = inputs[7:]
@@ -34,17 +92,8 @@ def _ref_setup(ctx, inputs, output):
 
 def _ref_backward(ctx, grad):
     saved = ctx.saved_tensors
-    leaves = [None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in saved]
-    with torch.enable_grad():
-        y = reference.selective_scan_2d_fast(*leaves, *ctx.flags)
-        wanted = [t for t, need in zip(leaves, ctx.needs_input_grad[:7]) if t is not None and need]
-        grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True)) if wanted else iter(())
-    # Contiguous, so the strides are the same under fake tensors and real ones: the gradient of a
-    # non-contiguous input (B, C are split views of x_proj's output) came back with strides that
-    # differed between the two, and the compiled backward's `view` of it failed (aot_eager).
-    out = [next(grads).contiguous() if t is not None and need else None
-           for t, need in zip(leaves, ctx.needs_input_grad[:7])]
-    return (*out, None, None)
+    grads = _ref_bwd_op(grad, *saved, *ctx.flags)
+    return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad[:7])], None, None)
 
 
 _ref_op.register_autograd(_ref_backward, setup_context=_ref_setup)
