@@ -97,8 +97,7 @@ def kernel_split(step, steps: int = 3) -> None:
             step()
         torch.cuda.synchronize()
     groups, kernels = {}, []
-    events = prof.key_averages()
-    for ev in events:
+    for ev in prof.key_averages():
         us = ev.device_time_total / steps
         if us <= 0 or ev.device_type != torch.autograd.DeviceType.CUDA:  # kernels only, not the ops launching them
             continue
@@ -113,7 +112,8 @@ def kernel_split(step, steps: int = 3) -> None:
         print(f"    {us / 1e3:8.2f} ms  {group:6s} {name}")
     # Which PyTorch ops (and which lines of the model) launch the kernels outside the scan and the
     # GEMMs: the "other" group's elementwise and copy kernels say nothing about their callers.
-    print("  PyTorch ops by the GPU time of their own kernels, with the model line that called them:")
+    print("  PyTorch ops by the GPU time of their own kernels, with the model line that called them "
+          "('?': called from the autograd engine's thread, which has no Python stack):")
     ops = [ev for ev in prof.key_averages(group_by_stack_n=6) if ev.device_type == torch.autograd.DeviceType.CPU
            and ev.self_device_time_total > 0 and ev.key.startswith("aten::")]
     for ev in sorted(ops, key=lambda e: -e.self_device_time_total)[:20]:
