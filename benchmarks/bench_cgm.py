@@ -3,8 +3,11 @@
     python benchmarks/bench_cgm.py [--cases cgm1,cgm4] [--dtypes bf16,fp16] [--sweep] [--no-record]
 
 Module scope: forward + backward of a whole CGM (GAP, channel MLP, both spatial gates, gating)
-mirroring SPEC.md section 2, with the gate in the Triton kernels ("triton") or as the plain
-PyTorch module computes it under autocast ("torch": conv2d in the activation dtype). fwd under
+mirroring SPEC.md section 2, with the gate in the Triton kernels ("triton"), or as the plain
+PyTorch module computes it under autocast ("torch": conv2d in the activation dtype), or the model's
+own module (vmambax.models.fusion.CGM, same weights) on its fused path ("triton_module": GAP, both
+channel MLPs with BatchNorm in train mode and the gate in 3 launches forward, 3 backward;
+vmambax_kernels/cgm/module_triton.py). fwd under
 no_grad; fwdbwd with a fixed random gradient for both outputs, gradients for x and every parameter;
 fwdbwd_graph_ms the same step replayed from a CUDA graph (device time without the host's per-op
 overhead); peak_mb = extra memory of fwdbwd. floor_ms counts the bytes a fused module must move for
@@ -16,7 +19,8 @@ configurations at cgm1 first and benchmarks with the fastest.
 
 One GPU session (install, GPU tests with evidence, this benchmark), as run for the records:
     VMAMBAX_SKIP_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e . && \
-    bash benchmarks/device_run.sh --no-build --tests "-m gpu tests/ops/test_cgm_triton.py" \
+    bash benchmarks/device_run.sh --no-build \
+         --tests "-m gpu tests/ops/test_cgm_triton.py tests/ops/test_cgm_module_triton.py" \
          --bench "benchmarks/bench_cgm.py --sweep"
 """
 from __future__ import annotations
@@ -82,6 +86,26 @@ def _module_pair(C):
     fused, plain = CGM(C, True).to(DEVICE), CGM(C, False).to(DEVICE)
     plain.load_state_dict(fused.state_dict())
     return fused, plain
+
+
+def _model_module(plain):
+    """vmambax.models.fusion.CGM with ``plain``'s weights and buffers (the same order of tensors
+    under its published names), in train mode, on the fused module path."""
+    from vmambax.models.fusion import CGM as ModelCGM
+    from vmambax_kernels.cgm import module_triton
+    C = plain.spatial[0].shape[1] // 2
+    m = ModelCGM(C, backend="triton").to(DEVICE)
+    m.load_state_dict(dict(zip(m.state_dict(), plain.state_dict().values())))
+    x = torch.empty(2, C, 4, 4, device=DEVICE, dtype=torch.bfloat16)
+    why = module_triton.supported("triton", x, x, m.channel_gate_rgb, m.channel_gate_pet)
+    if why is not None:
+        raise RuntimeError(f"the fused module path would not run: {why}")
+    return m
+
+
+def _copy(module):
+    import copy
+    return copy.deepcopy(module)
 
 
 def _fwdbwd(module, xs, grads):
@@ -184,14 +208,17 @@ def bench_case(case, dtype_name, copy_tbps, env):
     Bt, C, H, W = CASES[case]
     n, e = Bt * C * H * W, torch.finfo(dtype).bits // 8
     fused, plain = _module_pair(C)
+    whole = _model_module(plain)
     xs = _inputs(case, dtype)
     grads = _inputs(case, dtype, seed=1)
     with torch.no_grad():
-        yf, yp = fused(*xs), plain(*xs)
+        # copies: a forward in train mode moves BatchNorm's running stats
+        yf, yp, yw = (_copy(m)(*xs) for m in (fused, plain, whole))
     err = max((a.float() - b.float()).abs().max().item() for a, b in zip(yf, yp))
+    err_whole = max((a.float() - b.float()).abs().max().item() for a, b in zip(yw, yp))
     fwd_floor, fwdbwd_floor = 6 * n * e / COPY_TBPS / 1e9, 12 * n * e / COPY_TBPS / 1e9
     rows = []
-    for provider, module in (("triton", fused), ("torch", plain)):
+    for provider, module in (("triton", fused), ("triton_module", whole), ("torch", plain)):
         with torch.no_grad():
             fwd = harness.time_ms(lambda: module(*xs))
         fwdbwd = harness.time_ms(_fwdbwd(module, xs, grads))
@@ -205,7 +232,8 @@ def bench_case(case, dtype_name, copy_tbps, env):
                          copy_tbps=copy_tbps, config=dict(cgm_triton.CONFIG_OVERRIDE) or "default")
         rows.append(harness.record("cgm", case, provider, dtype_name, Bt, env, fwd_ms=fwd, fwdbwd_ms=fwdbwd,
                                    peak_mb=peak, floor_ms=fwdbwd_floor, fwd_floor_ms=fwd_floor,
-                                   max_abs_diff_vs_torch=err, **extra))
+                                   max_abs_diff_vs_torch=err_whole if provider == "triton_module" else err,
+                                   **extra))
     return rows
 
 
@@ -236,17 +264,24 @@ def main(argv=None):
         if r["provider"] != "triton":
             continue
         peer = next(p for p in records if p["provider"] == "torch" and p["case"] == r["case"] and p["dtype"] == r["dtype"])
+        mod = next(p for p in records if p["provider"] == "triton_module" and p["case"] == r["case"]
+                   and p["dtype"] == r["dtype"])
         table.append(dict(case=r["case"], dtype=r["dtype"], fwd=r["fwd_ms"], torch_fwd=peer["fwd_ms"],
                           fwdbwd=r["fwdbwd_ms"], torch_fwdbwd=peer["fwdbwd_ms"],
                           speedup=harness.ratio(r["fwdbwd_ms"], peer["fwdbwd_ms"]),
+                          mod_fwd=mod["fwd_ms"], mod_fwdbwd=mod["fwdbwd_ms"],
+                          mod_speedup=harness.ratio(mod["fwdbwd_ms"], peer["fwdbwd_ms"]),
                           graph=r["fwdbwd_graph_ms"], torch_graph=peer["fwdbwd_graph_ms"],
                           graph_speedup=harness.ratio(r["fwdbwd_graph_ms"], peer["fwdbwd_graph_ms"]),
+                          mod_graph=mod["fwdbwd_graph_ms"],
+                          mod_graph_speedup=harness.ratio(mod["fwdbwd_graph_ms"], peer["fwdbwd_graph_ms"]),
                           floor=r["floor_ms"],
                           vs_floor=harness.ratio(r["floor_ms"], r["fwdbwd_ms"]),
                           k_fwd=r["kernel_fwd_ms"], k_bwd=r["kernel_bwd_ms"],
                           bw_fwd=f"{100 * r['kernel_fwd_tbps'] / copy_tbps:.0f}%",
                           bw_bwd=f"{100 * r['kernel_bwd_tbps'] / copy_tbps:.0f}%",
-                          mb=r["peak_mb"], torch_mb=peer["peak_mb"], diff=r["max_abs_diff_vs_torch"]))
+                          mb=r["peak_mb"], mod_mb=mod["peak_mb"], torch_mb=peer["peak_mb"],
+                          diff=r["max_abs_diff_vs_torch"], mod_diff=mod["max_abs_diff_vs_torch"]))
     cols = [(k, k) for k in table[0]] if table else []
     harness.print_table(table, cols, title=f"CGM module fwd/fwdbwd (ms), kernels alone (ms, % of the "
                                            f"measured copy bandwidth {copy_tbps:.2f} TB/s), {env['gpu']}")

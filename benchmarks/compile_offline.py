@@ -59,11 +59,14 @@ def record() -> list[dict]:
     ti.InterpretedFunction.run = run
     sys.path.insert(0, ROOT)
     import vmambax_kernels as vk
+    from vmambax.models.fusion import CGM
+    from vmambax_kernels.cgm import module_triton as cgm_module
     from vmambax_kernels.cgm import triton as cgm_triton
     from vmambax_kernels.selective_scan import triton as scan_triton
     from vmambax_kernels.testing import ScanCase, scan_inputs
     for mod in (scan_triton, cgm_triton):
         mod.interpreting = lambda: False        # the GPU's configuration (block sizes, grids)
+    cgm_module.interpreting = lambda: False
     scan_triton._check = lambda *args, **kwargs: None   # it refuses CPU tensors outside the interpreter
 
     def backward(y, leaves):
@@ -95,6 +98,14 @@ def record() -> list[dict]:
             leaves = [v.requires_grad_(True) for v in x.values() if isinstance(v, torch.Tensor)]
             ys = vk.cgm_gate(**x, residual=residual, backend="triton")
             backward(sum(y.float().sum() for y in ys), leaves)
+    # the fused CGM module (cgm/module_triton.py): plane sums, channel MLPs, the gate with dp
+    for dtype in (torch.float32, torch.bfloat16):
+        for training in (True, False):
+            C = 96 if dtype == torch.float32 else 768      # hidden 32 and 192 (cgm1, cgm4)
+            m = CGM(C, backend="triton").train(training)
+            xs = [torch.randn(2, C, 8, 8).to(dtype).requires_grad_() for _ in range(2)]
+            assert cgm_module.supported("triton", *xs, m.channel_gate_rgb, m.channel_gate_pet) is None
+            backward(sum(y.float().sum() for y in m(*xs)), xs)
     return launches
 
 

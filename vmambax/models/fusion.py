@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vmambax_kernels import cgm_gate
+from vmambax_kernels.cgm import module_triton as cgm_module_triton
 from vmambax_kernels.modules import SS2D
 
 WINDOW = 4  # DCIM windows are 4x4 positions ("visual words") of each stage's map
@@ -27,6 +28,9 @@ class CGM(nn.Module):
 
     forward(x_ct, x_pet) with (Bt, C, H, W) each -> (y_ct, y_pet), same shapes.
     The channel MLP runs in PyTorch; both spatial 3x3 gates and the gating run in ``cgm_gate``.
+    When the gate runs on Triton, the whole module runs in Triton launches instead
+    (``vmambax_kernels.cgm.module_triton``: same parameters, buffers and results by STYLE.md's
+    rule), except for SyncBatchNorm and the other cases its ``supported`` names.
     ``*_rgb`` names are the published ones for the CT branch.
     """
 
@@ -48,6 +52,13 @@ class CGM(nn.Module):
             raise ValueError("batch: CGM's channel gate has a BatchNorm over pooled features, so training "
                              "needs at least 2 samples per device (or SyncBatchNorm across devices); "
                              f"got batch size {x_ct.shape[0]}")
+        if cgm_module_triton.supported(self.backend, x_ct, x_pet, self.channel_gate_rgb,
+                                       self.channel_gate_pet) is None:
+            # the whole module as one autograd node, 3 launches each way (the PyTorch MLPs below
+            # are 38 ATen ops per forward + backward: host-bound at every stage size)
+            return cgm_module_triton.cgm_module(x_ct, x_pet, self.channel_gate_rgb, self.channel_gate_pet,
+                                                self.spatial_gate_rgb[0].weight, self.spatial_gate_pet[0].weight,
+                                                self.residual)
         p_ct, p_pet = x_ct.mean((2, 3), keepdim=True), x_pet.mean((2, 3), keepdim=True)  # (Bt, C, 1, 1)
         # each gate sees cat([other, self]), so GAP(cat) = cat of the two pooled means
         c_ct = torch.sigmoid(self.channel_gate_rgb(torch.cat([p_pet, p_ct], 1))).flatten(1)   # (Bt, C)

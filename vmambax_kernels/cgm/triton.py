@@ -259,19 +259,18 @@ def _row_dz(g_ptr, x_ptr, s_plane, c_ptr, b, r, C, H, W, wcol, in_cols,
 
 
 def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr,
-                    dxa_ptr, dxb_ptr, dc_ptr, dw_ptr,
+                    dxa_ptr, dxb_ptr, dc_ptr, dw_ptr, dp_ptr,
                     C, H, W, n_strips, n_ct, LO, SR,
                     sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
                     sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
                     sda_b, sda_c, sda_h, sda_w, sdb_b, sdb_c, sdb_h, sdb_w,
                     sca_b, sca_c, scb_b, scb_c,
                     swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
-                    RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr,
+                    RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr, HAS_DP: constexpr,
                     TWP: constexpr, BC: constexpr):
     pid = tl.program_id(0)
     b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP)
     s_plane = s_ptr + b.to(tl.int64) * 2 * H * W
-    dc_prog = dc_ptr + pid.to(tl.int64) * 2 * C          # this program's partial dc, [2, C]
     dw_prog = dw_ptr + pid.to(tl.int64) * 2 * 2 * C * 9  # its partial dW, [2 (map), 2C, 9]
     i = tl.arange(0, TWP)
     j = tl.arange(0, 32)
@@ -333,7 +332,15 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                     gate += 1.0
                 w0, w1, w2 = _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
                                     MOD, True)
-                dx = _mm(dz0, dz1, dz2, w0, w1, w2, gy * gate, False, X_EXACT)
+                dx_gate = gy * gate
+                if HAS_DP:
+                    # the channel MLP's input gradient through GAP (fused module): dp (Bt, 2, 2C),
+                    # [b, mlp, k] already / (H W); X_MOD is input half 1 of its own MLP, 0 of the other
+                    dpb = dp_ptr + b.to(tl.int64) * 4 * C
+                    dpv = tl.load(dpb + MOD * 2 * C + C + ch, mask=mc, other=0.0)
+                    dpv += tl.load(dpb + (1 - MOD) * 2 * C + ch, mask=mc, other=0.0)
+                    dx_gate += dpv[None, :]
+                dx = _mm(dz0, dz1, dz2, w0, w1, w2, dx_gate, False, X_EXACT)
                 dx = _round_bf16(dx, dxa_ptr, INTERP)
                 tl.store(drow + ch[None, :] * dcs + wcol[:, None] * dws, dx.to(dxa_ptr.dtype.element_ty), mask=msk)
                 x0, x1, x2 = _split(tl.trans(x), X_EXACT)
@@ -344,9 +351,10 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                 mw = mc[:, None] & ok_j
                 # partial sums owned by this program, started by its first row (no zero fill)
                 tl.store(w_ptrs, tl.load(w_ptrs, mask=mw & not_first, other=0.0) + dw, mask=mw)
-                c_ptrs = dc_prog + MOD * C + ch
-                dc = tl.sum(gy * x * s_m[:, None], axis=0)
-                tl.store(c_ptrs, tl.load(c_ptrs, mask=mc & not_first, other=0.0) + dc, mask=mc)
+                if not HAS_DP:  # with dp, the caller reduced dc beforehand (its MLP gave dp)
+                    c_ptrs = dc_ptr + pid.to(tl.int64) * 2 * C + MOD * C + ch  # this program's [2, C]
+                    dc = tl.sum(gy * x * s_m[:, None], axis=0)
+                    tl.store(c_ptrs, tl.load(c_ptrs, mask=mc & not_first, other=0.0) + dc, mask=mc)
         p0, p1, q0, q1 = q0, q1, n0, n1
         tl.debug_barrier()  # the partial sums' read-modify-writes of this row are done
 
@@ -426,7 +434,11 @@ def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
     return ya, yb, s
 
 
-def _backward(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual):
+def _backward_launch(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual, dp=None):
+    """The backward kernel: (dx_ct, dx_pet, dc partials (nprog, 2, C) or None, dW partials
+    (nprog, 2, 2C, 9)). With ``dp`` (Bt, 2, 2C) fp32, the fused CGM module's gradient through
+    GAP, ``dp[b, 0, C + c] + dp[b, 1, c]`` is added to dx_ct[b, c] (and the mirror to dx_pet),
+    and dc, which that caller reduced beforehand, is not computed."""
     k = _kernels()
     Bt, C, H, W = x_ct.shape
     cfg = _config("bwd", Bt, C, H, W, x_ct.device)
@@ -434,16 +446,23 @@ def _backward(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual):
     ga, gb = g_ct.to(x_ct.dtype), g_pet.to(x_pet.dtype)
     dxa, dxb = torch.empty_like(x_ct), torch.empty_like(x_pet)
     nprog = cfg["grid"][0]
-    dc = torch.empty((nprog, 2, C), dtype=torch.float32, device=dev)
+    dc = None if dp is not None else torch.empty((nprog, 2, C), dtype=torch.float32, device=dev)
     dw = torch.empty((nprog, 2, 2 * C, 9), dtype=torch.float32, device=dev)
     k["_cgm_bwd_kernel"][cfg["grid"]](
-        ga, gb, x_ct, x_pet, s, c_ct, c_pet, w_ct, w_pet, dxa, dxb, dc, dw,
+        ga, gb, x_ct, x_pet, s, c_ct, c_pet, w_ct, w_pet, dxa, dxb, dc, dw, dp,
         C, H, W, cfg["n_strips"], cfg["n_ct"], int(cfg["n_ct"] > 1), cfg["SR"],
         *ga.stride(), *gb.stride(), *x_ct.stride(), *x_pet.stride(), *dxa.stride(), *dxb.stride(),
         *c_ct.stride(), *c_pet.stride(), *w_ct.stride()[1:], *w_pet.stride()[1:],
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
-        TWP=cfg["TWP"], BC=cfg["BC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    dc = dc.view(Bt, nprog // Bt, 2, C).sum(1)
+        HAS_DP=dp is not None, TWP=cfg["TWP"], BC=cfg["BC"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return dxa, dxb, dc, dw
+
+
+def _backward(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual):
+    dxa, dxb, dc, dw = _backward_launch(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual)
+    Bt, C = x_ct.shape[:2]
+    dc = dc.view(Bt, -1, 2, C).sum(1)
     dw = dw.sum(0)
     return (dxa, dxb, dc[:, 0].to(c_ct.dtype, copy=True), dc[:, 1].to(c_pet.dtype, copy=True),
             dw[0].view(w_ct.shape).to(w_ct.dtype, copy=True), dw[1].view(w_pet.shape).to(w_pet.dtype, copy=True))

@@ -1,0 +1,416 @@
+"""The whole CGM module in Triton launches: GAP of both inputs, both channel MLPs (conv1x1, BatchNorm
+in train or eval mode, GELU, conv1x1, sigmoid) and the gate (``cgm_gate``'s kernels), forward and
+backward, as one autograd node.
+
+The plain module spends its time on the host: with the gate kernels, one forward + backward is
+still 38 small ATen ops and 17 autograd nodes (benchmarks/count_cgm_ops.py), 2.6-4.1 ms eager
+against 0.46-1.9 ms of device time on an H100 (benchmarks/NOTES.md, "CGM kernel"). Here a
+forward is three launches (plane sums, MLP, gate) and a backward three (plane sums of dy x s, MLP
+backward, gate backward), in one autograd node.
+
+  forward:  P[b, m, c, :]  = partial sums over H W of x_m            (_plane_sums_kernel)
+            c_m = sigmoid(W2 GELU(BN(W1 cat(p_other, p_m))) + b2)     (_mlp_fwd_kernel, one
+            program per MLP: Bt x hidden fits one program, so BatchNorm's batch statistics and
+            the running-stat update need no second pass)
+            y = cgm_gate kernels                                      (triton._forward)
+  backward: G[b, m, c, :] = partial sums over H W of dy_m x_m s_m = dc (_plane_sums_kernel)
+            every MLP gradient, and dp = dL/dGAP / (H W)              (_mlp_bwd_kernel)
+            dx = gate's dx + dp, in the gate's backward kernel        (triton._backward_launch)
+
+dc is reduced in its own pass, not inside the gate's backward, because dx needs dp, which needs
+dc over the whole plane; the pass reads dy and x once, the bytes the autograd path spends adding
+the GAP gradient to dx afterwards, and leaves dx rounded once.
+
+Math in fp32 (the MLP's matrix products in IEEE fp32, no tf32); the running stats follow
+``nn.BatchNorm2d`` (momentum update, unbiased variance, ``num_batches_tracked`` + 1).
+The module falls back to PyTorch (``supported`` says why) for SyncBatchNorm, momentum=None, no
+affine or no running stats, non-fp32 parameters, and under torch.compile.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import triton as gate
+from .. import _backend
+from .._triton_env import interpreting
+
+# triton.language and its constexpr, bound by _kernels() on first use (as in .triton)
+tl = constexpr = None
+
+
+def _pooled(P_ptr, rb, mb, k, mk, C, NS, inv_hw, MOD: constexpr):
+    """cat([p_other, p_MOD])[b, k] for rows rb and input channels k: (BB, BK) from the partial
+    sums P (Bt, 2, C, NS)."""
+    src = tl.where(k < C, 1 - MOD, MOD)
+    ch = tl.where(k < C, k, k - C)
+    base = P_ptr + ((rb[:, None] * 2 + src[None, :]) * C + ch[None, :]) * NS
+    msk = mb[:, None] & mk[None, :]
+    f = tl.load(base, mask=msk, other=0.0)
+    for sp in range(1, NS):
+        f += tl.load(base + sp, mask=msk, other=0.0)
+    return f * inv_hw
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+def _plane_sums_kernel(xa_ptr, xb_ptr, ga_ptr, gb_ptr, s_ptr, out_ptr, C, H, W, NS, PCH,
+                       sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                       sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
+                       GRAD: constexpr, FLAT: constexpr, BC: constexpr, BP: constexpr):
+    """out[b, m, c, sp] = sum over pixels [sp PCH, (sp + 1) PCH) of x_m (GRAD: of dy_m x_m s_m).
+    FLAT: every tensor's (h, w) strides merge into one pixel stride (s_h = W s_w), so the pixel
+    offset needs no division."""
+    b = tl.program_id(0)
+    ch = tl.program_id(1) * BC + tl.arange(0, BC)
+    sp = tl.program_id(2)
+    mc = ch < C
+    HW = H * W
+    p_end = tl.minimum(sp * PCH + PCH, HW)
+    for MOD in tl.static_range(2):
+        if MOD == 0:
+            xbase = xa_ptr + b.to(tl.int64) * sxa_b
+            gbase = ga_ptr + b.to(tl.int64) * sga_b
+            sc, sh, sw, gc, gh, gw = sxa_c, sxa_h, sxa_w, sga_c, sga_h, sga_w
+        else:
+            xbase = xb_ptr + b.to(tl.int64) * sxb_b
+            gbase = gb_ptr + b.to(tl.int64) * sgb_b
+            sc, sh, sw, gc, gh, gw = sxb_c, sxb_h, sxb_w, sgb_c, sgb_h, sgb_w
+        acc = tl.zeros((BC, BP), dtype=tl.float32)
+        for p0 in range(sp * PCH, p_end, BP):
+            p = p0 + tl.arange(0, BP)
+            mp = p < p_end
+            if FLAT:
+                px = p * sw
+                pg = p * gw
+            else:
+                px = (p // W) * sh + (p % W) * sw
+                pg = (p // W) * gh + (p % W) * gw
+            msk = mc[:, None] & mp[None, :]
+            v = tl.load(xbase + ch[:, None] * sc + px[None, :], mask=msk, other=0.0).to(tl.float32)
+            if GRAD:
+                g = tl.load(gbase + ch[:, None] * gc + pg[None, :], mask=msk, other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + (b.to(tl.int64) * 2 + MOD) * HW + p, mask=mp, other=0.0)
+                v = v * g * s[None, :]
+            acc += v
+        tl.store(out_ptr + ((b * 2 + MOD) * C + ch) * NS + sp, tl.sum(acc, axis=1), mask=mc)
+
+
+def _mlp_fwd_one(P_ptr, c_ptr, h_ptr, st_ptr, w1_ptr, sw1_o, sw1_i, gam_ptr, bet_ptr, w2_ptr, sw2_o, sw2_i,
+                 b2_ptr, rm_ptr, rv_ptr, nbt_ptr, Bt, C, HID, NS, inv_hw, momentum, eps, unbias,
+                 MOD: constexpr, TRAIN: constexpr, BB: constexpr, BH: constexpr, BK: constexpr,
+                 BC2: constexpr):
+    rb = tl.arange(0, BB)
+    mb = rb < Bt
+    j = tl.arange(0, BH)
+    mj = j < HID
+    h = tl.zeros((BB, BH), dtype=tl.float32)
+    for k0 in range(0, 2 * C, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = k < 2 * C
+        f = _pooled(P_ptr, rb, mb, k, mk, C, NS, inv_hw, MOD)
+        w1t = tl.load(w1_ptr + j[None, :] * sw1_o + k[:, None] * sw1_i, mask=mk[:, None] & mj[None, :], other=0.0)
+        h += tl.dot(f, w1t, input_precision="ieee")
+    rm = tl.load(rm_ptr + j, mask=mj, other=0.0)
+    rv = tl.load(rv_ptr + j, mask=mj, other=1.0)
+    if TRAIN:
+        mean = tl.sum(tl.where(mb[:, None], h, 0.0), axis=0) / Bt
+        d = tl.where(mb[:, None], h - mean[None, :], 0.0)
+        var = tl.sum(d * d, axis=0) / Bt
+        tl.store(rm_ptr + j, (1.0 - momentum) * rm + momentum * mean, mask=mj)
+        tl.store(rv_ptr + j, (1.0 - momentum) * rv + momentum * (var * unbias), mask=mj)
+        tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+    else:
+        mean = rm
+        var = rv
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    gam = tl.load(gam_ptr + j, mask=mj, other=0.0)
+    bet = tl.load(bet_ptr + j, mask=mj, other=0.0)
+    a = _gelu((h - mean[None, :]) * (rstd * gam)[None, :] + bet[None, :])
+    a = tl.where(mb[:, None] & mj[None, :], a, 0.0)
+    # saved for the backward: h before BN (Bt, 2, HID), mean and rstd (2, 2, HID)
+    tl.store(h_ptr + (rb[:, None] * 2 + MOD) * HID + j[None, :], h, mask=mb[:, None] & mj[None, :])
+    tl.store(st_ptr + MOD * 2 * HID + j, mean, mask=mj)
+    tl.store(st_ptr + (MOD * 2 + 1) * HID + j, rstd, mask=mj)
+    for c0 in range(0, C, BC2):
+        cc = c0 + tl.arange(0, BC2)
+        mc = cc < C
+        w2t = tl.load(w2_ptr + cc[None, :] * sw2_o + j[:, None] * sw2_i, mask=mj[:, None] & mc[None, :], other=0.0)
+        o = tl.dot(a, w2t, input_precision="ieee") + tl.load(b2_ptr + cc, mask=mc, other=0.0)[None, :]
+        tl.store(c_ptr + (rb[:, None] * 2 + MOD) * C + cc[None, :], tl.sigmoid(o), mask=mb[:, None] & mc[None, :])
+
+
+def _mlp_fwd_kernel(P_ptr, c_ptr, h_ptr, st_ptr,
+                    w1a_ptr, gama_ptr, beta_ptr, w2a_ptr, b2a_ptr, rma_ptr, rva_ptr, nba_ptr,
+                    w1b_ptr, gamb_ptr, betb_ptr, w2b_ptr, b2b_ptr, rmb_ptr, rvb_ptr, nbb_ptr,
+                    Bt, C, HID, NS, inv_hw, momentum, eps, unbias,
+                    TRAIN: constexpr, BB: constexpr, BH: constexpr, BK: constexpr, BC2: constexpr):
+    """Program m runs MLP m (0: CT's gate on cat(p_pet, p_ct), 1: PET's on cat(p_ct, p_pet));
+    the weights are contiguous conv weights: W1 (HID, 2C), W2 (C, HID)."""
+    if tl.program_id(0) == 0:
+        _mlp_fwd_one(P_ptr, c_ptr, h_ptr, st_ptr, w1a_ptr, 2 * C, 1, gama_ptr, beta_ptr, w2a_ptr, HID, 1,
+                     b2a_ptr, rma_ptr, rva_ptr, nba_ptr, Bt, C, HID, NS, inv_hw, momentum, eps, unbias,
+                     0, TRAIN, BB, BH, BK, BC2)
+    else:
+        _mlp_fwd_one(P_ptr, c_ptr, h_ptr, st_ptr, w1b_ptr, 2 * C, 1, gamb_ptr, betb_ptr, w2b_ptr, HID, 1,
+                     b2b_ptr, rmb_ptr, rvb_ptr, nbb_ptr, Bt, C, HID, NS, inv_hw, momentum, eps, unbias,
+                     1, TRAIN, BB, BH, BK, BC2)
+
+
+def _mlp_bwd_one(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr, w1_ptr, gam_ptr, bet_ptr, w2_ptr,
+                 dw1_ptr, dgam_ptr, dbet_ptr, dw2_ptr, db2_ptr, Bt, C, HID, inv_hw,
+                 MOD: constexpr, TRAIN: constexpr, BB: constexpr, BH: constexpr, BK: constexpr,
+                 BC2: constexpr):
+    rb = tl.arange(0, BB)
+    mb = rb < Bt
+    j = tl.arange(0, BH)
+    mj = j < HID
+    ok = mb[:, None] & mj[None, :]
+    h = tl.load(h_ptr + (rb[:, None] * 2 + MOD) * HID + j[None, :], mask=ok, other=0.0)
+    mean = tl.load(st_ptr + MOD * 2 * HID + j, mask=mj, other=0.0)
+    rstd = tl.load(st_ptr + (MOD * 2 + 1) * HID + j, mask=mj, other=0.0)
+    gam = tl.load(gam_ptr + j, mask=mj, other=0.0)
+    bet = tl.load(bet_ptr + j, mask=mj, other=0.0)
+    xhat = tl.where(ok, (h - mean[None, :]) * rstd[None, :], 0.0)
+    hn = xhat * gam[None, :] + bet[None, :]
+    a = tl.where(ok, _gelu(hn), 0.0)
+    da = tl.zeros((BB, BH), dtype=tl.float32)
+    for c0 in range(0, C, BC2):
+        cc = c0 + tl.arange(0, BC2)
+        mc = cc < C
+        mbc = mb[:, None] & mc[None, :]
+        gbase = G_ptr + ((rb[:, None] * 2 + MOD) * C + cc[None, :]) * NSG
+        dc = tl.load(gbase, mask=mbc, other=0.0)
+        for sp in range(1, NSG):
+            dc += tl.load(gbase + sp, mask=mbc, other=0.0)
+        cv = tl.load(c_ptr + (rb[:, None] * 2 + MOD) * C + cc[None, :], mask=mbc, other=0.0)
+        dl = dc * cv * (1.0 - cv)                                            # (BB, BC2)
+        w2 = tl.load(w2_ptr + cc[:, None] * HID + j[None, :], mask=mc[:, None] & mj[None, :], other=0.0)
+        da += tl.dot(dl, w2, input_precision="ieee")
+        dw2 = tl.dot(tl.trans(dl), a, input_precision="ieee")               # (BC2, BH)
+        tl.store(dw2_ptr + cc[:, None] * HID + j[None, :], dw2, mask=mc[:, None] & mj[None, :])
+        tl.store(db2_ptr + cc, tl.sum(dl, axis=0), mask=mc)
+    # GELU (erf form): d/dx = Phi(x) + x phi(x)
+    dgelu = 0.5 * (1.0 + tl.math.erf(hn * 0.7071067811865476)) + hn * tl.exp(-0.5 * hn * hn) * 0.3989422804014327
+    dhn = tl.where(ok, da * dgelu, 0.0)
+    tl.store(dbet_ptr + j, tl.sum(dhn, axis=0), mask=mj)
+    tl.store(dgam_ptr + j, tl.sum(dhn * xhat, axis=0), mask=mj)
+    dxh = dhn * gam[None, :]
+    if TRAIN:
+        mdx = tl.sum(dxh, axis=0) / Bt
+        mdxx = tl.sum(dxh * xhat, axis=0) / Bt
+        dh = rstd[None, :] * (dxh - mdx[None, :] - xhat * mdxx[None, :])
+    else:
+        dh = dxh * rstd[None, :]
+    dh = tl.where(ok, dh, 0.0)
+    for k0 in range(0, 2 * C, BK):
+        k = k0 + tl.arange(0, BK)
+        mk = k < 2 * C
+        f = _pooled(P_ptr, rb, mb, k, mk, C, NS, inv_hw, MOD)
+        dw1 = tl.dot(tl.trans(dh), f, input_precision="ieee")               # (BH, BK)
+        tl.store(dw1_ptr + j[:, None] * 2 * C + k[None, :], dw1, mask=mj[:, None] & mk[None, :])
+        w1 = tl.load(w1_ptr + j[:, None] * 2 * C + k[None, :], mask=mj[:, None] & mk[None, :], other=0.0)
+        df = tl.dot(dh, w1, input_precision="ieee") * inv_hw                 # (BB, BK)
+        tl.store(dF_ptr + (rb[:, None] * 2 + MOD) * 2 * C + k[None, :], df, mask=mb[:, None] & mk[None, :])
+
+
+def _mlp_bwd_kernel(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr,
+                    w1a_ptr, gama_ptr, beta_ptr, w2a_ptr, w1b_ptr, gamb_ptr, betb_ptr, w2b_ptr,
+                    dw1a_ptr, dgama_ptr, dbeta_ptr, dw2a_ptr, db2a_ptr,
+                    dw1b_ptr, dgamb_ptr, dbetb_ptr, dw2b_ptr, db2b_ptr,
+                    Bt, C, HID, inv_hw,
+                    TRAIN: constexpr, BB: constexpr, BH: constexpr, BK: constexpr, BC2: constexpr):
+    """Program m: every gradient of MLP m from dc = G summed over its NSG partials, and
+    dF[b, m, k] = dL/d cat(...)[b, k] / (H W) for the gate's backward to add to dx."""
+    if tl.program_id(0) == 0:
+        _mlp_bwd_one(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr, w1a_ptr, gama_ptr, beta_ptr, w2a_ptr,
+                     dw1a_ptr, dgama_ptr, dbeta_ptr, dw2a_ptr, db2a_ptr, Bt, C, HID, inv_hw,
+                     0, TRAIN, BB, BH, BK, BC2)
+    else:
+        _mlp_bwd_one(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr, w1b_ptr, gamb_ptr, betb_ptr, w2b_ptr,
+                     dw1b_ptr, dgamb_ptr, dbetb_ptr, dw2b_ptr, db2b_ptr, Bt, C, HID, inv_hw,
+                     1, TRAIN, BB, BH, BK, BC2)
+
+
+_HELPERS = ("_pooled", "_gelu", "_mlp_fwd_one", "_mlp_bwd_one")
+_KERNELS = ("_plane_sums_kernel", "_mlp_fwd_kernel", "_mlp_bwd_kernel")
+_built: dict = {}
+
+
+def _kernels() -> dict:
+    if not _built:
+        gate._kernels()  # binds Triton and fixes the interpreter's index first
+        import triton
+        g = globals()
+        g["tl"], g["constexpr"] = triton.language, triton.language.constexpr
+        for name in _HELPERS + _KERNELS:
+            g[name] = triton.jit(g[name])
+            _built[name] = g[name]
+    return _built
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+# Not yet timed on a GPU: plane sums with 4 programs per SM (a pure read stream), tiles of
+# 16 channels x 128 pixels, 4 warps (ptxas sm_90: 212 registers for the fp32 dy x s sum with
+# 256-pixel tiles and a division per pixel); the MLP is 2 programs of 8 warps.
+_SUMS = dict(BC=16, BP=128, num_warps=4, programs_per_sm=4)
+_MLP = dict(BK=32, BC2=32, num_warps=8)
+MAX_BB_BH = 64 * 256  # the MLP keeps (Bt, hidden) in one program's registers
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _sums_config(Bt, C, H, W, device):
+    HW = H * W
+    bc = min(_SUMS["BC"], max(2, _pow2(C)))
+    n_cb = -(-C // bc)
+    if interpreting():  # tests: small tiles, two pixel splits, so the partial sums are tested
+        bp = 16
+        ns = min(2, -(-HW // bp))
+    else:
+        bp = min(_SUMS["BP"], max(16, _pow2(HW)))
+        if device.type == "cuda":
+            if device not in gate._SMS:
+                gate._SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+            slots = gate._SMS[device] * _SUMS["programs_per_sm"]
+        else:
+            slots = 4  # compile_offline.py records the GPU's launches on CPU tensors
+        ns = max(1, min(-(-HW // bp), round(slots / (Bt * n_cb))))
+    pch = -(-HW // ns)
+    pch = -(-pch // bp) * bp                  # whole BP tiles per split
+    ns = -(-HW // pch)
+    return dict(BC=bc, BP=bp, NS=ns, PCH=pch, grid=(Bt, n_cb, ns), num_warps=_SUMS["num_warps"])
+
+
+def _plane_sums(x_ct, x_pet, g_ct=None, g_pet=None, s=None):
+    k = _kernels()
+    Bt, C, H, W = x_ct.shape
+    cfg = _sums_config(Bt, C, H, W, x_ct.device)
+    out = torch.empty((Bt, 2, C, cfg["NS"]), dtype=torch.float32, device=x_ct.device)
+    grad = g_ct is not None
+    ga, gb = (g_ct, g_pet) if grad else (x_ct, x_pet)
+    k["_plane_sums_kernel"][cfg["grid"]](
+        x_ct, x_pet, ga, gb, s if grad else x_ct, out, C, H, W, cfg["NS"], cfg["PCH"],
+        *x_ct.stride(), *x_pet.stride(), *ga.stride(), *gb.stride(),
+        GRAD=grad, FLAT=all(t.stride(2) == W * t.stride(3) for t in (x_ct, x_pet, ga, gb)),
+        BC=cfg["BC"], BP=cfg["BP"], num_warps=cfg["num_warps"])
+    return out
+
+
+def _mlp_meta(Bt, C, HID):
+    bb, bh = max(16, _pow2(Bt)), max(16, _pow2(HID))
+    # ptxas sm_90, 8 warps: the backward at BB 16 x BH 256 (cgm4) took 255 registers + 144 B of
+    # spills, with 16 warps 128 + 56 B (fwd: 128 + 0 -> 64 + 0), so tiles of 16 x 256 and more get 16
+    return dict(BB=bb, BH=bh, BK=_MLP["BK"], BC2=_MLP["BC2"],
+                num_warps=_MLP["num_warps"] * (2 if bb * bh >= 16 * 256 else 1))
+
+
+def supported(backend, x_ct, x_pet, mlp_ct: nn.Sequential, mlp_pet: nn.Sequential) -> str | None:
+    """None when ``cgm_module`` can run CGM on these inputs with these MLPs and the gate's
+    ``backend`` resolves to Triton; else why not (the module then runs its PyTorch path, which
+    also raises the errors of bad inputs)."""
+    if torch.compiler.is_compiling():
+        return "under torch.compile (Inductor fuses the PyTorch path; the gate's ops are registered)"
+    if not (isinstance(x_ct, torch.Tensor) and isinstance(x_pet, torch.Tensor) and x_ct.dim() == 4
+            and x_pet.shape == x_ct.shape and x_pet.dtype == x_ct.dtype and x_pet.device == x_ct.device
+            and x_ct.numel() > 0 and x_ct.dtype in gate._DTYPES):
+        return "inputs the gate's checks refuse, or float64"
+    try:
+        if _backend.resolve("cgm_gate", backend, x_ct.device) is not gate:
+            return "the gate's backend is not Triton"
+    except (RuntimeError, ValueError) as exc:
+        return str(exc)
+    Bt, C = x_ct.shape[:2]
+    (a1, abn, agelu, a2), (b1, bbn, bgelu, b2) = mlp_ct, mlp_pet
+    hid = a1.weight.shape[0]
+    for bn in (abn, bbn):
+        if type(bn) is not nn.BatchNorm2d:
+            return f"{type(bn).__name__} (only nn.BatchNorm2d; SyncBatchNorm reduces across devices)"
+        if not (bn.affine and bn.track_running_stats) or bn.momentum is None:
+            return "BatchNorm without affine, running stats or a momentum"
+    if (abn.momentum, abn.eps, abn.training) != (bbn.momentum, bbn.eps, bbn.training):
+        return "the two BatchNorms differ in momentum, eps or mode"
+    for g in (agelu, bgelu):
+        if type(g) is not nn.GELU or g.approximate != "none":
+            return "not the exact GELU"
+    for conv1, bn, conv2 in ((a1, abn, a2), (b1, bbn, b2)):
+        tensors = (conv1.weight, bn.weight, bn.bias, conv2.weight, conv2.bias, bn.running_mean, bn.running_var)
+        if any(t is None or t.dtype != torch.float32 or not t.is_contiguous() or t.device != x_ct.device
+               for t in tensors):
+            return "MLP parameters not contiguous float32 on the activations' device"
+        if conv1.weight.shape != (hid, 2 * C, 1, 1) or conv2.weight.shape != (C, hid, 1, 1) or conv1.bias is not None:
+            return "not the CGM channel MLP's shapes"
+    if max(16, _pow2(Bt)) * max(16, _pow2(hid)) > MAX_BB_BH:
+        return f"batch {Bt} x hidden {hid} exceeds one program's registers ({MAX_BB_BH})"
+    return None
+
+
+class _FusedCGM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ct, x_pet, w_ct, w_pet, w1a, ga, ba, w2a, b2a, w1b, gb, bb, w2b, b2b,
+                bufs, training, momentum, eps, residual):
+        k = _kernels()
+        Bt, C, H, W = x_ct.shape
+        HID = w1a.shape[0]
+        dev = x_ct.device
+        P = _plane_sums(x_ct, x_pet)
+        c = torch.empty((Bt, 2, C), dtype=torch.float32, device=dev)
+        hsv = torch.empty((Bt, 2, HID), dtype=torch.float32, device=dev)
+        st = torch.empty((2, 2, HID), dtype=torch.float32, device=dev)
+        meta = _mlp_meta(Bt, C, HID)
+        k["_mlp_fwd_kernel"][(2,)](
+            P, c, hsv, st, w1a, ga, ba, w2a, b2a, *bufs[0], w1b, gb, bb, w2b, b2b, *bufs[1],
+            Bt, C, HID, P.shape[-1], 1.0 / (H * W), float(momentum), float(eps), Bt / max(Bt - 1, 1),
+            TRAIN=training, **meta)
+        c_ct, c_pet = c[:, 0], c[:, 1]
+        y_ct, y_pet, s = gate._forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual)
+        ctx.save_for_backward(x_ct, x_pet, w_ct, w_pet, w1a, ga, ba, w2a, w1b, gb, bb, w2b, P, c, hsv, st, s)
+        ctx.training, ctx.residual = training, residual
+        return y_ct, y_pet
+
+    @staticmethod
+    def backward(ctx, g_ct, g_pet):
+        x_ct, x_pet, w_ct, w_pet, w1a, ga, ba, w2a, w1b, gb, bb, w2b, P, c, hsv, st, s = ctx.saved_tensors
+        k = _kernels()
+        Bt, C, H, W = x_ct.shape
+        HID = w1a.shape[0]
+        g_ct, g_pet = g_ct.to(x_ct.dtype), g_pet.to(x_pet.dtype)
+        G = _plane_sums(x_ct, x_pet, g_ct, g_pet, s)
+        # every MLP gradient in one buffer: [W1 (HID, 2C), gamma, beta (HID), W2 (C, HID), b2 (C)] x 2
+        n1, n2 = HID * 2 * C, C * HID
+        per = n1 + 2 * HID + n2 + C
+        buf = torch.empty(2 * per, dtype=torch.float32, device=x_ct.device)
+        parts = []
+        for m in range(2):
+            o = m * per
+            parts += [buf[o:o + n1].view(w1a.shape), buf[o + n1:o + n1 + HID], buf[o + n1 + HID:o + n1 + 2 * HID],
+                      buf[o + n1 + 2 * HID:o + n1 + 2 * HID + n2].view(w2a.shape), buf[o + per - C:o + per]]
+        dF = torch.empty((Bt, 2, 2 * C), dtype=torch.float32, device=x_ct.device)
+        k["_mlp_bwd_kernel"][(2,)](
+            G, G.shape[-1], P, P.shape[-1], c, hsv, st, dF, w1a, ga, ba, w2a, w1b, gb, bb, w2b, *parts,
+            Bt, C, HID, 1.0 / (H * W), TRAIN=ctx.training, **_mlp_meta(Bt, C, HID))
+        dxa, dxb, _, dw = gate._backward_launch(g_ct, g_pet, x_ct, x_pet, c[:, 0], c[:, 1], w_ct, w_pet, s,
+                                                ctx.residual, dp=dF)
+        dw = dw.sum(0)
+        return (dxa, dxb, dw[0].view(w_ct.shape).to(w_ct.dtype), dw[1].view(w_pet.shape).to(w_pet.dtype), *parts,
+                None, None, None, None, None)
+
+
+def cgm_module(x_ct, x_pet, mlp_ct: nn.Sequential, mlp_pet: nn.Sequential, w_ct, w_pet, residual: bool):
+    """The CGM module's forward (vmambax.models.fusion.CGM) on ``supported`` inputs: (y_ct, y_pet).
+    mlp_*: conv1x1 (no bias), BatchNorm2d, GELU, conv1x1 (bias). BatchNorm in its own mode: in
+    training, batch statistics, and the running stats and ``num_batches_tracked`` updated as
+    ``nn.BatchNorm2d`` does; in eval, the running stats."""
+    (a1, abn, _, a2), (b1, bbn, _, b2) = mlp_ct, mlp_pet
+    bufs = ((abn.running_mean, abn.running_var, abn.num_batches_tracked),
+            (bbn.running_mean, bbn.running_var, bbn.num_batches_tracked))
+    return _FusedCGM.apply(x_ct, x_pet, w_ct, w_pet, a1.weight, abn.weight, abn.bias, a2.weight, a2.bias,
+                           b1.weight, bbn.weight, bbn.bias, b2.weight, b2.bias, bufs, abn.training,
+                           abn.momentum, abn.eps, bool(residual))
