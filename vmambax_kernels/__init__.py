@@ -1,10 +1,11 @@
 """vmambax_kernels: fused four-direction 2D selective scan and CGM gate, with drop-in SS2D.
 
 Public API (SPEC.md sections 1-3): ``selective_scan_2d``, ``cross_selective_scan_2d``, ``cgm_gate``,
-``available_backends``, ``SS2D``.
+``norm_gate`` (SS2D's LayerNorm + SiLU gate), ``available_backends``, ``SS2D``.
 """
 from ._backend import BackendStatus, available_backends
 from .cgm.interface import cgm_gate
+from .norm_gate.interface import norm_gate
 from .selective_scan.interface import cross_selective_scan_2d, selective_scan_2d
 
 __version__ = "0.1.0"
@@ -17,5 +18,5 @@ def __getattr__(name):  # SS2D imports nn modules; keep `import vmambax_kernels`
     raise AttributeError(f"module 'vmambax_kernels' has no attribute {name!r}")
 
 
-__all__ = ["selective_scan_2d", "cross_selective_scan_2d", "cgm_gate", "available_backends",
+__all__ = ["selective_scan_2d", "cross_selective_scan_2d", "cgm_gate", "norm_gate", "available_backends",
            "BackendStatus", "SS2D"]

@@ -25,6 +25,10 @@ _IMPLS = {
         "triton": ".cgm.triton",
         "reference": ".cgm.reference",
     },
+    "norm_gate": {
+        "triton": ".norm_gate.triton",
+        "reference": ".norm_gate.reference",
+    },
 }
 
 
@@ -49,7 +53,7 @@ def _status(op: str, backend: str) -> BackendStatus:
 
 
 def available_backends(op: str = "selective_scan_2d") -> dict[str, BackendStatus]:
-    """What this install can run for ``op`` ("selective_scan_2d" or "cgm_gate"), and why not.
+    """What this install can run for ``op`` ("selective_scan_2d", "cgm_gate" or "norm_gate"), and why not.
 
     >>> {k: s.available for k, s in available_backends().items()}  # doctest: +SKIP
     {'cuda': False, 'triton': False, 'reference': True}

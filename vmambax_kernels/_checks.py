@@ -145,3 +145,22 @@ def cgm_gate_args(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet):
         shape(n, t, (1, 2 * C, 3, 3))
     device = same_device({"x_ct": x_ct, "x_pet": x_pet, "c_ct": c_ct, "c_pet": c_pet, "w_ct": w_ct, "w_pet": w_pet})
     return (Bt, C, H, W), device
+
+
+def norm_gate_args(y, z, weight, bias, eps):
+    """Validate the norm-gate's arguments (y channels first, z channels last); return the device."""
+    tensor("y", y, 4)
+    supported_dtype("y", y)
+    Bt, Dm, H, W = y.shape
+    if min(Bt, Dm, H, W) < 1:
+        raise ValueError(f"y: expected every dimension >= 1, got shape {tuple(y.shape)}")
+    tensor("z", z, 4)
+    supported_dtype("z", z)
+    shape("z", z, (Bt, H, W, Dm))
+    for n, t in (("weight", weight), ("bias", bias)):
+        tensor(n, t, 1)
+        supported_dtype(n, t)
+        shape(n, t, (Dm,))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    return same_device({"y": y, "z": z, "weight": weight, "bias": bias})

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..norm_gate.interface import fused_in_ss2d, norm_gate
 from ..selective_scan.interface import cross_selective_scan_2d
 
 
@@ -32,7 +33,14 @@ class SS2D(nn.Module):
 
     forward(x): x (Bt, H, W, d_model) -> (Bt, H, W, d_model). The scan keeps fp32 state and returns
     fp32; out_norm's result is cast back to the dtype of the activations (bf16/fp16 under autocast).
+
+    On CUDA tensors with a scan backend other than "reference", out_norm and the SiLU gate run as
+    one Triton kernel (``vmambax_kernels.norm_gate``: the product in fp32, rounded once) instead of
+    the PyTorch ops. ``fused_norm_gate`` (attribute, default None) forces it off (False) or allows
+    it (True); None follows $VMAMBAX_FUSED_NORM_GATE ("0" turns it off).
     """
+
+    fused_norm_gate: bool | None = None
 
     def __init__(self, d_model: int, d_state: int = 16, ssm_ratio: float = 2.0, dt_rank="auto",
                  d_conv: int = 3, conv_bias: bool = True, bias: bool = False, dt_min: float = 0.001,
@@ -106,6 +114,10 @@ class SS2D(nn.Module):
         xs = F.silu(self.conv2d(xs) if self.d_conv > 1 else xs)
         y = cross_selective_scan_2d(xs, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
                                     self.A_logs, self.Ds, backend=self.backend)  # (Bt, Dm, H, W) fp32
+        if self.out_norm.weight is not None and fused_in_ss2d(self.backend, y.device.type, self.fused_norm_gate):
+            # one pass: y read channels first, z once, the gated (Bt, H, W, Dm) written in z's dtype
+            y = norm_gate(y, z, self.out_norm.weight, self.out_norm.bias, self.out_norm.eps, backend="triton")
+            return self.dropout(self.out_proj(y))
         # back to the activations' dtype (bf16 under autocast) before the gate, as VMamba does
         y = self.out_norm(y.permute(0, 2, 3, 1)).to(xs.dtype)     # (Bt, H, W, Dm)
         return self.dropout(self.out_proj(y * F.silu(z)))
