@@ -3,8 +3,10 @@
 The CPU interpreter accepts code the compiler rejects (a helper returning None on one branch, an
 int argument specialised into a constexpr): a GPU call spent on that is lost. This script runs
 small scan and CGM calls with the GPU configuration, records each kernel launch instead of running
-it, then compiles each distinct launch with ``triton.compile`` for the target and prints its
-registers, spills and shared memory (from the cubin), so the next GPU call runs code that builds.
+it, then compiles each distinct launch with ``triton.compile`` for the target, specialised on its
+argument values as Triton's launcher does (ints equal to 1 become constants; multiples of 16 and
+16-byte aligned pointers get the divisibility hint), and prints its registers, spills and shared
+memory (from the cubin), so the next GPU call runs code that builds.
 
     python benchmarks/compile_offline.py [--arch 90]      # exit status 1 when a launch fails to compile
 """
@@ -50,7 +52,8 @@ def record() -> list[dict]:
         meta = {k: v for k, v in kwargs.items() if k not in names}
         rec = dict(module=self.fn.__module__, name=self.fn.__name__, args=args_k,
                    values={n: v for n, v in consts.items() if isinstance(v, (int, float, bool, str, type(None)))},
-                   constexprs={k: v for k, v in kwargs.items() if k in names}, meta=meta)
+                   constexprs={k: v for k, v in kwargs.items() if k in names}, meta=meta,
+                   aligned={n: a.data_ptr() % 16 == 0 for n, a in zip(names, args) if isinstance(a, torch.Tensor)})
         key = json.dumps(rec, sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)
@@ -62,9 +65,10 @@ def record() -> list[dict]:
     from vmambax.models.fusion import CGM
     from vmambax_kernels.cgm import module_triton as cgm_module
     from vmambax_kernels.cgm import triton as cgm_triton
+    from vmambax_kernels.norm_gate import triton as norm_gate_triton
     from vmambax_kernels.selective_scan import triton as scan_triton
     from vmambax_kernels.testing import ScanCase, scan_inputs
-    for mod in (scan_triton, cgm_triton):
+    for mod in (scan_triton, cgm_triton, norm_gate_triton):
         mod.interpreting = lambda: False        # the GPU's configuration (block sizes, grids)
     cgm_module.interpreting = lambda: False
     scan_triton._check = lambda *args, **kwargs: None   # it refuses CPU tensors outside the interpreter
@@ -106,6 +110,15 @@ def record() -> list[dict]:
             xs = [torch.randn(2, C, 8, 8).to(dtype).requires_grad_() for _ in range(2)]
             assert cgm_module.supported("triton", *xs, m.channel_gate_rgb, m.channel_gate_pet) is None
             backward(sum(y.float().sum() for y in m(*xs)), xs)
+    # norm-gate: one chunk (Dm 96, 192) and BD-channel chunks (768, 1536); tiles inside a plane
+    # (L a multiple of the tile) and across planes (L = 1, L = 15)
+    for dtype in (torch.float32, torch.bfloat16):
+        for Bt, Dm, H, W in ((2, 192, 16, 16), (4, 96, 4, 4), (2, 768, 8, 8), (3, 1536, 1, 1), (2, 192, 3, 5)):
+            y = torch.randn(Bt, Dm, H, W, requires_grad=True)
+            z = torch.randn(Bt, H, W, 2 * Dm).to(dtype)[..., Dm:].requires_grad_(True)
+            w, b = torch.ones(Dm, requires_grad=True), torch.zeros(Dm, requires_grad=True)
+            out = vk.norm_gate(y, z, w, b, backend="triton")
+            out.backward(torch.randn_like(out))     # a dense gradient, as in training (not .sum()'s)
     return launches
 
 
@@ -123,22 +136,31 @@ def compile_all(launches: list[dict], arch: int) -> int:
         if hasattr(module, "_kernels"):   # modules that jit their kernels on first use (cgm)
             module._kernels()
         fn = getattr(module, rec["name"])
-        signature, constexprs = {}, {}
+        signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(fn.arg_names):
+            value = rec["values"].get(name)
             if fn.params[i].is_constexpr or name in rec["constexprs"]:
                 signature[name] = "constexpr"
-                value = rec["constexprs"].get(name, rec["values"].get(name))
+                value = rec["constexprs"].get(name, value)
                 constexprs[name] = False if name == "INTERP" else value
             elif rec["args"].get(name) is None:        # None passed for an optional pointer
                 signature[name], constexprs[name] = "constexpr", None
+            elif rec["args"][name] == "i32" and value == 1 and not isinstance(value, bool):
+                # Triton's launcher specialises as it does: an int equal to 1 becomes a constant
+                # (a unit stride: what lets its coalescing pass see contiguous rows) ...
+                signature[name], constexprs[name] = "constexpr", 1
             else:
                 signature[name] = rec["args"][name]
+                # ... and ints that are multiples of 16 and 16-byte aligned pointers carry the hint
+                if (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0) \
+                        or rec.get("aligned", {}).get(name):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
         opts = {k: v for k, v in rec["meta"].items() if k in ("num_warps", "num_stages", "maxnreg")}
         dtype = next((t[1:] for t in rec["args"].values() if t and t.startswith("*")), "")
         label = f"{rec['name']} {dtype} " + " ".join(f"{k}={v}" for k, v in sorted(rec["constexprs"].items())
                                                       if k != "INTERP")
         try:
-            kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target, options=opts)
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts)
         except Exception as exc:  # report every launch, not only the first failure
             failures += 1
             print(f"FAIL {label}\n     {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
