@@ -208,22 +208,26 @@ def test_ss2d_switch(monkeypatch):
 
 
 def test_ss2d_fused_path_matches_plain(monkeypatch):
-    """SS2D with the fused gate (forced on for CPU tensors) against SS2D's PyTorch ops: output and
-    the gradient of x and every parameter, by the rule."""
+    """SS2D with the fused gate against SS2D's PyTorch ops (and the reference scan): output and the
+    gradient of x and every parameter, by the rule. On CPU the fused path is forced on."""
     torch.manual_seed(0)
-    fused, plain = vk.SS2D(6, d_state=4), vk.SS2D(6, d_state=4)
+    fused, plain = vk.SS2D(6, d_state=4).to(DEVICE), vk.SS2D(6, d_state=4).to(DEVICE)
     with torch.no_grad():
         for p in fused.parameters():
             p.add_(0.05 * torch.randn_like(p))
     plain.load_state_dict(fused.state_dict())
-    plain.fused_norm_gate = False
-    monkeypatch.setattr(ss2d_module, "fused_in_ss2d", lambda backend, device, enabled=None: enabled is not False)
+    plain.fused_norm_gate, plain.backend = False, "reference"
+    if not ON_GPU:
+        monkeypatch.setattr(ss2d_module, "fused_in_ss2d", lambda backend, device, enabled=None: enabled is not False)
+    calls = []
+    monkeypatch.setattr(ss2d_module, "norm_gate", lambda *a, **k: calls.append(1) or vk.norm_gate(*a, **k))
     params = {k: v.detach() for k, v in fused.named_parameters()}
-    inputs = {"x": torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(7)), **params}
+    x = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(7)).to(DEVICE)
 
     def run(module):
         return lambda x, **p: functional_call(module, p, (x,))
-    check_against_reference(run(fused), run(plain), inputs)
+    check_against_reference(run(fused), run(plain), {"x": x, **params}, device_ref=DEVICE)
+    assert len(calls) == 1   # the fused run only
 
 
 # ---------------------------------------------------------------------------------------------
