@@ -119,6 +119,20 @@ def record() -> list[dict]:
             w, b = torch.ones(Dm, requires_grad=True), torch.zeros(Dm, requires_grad=True)
             out = vk.norm_gate(y, z, w, b, backend="triton")
             out.backward(torch.randn_like(out))     # a dense gradient, as in training (not .sum()'s)
+    # dwconv + SiLU: a plane a forward tile divides (EVEN), 4 x 4 windows, W = 128 (backward
+    # column strips), no bias, fp16, the largest kernel; x a chunk of in_proj's output as in SS2D
+    from vmambax_kernels.dwconv import triton as dwconv_triton
+    dwconv_triton.interpreting = lambda: False
+    dw_cases = [(dt, shape, 3, True) for dt in (torch.float32, torch.bfloat16)
+                for shape in ((2, 16, 16, 192), (8, 4, 4, 96))]
+    dw_cases += [(torch.bfloat16, (1, 4, 128, 32), 3, True), (torch.bfloat16, (2, 8, 8, 64), 3, False),
+                 (torch.float16, (2, 8, 8, 64), 3, True), (torch.bfloat16, (1, 8, 8, 16), 7, True)]
+    for dtype, (Bt, H, W, Dm), K, has_bias in dw_cases:
+        x = torch.randn(Bt, H, W, 2 * Dm).to(dtype)[..., :Dm].requires_grad_(True)
+        w = (torch.randn(Dm, 1, K, K) / K).requires_grad_(True)
+        b = torch.zeros(Dm, requires_grad=True) if has_bias else None
+        out = vk.dwconv_silu(x, w, b, backend="triton")
+        out.backward(torch.randn_like(out))         # a dense gradient, as in training
     return launches
 
 

@@ -5,6 +5,7 @@ Public API (SPEC.md sections 1-3): ``selective_scan_2d``, ``cross_selective_scan
 """
 from ._backend import BackendStatus, available_backends
 from .cgm.interface import cgm_gate
+from .dwconv.interface import dwconv_silu
 from .norm_gate.interface import norm_gate
 from .selective_scan.interface import cross_selective_scan_2d, selective_scan_2d
 
@@ -19,4 +20,4 @@ def __getattr__(name):  # SS2D imports nn modules; keep `import vmambax_kernels`
 
 
 __all__ = ["selective_scan_2d", "cross_selective_scan_2d", "cgm_gate", "norm_gate", "available_backends",
-           "BackendStatus", "SS2D"]
+           "BackendStatus", "SS2D", "dwconv_silu"]

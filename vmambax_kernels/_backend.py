@@ -29,6 +29,10 @@ _IMPLS = {
         "triton": ".norm_gate.triton",
         "reference": ".norm_gate.reference",
     },
+    "dwconv_silu": {
+        "triton": ".dwconv.triton",
+        "reference": ".dwconv.reference",
+    },
 }
 
 
