@@ -28,6 +28,7 @@ from benchmarks import harness  # noqa: E402
 from benchmarks.bench_ss2d import unfused_core  # noqa: E402
 from vmambax.models import VMambaX  # noqa: E402
 from vmambax.models.fusion import dcim  # noqa: E402
+from vmambax_kernels.modules import SS2D  # noqa: E402
 from vmambax_kernels import available_backends  # noqa: E402
 from vmambax_kernels.modules import ss2d as ss2d_module  # noqa: E402
 
@@ -38,8 +39,14 @@ PUBLISHED_PARTS = {"encoder": 263.0, "dcim": 189.0, "decoder": 157.0, "cgm": 13.
 
 
 @contextlib.contextmanager
-def provider_setup(model: VMambaX, provider: str):
-    """Point every fused op of ``model`` at ``provider``; restore on exit."""
+def provider_setup(model: VMambaX, provider: str, glue: str = "fused"):
+    """Point every fused op of ``model`` at ``provider``; restore on exit. ``glue`` "torch" keeps
+    SS2D's input conv and output gate on PyTorch ops (before/after in one run); the unfused peer
+    always does, as the published SS2D."""
+    keep_torch = glue == "torch" or provider == "unfused_mamba"
+    for m in model.modules():
+        if isinstance(m, SS2D):
+            m.fused_dwconv = m.fused_norm_gate = False if keep_torch else None
     if provider == "unfused_mamba":
         core = unfused_core("unfused_mamba")
         original = ss2d_module.cross_selective_scan_2d
@@ -122,7 +129,7 @@ def kernel_split(step, steps: int = 3) -> None:
 
 
 def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int, split: bool,
-              compiled: str | None = None, profile: bool = False) -> list[dict]:
+              compiled: str | None = None, profile: bool = False, glue: str = "fused") -> list[dict]:
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     model = VMambaX().cuda().train()
@@ -134,7 +141,7 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
     target = (torch.rand(batch, 1, size, size, device="cuda") > 0.9).float()
     env = harness.env_info()
     recs = []
-    with provider_setup(model, provider):
+    with provider_setup(model, provider, glue):
         def step():
             with torch.autocast("cuda", dtype=dtype):
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(run(ct, pet).float(), target)
@@ -159,6 +166,7 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
         infer_ms = harness.events_median_ms(infer, warmup=2, iters=iters)
         model.train()
         extra = {"compiled": compiled} if compiled else {}
+        extra["glue"] = "torch" if provider == "unfused_mamba" else glue
         recs.append(harness.record("model", "train", provider, dtype_name, batch, env, train_step_ms=train_ms,
                                    pairs_per_s=batch / train_ms * 1e3, peak_gb=peak_gb, **extra))
         recs.append(harness.record("model", "infer", provider, dtype_name, batch, env, infer_ms=infer_ms,
@@ -211,18 +219,22 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="torch.compile the model (MODE: default | reduce-overhead, which adds CUDA graphs)")
     ap.add_argument("--profile", action="store_true", help="print the kernel split of a training step")
+    ap.add_argument("--glue", default="fused", help="SS2D's input conv and output gate: fused (Triton ops), "
+                    "torch (PyTorch ops), or both as fused,torch to time before/after in one run")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_model.py needs a CUDA GPU")
     gpu = torch.cuda.get_device_name()
     recs = []
     for provider in providers_here(args.providers.split(",")):
-        for dt in args.dtypes.split(","):
+        for dt, glue in ((d, g) for d in args.dtypes.split(",") for g in args.glue.split(",")):
+            if provider == "unfused_mamba" and glue != args.glue.split(",")[0]:
+                continue  # the peer has one glue only (PyTorch's)
             try:
                 recs += bench_one(provider, dt, args.batch, args.size, args.iters, not args.no_split,
-                                  args.compile, args.profile)
+                                  args.compile, args.profile, glue)
             except (RuntimeError, torch.OutOfMemoryError) as exc:  # report and go on with the others
-                print(f"{provider}/{dt}: FAILED: {exc}")
+                print(f"{provider}/{dt}/glue {glue}: FAILED: {exc}")
                 torch.cuda.empty_cache()
     print(f"\nvMambaX batch {args.batch}, {args.size}x{args.size}, on {gpu}; published (H100, fp16): "
           f"train {PUBLISHED['train_step_ms']} ms, infer {PUBLISHED['infer_ms']} ms, {PUBLISHED['peak_gb']} GB")
@@ -237,8 +249,8 @@ def main(argv=None) -> None:
         pub = PUBLISHED.get(fig) if r["case"] in ("train", "infer") else PUBLISHED_PARTS.get(r["case"][5:])
         row["vs_published"] = harness.ratio(r.get(fig), pub) if r["dtype"] == "fp16" else "-"
         rows.append(row)
-    harness.print_table(rows, [("case", "case"), ("provider", "provider"), ("dtype", "dtype"), ("ms", "ms"),
-                               ("pairs/s", "pairs_per_s"), ("peak GB", "peak_gb"), ("x peer", "vs_peer"),
+    harness.print_table(rows, [("case", "case"), ("provider", "provider"), ("dtype", "dtype"), ("glue", "glue"),
+                               ("ms", "ms"), ("pairs/s", "pairs_per_s"), ("peak GB", "peak_gb"), ("x peer", "vs_peer"),
                                ("x published", "vs_published")])
     if recs and not args.no_save:
         print("appended to", harness.append_records(recs))

@@ -18,7 +18,7 @@ from torch.func import functional_call  # noqa: E402
 
 import vmambax_kernels as vk  # noqa: E402
 from vmambax_kernels.modules import ss2d as ss2d_module  # noqa: E402
-from vmambax_kernels.norm_gate import interface as ng_interface  # noqa: E402
+from vmambax_kernels.modules import glue  # noqa: E402
 from vmambax_kernels.norm_gate import triton as ng_triton  # noqa: E402
 from vmambax_kernels.testing import assert_close_by_rule, cast, check_against_reference, run_with_grads  # noqa: E402
 
@@ -195,20 +195,21 @@ def test_bad_input_raises_with_message(case):
 # SS2D's switch
 # ---------------------------------------------------------------------------------------------
 
-def test_ss2d_switch(monkeypatch):
-    assert not ng_interface.fused_in_ss2d(None, "cpu")
-    assert not ng_interface.fused_in_ss2d("reference", "cuda")
-    assert not ng_interface.fused_in_ss2d(None, "cuda", False)
-    monkeypatch.setenv(ng_interface.ENV_SWITCH, "0")
-    assert not ng_interface.fused_in_ss2d(None, "cuda")
+@pytest.mark.parametrize("op", sorted(glue.SWITCHES))
+def test_ss2d_switch(monkeypatch, op):
+    assert not glue.fused_in_ss2d(op, None, "cpu")
+    assert not glue.fused_in_ss2d(op, "reference", "cuda")
+    assert not glue.fused_in_ss2d(op, None, "cuda", False)
+    monkeypatch.setenv(glue.SWITCHES[op], "0")
+    assert not glue.fused_in_ss2d(op, None, "cuda")
     if ng_triton.availability() is None:   # triton is the scan's automatic choice on CUDA tensors
-        assert ng_interface.fused_in_ss2d("triton", "cuda", True)
-        monkeypatch.setenv(ng_interface.ENV_SWITCH, "1")
-        assert ng_interface.fused_in_ss2d("triton", "cuda")
+        assert glue.fused_in_ss2d(op, "triton", "cuda", True)
+        monkeypatch.setenv(glue.SWITCHES[op], "1")
+        assert glue.fused_in_ss2d(op, "triton", "cuda")
 
 
 def test_ss2d_fused_path_matches_plain(monkeypatch):
-    """SS2D with the fused gate against SS2D's PyTorch ops (and the reference scan): output and the
+    """SS2D with the fused glue (dwconv_silu and norm_gate) against SS2D's PyTorch ops (and the reference scan): output and the
     gradient of x and every parameter, by the rule. On CPU the fused path is forced on."""
     torch.manual_seed(0)
     fused, plain = vk.SS2D(6, d_state=4).to(DEVICE), vk.SS2D(6, d_state=4).to(DEVICE)
@@ -216,18 +217,19 @@ def test_ss2d_fused_path_matches_plain(monkeypatch):
         for p in fused.parameters():
             p.add_(0.05 * torch.randn_like(p))
     plain.load_state_dict(fused.state_dict())
-    plain.fused_norm_gate, plain.backend = False, "reference"
+    plain.fused_dwconv, plain.fused_norm_gate, plain.backend = False, False, "reference"
     if not ON_GPU:
-        monkeypatch.setattr(ss2d_module, "fused_in_ss2d", lambda backend, device, enabled=None: enabled is not False)
+        monkeypatch.setattr(ss2d_module, "fused_in_ss2d", lambda op, backend, device, enabled=None: enabled is not False)
     calls = []
-    monkeypatch.setattr(ss2d_module, "norm_gate", lambda *a, **k: calls.append(1) or vk.norm_gate(*a, **k))
+    monkeypatch.setattr(ss2d_module, "norm_gate", lambda *a, **k: calls.append("ng") or vk.norm_gate(*a, **k))
+    monkeypatch.setattr(ss2d_module, "dwconv_silu", lambda *a, **k: calls.append("dw") or vk.dwconv_silu(*a, **k))
     params = {k: v.detach() for k, v in fused.named_parameters()}
     x = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(7)).to(DEVICE)
 
     def run(module):
         return lambda x, **p: functional_call(module, p, (x,))
     check_against_reference(run(fused), run(plain), {"x": x, **params}, device_ref=DEVICE)
-    assert len(calls) == 1   # the fused run only
+    assert calls == ["dw", "ng"]   # the fused run only
 
 
 # ---------------------------------------------------------------------------------------------

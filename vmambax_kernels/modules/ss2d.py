@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..norm_gate.interface import fused_in_ss2d, norm_gate
+from ..dwconv.interface import dwconv_silu
+from ..norm_gate.interface import norm_gate
 from ..selective_scan.interface import cross_selective_scan_2d
+from .glue import fused_in_ss2d
 
 
 class SS2D(nn.Module):
@@ -34,12 +36,15 @@ class SS2D(nn.Module):
     forward(x): x (Bt, H, W, d_model) -> (Bt, H, W, d_model). The scan keeps fp32 state and returns
     fp32; out_norm's result is cast back to the dtype of the activations (bf16/fp16 under autocast).
 
-    On CUDA tensors with a scan backend other than "reference", out_norm and the SiLU gate run as
-    one Triton kernel (``vmambax_kernels.norm_gate``: the product in fp32, rounded once) instead of
-    the PyTorch ops. ``fused_norm_gate`` (attribute, default None) forces it off (False) or allows
-    it (True); None follows $VMAMBAX_FUSED_NORM_GATE ("0" turns it off).
+    On CUDA tensors with a scan backend other than "reference", the glue around the scan runs as
+    two Triton ops instead of PyTorch ops: the transpose, depthwise conv and SiLU of the input
+    (``vmambax_kernels.dwconv_silu``, with the conv's fp32 parameters) and out_norm with the SiLU
+    gate (``vmambax_kernels.norm_gate``: the product in fp32, rounded once). The attributes
+    ``fused_dwconv`` and ``fused_norm_gate`` (default None) force each off (False) or allow it
+    (True); None follows $VMAMBAX_FUSED_DWCONV / $VMAMBAX_FUSED_NORM_GATE ("0" turns it off).
     """
 
+    fused_dwconv: bool | None = None
     fused_norm_gate: bool | None = None
 
     def __init__(self, d_model: int, d_state: int = 16, ssm_ratio: float = 2.0, dt_rank="auto",
@@ -110,11 +115,15 @@ class SS2D(nn.Module):
             raise ValueError(f"x: expected shape (Bt, H, W, {self.d_model}) (channels last), "
                              f"got {tuple(x.shape)}")
         xs, z = self.in_proj(x).chunk(2, dim=-1)                   # (Bt, H, W, Dm) each
-        xs = xs.permute(0, 3, 1, 2).contiguous()                   # (Bt, Dm, H, W)
-        xs = F.silu(self.conv2d(xs) if self.d_conv > 1 else xs)
+        if self.d_conv > 1 and fused_in_ss2d("dwconv_silu", self.backend, x.device.type, self.fused_dwconv):
+            xs = dwconv_silu(xs, self.conv2d.weight, self.conv2d.bias, backend="triton")  # (Bt, Dm, H, W)
+        else:
+            xs = xs.permute(0, 3, 1, 2).contiguous()               # (Bt, Dm, H, W)
+            xs = F.silu(self.conv2d(xs) if self.d_conv > 1 else xs)
         y = cross_selective_scan_2d(xs, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
                                     self.A_logs, self.Ds, backend=self.backend)  # (Bt, Dm, H, W) fp32
-        if self.out_norm.weight is not None and fused_in_ss2d(self.backend, y.device.type, self.fused_norm_gate):
+        if self.out_norm.weight is not None and fused_in_ss2d("norm_gate", self.backend, y.device.type,
+                                                             self.fused_norm_gate):
             # one pass: y read channels first, z once, the gated (Bt, H, W, Dm) written in z's dtype
             y = norm_gate(y, z, self.out_norm.weight, self.out_norm.bias, self.out_norm.eps, backend="triton")
             return self.dropout(self.out_proj(y))
