@@ -34,7 +34,7 @@ def record() -> list[dict]:
 
     def kind(v):
         if isinstance(v, torch.Tensor):
-            return "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+            return "*" + {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
                           torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}[v.dtype]
         if isinstance(v, bool):
             return "i1"

@@ -18,7 +18,8 @@ g_t = gy_t * C_t + dA_{t+1} * g_{t+1} as a reverse scan. It needs dA_t * h_{t-1}
 h_t - dBu_t, so no shifted tile is formed for the states; dA_{t+1} is recomputed from delta at the
 next step. Reductions over channels (dB, dC, du over walks, d(dt)) are atomics into fp32
 buffers; parameter gradients are summed in registers over a program's planes (compensated: a
-plain fp32 sum over 1024 chunks missed the tolerance rule for dD by 4%), then added once.
+plain fp32 sum over 1024 chunks missed the tolerance rule for dD by 4%), then stored as one
+float64 partial row per program, which the host sums in float64 (deterministic: no float atomics).
 
 The sequential kernels (``_ss2d_fwd_seq_kernel``, the default forward, and
 ``_ss2d_bwd_seq_kernel``, the backward behind ``bwd="seq"``) instead give each thread one channel
@@ -103,6 +104,12 @@ def _kahan(acc, comp, x):
     return t, (t - acc) - y
 
 
+@triton.jit
+def _kahan_total(acc, comp):
+    # the compensated sum is acc - comp; in float64 the subtraction keeps both parts
+    return acc.to(tl.float64) - comp.to(tl.float64)
+
+
 # Sizes are plain arguments: one compiled kernel serves every shape of a dtype and N.
 @triton.jit(do_not_specialize=["Bt", "n_db", "n_chunks", "BPP"])
 def _ss2d_fwd_kernel(
@@ -165,7 +172,7 @@ def _ss2d_fwd_kernel(
 @triton.jit(do_not_specialize=["Bt", "n_db", "n_chunks", "BPP"])
 def _ss2d_bwd_kernel(
     u_ptr, dl_ptr, w_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, st_ptr, gy_ptr,
-    du_ptr, ddl_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dw_ptr,
+    du_ptr, ddl_ptr, pA_ptr, dB_ptr, dC_ptr, pD_ptr, pbias_ptr, pw_ptr,
     Bt, Dm, H, W, L, N, R, n_db, n_chunks, BPP,
     su_b, su_d, sdl_b, sdl_k, sdl_c, sB_b, sB_k, sB_n, sC_b, sC_k, sC_n, sg_b, sg_d,
     BLOCK_D: tl.constexpr, T: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
@@ -273,13 +280,16 @@ def _ss2d_bwd_kernel(
             else:
                 tl.store(ddl_ptr + (bb * 4 + k) * Dm * L + offs_d[None, :] * L + p[:, None], ddl, mask=m2)
 
-    tl.atomic_add(dA_ptr + kd[:, None] * N + offs_n[None, :], dA_acc, mask=mdn, sem="relaxed")
+    # one float64 partial row per plane group (sum - compensation), summed by the host in float64:
+    # no float atomics, so the parameter gradients do not depend on the programs' order
+    pg = (pid // n_db).to(tl.int64) * 4 * Dm
+    tl.store(pA_ptr + (pg + kd[:, None]) * N + offs_n[None, :], _kahan_total(dA_acc, dA_c), mask=mdn)
     if HAS_D:
-        tl.atomic_add(dD_ptr + kd, dD_acc, mask=mask_d, sem="relaxed")
+        tl.store(pD_ptr + pg + kd, _kahan_total(dD_acc, dD_c), mask=mask_d)
     if HAS_BIAS:
-        tl.atomic_add(dbias_ptr + kd, dbias_acc, mask=mask_d, sem="relaxed")
+        tl.store(pbias_ptr + pg + kd, _kahan_total(dbias_acc, dbias_c), mask=mask_d)
     if LOWRANK:
-        tl.atomic_add(dw_ptr + kd[None, :] * R + offs_r[:, None], dw_acc, mask=mrd, sem="relaxed")
+        tl.store(pw_ptr + (pg + kd[None, :]) * R + offs_r[:, None], _kahan_total(dw_acc, dw_c), mask=mrd)
 
 
 
@@ -425,8 +435,9 @@ def _ss2d_bwd_seq_kernel(
     loses digits fast. Sums over channels (dB, dC, the low-rank d dt) are reduced in the block
     (tl.sum over the lane axis) and added with one atomic per element and program; d dt and dW
     are formed at the end of each segment from the d delta kept in the scratch, one rank at a
-    time. dA, dD, d bias, dW are per-program partial rows of (n_parts, 4, ...) buffers, summed by
-    the host.
+    time. dA, dD, d bias, dW are per-program partial rows of (n_parts, 4, ...) buffers (each row
+    has one owner), summed by the host in float64: no float atomics, so they do not depend on the
+    programs' order.
     """
     pid = tl.program_id(0)
     db = pid % n_db
@@ -471,9 +482,11 @@ def _ss2d_bwd_seq_kernel(
             tl.store(ge_ptr + (bk * n_ck + c) * N * Dm + off_dn, X, mask=mdn)
             tl.store(S_ptr + (bk * n_ck + c) * Dm + offs_d, S, mask=mask_d)
     else:
-        # per-program partials: dA and dW summed per segment and added into their (n_parts, 4, ..)
-        # rows in memory (each row has one owner: plain read-modify-write, and no NP- or R-sized
-        # accumulators live in registers through the walk); dD and d bias compensated per step
+        # per-program partials: dA and dW summed per segment and added into their fp32
+        # (n_parts, 4, ..) rows in memory (each row has one owner: plain read-modify-write, and no
+        # NP- or R-sized accumulators live in registers through the walk); dD and d bias
+        # compensated per step, stored as float64 (sum - compensation). float64 dA rows cost
+        # registers (ptxas, sm_90, N=16, plain fp32: 224 -> 254; a per-state loop 252), so they stay fp32.
         dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         dD_cmp = tl.zeros([BLOCK_D], dtype=tl.float32)
         dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -576,6 +589,6 @@ def _ss2d_bwd_seq_kernel(
                 # the next segment's replay overwrites the scratch this one read
                 tl.debug_barrier()
         if HAS_D:
-            tl.store(pD_ptr + part * Dm + offs_d, dD_acc, mask=mask_d)
+            tl.store(pD_ptr + part * Dm + offs_d, _kahan_total(dD_acc, dD_cmp), mask=mask_d)
         if HAS_BIAS:
-            tl.store(pbias_ptr + part * Dm + offs_d, dbias_acc, mask=mask_d)
+            tl.store(pbias_ptr + part * Dm + offs_d, _kahan_total(dbias_acc, dbias_cmp), mask=mask_d)

@@ -248,16 +248,19 @@ def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
     f32 = dict(dtype=torch.float32, device=u.device)
     du = torch.zeros(u.shape, **f32)
     ddl = torch.zeros(dl.shape, **f32) if w is not None else torch.empty(dl.shape, dtype=dl.dtype, device=u.device)
-    dA = torch.zeros(A.shape, **f32)
     dB = torch.zeros(B.shape, **f32)
     dC = torch.zeros(C.shape, **f32)
-    dD = torch.zeros((4, Dm), **f32) if D is not None else torch.empty(0, **f32)
-    dbias = torch.zeros((4, Dm), **f32) if bias is not None else torch.empty(0, **f32)
-    dw = torch.zeros(w.shape, **f32) if w is not None else torch.empty(0, **f32)
-    grid = (n_db * -(-Bt // cfg.BPP), 4)
+    # parameter partials: one float64 row per plane group, every element written by one program
+    n_pg = -(-Bt // cfg.BPP)
+    f64 = dict(dtype=torch.float64, device=u.device)
+    pA = torch.empty((n_pg, *A.shape), **f64)
+    pD = torch.empty((n_pg, 4, Dm), **f64) if D is not None else pA
+    pbias = torch.empty((n_pg, 4, Dm), **f64) if bias is not None else pA
+    pw = torch.empty((n_pg, *w.shape), **f64) if w is not None else pA
+    grid = (n_db * n_pg, 4)
     kern._ss2d_bwd_kernel[grid](
         u, dl, w if w is not None else A, A, B, C, D if D is not None else A, bias if bias is not None else A,
-        states, gy, du, ddl, dA, dB, dC, dD, dbias, dw,
+        states, gy, du, ddl, pA, dB, dC, pD, pbias, pw,
         Bt, Dm, H, W, L, N, R, n_db, n_chunks, cfg.BPP,
         u.stride(0), u.stride(1), dl.stride(0), dl.stride(1), dl.stride(2),
         B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2), gy.stride(0), gy.stride(1),
@@ -265,7 +268,16 @@ def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
         LOWRANK=w is not None, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
         INTERP=interpreting(), num_warps=cfg.bwd_warps,
     )
+    dA, dD, dbias, dw = _sum_partials(pA, pD if D is not None else None, pbias if bias is not None else None,
+                                      pw if w is not None else None, device=u.device)
     return du.to(u.dtype), ddl.to(dl.dtype), dA, dB.to(B.dtype), dC.to(C.dtype), dD, dbias, dw
+
+
+def _sum_partials(*parts, device):
+    """Sum per-program partial rows over their leading axis in float64, then round once to float32
+    (empty for an absent parameter). torch's sum has a fixed order: the gradients are deterministic."""
+    return [torch.empty(0, dtype=torch.float32, device=device) if p is None
+            else p.sum(0, dtype=torch.float64).float() for p in parts]
 
 
 def _bwd_seq(kern, cfg, gy, u, dl, w, A, B, C, D, bias, states, softplus):
@@ -291,10 +303,11 @@ def _bwd_seq(kern, cfg, gy, u, dl, w, A, B, C, D, bias, states, softplus):
     grid = (n_db * n_ck, nb, 4)
     n_parts = n_ck * nb
     scratch = torch.empty(n_parts * 4 * cfg.T * (N + 3) * Dm, **f32)
-    pA = torch.zeros((n_parts, 4, N, Dm), **f32)      # added into per segment
-    pD = torch.empty((n_parts, 4, Dm), **f32) if D is not None else du
-    pbias = torch.empty((n_parts, 4, Dm), **f32) if bias is not None else du
-    pw = torch.zeros((n_parts, 4, R, Dm), **f32) if w is not None else du
+    f64 = dict(dtype=torch.float64, device=u.device)
+    pA = torch.zeros((n_parts, 4, N, Dm), **f32)      # added into per segment (fp32: see the kernel)
+    pD = torch.empty((n_parts, 4, Dm), **f64) if D is not None else pA
+    pbias = torch.empty((n_parts, 4, Dm), **f64) if bias is not None else pA
+    pw = torch.zeros((n_parts, 4, R, Dm), **f32) if w is not None else pA
     args = [u, dlq, wt, At, Bq, Cq, D if D is not None else A, bias if bias is not None else A, states, gy,
             ge, S, scratch, du, ddl, dB, dC, pA, pD, pbias, pw,
             Bt, Dm, H, W, L, N, R, n_db, n_ck, cfg.TC, cfg.SEQ_BPP, _n_chunks(L, cfg),
@@ -307,11 +320,12 @@ def _bwd_seq(kern, cfg, gy, u, dl, w, A, B, C, D, bias, states, softplus):
     if n_ck > 1:   # chunk 0 hands nothing on
         kern._ss2d_bwd_seq_kernel[(n_db * (n_ck - 1), nb, 4)](*args, PHASE=0, **meta)
     kern._ss2d_bwd_seq_kernel[grid](*args, PHASE=1, **meta)
-    # parameter partials: one per (chunk, plane block) and walk, summed here (pairwise in torch)
-    dA = pA.sum(0).transpose(1, 2)                                          # (4, Dm, N)
-    dD = pD.sum(0) if D is not None else torch.empty(0, **f32)
-    dbias = pbias.sum(0) if bias is not None else torch.empty(0, **f32)
-    dw = pw.sum(0).transpose(1, 2) if w is not None else torch.empty(0, **f32)
+    # parameter partials: one row per (chunk, plane block) and walk, summed here in float64
+    dA, dD, dbias, dw = _sum_partials(pA, pD if D is not None else None, pbias if bias is not None else None,
+                                      pw if w is not None else None, device=u.device)
+    dA = dA.transpose(1, 2)                                                 # (4, Dm, N)
+    if w is not None:
+        dw = dw.transpose(1, 2)
     dB = dB.transpose(2, 3).reshape(B.shape)
     dC = dC.transpose(2, 3).reshape(C.shape)
     if w is not None:
