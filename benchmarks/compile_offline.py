@@ -159,15 +159,19 @@ def compile_all(launches: list[dict], arch: int) -> int:
                 constexprs[name] = False if name == "INTERP" else value
             elif rec["args"].get(name) is None:        # None passed for an optional pointer
                 signature[name], constexprs[name] = "constexpr", None
-            elif rec["args"][name] == "i32" and value == 1 and not isinstance(value, bool):
+            elif rec["args"][name] == "i32" and value == 1 and not isinstance(value, bool) \
+                    and not fn.params[i].do_not_specialize:
                 # Triton's launcher specialises as it does: an int equal to 1 becomes a constant
                 # (a unit stride: what lets its coalescing pass see contiguous rows) ...
                 signature[name], constexprs[name] = "constexpr", 1
             else:
                 signature[name] = rec["args"][name]
-                # ... and ints that are multiples of 16 and 16-byte aligned pointers carry the hint
-                if (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0) \
-                        or rec.get("aligned", {}).get(name):
+                # ... and ints that are multiples of 16 and 16-byte aligned pointers carry the hint;
+                # neither for arguments in do_not_specialize (the scan's `one`, Dm, TC: the launcher
+                # leaves them alone, and `one` exists to keep the compiler from vectorising)
+                int16 = isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+                if (int16 and not fn.params[i].do_not_specialize) \
+                        or (rec.get("aligned", {}).get(name) and not fn.params[i].do_not_specialize_on_alignment):
                     attrs[(i,)] = [["tt.divisibility", 16]]
         opts = {k: v for k, v in rec["meta"].items() if k in ("num_warps", "num_stages", "maxnreg")}
         dtype = next((t[1:] for t in rec["args"].values() if t and t.startswith("*")), "")
