@@ -61,7 +61,7 @@ def run_and_compare(C, shape, dtype, training, residual=True, steps=1, channels_
     fast = make_module(C, seed, residual).train(training).to(DEVICE)
     refs = {}
     for name, rdt in (("64", torch.float64), ("32", torch.float32)):
-        r = copy.deepcopy(fast).to(rdt)
+        r = copy.deepcopy(fast).to("cpu", rdt)   # the references run on the CPU (no TF32)
         r.backend = "reference"
         refs[name] = r
     assert module_triton.supported("triton", xs[0].to(DEVICE), xs[1].to(DEVICE), fast.channel_gate_rgb,
