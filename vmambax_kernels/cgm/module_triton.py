@@ -21,7 +21,10 @@ dc is reduced in its own pass, not inside the gate's backward, because dx needs 
 dc over the whole plane; the pass reads dy and x once, the bytes the autograd path spends adding
 the GAP gradient to dx afterwards, and leaves dx rounded once.
 
-Math in fp32 (the MLP's matrix products in IEEE fp32, no tf32); the running stats follow
+The plane sums add fp32 within a tile and float64 across tiles (float64 partials); the MLPs run
+in float64 (fp32 parameters widened on load, fp64 MMAs, BatchNorm's statistics and backward in
+fp64), rounding c, the running stats and every gradient to fp32 once. In fp32 the MLP's error
+was up to 3.4x the fp32 reference's on an H100 (cgm4, grad of W1); the running stats follow
 ``nn.BatchNorm2d`` (momentum update, unbiased variance, ``num_batches_tracked`` + 1).
 The module falls back to PyTorch (``supported`` says why) for SyncBatchNorm, momentum=None, no
 affine or no running stats, non-fp32 parameters, and under torch.compile.
@@ -40,8 +43,8 @@ tl = constexpr = None
 
 
 def _pooled(P_ptr, rb, mb, k, mk, C, NS, inv_hw, MOD: constexpr):
-    """cat([p_other, p_MOD])[b, k] for rows rb and input channels k: (BB, BK) from the partial
-    sums P (Bt, 2, C, NS)."""
+    """cat([p_other, p_MOD])[b, k] for rows rb and input channels k: (BB, BK) float64 from the
+    float64 partial sums P (Bt, 2, C, NS); inv_hw a float64 scalar."""
     src = tl.where(k < C, 1 - MOD, MOD)
     ch = tl.where(k < C, k, k - C)
     base = P_ptr + ((rb[:, None] * 2 + src[None, :]) * C + ch[None, :]) * NS
@@ -95,42 +98,49 @@ def _plane_sums_kernel(xa_ptr, xb_ptr, ga_ptr, gb_ptr, s_ptr, out_ptr, C, H, W, 
                 s = tl.load(s_ptr + (b.to(tl.int64) * 2 + MOD) * HW + p, mask=mp, other=0.0)
                 v = v * g * s[None, :]
             acc += v
-        tl.store(out_ptr + ((b * 2 + MOD) * C + ch) * NS + sp, tl.sum(acc, axis=1), mask=mc)
+        # fp32 within the tile (<= PCH / BP terms per lane, then a tree over BP), fp64 across
+        # tiles and splits: the partials are float64 and their readers add them in float64
+        tl.store(out_ptr + ((b * 2 + MOD) * C + ch) * NS + sp, tl.sum(acc, axis=1).to(tl.float64), mask=mc)
 
 
 def _mlp_fwd_one(P_ptr, c_ptr, h_ptr, st_ptr, w1_ptr, sw1_o, sw1_i, gam_ptr, bet_ptr, w2_ptr, sw2_o, sw2_i,
-                 b2_ptr, rm_ptr, rv_ptr, nbt_ptr, Bt, C, HID, NS, inv_hw, momentum, eps, unbias,
+                 b2_ptr, rm_ptr, rv_ptr, nbt_ptr, Bt, C, HID, NS, HW, momentum, eps,
                  MOD: constexpr, TRAIN: constexpr, BB: constexpr, BH: constexpr, BK: constexpr,
                  BC2: constexpr):
+    # float64 throughout (fp32 parameters widened on load, results rounded once when stored):
+    # the products are fp64 MMAs (DMMA on sm_80+), BatchNorm's statistics fp64
+    inv_hw = 1.0 / tl.cast(HW, tl.float64)
     rb = tl.arange(0, BB)
     mb = rb < Bt
     j = tl.arange(0, BH)
     mj = j < HID
-    h = tl.zeros((BB, BH), dtype=tl.float32)
+    h = tl.zeros((BB, BH), dtype=tl.float64)
     for k0 in range(0, 2 * C, BK):
         k = k0 + tl.arange(0, BK)
         mk = k < 2 * C
         f = _pooled(P_ptr, rb, mb, k, mk, C, NS, inv_hw, MOD)
         w1t = tl.load(w1_ptr + j[None, :] * sw1_o + k[:, None] * sw1_i, mask=mk[:, None] & mj[None, :], other=0.0)
-        h += tl.dot(f, w1t, input_precision="ieee")
-    rm = tl.load(rm_ptr + j, mask=mj, other=0.0)
-    rv = tl.load(rv_ptr + j, mask=mj, other=1.0)
+        h = tl.dot(f, w1t.to(tl.float64), h, out_dtype=tl.float64)
+    rm = tl.load(rm_ptr + j, mask=mj, other=0.0).to(tl.float64)
+    rv = tl.load(rv_ptr + j, mask=mj, other=1.0).to(tl.float64)
     if TRAIN:
-        mean = tl.sum(tl.where(mb[:, None], h, 0.0), axis=0) / Bt
+        nb = tl.cast(Bt, tl.float64)
+        mean = tl.sum(tl.where(mb[:, None], h, 0.0), axis=0) / nb
         d = tl.where(mb[:, None], h - mean[None, :], 0.0)
-        var = tl.sum(d * d, axis=0) / Bt
+        var = tl.sum(d * d, axis=0) / nb
+        unbias = nb / tl.maximum(nb - 1.0, 1.0)
         tl.store(rm_ptr + j, (1.0 - momentum) * rm + momentum * mean, mask=mj)
         tl.store(rv_ptr + j, (1.0 - momentum) * rv + momentum * (var * unbias), mask=mj)
         tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
     else:
         mean = rm
         var = rv
-    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
-    gam = tl.load(gam_ptr + j, mask=mj, other=0.0)
-    bet = tl.load(bet_ptr + j, mask=mj, other=0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)          # fp64 sqrt and division round to nearest
+    gam = tl.load(gam_ptr + j, mask=mj, other=0.0).to(tl.float64)
+    bet = tl.load(bet_ptr + j, mask=mj, other=0.0).to(tl.float64)
     a = _gelu((h - mean[None, :]) * (rstd * gam)[None, :] + bet[None, :])
     a = tl.where(mb[:, None] & mj[None, :], a, 0.0)
-    # saved for the backward: h before BN (Bt, 2, HID), mean and rstd (2, 2, HID)
+    # saved for the backward in float64: h before BN (Bt, 2, HID), mean and rstd (2, 2, HID)
     tl.store(h_ptr + (rb[:, None] * 2 + MOD) * HID + j[None, :], h, mask=mb[:, None] & mj[None, :])
     tl.store(st_ptr + MOD * 2 * HID + j, mean, mask=mj)
     tl.store(st_ptr + (MOD * 2 + 1) * HID + j, rstd, mask=mj)
@@ -138,31 +148,35 @@ def _mlp_fwd_one(P_ptr, c_ptr, h_ptr, st_ptr, w1_ptr, sw1_o, sw1_i, gam_ptr, bet
         cc = c0 + tl.arange(0, BC2)
         mc = cc < C
         w2t = tl.load(w2_ptr + cc[None, :] * sw2_o + j[:, None] * sw2_i, mask=mj[:, None] & mc[None, :], other=0.0)
-        o = tl.dot(a, w2t, input_precision="ieee") + tl.load(b2_ptr + cc, mask=mc, other=0.0)[None, :]
+        b2 = tl.load(b2_ptr + cc, mask=mc, other=0.0).to(tl.float64)
+        o = tl.dot(a, w2t.to(tl.float64), out_dtype=tl.float64) + b2[None, :]
         tl.store(c_ptr + (rb[:, None] * 2 + MOD) * C + cc[None, :], tl.sigmoid(o), mask=mb[:, None] & mc[None, :])
 
 
 def _mlp_fwd_kernel(P_ptr, c_ptr, h_ptr, st_ptr,
                     w1a_ptr, gama_ptr, beta_ptr, w2a_ptr, b2a_ptr, rma_ptr, rva_ptr, nba_ptr,
                     w1b_ptr, gamb_ptr, betb_ptr, w2b_ptr, b2b_ptr, rmb_ptr, rvb_ptr, nbb_ptr,
-                    Bt, C, HID, NS, inv_hw, momentum, eps, unbias,
+                    Bt, C, HID, NS, HW, momentum, eps,
                     TRAIN: constexpr, BB: constexpr, BH: constexpr, BK: constexpr, BC2: constexpr):
     """Program m runs MLP m (0: CT's gate on cat(p_pet, p_ct), 1: PET's on cat(p_ct, p_pet));
     the weights are contiguous conv weights: W1 (HID, 2C), W2 (C, HID)."""
     if tl.program_id(0) == 0:
         _mlp_fwd_one(P_ptr, c_ptr, h_ptr, st_ptr, w1a_ptr, 2 * C, 1, gama_ptr, beta_ptr, w2a_ptr, HID, 1,
-                     b2a_ptr, rma_ptr, rva_ptr, nba_ptr, Bt, C, HID, NS, inv_hw, momentum, eps, unbias,
+                     b2a_ptr, rma_ptr, rva_ptr, nba_ptr, Bt, C, HID, NS, HW, momentum, eps,
                      0, TRAIN, BB, BH, BK, BC2)
     else:
         _mlp_fwd_one(P_ptr, c_ptr, h_ptr, st_ptr, w1b_ptr, 2 * C, 1, gamb_ptr, betb_ptr, w2b_ptr, HID, 1,
-                     b2b_ptr, rmb_ptr, rvb_ptr, nbb_ptr, Bt, C, HID, NS, inv_hw, momentum, eps, unbias,
+                     b2b_ptr, rmb_ptr, rvb_ptr, nbb_ptr, Bt, C, HID, NS, HW, momentum, eps,
                      1, TRAIN, BB, BH, BK, BC2)
 
 
 def _mlp_bwd_one(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr, w1_ptr, gam_ptr, bet_ptr, w2_ptr,
-                 dw1_ptr, dgam_ptr, dbet_ptr, dw2_ptr, db2_ptr, Bt, C, HID, inv_hw,
+                 dw1_ptr, dgam_ptr, dbet_ptr, dw2_ptr, db2_ptr, Bt, C, HID, HW,
                  MOD: constexpr, TRAIN: constexpr, BB: constexpr, BH: constexpr, BK: constexpr,
                  BC2: constexpr):
+    # float64 as in the forward: G, P, h, mean, rstd are float64, the parameters widened on load,
+    # every gradient rounded to fp32 once when stored
+    inv_hw = 1.0 / tl.cast(HW, tl.float64)
     rb = tl.arange(0, BB)
     mb = rb < Bt
     j = tl.arange(0, BH)
@@ -171,12 +185,11 @@ def _mlp_bwd_one(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr, w1_ptr, ga
     h = tl.load(h_ptr + (rb[:, None] * 2 + MOD) * HID + j[None, :], mask=ok, other=0.0)
     mean = tl.load(st_ptr + MOD * 2 * HID + j, mask=mj, other=0.0)
     rstd = tl.load(st_ptr + (MOD * 2 + 1) * HID + j, mask=mj, other=0.0)
-    gam = tl.load(gam_ptr + j, mask=mj, other=0.0)
-    bet = tl.load(bet_ptr + j, mask=mj, other=0.0)
+    gam = tl.load(gam_ptr + j, mask=mj, other=0.0).to(tl.float64)
+    bet = tl.load(bet_ptr + j, mask=mj, other=0.0).to(tl.float64)
     xhat = tl.where(ok, (h - mean[None, :]) * rstd[None, :], 0.0)
-    hn = xhat * gam[None, :] + bet[None, :]
-    a = tl.where(ok, _gelu(hn), 0.0)
-    da = tl.zeros((BB, BH), dtype=tl.float32)
+    a = tl.where(ok, _gelu(xhat * gam[None, :] + bet[None, :]), 0.0)
+    da = tl.zeros((BB, BH), dtype=tl.float64)
     for c0 in range(0, C, BC2):
         cc = c0 + tl.arange(0, BC2)
         mc = cc < C
@@ -185,22 +198,23 @@ def _mlp_bwd_one(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr, w1_ptr, ga
         dc = tl.load(gbase, mask=mbc, other=0.0)
         for sp in range(1, NSG):
             dc += tl.load(gbase + sp, mask=mbc, other=0.0)
-        cv = tl.load(c_ptr + (rb[:, None] * 2 + MOD) * C + cc[None, :], mask=mbc, other=0.0)
+        cv = tl.load(c_ptr + (rb[:, None] * 2 + MOD) * C + cc[None, :], mask=mbc, other=0.0).to(tl.float64)
         dl = dc * cv * (1.0 - cv)                                            # (BB, BC2)
         w2 = tl.load(w2_ptr + cc[:, None] * HID + j[None, :], mask=mc[:, None] & mj[None, :], other=0.0)
-        da += tl.dot(dl, w2, input_precision="ieee")
-        dw2 = tl.dot(tl.trans(dl), a, input_precision="ieee")               # (BC2, BH)
+        da = tl.dot(dl, w2.to(tl.float64), da, out_dtype=tl.float64)
+        dw2 = tl.dot(tl.trans(dl), a, out_dtype=tl.float64)                # (BC2, BH)
         tl.store(dw2_ptr + cc[:, None] * HID + j[None, :], dw2, mask=mc[:, None] & mj[None, :])
         tl.store(db2_ptr + cc, tl.sum(dl, axis=0), mask=mc)
-    # GELU (erf form): d/dx = Phi(x) + x phi(x)
+    # GELU (erf form): d/dx = Phi(x) + x phi(x); hn recomputed, not held in registers across the loop
+    hn = xhat * gam[None, :] + bet[None, :]
     dgelu = 0.5 * (1.0 + tl.math.erf(hn * 0.7071067811865476)) + hn * tl.exp(-0.5 * hn * hn) * 0.3989422804014327
     dhn = tl.where(ok, da * dgelu, 0.0)
     tl.store(dbet_ptr + j, tl.sum(dhn, axis=0), mask=mj)
     tl.store(dgam_ptr + j, tl.sum(dhn * xhat, axis=0), mask=mj)
     dxh = dhn * gam[None, :]
-    if TRAIN:
-        mdx = tl.sum(dxh, axis=0) / Bt
-        mdxx = tl.sum(dxh * xhat, axis=0) / Bt
+    if TRAIN:  # batch statistics: dh = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
+        mdx = tl.sum(dxh, axis=0) / tl.cast(Bt, tl.float64)
+        mdxx = tl.sum(dxh * xhat, axis=0) / tl.cast(Bt, tl.float64)
         dh = rstd[None, :] * (dxh - mdx[None, :] - xhat * mdxx[None, :])
     else:
         dh = dxh * rstd[None, :]
@@ -209,10 +223,10 @@ def _mlp_bwd_one(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr, w1_ptr, ga
         k = k0 + tl.arange(0, BK)
         mk = k < 2 * C
         f = _pooled(P_ptr, rb, mb, k, mk, C, NS, inv_hw, MOD)
-        dw1 = tl.dot(tl.trans(dh), f, input_precision="ieee")               # (BH, BK)
+        dw1 = tl.dot(tl.trans(dh), f, out_dtype=tl.float64)                # (BH, BK)
         tl.store(dw1_ptr + j[:, None] * 2 * C + k[None, :], dw1, mask=mj[:, None] & mk[None, :])
         w1 = tl.load(w1_ptr + j[:, None] * 2 * C + k[None, :], mask=mj[:, None] & mk[None, :], other=0.0)
-        df = tl.dot(dh, w1, input_precision="ieee") * inv_hw                 # (BB, BK)
+        df = tl.dot(dh, w1.to(tl.float64), out_dtype=tl.float64) * inv_hw  # (BB, BK)
         tl.store(dF_ptr + (rb[:, None] * 2 + MOD) * 2 * C + k[None, :], df, mask=mb[:, None] & mk[None, :])
 
 
@@ -220,17 +234,17 @@ def _mlp_bwd_kernel(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr,
                     w1a_ptr, gama_ptr, beta_ptr, w2a_ptr, w1b_ptr, gamb_ptr, betb_ptr, w2b_ptr,
                     dw1a_ptr, dgama_ptr, dbeta_ptr, dw2a_ptr, db2a_ptr,
                     dw1b_ptr, dgamb_ptr, dbetb_ptr, dw2b_ptr, db2b_ptr,
-                    Bt, C, HID, inv_hw,
+                    Bt, C, HID, HW,
                     TRAIN: constexpr, BB: constexpr, BH: constexpr, BK: constexpr, BC2: constexpr):
     """Program m: every gradient of MLP m from dc = G summed over its NSG partials, and
     dF[b, m, k] = dL/d cat(...)[b, k] / (H W) for the gate's backward to add to dx."""
     if tl.program_id(0) == 0:
         _mlp_bwd_one(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr, w1a_ptr, gama_ptr, beta_ptr, w2a_ptr,
-                     dw1a_ptr, dgama_ptr, dbeta_ptr, dw2a_ptr, db2a_ptr, Bt, C, HID, inv_hw,
+                     dw1a_ptr, dgama_ptr, dbeta_ptr, dw2a_ptr, db2a_ptr, Bt, C, HID, HW,
                      0, TRAIN, BB, BH, BK, BC2)
     else:
         _mlp_bwd_one(G_ptr, NSG, P_ptr, NS, c_ptr, h_ptr, st_ptr, dF_ptr, w1b_ptr, gamb_ptr, betb_ptr, w2b_ptr,
-                     dw1b_ptr, dgamb_ptr, dbetb_ptr, dw2b_ptr, db2b_ptr, Bt, C, HID, inv_hw,
+                     dw1b_ptr, dgamb_ptr, dbetb_ptr, dw2b_ptr, db2b_ptr, Bt, C, HID, HW,
                      1, TRAIN, BB, BH, BK, BC2)
 
 
@@ -259,7 +273,7 @@ def _kernels() -> dict:
 # 16 channels x 128 pixels, 4 warps (ptxas sm_90: 212 registers for the fp32 dy x s sum with
 # 256-pixel tiles and a division per pixel); the MLP is 2 programs of 8 warps.
 _SUMS = dict(BC=16, BP=128, num_warps=4, programs_per_sm=4)
-_MLP = dict(BK=32, BC2=32, num_warps=8)
+_MLP = dict(BK=16, BC2=16, num_warps=8)   # fp64 MMAs: 32 x 32 chunks spilled 2 KB in the backward
 MAX_BB_BH = 64 * 256  # the MLP keeps (Bt, hidden) in one program's registers
 
 
@@ -293,7 +307,7 @@ def _plane_sums(x_ct, x_pet, g_ct=None, g_pet=None, s=None):
     k = _kernels()
     Bt, C, H, W = x_ct.shape
     cfg = _sums_config(Bt, C, H, W, x_ct.device)
-    out = torch.empty((Bt, 2, C, cfg["NS"]), dtype=torch.float32, device=x_ct.device)
+    out = torch.empty((Bt, 2, C, cfg["NS"]), dtype=torch.float64, device=x_ct.device)
     grad = g_ct is not None
     ga, gb = (g_ct, g_pet) if grad else (x_ct, x_pet)
     k["_plane_sums_kernel"][cfg["grid"]](
@@ -306,8 +320,10 @@ def _plane_sums(x_ct, x_pet, g_ct=None, g_pet=None, s=None):
 
 def _mlp_meta(Bt, C, HID):
     bb, bh = max(16, _pow2(Bt)), max(16, _pow2(HID))
-    # ptxas sm_90, 8 warps: the backward at BB 16 x BH 256 (cgm4) took 255 registers + 144 B of
-    # spills, with 16 warps 128 + 56 B (fwd: 128 + 0 -> 64 + 0), so tiles of 16 x 256 and more get 16
+    # ptxas sm_90 (fp32 math, chunks of 32): the backward at BB 16 x BH 256 (cgm4) took 255 registers
+    # + 144 B of spills with 8 warps, 128 + 56 B with 16, so tiles of 16 x 256 and more get 16. In
+    # float64 with chunks of 16 (compile_offline.py): 16 warps 128 + 264 B (8 warps 255 + 144 B;
+    # chunks of 32: 64 + 2008 B), forward 128 + 0; not yet timed on a GPU
     return dict(BB=bb, BH=bh, BK=_MLP["BK"], BC2=_MLP["BC2"],
                 num_warps=_MLP["num_warps"] * (2 if bb * bh >= 16 * 256 else 1))
 
@@ -362,12 +378,12 @@ class _FusedCGM(torch.autograd.Function):
         dev = x_ct.device
         P = _plane_sums(x_ct, x_pet)
         c = torch.empty((Bt, 2, C), dtype=torch.float32, device=dev)
-        hsv = torch.empty((Bt, 2, HID), dtype=torch.float32, device=dev)
-        st = torch.empty((2, 2, HID), dtype=torch.float32, device=dev)
+        hsv = torch.empty((Bt, 2, HID), dtype=torch.float64, device=dev)
+        st = torch.empty((2, 2, HID), dtype=torch.float64, device=dev)
         meta = _mlp_meta(Bt, C, HID)
         k["_mlp_fwd_kernel"][(2,)](
             P, c, hsv, st, w1a, ga, ba, w2a, b2a, *bufs[0], w1b, gb, bb, w2b, b2b, *bufs[1],
-            Bt, C, HID, P.shape[-1], 1.0 / (H * W), float(momentum), float(eps), Bt / max(Bt - 1, 1),
+            Bt, C, HID, P.shape[-1], H * W, float(momentum), float(eps),
             TRAIN=training, **meta)
         c_ct, c_pet = c[:, 0], c[:, 1]
         y_ct, y_pet, s = gate._forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual)
@@ -395,7 +411,7 @@ class _FusedCGM(torch.autograd.Function):
         dF = torch.empty((Bt, 2, 2 * C), dtype=torch.float32, device=x_ct.device)
         k["_mlp_bwd_kernel"][(2,)](
             G, G.shape[-1], P, P.shape[-1], c, hsv, st, dF, w1a, ga, ba, w2a, w1b, gb, bb, w2b, *parts,
-            Bt, C, HID, 1.0 / (H * W), TRAIN=ctx.training, **_mlp_meta(Bt, C, HID))
+            Bt, C, HID, H * W, TRAIN=ctx.training, **_mlp_meta(Bt, C, HID))
         dxa, dxb, _, dw = gate._backward_launch(g_ct, g_pet, x_ct, x_pet, c[:, 0], c[:, 1], w_ct, w_pet, s,
                                                 ctx.residual, dp=dF)
         dw = dw.sum(0)
