@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from .._triton_env import availability, fix_interpreter_index, interpreting  # noqa: F401  (backend API)
+from .._triton_math import helpers as _shared_helpers
 
 from . import reference
 
@@ -109,15 +110,6 @@ def _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, 
     vb = tl.load(wb_ptr + row * swb_c + ky2 * swb_h + kx2 * swb_w, mask=mm & (m2 == 1), other=0.0)
     return _split(va.to(tl.float32) + vb.to(tl.float32), False)
 
-
-def _round_bf16(val, ptr, INTERP: constexpr):
-    if INTERP:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            # The interpreter truncates fp32 -> bf16; round to nearest even as the GPU does.
-            bits = val.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            val = bits.to(tl.float32, bitcast=True)
-    return val
 
 
 def _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, r, C, H, wcol, in_cols,
@@ -207,7 +199,7 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
         t = _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, r, C, H, wcol, in_cols,
                       sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
                       swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, X_EXACT, TWP, BC)
-        s = tl.sigmoid(za + _pick(t, 2))     # (TWP, 2): row r - 1 is complete
+        s = _sigmoid(za + _pick(t, 2), INTERP)     # (TWP, 2): row r - 1 is complete
         za = zb + _pick(t, 1)
         zb = _pick(t, 0)
         h = r - 1
@@ -359,7 +351,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
         tl.debug_barrier()  # the partial sums' read-modify-writes of this row are done
 
 
-_HELPERS = ("_tf32_trunc", "_split", "_mm", "_wpack", "_round_bf16", "_row_taps", "_pick", "_col",
+_HELPERS = ("_tf32_trunc", "_split", "_mm", "_wpack", "_row_taps", "_pick", "_col",
             "_tile_cols", "_row_dz")
 _KERNELS = ("_cgm_fwd_kernel", "_cgm_bwd_kernel")
 _built: dict = {}
@@ -371,6 +363,7 @@ def _kernels() -> dict:
         import triton.language
         g = globals()
         g["tl"], g["constexpr"] = triton.language, triton.language.constexpr
+        g.update(_shared_helpers())  # _sigmoid, _round_bf16
         for name in _HELPERS + _KERNELS:  # helpers first: kernels find them by global name
             g[name] = triton.jit(g[name])
             _built[name] = g[name]

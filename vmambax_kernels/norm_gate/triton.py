@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from .._triton_env import availability, fix_interpreter_index, interpreting  # noqa: F401  (backend API)
+from .._triton_math import helpers as _shared_helpers
 
 from . import reference
 
@@ -42,15 +43,6 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # triton.language and its constexpr, bound by _kernels(): importing Triton waits for the first launch
 tl = constexpr = None
 
-
-def _round_bf16(val, ptr, INTERP: constexpr):
-    if INTERP:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            # The interpreter truncates fp32 -> bf16; round to nearest even as the GPU does.
-            bits = val.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            val = bits.to(tl.float32, bitcast=True)
-    return val
 
 
 def _tile(t, L, NQ, BP: constexpr, EVEN: constexpr):
@@ -84,7 +76,7 @@ def _fwd_chunk(yv, mean, rstd, z_row, o_row, w_ptr, b_ptr, out_ptr, sz_c, so_c, 
     w = tl.load(w_ptr + cc, mask=mc, other=0.0).to(tl.float32)
     bb = tl.load(b_ptr + cc, mask=mc, other=0.0).to(tl.float32)
     z = _load_q(z_row, sz_c, cc, mc, ok)
-    out = _round_bf16((xh * w[None, :] + bb[None, :]) * (z * tl.sigmoid(z)), out_ptr, INTERP)
+    out = _round_bf16((xh * w[None, :] + bb[None, :]) * (z * _sigmoid(z, INTERP)), out_ptr, INTERP)
     tl.store(o_row[:, None] + cc[None, :] * so_c, out.to(out_ptr.dtype.element_ty),
              mask=ok[:, None] & mc[None, :])
 
@@ -99,12 +91,13 @@ def _norm_gate_fwd_kernel(y_ptr, z_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_pt
     z_row = z_ptr + b * sz_b + p * sz_p
     o_row = out_ptr + b * so_b + p * so_p
     ch = tl.arange(0, BD)
+    dm = Dm * 1.0   # divisions are tl.div_rn: Triton's `/` is div.full.f32 (2 ulp), PyTorch's rounds
     if ONE:
         mc = ch < Dm
         yv = _load_y(y_row, sy_c, ch, mc, ok)
-        mean = tl.sum(yv, axis=0) / Dm
+        mean = tl.div_rn(tl.sum(yv, axis=0), dm)
         d = tl.where(mc[:, None], yv - mean[None, :], 0.0)
-        var = tl.sum(d * d, axis=0) / Dm
+        var = tl.div_rn(tl.sum(d * d, axis=0), dm)
     else:
         mean = tl.zeros((BP,), dtype=tl.float32)
         m2 = tl.zeros((BP,), dtype=tl.float32)
@@ -113,14 +106,14 @@ def _norm_gate_fwd_kernel(y_ptr, z_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_pt
             mc = cc < Dm
             yv = _load_y(y_row, sy_c, cc, mc, ok)
             nb = tl.minimum(Dm - c0, BD).to(tl.float32)
-            mean_b = tl.sum(yv, axis=0) / nb
+            mean_b = tl.div_rn(tl.sum(yv, axis=0), nb)
             d = tl.where(mc[:, None], yv - mean_b[None, :], 0.0)
             # Chan et al.: merge (c0, mean, m2) with this chunk's (nb, mean_b, sum d^2)
             na = c0 * 1.0
             delta = mean_b - mean
-            mean += delta * (nb / (na + nb))
-            m2 += tl.sum(d * d, axis=0) + delta * delta * (na * nb / (na + nb))
-        var = m2 / Dm
+            mean += delta * tl.div_rn(nb, na + nb)
+            m2 += tl.sum(d * d, axis=0) + delta * delta * tl.div_rn(na * nb, na + nb)
+        var = tl.div_rn(m2, dm)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     tl.store(mean_ptr + b * L + p, mean, mask=ok)
     tl.store(rstd_ptr + b * L + p, rstd, mask=ok)
@@ -134,14 +127,15 @@ def _norm_gate_fwd_kernel(y_ptr, z_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_pt
             _fwd_chunk(yv, mean, rstd, z_row, o_row, w_ptr, b_ptr, out_ptr, sz_c, so_c, cc, mc, ok, INTERP)
 
 
-def _bwd_terms(y_row, g_row, z_row, mean, rstd, w_ptr, b_ptr, sy_c, sg_c, sz_c, cc, mc, ok):
+def _bwd_terms(y_row, g_row, z_row, mean, rstd, w_ptr, b_ptr, sy_c, sg_c, sz_c, cc, mc, ok,
+               INTERP: constexpr):
     """The chunk's xhat, dxhat = g silu(z) w, dn = g silu(z) and dz, each [BP, BD] fp32."""
     xh = tl.trans((_load_y(y_row, sy_c, cc, mc, ok) - mean[None, :]) * rstd[None, :])
     w = tl.load(w_ptr + cc, mask=mc, other=0.0).to(tl.float32)
     bb = tl.load(b_ptr + cc, mask=mc, other=0.0).to(tl.float32)
     g = _load_q(g_row, sg_c, cc, mc, ok)
     z = _load_q(z_row, sz_c, cc, mc, ok)
-    sg = tl.sigmoid(z)
+    sg = _sigmoid(z, INTERP)
     dn = g * (z * sg)
     dz = g * (xh * w[None, :] + bb[None, :]) * (sg * (1.0 + z * (1.0 - sg)))
     return xh, dn * w[None, :], dn, dz
@@ -150,7 +144,8 @@ def _bwd_terms(y_row, g_row, z_row, mean, rstd, w_ptr, b_ptr, sy_c, sg_c, sz_c, 
 def _bwd_pass1(y_row, g_row, z_row, dz_row, mean, rstd, w_ptr, b_ptr, dz_ptr,
                sy_c, sg_c, sz_c, sdz_c, cc, mc, ok, INTERP: constexpr):
     """Writes the chunk's dz; returns xhat, dxhat and the chunk's parts of s1, s2, dw, db."""
-    xh, dxh, dn, dz = _bwd_terms(y_row, g_row, z_row, mean, rstd, w_ptr, b_ptr, sy_c, sg_c, sz_c, cc, mc, ok)
+    xh, dxh, dn, dz = _bwd_terms(y_row, g_row, z_row, mean, rstd, w_ptr, b_ptr, sy_c, sg_c, sz_c, cc, mc, ok,
+                                 INTERP)
     dz = _round_bf16(dz, dz_ptr, INTERP)
     tl.store(dz_row[:, None] + cc[None, :] * sdz_c, dz.to(dz_ptr.dtype.element_ty),
              mask=ok[:, None] & mc[None, :])
@@ -159,7 +154,7 @@ def _bwd_pass1(y_row, g_row, z_row, dz_row, mean, rstd, w_ptr, b_ptr, dz_ptr,
 
 
 def _store_dy(xh, dxh, s1, s2, rstd, dy_row, dy_ptr, sdy_c, Dm, cc, mc, ok, INTERP: constexpr):
-    dy = rstd[:, None] * (dxh - (s1[:, None] + xh * s2[:, None]) / Dm)   # [BP, BD]
+    dy = rstd[:, None] * (dxh - tl.div_rn(s1[:, None] + xh * s2[:, None], Dm * 1.0))   # [BP, BD]
     dy = _round_bf16(tl.trans(dy), dy_ptr, INTERP)                         # [BD, BP]
     tl.store(dy_row[None, :] + cc[:, None] * sdy_c, dy.to(dy_ptr.dtype.element_ty),
              mask=mc[:, None] & ok[None, :])
@@ -213,7 +208,7 @@ def _norm_gate_bwd_kernel(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
                 cc = c0 + ch
                 mc = cc < Dm
                 xh, dxh, dn, dz = _bwd_terms(y_row, g_row, z_row, mean, rstd, w_ptr, b_ptr,
-                                             sy_c, sg_c, sz_c, cc, mc, ok)
+                                             sy_c, sg_c, sz_c, cc, mc, ok, INTERP)
                 _store_dy(xh, dxh, s1, s2, rstd, dy_row, dy_ptr, sdy_c, Dm, cc, mc, ok, INTERP)
             tl.debug_barrier()  # this tile's partial-sum read-modify-writes are done
     if ONE:
@@ -221,7 +216,7 @@ def _norm_gate_bwd_kernel(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
         tl.store(db_ptr + pid * Dm + ch, db_acc, mask=ch < Dm)
 
 
-_HELPERS = ("_round_bf16", "_tile", "_load_y", "_load_q", "_fwd_chunk", "_bwd_terms", "_bwd_pass1",
+_HELPERS = ("_tile", "_load_y", "_load_q", "_fwd_chunk", "_bwd_terms", "_bwd_pass1",
             "_store_dy")
 _KERNELS = ("_norm_gate_fwd_kernel", "_norm_gate_bwd_kernel")
 _built: dict = {}
@@ -233,6 +228,7 @@ def _kernels() -> dict:
         import triton.language
         g = globals()
         g["tl"], g["constexpr"] = triton.language, triton.language.constexpr
+        g.update(_shared_helpers())  # _sigmoid, _round_bf16
         for name in _HELPERS + _KERNELS:  # helpers first: kernels find them by global name
             g[name] = triton.jit(g[name])
             _built[name] = g[name]

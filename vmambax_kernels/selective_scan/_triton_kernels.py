@@ -263,7 +263,7 @@ def _ss2d_bwd_kernel(
                 dD_acc, dD_c = _kahan(dD_acc, dD_c, tl.sum(gy * u, axis=0))
             tl.atomic_add(du_ptr + bb * Dm * L + offs_d[None, :] * L + p[:, None], du, mask=m2, sem="relaxed")
             if SOFTPLUS:
-                ddl = ddl / (1.0 + _exp(-x, INTERP))
+                ddl = tl.div_rn(ddl, 1.0 + _exp(-x, INTERP))  # `/` is div.full.f32 (2 ulp)
             ddl = tl.where(m2, ddl, 0.0)
             if HAS_BIAS:
                 dbias_acc, dbias_c = _kahan(dbias_acc, dbias_c, tl.sum(ddl, axis=0))
@@ -560,7 +560,7 @@ def _ss2d_bwd_seq_kernel(
                         dD_acc, dD_cmp = _kahan(dD_acc, dD_cmp, gy * u)
                     tl.atomic_add(du_ptr + bb * Dm * L + offs_d * L + p, du, mask=mask_d, sem="relaxed")
                     if SOFTPLUS:
-                        ddl = ddl / (1.0 + _exp(-x, INTERP))
+                        ddl = tl.div_rn(ddl, 1.0 + _exp(-x, INTERP))  # `/` is div.full.f32 (2 ulp)
                     ddl = tl.where(mask_d, ddl, 0.0)
                     if HAS_BIAS:
                         dbias_acc, dbias_cmp = _kahan(dbias_acc, dbias_cmp, ddl)
