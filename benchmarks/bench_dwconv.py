@@ -32,8 +32,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (Bt, H, W, Dm): the 512x512 model at batch 8 (Dm = 2 d_model)
 CASES = {"enc1": (8, 128, 128, 192), "dcim_inner1": (8192, 4, 4, 192), "enc4": (8, 16, 16, 1536)}
 SWEEP = {"fwd": [dict(), dict(BP=64), dict(BP=256), dict(BC=16, BP=256), dict(num_warps=4)],
-         "bwd": [dict(), dict(BPH=128, num_warps=4), dict(BPH=512), dict(SCRATCH=False),
-                 dict(programs_per_sm=8), dict(programs_per_sm=2)]}
+         "bwd_dz": [dict(), dict(BP=128), dict(BP=32), dict(BC=16, BP=128), dict(num_warps=4)],
+         "bwd_dx": [dict(), dict(BP=128), dict(BP=32), dict(BC=16, BP=128), dict(num_warps=4)]}
 DEVICE = "cuda"
 
 
@@ -80,7 +80,7 @@ def sweep(dtype) -> None:
     xf, w, b, dy = make("enc1", dtype)
     x = xf[..., :w.shape[0]]
     ref_y, ref_g = dw_triton._forward(x, w, b), dw_triton._backward(dy, x, w, b)
-    for kind in ("fwd", "bwd"):
+    for kind in SWEEP:
         best = None
         for cfg in SWEEP[kind]:
             dw_triton.CONFIG_OVERRIDE[kind] = cfg

@@ -119,8 +119,8 @@ def record() -> list[dict]:
             w, b = torch.ones(Dm, requires_grad=True), torch.zeros(Dm, requires_grad=True)
             out = vk.norm_gate(y, z, w, b, backend="triton")
             out.backward(torch.randn_like(out))     # a dense gradient, as in training (not .sum()'s)
-    # dwconv + SiLU: a plane a forward tile divides (EVEN), 4 x 4 windows, W = 128 (backward
-    # column strips), no bias, fp16, the largest kernel; x a chunk of in_proj's output as in SS2D
+    # dwconv + SiLU: a plane the tiles divide (EVEN), 4 x 4 windows (tiles across planes), W = 128,
+    # no bias, fp16, the largest kernel; x a chunk of in_proj's output as in SS2D
     from vmambax_kernels.dwconv import triton as dwconv_triton
     dwconv_triton.interpreting = lambda: False
     dw_cases = [(dt, shape, 3, True) for dt in (torch.float32, torch.bfloat16)

@@ -23,10 +23,9 @@ pytestmark = pytest.mark.timeout(120)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-# Small tiles so the tiny shapes span several tiles, cross plane boundaries and (W = 37) column
-# strips in the backward window.
-SMALL = {"fwd": dict(BP=16, BC=8), "bwd": dict(BPH=64, BC=8)}
-
+# Small tiles so the tiny shapes span several tiles (several partial-sum rows in the backward) and
+# cross plane boundaries.
+SMALL = {"fwd": dict(BP=16, BC=8), "bwd_dz": dict(BP=16, BC=8), "bwd_dx": dict(BP=16, BC=8)}
 
 @pytest.fixture
 def config(request):
@@ -80,16 +79,31 @@ def test_matches_reference_tiny(shape, dtype):
     check(inputs(*TINY[shape], DTYPES[dtype], device="cpu"), DTYPES[dtype])
 
 
-SHUFFLE = {"fwd": SMALL["fwd"], "bwd": dict(SMALL["bwd"], SCRATCH=False)}
+# The two backward kernels on different tiles: dz with 2-channel blocks and 32-position tiles, dx
+# with a channel block wider than Dm and 8-position tiles (so the stencil's taps reach across
+# several dx tiles).
+MIXED = {"fwd": dict(BP=32, BC=4), "bwd_dz": dict(BP=32, BC=2), "bwd_dx": dict(BP=8, BC=16)}
 
 
-@pytest.mark.parametrize("config", [SMALL, SHUFFLE], indirect=True, ids=["scratch", "gather"])
-@pytest.mark.parametrize("case", [(1, 4, 37, 12), (11, 4, 4, 12), (3, 3, 5, 9)],
-                         ids=["strips", "windows", "odd"])
-def test_several_tiles_and_strips(config, case):
-    """Tiles across plane boundaries, channel blocks with a partial last one, the backward's
-    column strips (W = 37 > what a 64-position window holds), all by the rule."""
+@pytest.mark.parametrize("config", [SMALL, MIXED], indirect=True, ids=["small", "mixed"])
+@pytest.mark.parametrize("case", [(1, 4, 37, 12), (11, 4, 4, 12), (3, 3, 5, 9), (2, 4, 8, 12)],
+                         ids=["wide", "windows", "odd", "even"])
+def test_several_tiles(config, case):
+    """Tiles across plane boundaries, tiles that divide the plane (EVEN: 32 positions), channel
+    blocks with a partial last one, dz and dx on different tilings, all by the rule."""
     check(inputs(*case, torch.float32, device="cpu", seed=3), torch.float32)
+
+
+def test_gradient_layouts_agree():
+    """The dz kernel reads g through its batch and channel strides: a channels-last g, copied to a
+    packed plane, gives bit-identical gradients."""
+    inp = inputs(2, 5, 6, 7, torch.float32, device="cpu", seed=12)
+    x = inp["xf"][..., :7]
+    g = torch.randn(2, 7, 5, 6, generator=torch.Generator().manual_seed(2))
+    a = dw_triton._backward(g, x, inp["weight"], inp["bias"])
+    b = dw_triton._backward(g.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2), x, inp["weight"], inp["bias"])
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("K, bias", [(1, True), (5, False), (7, True)], ids=["k1", "k5-nobias", "k7"])

@@ -1,33 +1,27 @@
-"""Triton backend of the fused depthwise conv + SiLU: one forward and one backward kernel.
+"""Triton backend of the fused depthwise conv + SiLU: one forward kernel, two backward kernels.
 
 Notation: x (Bt, H, W, Dm) channels last, out = silu(a), a = bias + sum_d w_d x[. + d] over the
-K x K taps d = (di, dj), |di|, |dj| <= P = (K - 1) // 2, zero outside the plane. A program owns a
-block of BC channels and a tile of positions:
+K x K taps d = (di, dj), |di|, |dj| <= P = (K - 1) // 2, zero outside the plane. Every kernel
+works on tiles of BP consecutive positions q of the flattened (Bt, H, W) (several whole planes
+when planes are small, e.g. 4 x 4 windows) by BC channels. Each tap is one masked [BP, BC] load,
+coalesced along channels (the neighbours come from L1/L2).
 
-  forward:  BP consecutive positions q of the flattened (Bt, H, W) (several whole planes when
-            planes are small, e.g. 4 x 4 windows). Each tap is one masked [BP, BC] load of x,
-            coalesced along channels (the neighbours come from L1/L2); a is summed in fp32 and
-            silu(a) is stored as [BC, BP] into out (Bt, Dm, H, W), coalesced along positions:
-            Triton converts the layout through shared memory, so the transpose costs no pass.
-  backward: dz = g silu'(a) is needed around each position, so a program recomputes a and dz on
-            a window of BPH positions that holds its TILE output positions plus E = P VW + P on
-            each side, then shifts dz for each tap: through the program's own fp32 scratch
-            window (written once, read back 9 times from L1/L2 after a barrier; SCRATCH) or in
-            registers (tl.gather along positions). dx[q] = sum_d w_d dz[q - d] (stored channels
-            last), dw_d += sum_q x[q] dz[q - d], db += sum_q dz[q] over the owned q. A program
-            keeps one channel block and loops over tiles, so dw and db stay in registers; they
-            are per-program partial sums in fp32, summed on the host (deterministic, no atomics).
-
-The backward walks "virtual planes" of width VW: the real plane (VW = W) when it is narrow, else
-NS column strips of CW owned columns plus P halo columns on both sides (VW = CW + 2P), so that the
-halo E stays small against the window (_bwd_geometry picks the strips).
+  forward:  a is summed in fp32 and silu(a) is stored as [BC, BP] into out (Bt, Dm, H, W),
+            coalesced along positions: Triton converts the layout through shared memory, so the
+            transpose costs no pass.
+  backward: (1) _dwconv_bwd_dz_kernel recomputes a on its tile as the forward does, stores
+            dz = g silu'(a) in fp32 channels last (Bt, H, W, Dm) and adds db += sum_q dz[q],
+            dw_d += sum_q dz[q] x[q + d] (the x taps, reloaded from L1/L2): one row of fp32 partial
+            sums per tile, summed on the host in fp64 (deterministic, no atomics).
+            (2) _dwconv_bwd_dx_kernel: dx[q] = sum_d w_d dz[q - d], a stencil over the dz
+            buffer, stored channels last in x's dtype. The buffer costs one fp32 write and
+            one read of Bt L Dm values; in exchange neither kernel needs a halo window, a
+            scratch copy or a barrier (the single fused kernel they replace held 255 registers).
 
 Runs on CUDA GPUs, or on CPU tensors under TRITON_INTERPRET=1 (tests). Kernels are defined on the
 first launch, because Triton picks compiling or interpreting when a kernel is defined.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -54,6 +48,38 @@ def _round_bf16(val, ptr, INTERP: constexpr):
     return val
 
 
+def _tile(t, L, NQ, BP: constexpr, EVEN: constexpr):
+    """Tile t of BP flattened positions: (plane b, in-plane position p, valid)."""
+    if EVEN:  # BP divides H W: one plane, contiguous positions (vectorised loads and stores)
+        q0 = t * BP
+        b = q0 // L
+        p = tl.multiple_of(q0 - b * L, BP) + tl.arange(0, BP)
+        ok = p < L
+    else:
+        q = t * BP + tl.arange(0, BP)
+        b = q // L
+        p = q - b * L
+        ok = q < NQ
+    return b.to(tl.int64), p, ok
+
+
+def _preact(x_ptr, w_ptr, b_ptr, xrow, h, w, ok, c, mc, H, W, sx_h, sx_w, sw_c, sw_h, sw_w,
+            HAS_BIAS: constexpr, K: constexpr, P: constexpr, BP: constexpr, BC: constexpr):
+    """a = bias + sum_d w_d x[q + d] on a [BP, BC] tile, in fp32 (zero-padded plane)."""
+    acc = tl.zeros((BP, BC), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=mc, other=0.0).to(tl.float32)[None, :]
+    for ki in range(K):   # a runtime loop over rows: all K K taps unrolled spilled (old bwd)
+        okh = ok & (h + (ki - P) >= 0) & (h + (ki - P) < H)
+        for kj in tl.static_range(K):
+            okw = okh & (w + (kj - P) >= 0) & (w + (kj - P) < W)
+            wv = tl.load(w_ptr + c * sw_c + ki * sw_h + kj * sw_w, mask=mc, other=0.0).to(tl.float32)
+            xv = tl.load(xrow[:, None] + ((ki - P) * sx_h + (kj - P) * sx_w) + c[None, :],
+                         mask=okw[:, None] & mc[None, :], other=0.0).to(tl.float32)
+            acc += xv * wv[None, :]
+    return acc
+
+
 def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, Dm, H, W, NQ, n_cb,
                        sx_b, sx_h, sx_w, sw_c, sw_h, sw_w,
                        HAS_BIAS: constexpr, EVEN: constexpr, INTERP: constexpr,
@@ -64,117 +90,86 @@ def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, Dm, H, W, NQ, n_cb,
     c = cb * BC + tl.arange(0, BC)
     mc = c < Dm
     L = H * W
-    if EVEN:  # BP divides H W: one plane, contiguous positions (vectorised stores)
-        q0 = t * BP
-        b = q0 // L
-        p = tl.multiple_of(q0 - b * L, BP) + tl.arange(0, BP)
-        ok = p < L
-    else:
-        q = t * BP + tl.arange(0, BP)
-        b = q // L
-        p = q - b * L
-        ok = q < NQ
-    b = b.to(tl.int64)
+    b, p, ok = _tile(t, L, NQ, BP, EVEN)
     h = p // W
     w = p - h * W
     xrow = x_ptr + (b * sx_b + h * sx_h + w * sx_w)                 # [BP] pointers
-    acc = tl.zeros((BP, BC), dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=mc, other=0.0).to(tl.float32)[None, :]
-    for ki in range(K):   # a runtime loop over rows: all K K taps unrolled spilled (bwd)
-        okh = ok & (h + (ki - P) >= 0) & (h + (ki - P) < H)
-        for kj in tl.static_range(K):
-            okw = okh & (w + (kj - P) >= 0) & (w + (kj - P) < W)
-            wv = tl.load(w_ptr + c * sw_c + ki * sw_h + kj * sw_w, mask=mc, other=0.0).to(tl.float32)
-            xv = tl.load(xrow[:, None] + ((ki - P) * sx_h + (kj - P) * sx_w) + c[None, :],
-                         mask=okw[:, None] & mc[None, :], other=0.0).to(tl.float32)
-            acc += xv * wv[None, :]
+    acc = _preact(x_ptr, w_ptr, b_ptr, xrow, h, w, ok, c, mc, H, W, sx_h, sx_w, sw_c, sw_h, sw_w,
+                  HAS_BIAS, K, P, BP, BC)
     y = _round_bf16(tl.trans(acc * tl.sigmoid(acc)), out_ptr, INTERP)  # [BC, BP]
     o = out_ptr + (b * Dm * L + p)                                       # out[b, 0, p]
     tl.store(o[None, :] + c[:, None] * L, y.to(out_ptr.dtype.element_ty), mask=mc[:, None] & ok[None, :])
 
 
-def _dwconv_bwd_kernel(g_ptr, x_ptr, w_ptr, b_ptr, dx_ptr, dwp_ptr, dbp_ptr, scr_ptr,
-                       Dm, H, W, NV, VW, CW, NS, POFS, TILE, n_tiles, n_tp, n_cb,
-                       sg_b, sg_c, sg_h, sg_w, sx_b, sx_h, sx_w, sw_c, sw_h, sw_w,
-                       HAS_BIAS: constexpr, SCRATCH: constexpr, INTERP: constexpr, K: constexpr,
-                       P: constexpr, KKP: constexpr, BPH: constexpr, BC: constexpr):
+def _dwconv_bwd_dz_kernel(g_ptr, x_ptr, w_ptr, b_ptr, dz_ptr, dwp_ptr, dbp_ptr,
+                          Dm, H, W, NQ, n_cb, sg_b, sg_c,
+                          sx_b, sx_h, sx_w, sw_c, sw_h, sw_w,
+                          HAS_BIAS: constexpr, EVEN: constexpr, K: constexpr, P: constexpr,
+                          KKP: constexpr, BP: constexpr, BC: constexpr):
     pid = tl.program_id(0)
     cb = pid % n_cb
-    tp = pid // n_cb
+    t = pid // n_cb
     c = cb * BC + tl.arange(0, BC)
     mc = c < Dm
-    E = P * VW + P
-    i = tl.arange(0, BPH)
+    L = H * W
     kk = tl.arange(0, KKP)
-    dw = tl.zeros((KKP, BC), dtype=tl.float32)     # this program's partial sums (one channel block)
-    db = tl.zeros((BC,), dtype=tl.float32)
-    scr = scr_ptr + pid.to(tl.int64) * (BPH * BC) + tl.arange(0, BC)[None, :]   # its own [BPH, BC]
-    for t in range(tp, n_tiles, n_tp):
-        # window slot i <-> virtual position v = (plane b, strip s, row h, column j): real column w
-        v = t * TILE - E + i
-        inv = (v >= 0) & (v < NV)
-        v = tl.where(inv, v, 0)
-        j = v % VW
-        r = v // VW
-        h = r % H
-        r = r // H
-        s = r % NS
-        b = (r // NS).to(tl.int64)
-        w = s * CW - POFS + j
-        real = inv & (w >= 0) & (w < W)
-        own = real & (j >= POFS) & (j < VW - POFS) & (i >= E) & (i < E + TILE)
-        # pre-activation a and dz = g silu'(a) on the whole window (zero where not a real position)
-        xrow = x_ptr + (b * sx_b + h * sx_h + w * sx_w)
-        a = tl.zeros((BPH, BC), dtype=tl.float32)
-        if HAS_BIAS:
-            a += tl.load(b_ptr + c, mask=mc, other=0.0).to(tl.float32)[None, :]
-        for ki in range(K):   # a runtime loop over rows: all K K taps unrolled spilled (bwd)
-            okh = real & (h + (ki - P) >= 0) & (h + (ki - P) < H)
-            for kj in tl.static_range(K):
-                okw = okh & (w + (kj - P) >= 0) & (w + (kj - P) < W)
-                wv = tl.load(w_ptr + c * sw_c + ki * sw_h + kj * sw_w, mask=mc, other=0.0).to(tl.float32)
-                xv = tl.load(xrow[:, None] + ((ki - P) * sx_h + (kj - P) * sx_w) + c[None, :],
-                             mask=okw[:, None] & mc[None, :], other=0.0).to(tl.float32)
-                a += xv * wv[None, :]
-        grow = g_ptr + (b * sg_b + h * sg_h + w * sg_w)
-        gv = tl.load(grow[:, None] + c[None, :] * sg_c, mask=real[:, None] & mc[None, :],
-                     other=0.0).to(tl.float32)
-        sg = tl.sigmoid(a)
-        dz = gv * (sg * (1.0 + a * (1.0 - sg)))
-        mo = own[:, None] & mc[None, :]
-        db += tl.sum(tl.where(mo, dz, 0.0), axis=0)
-        xc = tl.load(xrow[:, None] + c[None, :], mask=mo, other=0.0).to(tl.float32)
-        if SCRATCH:   # shifts through the program's scratch rows (L1/L2), not register shuffles
-            tl.store(scr + i[:, None] * BC, dz)
-            tl.debug_barrier()
-        dx = tl.zeros((BPH, BC), dtype=tl.float32)
-        for ki in range(K):   # a runtime loop over rows: all K K taps unrolled spilled (bwd)
-            for kj in tl.static_range(K):
-                # dz[q - d], d = (ki - P, kj - P): slot i - (di VW + dj) of the same virtual plane
-                ok = own & (h - (ki - P) >= 0) & (h - (ki - P) < H) & (j - (kj - P) >= 0) & (j - (kj - P) < VW)
-                src = tl.where(ok, i - ((ki - P) * VW + (kj - P)), 0)
-                if SCRATCH:
-                    gd = tl.load(scr + src[:, None] * BC, mask=ok[:, None], other=0.0)
-                else:
-                    gd = tl.gather(dz, tl.broadcast_to(src[:, None], (BPH, BC)), 0)
-                    gd = tl.where(ok[:, None], gd, 0.0)
-                wv = tl.load(w_ptr + c * sw_c + ki * sw_h + kj * sw_w, mask=mc, other=0.0).to(tl.float32)
-                dx += gd * wv[None, :]
-                dw += tl.where(kk[:, None] == ki * K + kj, tl.sum(xc * gd, axis=0)[None, :], 0.0)
-        dx = _round_bf16(dx, dx_ptr, INTERP)
-        drow = dx_ptr + ((b * H + h) * W + w) * Dm                    # dx contiguous channels last
-        tl.store(drow[:, None] + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mo)
-        if SCRATCH:
-            tl.debug_barrier()   # every thread has read the scratch before the next tile rewrites it
-    prow = tp.to(tl.int64) * Dm
+    dw = tl.zeros((KKP, BC), dtype=tl.float32)     # this tile's partial sums
+    b, p, ok = _tile(t, L, NQ, BP, EVEN)
+    h = p // W
+    w = p - h * W
+    xrow = x_ptr + (b * sx_b + h * sx_h + w * sx_w)
+    a = _preact(x_ptr, w_ptr, b_ptr, xrow, h, w, ok, c, mc, H, W, sx_h, sx_w, sw_c, sw_h, sw_w,
+                HAS_BIAS, K, P, BP, BC)
+    m = ok[:, None] & mc[None, :]
+    # g (Bt, Dm, H, W) with a packed plane (the launcher ensures it): g[b, c, p]
+    gv = tl.load(g_ptr + (b * sg_b + p)[:, None] + c[None, :] * sg_c, mask=m, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(a)
+    dz = gv * (sg * (1.0 + a * (1.0 - sg)))    # 0 outside the tile: g is loaded as 0 there
+    db = tl.sum(dz, axis=0)
+    tl.store(dz_ptr + (b * L + p)[:, None] * Dm + c[None, :], dz, mask=m)
+    for ki in range(K):
+        okh = ok & (h + (ki - P) >= 0) & (h + (ki - P) < H)
+        for kj in tl.static_range(K):
+            okw = okh & (w + (kj - P) >= 0) & (w + (kj - P) < W)
+            xv = tl.load(xrow[:, None] + ((ki - P) * sx_h + (kj - P) * sx_w) + c[None, :],
+                         mask=okw[:, None] & mc[None, :], other=0.0).to(tl.float32)
+            dw += tl.where(kk[:, None] == ki * K + kj, tl.sum(xv * dz, axis=0)[None, :], 0.0)
+    prow = t.to(tl.int64) * Dm
     tl.store(dwp_ptr + (prow + c[None, :]) * (K * K) + kk[:, None], dw,
              mask=(kk[:, None] < K * K) & mc[None, :])
     tl.store(dbp_ptr + prow + c, db, mask=mc)
 
 
-_HELPERS = ("_round_bf16",)
-_KERNELS = ("_dwconv_fwd_kernel", "_dwconv_bwd_kernel")
+def _dwconv_bwd_dx_kernel(dz_ptr, w_ptr, dx_ptr, Dm, H, W, NQ, n_cb, sw_c, sw_h, sw_w,
+                          EVEN: constexpr, INTERP: constexpr, K: constexpr, P: constexpr,
+                          BP: constexpr, BC: constexpr):
+    pid = tl.program_id(0)
+    cb = pid % n_cb
+    t = pid // n_cb
+    c = cb * BC + tl.arange(0, BC)
+    mc = c < Dm
+    L = H * W
+    b, p, ok = _tile(t, L, NQ, BP, EVEN)
+    h = p // W
+    w = p - h * W
+    row = (b * L + p) * Dm                          # [BP] offsets of dz[q, 0] and dx[q, 0]
+    acc = tl.zeros((BP, BC), dtype=tl.float32)
+    for ki in range(K):
+        okh = ok & (h - (ki - P) >= 0) & (h - (ki - P) < H)
+        for kj in tl.static_range(K):
+            # dz[q - d], d = (ki - P, kj - P), inside the same plane
+            okw = okh & (w - (kj - P) >= 0) & (w - (kj - P) < W)
+            wv = tl.load(w_ptr + c * sw_c + ki * sw_h + kj * sw_w, mask=mc, other=0.0).to(tl.float32)
+            gd = tl.load(dz_ptr + row[:, None] - ((ki - P) * W + (kj - P)) * Dm + c[None, :],
+                         mask=okw[:, None] & mc[None, :], other=0.0)
+            acc += gd * wv[None, :]
+    acc = _round_bf16(acc, dx_ptr, INTERP)
+    tl.store(dx_ptr + row[:, None] + c[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=ok[:, None] & mc[None, :])
+
+
+_HELPERS = ("_round_bf16", "_tile", "_preact")
+_KERNELS = ("_dwconv_fwd_kernel", "_dwconv_bwd_dz_kernel", "_dwconv_bwd_dx_kernel")
 _built: dict = {}
 
 
@@ -200,40 +195,19 @@ def _kernels() -> dict:
 # fwd: a [BP, BC] = 128 x 32 tile over 8 warps (16 values per thread): 88 registers (103 when
 # tiles cross planes); 4 warps took 159-182. 32 bf16 channels are 64 contiguous bytes per
 # position, 128 positions 256 contiguous output bytes per channel when a tile lies in one plane.
-# bwd: a window of 256 positions x 16 channels over 8 warps: 255 registers and no spills; 512
-# positions spilled (16-440 B), and the register-shuffle shift (SCRATCH False) spilled 24 B.
-# The window's halo share at enc1 (W 128): 0.24 of the slots at 256, 0.18 at 512. Each of
-# programs_per_sm x SMs programs keeps a 16 KB fp32 scratch window (L2-resident in total).
+# bwd_dz, bwd_dx: 64 x 32 tiles over 8 warps (8 values per thread), K = 3: dz 75-80 registers,
+# dx 63-72, no spills (K = 7 with 16 channels: dz 64 and 8 B of stack). 128 x 32 took 105-120
+# (dz) and 100-109 (dx); a persistent dz kernel looping over tiles with dw in registers took
+# 180-255 (bwd_dz without its loop: 105-120), hence one partial row per tile: at enc1 2048 rows x
+# 192 x 9 fp32 (14 MB, against the dz buffer's 2 x 100 MB).
 _DEFAULTS = {"fwd": dict(BP=128, BC=32, num_warps=8),
-             "bwd": dict(BPH=256, BC=16, num_warps=8, programs_per_sm=4, SCRATCH=True)}
+             "bwd_dz": dict(BP=64, BC=32, num_warps=8),
+             "bwd_dx": dict(BP=64, BC=32, num_warps=8)}
 CONFIG_OVERRIDE: dict = {}
-_SMS: dict = {}
 
 
 def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
-
-
-@functools.lru_cache(maxsize=256)
-def _bwd_geometry(W: int, P: int, BPH: int):
-    """(NS, CW, VW, POFS, TILE): strips of the plane's columns for the backward window, chosen
-    for the largest share of window slots that are owned output positions."""
-    best = None
-    for ns in range(1, W + 1):
-        cw = -(-W // ns)
-        if ns > 1 and cw * (ns - 1) >= W:     # the last strip would be empty
-            continue
-        pofs = P if ns > 1 else 0
-        vw = cw + 2 * pofs
-        tile = BPH - 2 * (P * vw + P)
-        if tile < 1:
-            continue
-        eff = tile / BPH * W / (ns * vw)
-        if best is None or eff > best[0]:
-            best = (eff, (ns, cw, vw, pofs, tile))
-    if best is None:
-        raise ValueError(f"no backward window of {BPH} positions fits K = {2 * P + 1}; raise BPH")
-    return best[1]
 
 
 def _config(kind, Dm, K):
@@ -259,38 +233,41 @@ def _forward(x, weight, bias):
     return out
 
 
+def _packed_plane(g):
+    """g (Bt, Dm, H, W) with g[b, c, h, w] at b sg_b + c sg_c + h W + w (what the dz kernel reads)."""
+    _, _, H, W = g.shape
+    return (W == 1 or g.stride(3) == 1) and (H == 1 or g.stride(2) == W)
+
+
 def _backward(g, x, weight, bias):
     """(dx (Bt, H, W, Dm) contiguous in x's dtype, dweight, dbias in the parameters' dtypes;
     dbias in weight's dtype when there is no bias)."""
     k = _kernels()
     Bt, H, W, Dm = x.shape
     K = weight.shape[-1]
-    cfg = _config("bwd", Dm, K)
-    ns, cw, vw, pofs, tile = _bwd_geometry(W, cfg["P"], cfg["BPH"])
-    nv = Bt * ns * H * vw
-    n_tiles = -(-nv // tile)
+    L, NQ = H * W, Bt * H * W
     dev = x.device
-    if dev.type == "cuda":
-        if dev not in _SMS:
-            _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-        slots = _SMS[dev] * cfg["programs_per_sm"]
-    else:
-        slots = 6  # the interpreter: a few programs, several tiles each
-    # programs per channel block, each looping over tiles with its partial sums in registers
-    n_tp = max(1, min(n_tiles, slots // cfg["n_cb"]))
-    nprog = n_tp * cfg["n_cb"]
-    dx = torch.empty((Bt, H, W, Dm), dtype=x.dtype, device=dev)
-    dwp = torch.empty((n_tp, Dm, K * K), dtype=torch.float32, device=dev)
-    dbp = torch.empty((n_tp, Dm), dtype=torch.float32, device=dev)
-    scr = torch.empty((nprog, cfg["BPH"], cfg["BC"]) if cfg["SCRATCH"] else (1,), dtype=torch.float32, device=dev)
-    k["_dwconv_bwd_kernel"][(nprog,)](
-        g, x, weight, bias, dx, dwp, dbp, scr, Dm, H, W, nv, vw, cw, ns, pofs, tile, n_tiles, n_tp,
-        cfg["n_cb"], *g.stride(), x.stride(0), x.stride(1), x.stride(2),
+    # autograd's g is contiguous (Bt, Dm, H, W) in SS2D; another layout is copied once
+    g = g if _packed_plane(g) else g.contiguous()
+    c1 = _config("bwd_dz", Dm, K)
+    n_tiles = -(-NQ // c1["BP"])
+    dz = torch.empty((Bt, H, W, Dm), dtype=torch.float32, device=dev)
+    dwp = torch.empty((n_tiles, Dm, K * K), dtype=torch.float32, device=dev)   # one row per tile
+    dbp = torch.empty((n_tiles, Dm), dtype=torch.float32, device=dev)
+    k["_dwconv_bwd_dz_kernel"][(n_tiles * c1["n_cb"],)](
+        g, x, weight, bias, dz, dwp, dbp, Dm, H, W, NQ, c1["n_cb"],
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(2), weight.stride(3),
-        HAS_BIAS=bias is not None, SCRATCH=cfg["SCRATCH"], INTERP=interpreting(), K=K, P=cfg["P"],
-        KKP=_pow2(K * K), BPH=cfg["BPH"], BC=cfg["BC"], num_warps=cfg["num_warps"])
-    dw = dwp.sum(0).view(weight.shape).to(weight.dtype)
-    db = dbp.sum(0).to(weight.dtype if bias is None else bias.dtype)
+        HAS_BIAS=bias is not None, EVEN=L % c1["BP"] == 0, K=K, P=c1["P"], KKP=_pow2(K * K),
+        BP=c1["BP"], BC=c1["BC"], num_warps=c1["num_warps"])
+    c2 = _config("bwd_dx", Dm, K)
+    dx = torch.empty((Bt, H, W, Dm), dtype=x.dtype, device=dev)
+    k["_dwconv_bwd_dx_kernel"][(-(-NQ // c2["BP"]) * c2["n_cb"],)](
+        dz, weight, dx, Dm, H, W, NQ, c2["n_cb"], weight.stride(0), weight.stride(2), weight.stride(3),
+        EVEN=L % c2["BP"] == 0, INTERP=interpreting(), K=K, P=c2["P"], BP=c2["BP"], BC=c2["BC"],
+        num_warps=c2["num_warps"])
+    dw = dwp.sum(0, dtype=torch.float64).view(weight.shape).to(weight.dtype)
+    db = dbp.sum(0, dtype=torch.float64).to(weight.dtype if bias is None else bias.dtype)
     return dx, dw, db
 
 
@@ -346,7 +323,7 @@ _fwd_op.register_autograd(_backward_rule, setup_context=_setup)
 
 
 class _EagerFn(torch.autograd.Function):
-    """The same two kernels as the ops above, for eager mode: torch.library's custom-op dispatch
+    """The same kernels as the ops above, for eager mode: torch.library's custom-op dispatch
     costs host time on every call (benchmarks/NOTES.md, "CGM kernel"), and SS2D calls this once
     per block. torch.compile traces the registered ops instead."""
 
