@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._triton_env import availability, fix_interpreter_index, interpreting  # noqa: F401  (backend API)
+from .._triton_math import helpers as _shared_helpers
 
 from . import reference
 
@@ -36,16 +37,6 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------------------------
 # triton.language and its constexpr, bound by _kernels(): importing Triton waits for the first launch
 tl = constexpr = None
-
-
-def _round_bf16(val, ptr, INTERP: constexpr):
-    if INTERP:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            # The interpreter truncates fp32 -> bf16; round to nearest even as the GPU does.
-            bits = val.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            val = bits.to(tl.float32, bitcast=True)
-    return val
 
 
 def _tile(t, L, NQ, BP: constexpr, EVEN: constexpr):
@@ -96,7 +87,7 @@ def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, Dm, H, W, NQ, n_cb,
     xrow = x_ptr + (b * sx_b + h * sx_h + w * sx_w)                 # [BP] pointers
     acc = _preact(x_ptr, w_ptr, b_ptr, xrow, h, w, ok, c, mc, H, W, sx_h, sx_w, sw_c, sw_h, sw_w,
                   HAS_BIAS, K, P, BP, BC)
-    y = _round_bf16(tl.trans(acc * tl.sigmoid(acc)), out_ptr, INTERP)  # [BC, BP]
+    y = _round_bf16(tl.trans(acc * _sigmoid(acc, INTERP)), out_ptr, INTERP)  # [BC, BP]
     o = out_ptr + (b * Dm * L + p)                                       # out[b, 0, p]
     tl.store(o[None, :] + c[:, None] * L, y.to(out_ptr.dtype.element_ty), mask=mc[:, None] & ok[None, :])
 
@@ -104,8 +95,8 @@ def _dwconv_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, Dm, H, W, NQ, n_cb,
 def _dwconv_bwd_dz_kernel(g_ptr, x_ptr, w_ptr, b_ptr, dz_ptr, dwp_ptr, dbp_ptr,
                           Dm, H, W, NQ, n_cb, sg_b, sg_c,
                           sx_b, sx_h, sx_w, sw_c, sw_h, sw_w,
-                          HAS_BIAS: constexpr, EVEN: constexpr, K: constexpr, P: constexpr,
-                          KKP: constexpr, BP: constexpr, BC: constexpr):
+                          HAS_BIAS: constexpr, EVEN: constexpr, INTERP: constexpr, K: constexpr,
+                          P: constexpr, KKP: constexpr, BP: constexpr, BC: constexpr):
     pid = tl.program_id(0)
     cb = pid % n_cb
     t = pid // n_cb
@@ -123,7 +114,7 @@ def _dwconv_bwd_dz_kernel(g_ptr, x_ptr, w_ptr, b_ptr, dz_ptr, dwp_ptr, dbp_ptr,
     m = ok[:, None] & mc[None, :]
     # g (Bt, Dm, H, W) with a packed plane (the launcher ensures it): g[b, c, p]
     gv = tl.load(g_ptr + (b * sg_b + p)[:, None] + c[None, :] * sg_c, mask=m, other=0.0).to(tl.float32)
-    sg = tl.sigmoid(a)
+    sg = _sigmoid(a, INTERP)
     dz = gv * (sg * (1.0 + a * (1.0 - sg)))    # 0 outside the tile: g is loaded as 0 there
     db = tl.sum(dz, axis=0)
     tl.store(dz_ptr + (b * L + p)[:, None] * Dm + c[None, :], dz, mask=m)
@@ -168,7 +159,7 @@ def _dwconv_bwd_dx_kernel(dz_ptr, w_ptr, dx_ptr, Dm, H, W, NQ, n_cb, sw_c, sw_h,
              mask=ok[:, None] & mc[None, :])
 
 
-_HELPERS = ("_round_bf16", "_tile", "_preact")
+_HELPERS = ("_tile", "_preact")
 _KERNELS = ("_dwconv_fwd_kernel", "_dwconv_bwd_dz_kernel", "_dwconv_bwd_dx_kernel")
 _built: dict = {}
 
@@ -179,6 +170,7 @@ def _kernels() -> dict:
         import triton.language
         g = globals()
         g["tl"], g["constexpr"] = triton.language, triton.language.constexpr
+        g.update(_shared_helpers())  # _sigmoid, _round_bf16
         for name in _HELPERS + _KERNELS:  # helpers first: kernels find them by global name
             g[name] = triton.jit(g[name])
             _built[name] = g[name]
@@ -258,7 +250,8 @@ def _backward(g, x, weight, bias):
         g, x, weight, bias, dz, dwp, dbp, Dm, H, W, NQ, c1["n_cb"],
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), x.stride(2),
         weight.stride(0), weight.stride(2), weight.stride(3),
-        HAS_BIAS=bias is not None, EVEN=L % c1["BP"] == 0, K=K, P=c1["P"], KKP=_pow2(K * K),
+        HAS_BIAS=bias is not None, EVEN=L % c1["BP"] == 0, INTERP=interpreting(), K=K, P=c1["P"],
+        KKP=_pow2(K * K),
         BP=c1["BP"], BC=c1["BC"], num_warps=c1["num_warps"])
     c2 = _config("bwd_dx", Dm, K)
     dx = torch.empty((Bt, H, W, Dm), dtype=x.dtype, device=dev)
