@@ -27,10 +27,20 @@ def load(results_dir: Path) -> list[dict]:
     return rows
 
 
+def label(r: dict) -> str:
+    """The provider as the table shows it: model records also differ by SS2D's glue and compiling."""
+    extra = []
+    if r.get("glue") == "torch" and r.get("provider") != "unfused_mamba":
+        extra.append("torch glue")
+    if r.get("compiled"):
+        extra.append(f"compiled {r['compiled']}")
+    return r.get("provider", "") + (f" ({', '.join(extra)})" if extra else "")
+
+
 def newest(rows: list[dict]) -> dict:
     best = {}
     for r in rows:
-        key = (r.get("gpu"), r.get("bench"), r.get("scope", ""), r.get("case"), r.get("dtype"), r.get("provider"))
+        key = (r.get("gpu"), r.get("bench"), r.get("scope", ""), r.get("case"), r.get("dtype"), label(r))
         if key not in best or r.get("date", "") >= best[key].get("date", ""):
             best[key] = r
     return best
