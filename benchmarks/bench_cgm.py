@@ -137,13 +137,6 @@ def graphed_ms(module, xs, grads):
     return harness.time_ms(graph.replay)
 
 
-def measure_copy_tbps() -> float:
-    src = torch.empty(2 ** 28, dtype=torch.float32, device="cuda").normal_()  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = harness.time_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
-
-
 def _kernel_args(case, dtype):
     Bt, C, H, W = CASES[case]
     xs = _inputs(case, dtype)
@@ -162,45 +155,23 @@ def kernel_times(case, dtype):
     return fwd, bwd
 
 
-def _rel(out, ref):
-    return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(out, ref))
-
-
 def sweep(dtype_name) -> dict:
-    """Time each kernel under SWEEP's configurations at cgm1; keep the fastest one per kernel whose
-    results match the reference (relative L2 error < 1e-2: a race or a bad index shows far above)."""
+    """The fastest SWEEP configuration of each kernel at cgm1 whose results match the reference."""
     dtype = DTYPES[dtype_name]
     xs, cs, ws, dys = _kernel_args("cgm1", dtype)
     leaves = [t.detach().float().requires_grad_() for t in (*xs, *cs, *ws)]
     ref_y = vk.cgm_gate(*leaves, backend="reference")
     torch.autograd.backward(ref_y, [d.float() for d in dys])
     ref_g = [t.grad for t in leaves]
-    best = {}
-    for kind in ("fwd", "bwd"):
-        print(f"== {kind} kernel, cgm1 {dtype_name}: ms for each launch configuration")
-        best_ms = float("inf")
-        for cfg in SWEEP[kind]:
-            cgm_triton.CONFIG_OVERRIDE.clear()
-            cgm_triton.CONFIG_OVERRIDE.update({**best, kind: cfg})
-            try:
-                y_ct, y_pet, s = cgm_triton._forward(*xs, *cs, *ws, True)
-                if kind == "fwd":
-                    err = _rel((y_ct, y_pet), ref_y)
-                    ms = harness.time_ms(lambda: cgm_triton._forward(*xs, *cs, *ws, True))
-                else:
-                    err = _rel(cgm_triton._backward(*dys, *xs, *cs, *ws, s, True), ref_g)
-                    ms = harness.time_ms(lambda: cgm_triton._backward(*dys, *xs, *cs, *ws, s, True))
-            except Exception as exc:  # a configuration that does not compile is reported, not fatal
-                print(f"   {cfg or 'default'}: failed: {type(exc).__name__}: {str(exc)[:300]}")
-                continue
-            ok = err < 1e-2
-            print(f"   {cfg or 'default'}: {ms:.4f} ms, rel. error {err:.2e}{'' if ok else ' REJECTED'}")
-            if ok and ms < best_ms:
-                best[kind], best_ms = dict(cfg), ms
-    cgm_triton.CONFIG_OVERRIDE.clear()
-    cgm_triton.CONFIG_OVERRIDE.update(best)
-    print(f"== using {best}")
-    return best
+
+    def trial(kind):
+        y_ct, y_pet, s = cgm_triton._forward(*xs, *cs, *ws, True)
+        if kind == "fwd":
+            return harness.rel_error((y_ct, y_pet), ref_y), lambda: cgm_triton._forward(*xs, *cs, *ws, True)
+        return (harness.rel_error(cgm_triton._backward(*dys, *xs, *cs, *ws, s, True), ref_g),
+                lambda: cgm_triton._backward(*dys, *xs, *cs, *ws, s, True))
+    print(f"== sweep at cgm1 {dtype_name}")
+    return harness.sweep_configs(cgm_triton.CONFIG_OVERRIDE, SWEEP, trial)
 
 
 def bench_case(case, dtype_name, copy_tbps, env):
@@ -250,7 +221,7 @@ def main(argv=None):
     if not why.available:
         sys.exit(f"bench_cgm.py: the triton backend cannot run: {why.reason}")
     env = harness.env_info()
-    copy_tbps = measure_copy_tbps()
+    copy_tbps = harness.copy_tbps()
     print(f"== {env['gpu']}: copy bandwidth {copy_tbps:.2f} TB/s (DESIGN.md: {COPY_TBPS})")
     dtypes = args.dtypes.split(",")
     if args.sweep:

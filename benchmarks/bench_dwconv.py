@@ -75,28 +75,18 @@ def kernel_times(case, dtype):
     return fwd, bwd
 
 
-def sweep(dtype) -> None:
-    """Keep, per kernel, the fastest SWEEP configuration at enc1 whose results match the default's."""
+def sweep(dtype) -> dict:
+    """The fastest SWEEP configuration of each kernel at enc1 whose results match the default's."""
     xf, w, b, dy = make("enc1", dtype)
     x = xf[..., :w.shape[0]]
+    dw_triton.CONFIG_OVERRIDE.clear()
     ref_y, ref_g = dw_triton._forward(x, w, b), dw_triton._backward(dy, x, w, b)
-    for kind in SWEEP:
-        best = None
-        for cfg in SWEEP[kind]:
-            dw_triton.CONFIG_OVERRIDE[kind] = cfg
-            if kind == "fwd":
-                fn = lambda: dw_triton._forward(x, w, b)  # noqa: E731
-                ok = (fn().float() - ref_y.float()).abs().max().item() < 1e-2
-            else:
-                fn = lambda: dw_triton._backward(dy, x, w, b)  # noqa: E731
-                ok = all((a.float() - r.float()).abs().max().item() <= 1e-2 * r.float().abs().max().item()
-                         for a, r in zip(fn(), ref_g))
-            ms = harness.time_ms(fn)
-            print(f"sweep {kind} {cfg or 'default'}: {ms:.4f} ms{'' if ok else '  MISMATCH (ignored)'}")
-            if ok and (best is None or ms < best[0]):
-                best = (ms, cfg)
-        dw_triton.CONFIG_OVERRIDE[kind] = best[1]
-    print(f"sweep keeps {dw_triton.CONFIG_OVERRIDE}")
+
+    def trial(kind):
+        if kind == "fwd":
+            return harness.rel_error((dw_triton._forward(x, w, b),), (ref_y,)), lambda: dw_triton._forward(x, w, b)
+        return harness.rel_error(dw_triton._backward(dy, x, w, b), ref_g), lambda: dw_triton._backward(dy, x, w, b)
+    return harness.sweep_configs(dw_triton.CONFIG_OVERRIDE, SWEEP, trial)
 
 
 def bench_case(case, dtype_name, copy_tbps, env):
@@ -140,10 +130,7 @@ def main(argv=None):
     if not why.available:
         sys.exit(f"bench_dwconv.py: the triton backend cannot run: {why.reason}")
     env = harness.env_info()
-    src = torch.empty(2 ** 28, dtype=torch.float32, device=DEVICE).normal_()   # 1 GiB
-    dst = torch.empty_like(src)
-    copy_tbps = 2 * src.numel() * 4 / (harness.time_ms(lambda: dst.copy_(src)) * 1e-3) / 1e12
-    del src, dst
+    copy_tbps = harness.copy_tbps()
     print(f"== {env['gpu']}: copy bandwidth {copy_tbps:.2f} TB/s")
     dtypes = args.dtypes.split(",")
     if args.sweep:

@@ -70,44 +70,22 @@ def _fwdbwd(fn, tensors, grad):
     return run
 
 
-def _rel(out, ref):
-    return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(out, ref))
-
-
 def sweep(case, dtype_name) -> dict:
-    """Time each kernel under SWEEP's configurations; keep the fastest whose results match the
-    reference (relative L2 error < 1e-2: a race or a bad index shows far above)."""
+    """The fastest SWEEP configuration of each kernel whose results match the reference."""
     (y, z, w, b), grad = _inputs(case, DTYPES[dtype_name])
     leaves = [t.detach().float().requires_grad_() for t in (y, z, w, b)]
     ref = vk.norm_gate(*leaves, EPS, backend="reference")
     ref.backward(grad.float())
     ref_g = [t.grad for t in leaves]
-    best = {}
-    for kind in ("fwd", "bwd"):
-        print(f"== {kind} kernel, {case} {dtype_name}: ms for each launch configuration")
-        best_ms = float("inf")
-        for cfg in SWEEP[kind]:
-            ng_triton.CONFIG_OVERRIDE.clear()
-            ng_triton.CONFIG_OVERRIDE.update({**best, kind: cfg})
-            try:
-                out, mean, rstd = ng_triton._forward(y, z, w, b, EPS)
-                if kind == "fwd":
-                    err = _rel((out,), (ref,))
-                    ms = harness.time_ms(lambda: ng_triton._forward(y, z, w, b, EPS))
-                else:
-                    err = _rel(ng_triton._backward(grad, y, z, w, b, mean, rstd), ref_g)
-                    ms = harness.time_ms(lambda: ng_triton._backward(grad, y, z, w, b, mean, rstd))
-            except Exception as exc:  # a configuration that does not compile is reported, not fatal
-                print(f"   {cfg or 'default'}: failed: {type(exc).__name__}: {str(exc)[:300]}")
-                continue
-            ok = err < 1e-2
-            print(f"   {cfg or 'default'}: {ms:.4f} ms, rel. error {err:.2e}{'' if ok else ' REJECTED'}")
-            if ok and ms < best_ms:
-                best[kind], best_ms = dict(cfg), ms
-    ng_triton.CONFIG_OVERRIDE.clear()
-    ng_triton.CONFIG_OVERRIDE.update(best)
-    print(f"== using {best}")
-    return best
+
+    def trial(kind):
+        out, mean, rstd = ng_triton._forward(y, z, w, b, EPS)
+        if kind == "fwd":
+            return harness.rel_error((out,), (ref,)), lambda: ng_triton._forward(y, z, w, b, EPS)
+        return (harness.rel_error(ng_triton._backward(grad, y, z, w, b, mean, rstd), ref_g),
+                lambda: ng_triton._backward(grad, y, z, w, b, mean, rstd))
+    print(f"== sweep at {case} {dtype_name}")
+    return harness.sweep_configs(ng_triton.CONFIG_OVERRIDE, SWEEP, trial)
 
 
 def bench_case(case, dtype_name, copy_tbps, env):
@@ -139,13 +117,6 @@ def bench_case(case, dtype_name, copy_tbps, env):
     return rows
 
 
-def measure_copy_tbps() -> float:
-    src = torch.empty(2 ** 28, dtype=torch.float32, device="cuda").normal_()  # 1 GiB
-    dst = torch.empty_like(src)
-    ms = harness.time_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="enc1,enc4,dcim_inner1")
@@ -163,7 +134,7 @@ def main(argv=None):
     if bad:
         sys.exit(f"bench_norm_gate.py: unknown cases/dtypes {bad}; cases: {list(CASES)}, dtypes: {list(DTYPES)}")
     env = harness.env_info()
-    copy_tbps = measure_copy_tbps()
+    copy_tbps = harness.copy_tbps()
     print(f"== {env['gpu']}: copy bandwidth {copy_tbps:.2f} TB/s")
     if args.sweep:
         sweep(cases[0], dtypes[0])

@@ -139,3 +139,45 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]], title: str = "
     print("  ".join(h.rjust(w) for (h, _), w in zip(columns, widths)))
     for c in cells:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def copy_tbps() -> float:
+    """The card's measured copy bandwidth (TB/s, read + write of 1 GiB): the floor of bandwidth-bound kernels."""
+    src = torch.empty(2 ** 28, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
+
+
+def rel_error(out: Iterable, ref: Iterable) -> float:
+    """Largest relative L2 error over pairs of tensors (a sweep's sanity check, not the test rule)."""
+    return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(out, ref))
+
+
+def sweep_configs(override: dict, configs: dict, trial: Callable[[str], tuple]) -> dict:
+    """Per kernel kind of ``configs`` ({kind: [launch configuration, ...]}), time each configuration
+    set in ``override`` (a Triton backend's CONFIG_OVERRIDE) and keep the fastest whose results
+    match: ``trial(kind)`` returns (relative error against a reference, a function to time). A
+    relative L2 error of 1e-2 rejects (a race or a bad index shows far above); a configuration that
+    does not compile is reported, not fatal. Leaves ``override`` at the winners and returns them."""
+    best: dict = {}
+    for kind, cfgs in configs.items():
+        print(f"== {kind} kernel: ms for each launch configuration")
+        best_ms = float("inf")
+        for cfg in cfgs:
+            override.clear()
+            override.update({**best, kind: cfg})
+            try:
+                err, fn = trial(kind)
+                ms = time_ms(fn)
+            except Exception as exc:  # e.g. a configuration that does not compile
+                print(f"   {cfg or 'default'}: failed: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            ok = err < 1e-2
+            print(f"   {cfg or 'default'}: {ms:.4f} ms, rel. error {err:.2e}{'' if ok else ' REJECTED'}")
+            if ok and ms < best_ms:
+                best[kind], best_ms = dict(cfg), ms
+    override.clear()
+    override.update(best)
+    print(f"== using {best}")
+    return best

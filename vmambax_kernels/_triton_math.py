@@ -1,7 +1,10 @@
-"""Triton helpers shared by the kernels of several ops, jitted on first use (importing Triton waits
-for the first launch, as in every kernel module here). A kernel module calls ``helpers()`` in its
-own ``_kernels()`` and puts the result in its globals, where Triton finds them by name."""
+"""Triton helpers shared by the kernels of several ops, and the one way a kernel module defines its
+kernels: on first use (importing Triton waits for the first launch; Triton also picks compiling or
+interpreting when a kernel is defined), with the shared helpers in the module's globals, where
+Triton finds them by name."""
 from __future__ import annotations
+
+from ._triton_env import fix_interpreter_index, interpreting
 
 # triton.language, its constexpr and libdevice, bound by helpers()
 tl = constexpr = libdevice = None
@@ -31,14 +34,24 @@ _NAMES = ("_sigmoid", "_round_bf16")
 _built: dict = {}
 
 
-def helpers() -> dict:
-    """{name: jitted helper}, for a kernel module's globals."""
-    if not _built:
+def jit_module(g: dict, names: tuple, built: dict) -> dict:
+    """Once per kernel module: bind ``tl``/``constexpr`` and the shared helpers in its globals ``g``,
+    jit ``names`` there (its helpers first: kernels find them by global name) and record them in
+    ``built``, which is returned."""
+    if not built:
         import triton
         import triton.language
-        from triton.language.extra import libdevice as _libdevice
-        g = globals()
-        g["tl"], g["constexpr"], g["libdevice"] = triton.language, triton.language.constexpr, _libdevice
-        for name in _NAMES:
-            _built[name] = triton.jit(g[name])
-    return _built
+        if not _built:
+            from triton.language.extra import libdevice as _libdevice
+            own = globals()
+            own["tl"], own["constexpr"], own["libdevice"] = triton.language, triton.language.constexpr, _libdevice
+            for name in _NAMES:
+                _built[name] = triton.jit(own[name])
+        g["tl"], g["constexpr"] = triton.language, triton.language.constexpr
+        g.update(_built)
+        for name in names:
+            g[name] = triton.jit(g[name])
+            built[name] = g[name]
+        if interpreting():
+            fix_interpreter_index()
+    return built

@@ -37,6 +37,7 @@ import torch.nn as nn
 from . import triton as gate
 from .. import _backend
 from .._triton_env import interpreting
+from .._triton_math import jit_module
 
 # triton.language and its constexpr, bound by _kernels() on first use (as in .triton)
 tl = constexpr = None
@@ -254,15 +255,7 @@ _built: dict = {}
 
 
 def _kernels() -> dict:
-    if not _built:
-        gate._kernels()  # binds Triton and fixes the interpreter's index first
-        import triton
-        g = globals()
-        g["tl"], g["constexpr"] = triton.language, triton.language.constexpr
-        for name in _HELPERS + _KERNELS:
-            g[name] = triton.jit(g[name])
-            _built[name] = g[name]
-    return _built
+    return jit_module(globals(), _HELPERS + _KERNELS, _built)
 
 
 # ----------------------------------------------------------------------------------------------

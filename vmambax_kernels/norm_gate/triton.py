@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from .._triton_env import availability, fix_interpreter_index, interpreting  # noqa: F401  (backend API)
-from .._triton_math import helpers as _shared_helpers
+from .._triton_env import availability, interpreting  # noqa: F401  (backend API)
+from .._triton_math import jit_module
 
 from . import reference
 
@@ -223,18 +223,7 @@ _built: dict = {}
 
 
 def _kernels() -> dict:
-    if not _built:
-        import triton
-        import triton.language
-        g = globals()
-        g["tl"], g["constexpr"] = triton.language, triton.language.constexpr
-        g.update(_shared_helpers())  # _sigmoid, _round_bf16
-        for name in _HELPERS + _KERNELS:  # helpers first: kernels find them by global name
-            g[name] = triton.jit(g[name])
-            _built[name] = g[name]
-        if interpreting():
-            fix_interpreter_index()
-    return _built
+    return jit_module(globals(), _HELPERS + _KERNELS, _built)
 
 
 # ----------------------------------------------------------------------------------------------
