@@ -30,7 +30,24 @@ def _round_bf16(val, ptr, INTERP: constexpr):
             val = bits.to(tl.float32, bitcast=True)
     return val
 
-_NAMES = ("_sigmoid", "_round_bf16")
+
+def _tile(t, L, NQ, BP: constexpr, EVEN: constexpr):
+    """Tile t of BP flattened positions of planes of L (NQ in all): plane b, in-plane position p,
+    and which exist."""
+    if EVEN:  # BP divides H W: one plane, contiguous positions (vectorised loads and stores)
+        q0 = t * BP
+        b = q0 // L
+        p = tl.multiple_of(q0 - b * L, BP) + tl.arange(0, BP)
+        ok = p < L
+    else:
+        q = t * BP + tl.arange(0, BP)
+        b = q // L
+        p = q - b * L
+        ok = q < NQ
+    return b.to(tl.int64), p, ok
+
+
+_NAMES = ("_sigmoid", "_round_bf16", "_tile")
 _built: dict = {}
 
 

@@ -39,21 +39,6 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 tl = constexpr = None
 
 
-def _tile(t, L, NQ, BP: constexpr, EVEN: constexpr):
-    """Tile t of BP flattened positions: (plane b, in-plane position p, valid)."""
-    if EVEN:  # BP divides H W: one plane, contiguous positions (vectorised loads and stores)
-        q0 = t * BP
-        b = q0 // L
-        p = tl.multiple_of(q0 - b * L, BP) + tl.arange(0, BP)
-        ok = p < L
-    else:
-        q = t * BP + tl.arange(0, BP)
-        b = q // L
-        p = q - b * L
-        ok = q < NQ
-    return b.to(tl.int64), p, ok
-
-
 def _preact(x_ptr, w_ptr, b_ptr, xrow, h, w, ok, c, mc, H, W, sx_h, sx_w, sw_c, sw_h, sw_w,
             HAS_BIAS: constexpr, K: constexpr, P: constexpr, BP: constexpr, BC: constexpr):
     """a = bias + sum_d w_d x[q + d] on a [BP, BC] tile, in fp32 (zero-padded plane)."""
@@ -159,7 +144,7 @@ def _dwconv_bwd_dx_kernel(dz_ptr, w_ptr, dx_ptr, Dm, H, W, NQ, n_cb, sw_c, sw_h,
              mask=ok[:, None] & mc[None, :])
 
 
-_HELPERS = ("_tile", "_preact")
+_HELPERS = ("_preact",)
 _KERNELS = ("_dwconv_fwd_kernel", "_dwconv_bwd_dz_kernel", "_dwconv_bwd_dx_kernel")
 _built: dict = {}
 

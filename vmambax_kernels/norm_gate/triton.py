@@ -45,21 +45,6 @@ tl = constexpr = None
 
 
 
-def _tile(t, L, NQ, BP: constexpr, EVEN: constexpr):
-    """Tile t's positions: plane b (a scalar when EVEN), in-plane index p, and which exist."""
-    if EVEN:  # BP divides L: one plane, contiguous positions, all of them real
-        q0 = t * BP
-        b = q0 // L
-        p = tl.multiple_of(q0 - b * L, BP) + tl.arange(0, BP)
-        ok = p < L
-    else:
-        q = t * BP + tl.arange(0, BP)
-        b = q // L
-        p = q - b * L
-        ok = q < NQ
-    return b.to(tl.int64), p, ok
-
-
 def _load_y(y_row, sy_c, cc, mc, ok):
     """y[b, c, p] of the chunk's channels cc as a [BD, BP] fp32 tile (zero outside)."""
     return tl.load(y_row[None, :] + cc[:, None] * sy_c, mask=mc[:, None] & ok[None, :], other=0.0).to(tl.float32)
@@ -216,7 +201,7 @@ def _norm_gate_bwd_kernel(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
         tl.store(db_ptr + pid * Dm + ch, db_acc, mask=ch < Dm)
 
 
-_HELPERS = ("_tile", "_load_y", "_load_q", "_fwd_chunk", "_bwd_terms", "_bwd_pass1",
+_HELPERS = ("_load_y", "_load_q", "_fwd_chunk", "_bwd_terms", "_bwd_pass1",
             "_store_dy")
 _KERNELS = ("_norm_gate_fwd_kernel", "_norm_gate_bwd_kernel")
 _built: dict = {}
