@@ -15,10 +15,10 @@ def _sigmoid(x, INTERP: constexpr):
     ex2.approx of the rounded x * log2(e) (|x| * 6e-8 relative error) and an approximate division:
     several ulp on every SiLU, which the whole-model tolerance test sums over many layers."""
     if INTERP:
-        e = tl.exp(-x)   # numpy's
+        return 1.0 / (1.0 + tl.exp(-x))   # numpy's, correctly rounded
     else:
-        e = libdevice.exp(-x)
-    return tl.div_rn(1.0, 1.0 + e)
+        # rcp.rn: the correctly rounded reciprocal, cheaper than div.rn (1 + e >= 1: no denormals)
+        return libdevice.rcp_rn(1.0 + libdevice.exp(-x))
 
 
 def _round_bf16(val, ptr, INTERP: constexpr):

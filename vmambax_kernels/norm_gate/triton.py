@@ -139,7 +139,8 @@ def _bwd_pass1(y_row, g_row, z_row, dz_row, mean, rstd, w_ptr, b_ptr, dz_ptr,
 
 
 def _store_dy(xh, dxh, s1, s2, rstd, dy_row, dy_ptr, sdy_c, Dm, cc, mc, ok, INTERP: constexpr):
-    dy = rstd[:, None] * (dxh - tl.div_rn(s1[:, None] + xh * s2[:, None], Dm * 1.0))   # [BP, BD]
+    # times 1/Dm rounded once, as PyTorch's LayerNorm backward (a div_rn per element cost 60 %)
+    dy = rstd[:, None] * (dxh - (s1[:, None] + xh * s2[:, None]) * tl.div_rn(1.0, Dm * 1.0))  # [BP, BD]
     dy = _round_bf16(tl.trans(dy), dy_ptr, INTERP)                         # [BD, BP]
     tl.store(dy_row[None, :] + cc[:, None] * sdy_c, dy.to(dy_ptr.dtype.element_ty),
              mask=mc[:, None] & ok[None, :])
