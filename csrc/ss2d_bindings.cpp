@@ -191,10 +191,11 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
   Tensor ddlT = R > 0 ? at::zeros({Bt, 2, R, W, H}, f32) : at::empty({Bt, 2, Dm, W, H}, f32);
   Tensor dB = at::zeros({Bt, 4, N, H, W}, f32), dC = at::zeros({Bt, 4, N, H, W}, f32);
   Tensor dBT = at::zeros({Bt, 2, N, W, H}, f32), dCT = at::zeros({Bt, 2, N, W, H}, f32);
-  Tensor dA = at::zeros({4, Dm, N}, f32);
-  Tensor dD = D.has_value() ? at::zeros({4, Dm}, f32) : at::empty({0}, f32);
-  Tensor dbias = bias.has_value() ? at::zeros({4, Dm}, f32) : at::empty({0}, f32);
-  Tensor dW = Wdt.has_value() ? at::zeros({4, Dm, R}, f32) : at::empty({0}, f32);
+  auto f64 = u.options().dtype(at::kDouble);  // parameter sums: see SS2DParams::dA
+  Tensor dA = at::zeros({4, Dm, N}, f64);
+  Tensor dD = D.has_value() ? at::zeros({4, Dm}, f64) : at::empty({0}, f32);
+  Tensor dbias = bias.has_value() ? at::zeros({4, Dm}, f64) : at::empty({0}, f32);
+  Tensor dW = Wdt.has_value() ? at::zeros({4, Dm, R}, f64) : at::empty({0}, f32);
   Tensor *g[2][3] = {{&ddl, &dB, &dC}, {&ddlT, &dBT, &dCT}};
   for (int side = 0; side < 2; ++side) {
     SS2DSide &sd = p.sides[side];
@@ -213,17 +214,17 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
     p.cE = states.data_ptr<float>();
   }
   p.du = du.data_ptr<float>();
-  p.dA = dA.data_ptr<float>();
-  p.dD = D.has_value() ? dD.data_ptr<float>() : nullptr;
-  p.dbias = bias.has_value() ? dbias.data_ptr<float>() : nullptr;
-  p.dW = Wdt.has_value() ? dW.data_ptr<float>() : nullptr;
+  p.dA = dA.data_ptr<double>();
+  p.dD = D.has_value() ? dD.data_ptr<double>() : nullptr;
+  p.dbias = bias.has_value() ? dbias.data_ptr<double>() : nullptr;
+  p.dW = Wdt.has_value() ? dW.data_ptr<double>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_input(u.scalar_type(), "u", [&](auto x) { ss2d_bwd_launch<decltype(x)>(p, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   ddl.slice(1, 1, 4, 2).copy_(ddlT.transpose(3, 4));
   dB.slice(1, 1, 4, 2).copy_(dBT.transpose(3, 4));
   dC.slice(1, 1, 4, 2).copy_(dCT.transpose(3, 4));
-  return {du, ddl, dA, dB, dC, dD, dbias, dW};
+  return {du, ddl, dA.to(at::kFloat), dB, dC, dD.to(at::kFloat), dbias.to(at::kFloat), dW.to(at::kFloat)};
 }
 
 }  // namespace

@@ -44,9 +44,12 @@ struct SS2DParams {
   float *cQ;          // (Bt, 4, nc, N, Dm): backward: a_{t+1} dh_{t+1} entering the chunk's last step
   // Backward, original layout, fp32.
   float *du;          // (Bt, Dm, L)
-  float *dA;          // (4, Dm, N), zero-initialised
-  float *dD, *dbias;  // (4, Dm) or null, zero-initialised
-  float *dW;          // (4, Dm, R) or null, zero-initialised
+  // Parameter gradients, zero-initialised float64: each block adds its fp32 partial (a chunk's sum)
+  // with one atomic; in fp32 the Bt * nc partials' order-dependent rounding put the whole-model
+  // test's A_logs and dt_projs_bias gradients just past twice the float32 reference's error.
+  double *dA;           // (4, Dm, N)
+  double *dD, *dbias;   // (4, Dm) or null
+  double *dW;           // (4, Dm, R) or null
 };
 
 // Loads in flight: the carry passes read kCarryBatch chunks per thread before storing any (one chunk

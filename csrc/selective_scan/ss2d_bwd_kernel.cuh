@@ -462,10 +462,10 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
       }
     }
     if (active) {
-      for (int n = 0; n < N; ++n) atomicAdd(p.dA + (int64_t(k) * p.Dm + d) * N + n, m.sDA[n * nth + c]);
-      if (p.dD) atomicAdd(p.dD + k * p.Dm + d, dDacc);
-      if (p.dbias) atomicAdd(p.dbias + k * p.Dm + d, dbacc);
-      for (int r = 0; r < R; ++r) atomicAdd(p.dW + (int64_t(k) * p.Dm + d) * R + r, m.sDW[r * nth + c]);
+      for (int n = 0; n < N; ++n) atomicAdd(p.dA + (int64_t(k) * p.Dm + d) * N + n, double(m.sDA[n * nth + c]));
+      if (p.dD) atomicAdd(p.dD + k * p.Dm + d, double(dDacc));
+      if (p.dbias) atomicAdd(p.dbias + k * p.Dm + d, double(dbacc));
+      for (int r = 0; r < R; ++r) atomicAdd(p.dW + (int64_t(k) * p.Dm + d) * R + r, double(m.sDW[r * nth + c]));
     }
   }
 }
