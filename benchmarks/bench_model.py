@@ -10,7 +10,7 @@ split of a training step's forward+backward between encoder (both branches), CGM
 each part timed alone on the inputs the full model gives it. Records go to
 benchmarks/results/<gpu>.jsonl (bench "model", cases "train" / "infer" / "part_<name>").
 --compile [MODE] runs the model through torch.compile (records carry "compiled": MODE); --profile prints
-the CUDA kernels of one training step grouped into scan / CGM / GEMM / normalisation / other, the
+the CUDA kernels of one training step, then of one inference, grouped into scan / CGM / GEMM / normalisation / other, the
 answer to "where does the remaining time go". Providers: "cuda" and "triton" set the model's backend; "unfused_mamba" swaps SS2D's core for
 PyTorch cross-scan + mamba-ssm's selective_scan_fn + cross-merge (the published path's structure).
 """
@@ -95,7 +95,8 @@ KERNEL_GROUPS = (("scan", ("ss2d", "selective_scan", "scan_2d", "_scan_")), ("cg
 
 
 def kernel_split(step, steps: int = 3) -> None:
-    """Print where one training step's GPU time goes, by kernel group and the top kernels."""
+    """Print where the GPU time of one call of ``step`` (a training step or an inference) goes, by
+    kernel group and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
     step()
     torch.cuda.synchronize()
@@ -174,6 +175,10 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
         if profile:
             print(f"{provider}/{dtype_name}{f' compiled ({compiled})' if compiled else ''}: kernels of a training step")
             kernel_split(step)
+            print(f"{provider}/{dtype_name}: kernels of an inference forward (eval mode)")
+            model.eval()
+            kernel_split(infer)
+            model.train()
         if split:
             for name, fn in parts(model, ct, pet):
                 def fwdbwd(fn=fn):
