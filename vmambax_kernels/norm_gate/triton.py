@@ -139,7 +139,7 @@ def _bwd_pass1(y_row, g_row, z_row, dz_row, mean, rstd, w_ptr, b_ptr, dz_ptr,
 
 
 def _store_dy(xh, dxh, s1, s2, rstd, dy_row, dy_ptr, sdy_c, Dm, cc, mc, ok, INTERP: constexpr):
-    # times 1/Dm rounded once, as PyTorch's LayerNorm backward (a div_rn per element cost 60 %)
+    # times 1/Dm rounded once, as PyTorch's LayerNorm backward
     dy = rstd[:, None] * (dxh - (s1[:, None] + xh * s2[:, None]) * tl.div_rn(1.0, Dm * 1.0))  # [BP, BD]
     dy = _round_bf16(tl.trans(dy), dy_ptr, INTERP)                         # [BD, BP]
     tl.store(dy_row[None, :] + cc[:, None] * sdy_c, dy.to(dy_ptr.dtype.element_ty),
@@ -220,11 +220,14 @@ def _kernels() -> dict:
 # BD x BP values; ptxas (sm_90, Triton 3.6) needs about 5 registers per value a thread holds in the
 # forward and 13 in the backward (xhat, dxhat, g, z, dz live at once), so warps are picked for
 # `per_thread` values: fwd 16 (56-80 registers at 8 warps), bwd 8 (~128 at 4 warps, 4 programs
-# and 16 warps per SM). BP >= 16 positions keeps each channel's y row at >= 64 contiguous bytes
-# (two full 32-byte sectors). ONE reads y (and in the backward g, z) once: up to 256 channels in
-# the forward (Dm 96, 192 padded to 128, 256), 128 in the backward (16 values per thread at 16
-# warps for 256 left one program per SM); wider rows go in BD-channel chunks, read twice (the
-# second time from L1/L2), which divide the model's Dm (192, 384, 768, 1536).
+# and 16 warps per SM). The backward's persistent grid assumes those 4 programs fit an SM: with
+# 160-168 registers (61447be, 37fa07c; compile_offline prints them) only 3 fit and the grid needs
+# two rounds, our reading of enc1's 0.594 -> 0.94-0.95 ms. BP >= 16 positions keeps each
+# channel's y row at >= 64 contiguous bytes (two full 32-byte sectors). ONE reads y (and in the
+# backward g, z) once: up to 256 channels in the forward (Dm 96, 192 padded to 128, 256), 128 in
+# the backward (16 values per thread at 16 warps for 256 left one program per SM); wider rows go
+# in BD-channel chunks, read twice (the second time from L1/L2), which divide the model's Dm
+# (192, 384, 768, 1536).
 _DEFAULTS = {"fwd": dict(BD=128, max_one=256, tile=4096, min_bp=16, max_bp=64, per_thread=16),
              "bwd": dict(BD=64, max_one=128, tile=1024, min_bp=16, max_bp=64, per_thread=8,
                          warps_per_sm=16)}
