@@ -368,8 +368,11 @@ def _kernels() -> dict:
 # ptxas (sm_90, Triton 3.6) at cgm1 bf16: fwd BC 64 / 4 warps 255 registers + 744 B of spills,
 # BC 32 / 8 warps 250 and none; bwd BC 32 / 4 warps 255 + 416 B, BC 16 / 8 warps 234 and none.
 # One 8-warp program per SM at that size; --sweep in benchmarks/bench_cgm.py times the others.
-_DEFAULTS = {"fwd": dict(BC=32, num_warps=8, num_stages=2, programs_per_sm=2, max_tw=128),
-             "bwd": dict(BC=16, num_warps=8, num_stages=2, programs_per_sm=2, max_tw=128)}
+# Timed (H100, cgm1 bf16, `bench_cgm.py --sweep`, 2026-11-27): fwd BC 16 / 4 warps 0.221 ms against
+# 0.337 for BC 32 / 8 warps (programs_per_sm 1: 0.280, 4: 0.423); bwd BC 32 / 8 warps 0.626 ms
+# against 0.688 for BC 16 (programs_per_sm 1: 0.647, 4: 0.743).
+_DEFAULTS = {"fwd": dict(BC=16, num_warps=4, num_stages=2, programs_per_sm=2, max_tw=128),
+             "bwd": dict(BC=32, num_warps=8, num_stages=2, programs_per_sm=2, max_tw=128)}
 CONFIG_OVERRIDE: dict = {}
 _SMS: dict = {}
 

@@ -157,18 +157,23 @@ def _kernels() -> dict:
 # Launch configuration
 # ----------------------------------------------------------------------------------------------
 
-# Not yet timed on a GPU; registers from benchmarks/compile_offline.py (sm_90, Triton 3.6, bf16).
+# Registers from benchmarks/compile_offline.py (sm_90, Triton 3.6, bf16), first written for 8 warps.
 # fwd: a [BP, BC] = 128 x 32 tile over 8 warps (16 values per thread): 88 registers (103 when
-# tiles cross planes); 4 warps took 159-182. 32 bf16 channels are 64 contiguous bytes per
-# position, 128 positions 256 contiguous output bytes per channel when a tile lies in one plane.
+# tiles cross planes); 4 warps take 148-168 and are faster all the same (below). 32 bf16 channels
+# are 64 contiguous bytes per position, 128 positions 256 contiguous output bytes per channel when a
+# tile lies in one plane.
 # bwd_dz, bwd_dx: 64 x 32 tiles over 8 warps (8 values per thread), K = 3: dz 75-80 registers,
 # dx 63-72, no spills (K = 7 with 16 channels: dz 64 and 8 B of stack). 128 x 32 took 105-120
 # (dz) and 100-109 (dx); a persistent dz kernel looping over tiles with dw in registers took
 # 180-255 (bwd_dz without its loop: 105-120), hence one partial row per tile: at enc1 2048 rows x
 # 192 x 9 fp32 (14 MB, against the dz buffer's 2 x 100 MB).
-_DEFAULTS = {"fwd": dict(BP=128, BC=32, num_warps=8),
-             "bwd_dz": dict(BP=64, BC=32, num_warps=8),
-             "bwd_dx": dict(BP=64, BC=32, num_warps=8)}
+# Timed (H100, bf16, `bench_dwconv.py --sweep` at enc1, 2026-11-27): 4 warps beat 8 in all three
+# kernels, fwd 0.126 -> 0.085 ms, bwd_dz 0.650 -> 0.480, bwd_dx 0.480 -> 0.467 (BP 128 for bwd_dz:
+# 0.488); with 4 warps the kernel times at dcim_inner1 / enc4 were fwd 0.194 / 0.017 ms and
+# bwd 0.499 / 0.126 ms (8 warps, an earlier run: 0.220 / 0.021 and 0.660 / 0.269).
+_DEFAULTS = {"fwd": dict(BP=128, BC=32, num_warps=4),
+             "bwd_dz": dict(BP=64, BC=32, num_warps=4),
+             "bwd_dx": dict(BP=64, BC=32, num_warps=4)}
 CONFIG_OVERRIDE: dict = {}
 
 
