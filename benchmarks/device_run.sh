@@ -14,7 +14,7 @@
 #                repeat --bench to run several
 # SANITIZE_CASES=enc1,odd limits the sanitizer pass to those cases (default: the whole shape set).
 # PROFILE_KERNELS (an ncu -k regex), PROFILE_SKIP, PROFILE_COUNT override the profiled launches; e.g.
-# with the carry passes: PROFILE_KERNELS="regex:ss2d_(fwd|bwd)_(chunk|carry|out|main)" PROFILE_SKIP=4 PROFILE_COUNT=8.
+# with the carry passes: PROFILE_KERNELS="regex:ss2d_(fwd|bwd)_(chunk|carry|out|merge|main)" PROFILE_SKIP=4 PROFILE_COUNT=8.
 # Time limits per step (seconds): TEST_TIMEOUT (300), SANITIZE_TIMEOUT (120 per tool), BENCH_TIMEOUT (300).
 # Set VMAMBAX_COMMIT to the commit under test when the tree travels without .git.
 # Files under $OUT: log.txt (everything), build.log, tests.log, sanitizer.log, evidence-<commit>.json, failures-live.txt (each failure as it happens),

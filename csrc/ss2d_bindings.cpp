@@ -134,6 +134,9 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor &u, const Tensor &dl, const Ten
   auto f32 = u.options().dtype(at::kFloat);
   Tensor out = at::empty({p.Bt, p.Dm, p.H, p.W}, u.options().dtype(out_dtype));
   Tensor acc = out_dtype == at::kFloat ? out : at::empty({p.Bt, p.Dm, p.H, p.W}, f32);
+  // The column walks' sum in their own (W, H) planes, merged into out by the last kernel; freed on
+  // return (100.7 MB at enc1: Bt 8, Dm 192, 128 x 128). See ss2d_fwd_kernel.cuh, pass 3.
+  Tensor accT = at::empty({p.Bt, p.Dm, p.W, p.H}, f32);
   Tensor cS, cE;
   if (p.nc > 1) {
     cS = at::empty({p.Bt, 4, p.nc, p.Dm}, f32);
@@ -142,6 +145,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor &u, const Tensor &dl, const Ten
     p.cE = cE.data_ptr<float>();
   }
   p.acc = acc.data_ptr<float>();
+  p.accT = accT.data_ptr<float>();
   p.out = out.data_ptr();
   p.out_type = out_dtype == at::kFloat ? OutType::kFloat : out_dtype == at::kBFloat16 ? OutType::kBFloat16 : OutType::kHalf;
   auto stream = c10::cuda::getCurrentCUDAStream().stream();

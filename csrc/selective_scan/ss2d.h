@@ -34,8 +34,11 @@ struct SS2DParams {
   const float *D;     // (4, Dm) or null
   const float *bias;  // (4, Dm) or null
   const float *Wdt;   // (4, Dm, R) low-rank projection, or null
-  // Forward outputs, (Bt, Dm, L) in the original layout.
-  float *acc;         // fp32 merge buffer; == out when out is fp32
+  // Forward outputs. The row walks' sum goes to acc in the original (H, W) planes, the column walks'
+  // sum to accT in transposed (W, H) planes (both in their walk's memory order: coalesced), and the
+  // merge pass writes out = acc + accT^T in out_type.
+  float *acc;         // (Bt, Dm, L) fp32, original layout; == out when out is fp32 (merged in place)
+  float *accT;        // (Bt, Dm, L) fp32, (W, H) planes; transient, freed when the op returns
   void *out;
   OutType out_type;
   // Carries, chunk c of walk k of batch b at row (b * 4 + k) * nc + c; null when nc == 1.
@@ -78,6 +81,17 @@ inline int ss2d_threads(int Dm) {
 }
 
 inline int ss2d_chunks(int L) { return (L + kChunk - 1) / kChunk; }
+
+// Forward merge pass (out = acc + accT^T): square tiles of kMergeTile positions through shared memory,
+// kMergeTile x kMergeRows threads (each kMergeTile / kMergeRows rows of the tile). Planes with a side
+// below kMergeTile and at most kMergeFlat positions (and H = 1 or W = 1 planes, where the two layouts
+// coincide) go through a flat kernel that packs whole planes into a block instead (a 4 x 4 plane
+// would use 16 of a 32 x 32 tile's 1024 slots).
+constexpr int kMergeTile = 32, kMergeRows = 8, kMergeFlat = 1024;
+inline bool ss2d_merge_flat(int H, int W) {
+  const int m = H < W ? H : W;
+  return m == 1 || (m < kMergeTile && int64_t(H) * W <= kMergeFlat);
+}
 
 // Forward: positions per staged tile (shared memory per block ~ 2 * nth * (kTile + 1) floats + B, C, dt).
 constexpr int kTile = 32;

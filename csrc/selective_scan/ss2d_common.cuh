@@ -15,11 +15,11 @@ __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-__device__ __forceinline__ void store_out(void *out, int64_t i, float v, OutType t) {
-  if (t == OutType::kFloat) static_cast<float *>(out)[i] = v;
-  else if (t == OutType::kBFloat16) static_cast<__nv_bfloat16 *>(out)[i] = __float2bfloat16(v);
-  else static_cast<__half *>(out)[i] = __float2half(v);
-}
+// fp32 -> the output dtype (round to nearest even), for the kernels templated on it.
+template <typename O> __device__ __forceinline__ O from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
 // torch.nn.functional.softplus (beta 1, threshold 20).
 __device__ __forceinline__ float softplus(float z) { return z > 20.f ? z : log1pf(expf(z)); }

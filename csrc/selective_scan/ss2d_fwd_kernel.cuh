@@ -13,12 +13,16 @@
 //      from zero and writes its end state e (N floats) and the chunk's sum of delta S.
 //   2. carry pass: per (b, k, d, n), over the chunks in walk order, replaces e[c] by the state
 //      entering chunk c (h <- exp2(A2 * S_c) * h + e_c): nc exps per (b, k, d, n), negligible.
-//   3. output pass, row side: replays each chunk from its entering state; acc = y_0 + y_2.
-//   4. output pass, column side: acc += y_1, then out = acc + y_3 (out_dtype).
+//   3. output pass, both sides in one launch: replays each chunk from its entering state; row side
+//      acc = y_0 + y_2 in (H, W) planes, column side accT = y_1 + y_3 in (W, H) planes, each in its
+//      own walk order (coalesced).
+//   4. merge pass: out = acc + accT^T (out_dtype) through shared-memory tiles.
 // No atomics, fixed order everywhere: bitwise deterministic. The entering states (cE) are what the
-// backward keeps from the forward.
+// backward keeps from the forward. The four walks sum as (y_0 + y_2) + (y_1 + y_3).
 // Steps per element: chunk pass one exp2 + 3 FP32 ops, output pass one exp2 + 4 FP32 ops.
 #pragma once
+#include <algorithm>
+
 #include "ss2d_common.cuh"
 
 namespace vmambax {
@@ -193,22 +197,36 @@ __global__ void __launch_bounds__(256) ss2d_fwd_carry_kernel(const SS2DParams p)
   }
 }
 
-// Passes 3 and 4: replay each chunk from its entering state, y into acc (row side) / out (column).
-// The read-add-writes of acc issue kRmwBatchFwd loads per thread before their stores. Reading acc[o]
-// after storing the previous element (acc may alias out, so the compiler keeps the order) costs one
-// dependent global round trip per element, and on the column side each of them is a separate
-// sector (stride W): that column pass took 2.11 ms against the row pass's 0.87 ms at enc1, with
-// 64 % of its stalls on the global-load scoreboard (Nsight Compute, H100).
+// Pass 3: replay each chunk from its entering state; the pair's y into acc (row side, original planes)
+// or accT (column side, transposed planes), both at the block's own positions q + i of its side's
+// plane: coalesced along positions on both sides. The second walk's read-add-writes issue
+// kRmwBatchFwd loads per thread before their stores (acc may alias out, so the compiler keeps each
+// load after the previous store: one dependent round trip per element otherwise).
+//
+// Until this change the column side added y_1 and y_3 into acc at the original positions (stride W
+// between consecutive positions of its walk): every element its own 32-byte sector. That column pass
+// took 2.21 ms against the row pass's 0.88 at enc1 (Nsight Compute, H100, 1.6 GHz; L1 hit rate 21 %,
+// half of its cycles waiting on the global-load scoreboard), 58.6 ms of a 371 ms training step for
+// both passes. Bytes per element, enc1 (Bt 8, Dm 192, 128 x 128: E = 25.2 M elements), bf16 out:
+//   before: rows 12 B (acc write; read + write), coalesced; columns acc read + write, read, out
+//           write = 14 B useful in 4 separate sectors = 128 B of L1 <-> L2 sector traffic.
+//           140 B x E = 3.5 GB of sector traffic; DRAM floor ~10 B x E (acc written back once, read
+//           once, out written) if L2 catches the rest.
+//   after:  rows 12 B, columns 12 B (accT), merge 10 B (acc 4 + accT 4 read, out 2 written; fp32
+//           out 12 B, in place), all coalesced: 34 B x E = 0.86 GB (4.1x less); DRAM floor ~18 B x E
+//           (+8 B x E = +201 MB, ~0.07 ms at 3 TB/s: accT written back and read once more).
+//   Memory: accT is one more fp32 (Bt, Dm, L) buffer for the op's duration: 100.7 MB at enc1.
 template <typename T, int NMAX>
 __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int NS = ss2d_ns(NMAX);
-  const ChunkBlock g(p, false);
+  const ChunkBlock g(p, true);  // both sides in one launch: they write separate buffers
   const SS2DSide &sd = p.sides[g.side];
   FwdTile<T, NMAX> tile(smem, p.R, blockDim.x);
   const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, L = p.L;
   const bool active = d < p.Dm;
   const int ntile = (g.q1 - g.q0 + kTile - 1) / kTile;
+  float *const dst = g.side ? p.accT : p.acc;
   for (int kk = 0; kk < 2; ++kk) {
     const int k = g.side + 2 * kk;
     float A2[NMAX], h[NMAX];
@@ -246,36 +264,123 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DPar
         su[i] = (y0 + y1) + (y2 + y3);  // y replaces u in the staged tile (own slot, read above)
       }
       __syncthreads();  // the tile's y is complete
-      // Store along positions (coalesced on the row side). Per element, the same thread of this
-      // block reads back what an earlier phase wrote, so no fences are needed. The thread's position
-      // i is fixed (tile_lane), so its offset in the original layout is computed once per tile and
-      // stepped across its channels: recomputed per element (a runtime division by H on the column
-      // side), the addresses were 7 of the column pass's 22 instructions per element-state (Nsight
-      // Compute, H100).
-      const bool first = g.side == 0 && kk == 0, last = g.side == 1 && kk == 1;
+      // Store along positions. Per element, the same thread of this block reads back what its first
+      // walk wrote, so no fences are needed. The thread's position i is fixed (tile_lane), so its
+      // offset is computed once per tile and stepped across its channels (recomputed per element, the
+      // addresses were 7 of the column pass's 22 instructions per element-state, Nsight Compute).
+      const bool first = kk == 0;
       const int i = tile_lane(c), cstep = nth / kTile, nact = min(nth, p.Dm - g.d0);
       if (i < cnt) {
         const int64_t step = int64_t(cstep) * L;  // between the channels a thread takes
-        int64_t o = (int64_t(g.b) * p.Dm + g.d0 + c / kTile) * L + (g.side ? orig_pos(1, q + i, p.H, p.W) : q + i);
+        int64_t o = (int64_t(g.b) * p.Dm + g.d0 + c / kTile) * L + q + i;
         const float *ys = tile.sU + (c / kTile) * (kTile + 1) + i;
         for (int c0 = c / kTile; c0 < nact; c0 += kRmwBatchFwd * cstep) {
           float prev[kRmwBatchFwd];
 #pragma unroll
           for (int u = 0; u < kRmwBatchFwd; ++u)  // loads first (distinct elements: no ordering needed)
-            prev[u] = (c0 + u * cstep < nact && !first) ? p.acc[o + u * step] : 0.f;
+            prev[u] = (c0 + u * cstep < nact && !first) ? dst[o + u * step] : 0.f;
 #pragma unroll
           for (int u = 0; u < kRmwBatchFwd; ++u) {
             if (c0 + u * cstep >= nact) break;
             const float y = ys[u * cstep * (kTile + 1)];
-            if (first) p.acc[o + u * step] = y;
-            else if (last) store_out(p.out, o + u * step, prev[u] + y, p.out_type);
-            else p.acc[o + u * step] = prev[u] + y;
+            dst[o + u * step] = first ? y : prev[u] + y;
           }
           o += kRmwBatchFwd * step;
           ys += kRmwBatchFwd * cstep * (kTile + 1);
         }
       }
     }
+  }
+}
+
+// Pass 4 (planes with both sides >= kMergeTile, or > kMergeFlat positions): out = acc + accT^T over
+// square tiles of kMergeTile. A block loads its tile's acc rows into registers, accT's rows (the
+// tile's columns, contiguous along h) into shared memory, and writes out along rows: every global
+// access is along a row of its own layout (coalesced). The tile's row stride kMergeTile + 1 keeps
+// both the row-wise writes and the column-wise reads of shared memory free of bank conflicts. When
+// out is fp32 it is acc: each element is read and then written by the same thread (in place).
+// Templated on the input type only so that each translation unit has its own symbol.
+template <typename T, typename O>
+__global__ void __launch_bounds__(kMergeTile * kMergeRows) ss2d_fwd_merge_tiled_kernel(const SS2DParams p) {
+  constexpr int RPT = kMergeTile / kMergeRows;  // rows per thread
+  __shared__ float s[kMergeTile][kMergeTile + 1];  // [w - w0][h - h0]
+  const int H = p.H, W = p.W, tx = threadIdx.x, ty = threadIdx.y;
+  const int tiles_w = (W + kMergeTile - 1) / kMergeTile, tiles_h = (H + kMergeTile - 1) / kMergeTile;
+  const int64_t per_plane = int64_t(tiles_w) * tiles_h, total = int64_t(p.Bt) * p.Dm * per_plane;
+  O *out = static_cast<O *>(p.out);
+  for (int64_t blk = blockIdx.x; blk < total; blk += gridDim.x) {
+    const int64_t plane = blk / per_plane;
+    const int t = int(blk - plane * per_plane), th = t / tiles_w;
+    const int h0 = th * kMergeTile, w0 = (t - th * tiles_w) * kMergeTile;
+    const float *a = p.acc + plane * p.L, *at = p.accT + plane * p.L;
+    float r[RPT];
+#pragma unroll
+    for (int j = 0; j < RPT; ++j) {  // acc: rows h of the tile, along w
+      const int h = h0 + ty + j * kMergeRows, w = w0 + tx;
+      r[j] = (h < H && w < W) ? a[h * W + w] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < RPT; ++j) {  // accT: rows w of its planes, along h
+      const int w = w0 + ty + j * kMergeRows, h = h0 + tx;
+      if (w < W && h < H) s[ty + j * kMergeRows][tx] = at[w * H + h];
+    }
+    __syncthreads();
+    O *o = out + plane * p.L;
+#pragma unroll
+    for (int j = 0; j < RPT; ++j) {
+      const int h = h0 + ty + j * kMergeRows, w = w0 + tx;
+      if (h < H && w < W) o[h * W + w] = from_f<O>(r[j] + s[tx][ty + j * kMergeRows]);
+    }
+    __syncthreads();  // s is consumed before the next tile overwrites it
+  }
+}
+
+// Pass 4 for small planes (both sides < kMergeTile and <= kMergeFlat positions, e.g. DCIM's 4 x 4)
+// and for H = 1 or W = 1 (accT's plane is then acc's: the gather below is the identity): a block
+// takes ppb whole planes (ppb * L <= kMergeFlat positions, or one plane when L > kMergeFlat) and
+// walks them in out's order, gathering accT from the same planes. A small plane's accT (<= 4 KB)
+// is read by one block only, so its sectors are fetched once and served from L1 afterwards.
+// kFlatBatch loads per thread before its stores (out may alias acc).
+constexpr int kFlatBatch = 4, kFlatThreads = kMergeFlat / kFlatBatch;
+template <typename T, typename O>
+__global__ void __launch_bounds__(kFlatThreads) ss2d_fwd_merge_flat_kernel(const SS2DParams p, int ppb) {
+  const int H = p.H, W = p.W, L = p.L;
+  const int64_t planes = int64_t(p.Bt) * p.Dm;
+  O *out = static_cast<O *>(p.out);
+  for (int64_t blk = blockIdx.x; blk * ppb < planes; blk += gridDim.x) {
+    const int64_t p0 = blk * ppb, base = p0 * L;
+    const int n = int(min(int64_t(ppb), planes - p0)) * L;  // positions of this block
+    const float *a = p.acc + base, *at = p.accT + base;
+    O *o = out + base;
+    for (int e0 = threadIdx.x; e0 < n; e0 += kFlatBatch * kFlatThreads) {
+      float r[kFlatBatch];
+#pragma unroll
+      for (int j = 0; j < kFlatBatch; ++j) {
+        const int e = e0 + j * kFlatThreads;
+        if (e < n) {
+          const int pl = e / L, pos = e - pl * L, h = pos / W, w = pos - h * W;
+          r[j] = a[e] + at[pl * L + w * H + h];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kFlatBatch; ++j)
+        if (e0 + j * kFlatThreads < n) o[e0 + j * kFlatThreads] = from_f<O>(r[j]);
+    }
+  }
+}
+
+template <typename T, typename O>
+void ss2d_fwd_merge_launch(const SS2DParams &p, cudaStream_t stream) {
+  constexpr int64_t kMaxGrid = int64_t(1) << 30;  // grid-stride loops cover the rest
+  const int64_t planes = int64_t(p.Bt) * p.Dm;
+  if (ss2d_merge_flat(p.H, p.W)) {
+    const int ppb = p.L >= kMergeFlat ? 1 : kMergeFlat / p.L;
+    const int64_t blocks = std::min((planes + ppb - 1) / ppb, kMaxGrid);
+    ss2d_fwd_merge_flat_kernel<T, O><<<unsigned(blocks), kFlatThreads, 0, stream>>>(p, ppb);
+  } else {
+    const int64_t tiles = int64_t((p.H + kMergeTile - 1) / kMergeTile) * ((p.W + kMergeTile - 1) / kMergeTile);
+    const int64_t blocks = std::min(planes * tiles, kMaxGrid);
+    ss2d_fwd_merge_tiled_kernel<T, O><<<unsigned(blocks), dim3(kMergeTile, kMergeRows), 0, stream>>>(p);
   }
 }
 
@@ -294,12 +399,11 @@ void ss2d_fwd_launch(const SS2DParams &p, cudaStream_t stream) {
       const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
       ss2d_fwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
     }
-    SS2DParams w = p;
-    for (int side = 0; side < 2; ++side) {  // rows write acc, then columns add into it and write out
-      w.side = side;
-      ss2d_fwd_out_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
-    }
+    ss2d_fwd_out_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem, stream>>>(p);
   });
+  if (p.out_type == OutType::kFloat) ss2d_fwd_merge_launch<T, float>(p, stream);
+  else if (p.out_type == OutType::kBFloat16) ss2d_fwd_merge_launch<T, __nv_bfloat16>(p, stream);
+  else ss2d_fwd_merge_launch<T, __half>(p, stream);
 }
 
 }  // namespace vmambax

@@ -598,3 +598,226 @@ def test_backward_main_pass_ported(shape):
     idle threads of a 2-warp block, H = 1: du, ddelta, dA, dB, dC, dD, dbias within 1e-12 relative."""
     nc, nth, errs = _port_main(*shape)
     assert max(errs.values()) < 1e-12, errs
+
+
+# ---- forward output pass and merge pass, ported line by line (ss2d_fwd_out_kernel, ---------------
+# ---- ss2d_fwd_merge_tiled_kernel, ss2d_fwd_merge_flat_kernel) in float64 ----------------------------
+# The row walks' pair sum goes to acc in (H, W) planes, the column walks' to accT in (W, H) planes,
+# each at its side's own positions; the merge writes out = acc + accT^T. Buffers start as NaN, so an
+# element read before it is written, or never written, shows; every write to out is counted.
+
+_KT, _RMW_FWD = 32, 4                         # ss2d.h: kTile, kRmwBatchFwd
+_MT, _MR, _MF, _FB = 32, 8, 1024, 4           # kMergeTile, kMergeRows, kMergeFlat; kFlatBatch (.cuh)
+
+
+def test_fwd_merge_constants_match_the_sources():
+    import re
+    h = (ROOT / "csrc" / "selective_scan" / "ss2d.h").read_text()
+    cuh = (ROOT / "csrc" / "selective_scan" / "ss2d_fwd_kernel.cuh").read_text()
+    assert re.search(r"kMergeTile = (\d+), kMergeRows = (\d+), kMergeFlat = (\d+);", h).groups() == \
+        (str(_MT), str(_MR), str(_MF))
+    assert re.search(r"constexpr int kTile = (\d+);", h).group(1) == str(_KT)
+    assert re.search(r"kRmwBatchFwd = (\d+)", h).group(1) == str(_RMW_FWD)
+    assert re.search(r"constexpr int kFlatBatch = (\d+), kFlatThreads = kMergeFlat / kFlatBatch;", cuh).group(1) \
+        == str(_FB)
+    assert re.search(r"constexpr int kChunk = (\d+);", h).group(1) == str(_KCH)
+
+
+def _merge_is_flat(H, W):  # ss2d.h: ss2d_merge_flat
+    m = min(H, W)
+    return m == 1 or (m < _MT and H * W <= _MF)
+
+
+def _merge_tiled(acc, accT, out, Bt, Dm, H, W, grid, writes):
+    """ss2d_fwd_merge_tiled_kernel: blocks of _MT x _MR threads, grid-stride over tiles."""
+    import numpy as np
+    L, RPT = H * W, _MT // _MR
+    tiles_w, tiles_h = -(-W // _MT), -(-H // _MT)
+    per_plane = tiles_w * tiles_h
+    total = Bt * Dm * per_plane
+    for bx in range(min(grid, total)):
+        for blk in range(bx, total, grid):
+            plane = blk // per_plane
+            t = blk - plane * per_plane
+            th = t // tiles_w
+            h0, w0 = th * _MT, (t - th * tiles_w) * _MT
+            a, at = plane * L, plane * L
+            s = np.full((_MT, _MT + 1), np.nan)
+            r = np.zeros((_MR, _MT, RPT))
+            for ty in range(_MR):  # phase 1: acc into registers, accT into s
+                for tx in range(_MT):
+                    for j in range(RPT):
+                        h, w = h0 + ty + j * _MR, w0 + tx
+                        r[ty, tx, j] = acc[a + h * W + w] if (h < H and w < W) else 0.0
+                    for j in range(RPT):
+                        w, h = w0 + ty + j * _MR, h0 + tx
+                        if w < W and h < H:
+                            s[ty + j * _MR][tx] = accT[at + w * H + h]
+            for ty in range(_MR):  # barrier; phase 2
+                for tx in range(_MT):
+                    for j in range(RPT):
+                        h, w = h0 + ty + j * _MR, w0 + tx
+                        if h < H and w < W:
+                            v = r[ty, tx, j] + s[tx][ty + j * _MR]
+                            assert not math.isnan(v), (blk, h, w)
+                            out[plane * L + h * W + w] = v
+                            writes[plane * L + h * W + w] += 1
+
+
+def _merge_flat(acc, accT, out, Bt, Dm, H, W, grid, writes):
+    """ss2d_fwd_merge_flat_kernel: blocks of _MF // _FB threads over ppb whole planes."""
+    L, planes, nthr = H * W, Bt * Dm, _MF // _FB
+    ppb = 1 if L >= _MF else _MF // L
+    assert ppb * L <= _MF or ppb == 1  # one pass of the block's threads, or one plane
+    nblk = -(-planes // ppb)
+    for bx in range(min(grid, nblk)):
+        for blk in range(bx, nblk, grid):
+            p0 = blk * ppb
+            base, n = p0 * L, min(ppb, planes - p0) * L
+            for tid in range(nthr):
+                for e0 in range(tid, n, _FB * nthr):
+                    r = [None] * _FB
+                    for j in range(_FB):
+                        e = e0 + j * nthr
+                        if e < n:
+                            pl = e // L
+                            pos = e - pl * L
+                            h = pos // W
+                            w = pos - h * W
+                            r[j] = acc[base + e] + accT[base + pl * L + w * H + h]
+                    for j in range(_FB):
+                        e = e0 + j * nthr
+                        if e < n:
+                            assert not math.isnan(r[j]), (blk, e)
+                            out[base + e] = r[j]
+                            writes[base + e] += 1
+
+
+def _port_fwd_out(Bt, Dm, H, W, N, out_is_acc, seed=0):
+    """Output pass of both sides as one launch (blockIdx.x = (b * 2 + side) * nc + chunk), then
+    acc / accT for the merge; returns (acc, accT, reference y) as flat float64 arrays."""
+    import numpy as np
+    import torch
+    from vmambax_kernels.selective_scan import reference
+    g = torch.Generator().manual_seed(seed)
+    f64, L = torch.float64, H * W
+    nc = (L + _KCH - 1) // _KCH
+    u = torch.randn(Bt, Dm, H, W, generator=g, dtype=f64)
+    delta = torch.randn(Bt, 4, Dm, H, W, generator=g, dtype=f64) * 0.5
+    bias = torch.rand(4, Dm, generator=g, dtype=f64) * -3
+    A = -torch.rand(4, Dm, N, generator=g, dtype=f64) * 2 - 0.1
+    B = torch.randn(Bt, 4, N, H, W, generator=g, dtype=f64)
+    C = torch.randn(Bt, 4, N, H, W, generator=g, dtype=f64)
+    D = torch.randn(4, Dm, generator=g, dtype=f64)
+    ref = reference.selective_scan_2d(u, delta, A, B, C, D, bias, True, f64).numpy().reshape(-1)
+    dl_full = torch.nn.functional.softplus(delta + bias[None, :, :, None, None])
+
+    def plane(x, side):
+        return (x if side == 0 else x.transpose(-1, -2)).reshape(*x.shape[:-2], L).numpy()
+
+    Anp, Dnp = A.numpy(), D.numpy()
+    cE = np.zeros((Bt, 4, nc, Dm, N))  # the state entering each chunk of each walk
+    for b in range(Bt):
+        for k in range(4):
+            s, kk = k & 1, k >> 1
+            dl, us, Bs = plane(dl_full[b, k], s), plane(u[b], s), plane(B[b, k], s)
+            h = np.zeros((Dm, N))
+            for t in (range(L) if kk == 0 else range(L - 1, -1, -1)):
+                if (t % _KCH == 0) if kk == 0 else ((t + 1) % _KCH == 0 or t == L - 1):
+                    cE[b, k, t // _KCH] = h
+                h = np.exp(dl[:, t:t + 1] * Anp[k]) * h + (dl[:, t] * us[:, t])[:, None] * Bs[None, :, t]
+    acc = np.full(Bt * Dm * L, np.nan)
+    accT = np.full(Bt * Dm * L, np.nan)
+    nth = _threads(Dm)
+    for bx in range(nc * 2 * Bt):
+        for by in range(-(-Dm // nth)):
+            c_ = bx % nc  # ChunkBlock(p, true)
+            rest = bx // nc
+            b, side = rest // 2, rest % 2
+            d0, q0 = by * nth, c_ * _KCH
+            q1 = min(q0 + _KCH, L)
+            ntile = (q1 - q0 + _KT - 1) // _KT
+            dst = accT if side else acc
+            us = plane(u[b], side)
+            for kk in range(2):
+                k = side + 2 * kk
+                dl, Bs, Cs = plane(dl_full[b, k], side), plane(B[b, k], side), plane(C[b, k], side)
+                act = [d0 + cc < Dm for cc in range(nth)]
+                h = np.array([cE[b, k, c_, d0 + cc] if act[cc] else np.zeros(N) for cc in range(nth)])
+                for jt in range(ntile):
+                    tt = ntile - 1 - jt if kk else jt
+                    q = q0 + tt * _KT
+                    cnt = min(_KT, q1 - q)
+                    sU = np.full((nth, _KT + 1), np.nan)
+                    for cc in range(nth):
+                        for i in range(_KT):
+                            sU[cc, i] = us[d0 + cc, q + i] if (act[cc] and i < cnt) else 0.0
+                    for s_ in range(cnt):
+                        i = cnt - 1 - s_ if kk else s_
+                        for cc in range(nth):
+                            if not act[cc]:
+                                continue
+                            d = d0 + cc
+                            uu, dd = sU[cc, i], dl[d, q + i]
+                            h[cc] = np.exp(dd * Anp[k, d]) * h[cc] + dd * uu * Bs[:, q + i]
+                            sU[cc, i] = Dnp[k, d] * uu + float((Cs[:, q + i] * h[cc]).sum())
+                    # the store phase, per thread
+                    first = kk == 0
+                    cstep, nact = nth // _KT, min(nth, Dm - d0)
+                    for tid in range(nth):
+                        i = tid & (_KT - 1)  # tile_lane
+                        if i >= cnt:
+                            continue
+                        step = cstep * L
+                        o = (b * Dm + d0 + tid // _KT) * L + q + i
+                        for c0 in range(tid // _KT, nact, _RMW_FWD * cstep):
+                            prev = [dst[o + x * step] if (c0 + x * cstep < nact and not first) else 0.0
+                                    for x in range(_RMW_FWD)]
+                            for x in range(_RMW_FWD):
+                                if c0 + x * cstep >= nact:
+                                    break
+                                assert not math.isnan(prev[x]), (b, side, kk, c0)
+                                y = sU[c0 + x * cstep, i]
+                                dst[o + x * step] = y if first else prev[x] + y
+                            o += _RMW_FWD * step
+    assert not (np.isnan(acc).any() or np.isnan(accT).any())
+    return acc, accT, ref, nc, nth
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 37, 45, 3), (1, 3, 8, 150, 2), (1, 2, 33, 64, 1), (3, 40, 5, 7, 2),
+                                   (2, 3, 1, 37, 2), (2, 3, 40, 1, 2), (1, 2, 1, 1, 2), (1, 34, 4, 4, 2),
+                                   (1, 2, 20, 30, 1)],
+                         ids=["tiled_37x45", "tiled_8x150", "tiled_33x64", "flat_5x7_ppb29",
+                              "flat_H1", "flat_W1", "flat_L1", "flat_4x4_2warps", "flat_20x30"])
+@pytest.mark.parametrize("out_is_acc", [False, True], ids=["out16", "out32_inplace"])
+def test_fwd_out_and_merge_ported(shape, out_is_acc):
+    """Output pass (both sides, chunks ending mid-row / mid-column, partial tiles, channels not a
+    multiple of the block) and both merge kernels on every shape (the one the launcher picks and the
+    other), with a full grid and a 3-block grid (the grid-stride loops), fp32 out in place (out is acc):
+    out within 1e-12 of the reference scan, every element written exactly once."""
+    import numpy as np
+    Bt, Dm, H, W, N = shape
+    acc, accT, ref, nc, nth = _port_fwd_out(Bt, Dm, H, W, N, out_is_acc)
+    assert nc == (H * W + _KCH - 1) // _KCH
+    picked = _merge_is_flat(H, W)
+    for merge in (_merge_flat, _merge_tiled):
+        for grid in (1 << 30, 3):
+            a = acc.copy()
+            out = a if out_is_acc else np.full_like(a, np.nan)
+            writes = np.zeros(a.shape, dtype=np.int64)
+            merge(a, accT, out, Bt, Dm, H, W, grid, writes)
+            assert (writes == 1).all(), (merge.__name__, grid, int(writes.min()), int(writes.max()))
+            err = float(np.abs(out - ref).max() / np.abs(ref).max())
+            assert err < 1e-12, (merge.__name__, picked, grid, err)
+
+
+def test_merge_tile_is_bank_conflict_free_and_rule():
+    """s[w][h] with row stride _MT + 1: a warp (fixed ty, tx = 0..31) writes s[ty + j * _MR][tx]
+    and reads s[tx][ty + j * _MR]; both hit 32 distinct banks. The launcher's choice of kernel."""
+    for ty in range(_MR):
+        for j in range(_MT // _MR):
+            assert len({((ty + j * _MR) * (_MT + 1) + tx) % 32 for tx in range(32)}) == 32
+            assert len({(tx * (_MT + 1) + ty + j * _MR) % 32 for tx in range(32)}) == 32
+    assert _merge_is_flat(4, 4) and _merge_is_flat(16, 16) and _merge_is_flat(1, 4096) and _merge_is_flat(4096, 1)
+    assert not _merge_is_flat(32, 32) and not _merge_is_flat(128, 96) and not _merge_is_flat(8, 150)
+    assert not _merge_is_flat(37, 53)

@@ -5,7 +5,9 @@ Layering: C++ ops ``torch.ops.vmambax.ss2d_cuda_fwd`` / ``ss2d_lowrank_cuda_fwd`
 -> ``selective_scan_2d`` / ``selective_scan_2d_lowrank`` (the backend contract of ``_backend``).
 
 Forward (csrc/selective_scan/ss2d_fwd_kernel.cuh): threads over channels, chunks of T = 64
-positions, chunk carries by a chunk pass and a carry pass, then one output pass per side; saves,
+positions, chunk carries by a chunk pass and a carry pass, then one output pass over both sides (row
+walks into the fp32 buffer in the original layout, column walks into a transient fp32 buffer in
+their transposed layout, both coalesced) and a tiled transpose-add into the output dtype; saves,
 when a gradient is needed, only the fp32 state entering each chunk (``_states_shape``). Backward
 (ss2d_bwd_kernel.cuh): a reverse chunk pass and carry pass, then one pass per side that replays each
 chunk from its saved state and forms every gradient. The low-rank form takes dt (Bt, 4, R, H, W) and
