@@ -90,21 +90,49 @@ __device__ __forceinline__ void bwd_stage(const SS2DParams &p, const SS2DSide &s
     }
   }
   // A fixed position per thread (tile_lane), its channels nth / TB apart: one address each, stepped.
+  // The R == 0, bias, i < cnt and d < Dm tests are hoisted out of the element loop: the channels
+  // below cend (real ones, i < cnt) are loaded without predicates, 4 per unrolled step, the rest
+  // (usually none) are zeros. With the tests inside, this loop took 46 SASS instructions per element
+  // of the main pass's staging and 37 of the replay's (bf16, NMAX 16, sm_90), ~4.6 per element-state
+  // of the main pass together (16 elements per thread and sub-tile against 16 x N = 256
+  // element-states); now 18 and 11 (low rank), 30 and 22.5 (full rank, bias). Cost: the chunk pass
+  // (same staging) takes 96 registers at NMAX 16 (87 before) and 72 at NMAX 8 (58).
   const int i = tile_lane<TB>(tid), cstep = nth / TB, c0 = tid / TB;
+  const int cend = i < cnt ? min(nth, p.Dm - d0) : 0;
   const T *up = static_cast<const T *>(sd.u) + b * sd.u_b + q + i + int64_t(d0 + c0) * sd.u_d;
   const T *zp = dl + i + int64_t(d0 + c0) * sd.dl_c;
   const float *gp = sd.dy + (int64_t(b) * p.Dm + d0 + c0) * p.L + q + i;
   const int64_t su = cstep * sd.u_d, sz = cstep * sd.dl_c, sg = int64_t(cstep) * p.L;
-  for (int c = c0; c < nth; c += cstep, up += su, zp += sz, gp += sg) {
-    const int d = d0 + c, o = c * (TB + 1) + i;
-    const bool on = d < p.Dm && i < cnt;
-    if (withU) m.tU[o] = on ? to_f(*up) : 0.f;
-    if (R == 0) {
-      float z = on ? to_f(*zp) : 0.f;
-      if (on && p.bias) z += p.bias[k * p.Dm + d];
-      m.t0[o] = z;
+  const int so = cstep * (TB + 1);  // shared-memory step between the thread's channels
+  float *ou = m.tU + c0 * (TB + 1) + i, *o0 = m.t0 + c0 * (TB + 1) + i, *o1 = m.t1 + c0 * (TB + 1) + i;
+  const bool withZ = R == 0;
+  const float *bp = (withZ && p.bias) ? p.bias + k * p.Dm + d0 + c0 : nullptr;
+  int c = c0;
+  if (withZ && bp) {
+#pragma unroll 4
+    for (; c < cend; c += cstep, up += su, zp += sz, gp += sg, ou += so, o0 += so, o1 += so, bp += cstep) {
+      if (withU) *ou = to_f(*up);
+      *o0 = to_f(*zp) + *bp;  // the same z + bias as before
+      if (withG) *o1 = *gp;
     }
-    if (withG) m.t1[o] = on ? *gp : 0.f;
+  } else if (withZ) {
+#pragma unroll 4
+    for (; c < cend; c += cstep, up += su, zp += sz, gp += sg, ou += so, o0 += so, o1 += so) {
+      if (withU) *ou = to_f(*up);
+      *o0 = to_f(*zp);
+      if (withG) *o1 = *gp;
+    }
+  } else {
+#pragma unroll 4
+    for (; c < cend; c += cstep, up += su, gp += sg, ou += so, o1 += so) {
+      if (withU) *ou = to_f(*up);
+      if (withG) *o1 = *gp;
+    }
+  }
+  for (; c < nth; c += cstep, ou += so, o0 += so, o1 += so) {  // past the end or channels >= Dm
+    if (withU) *ou = 0.f;
+    if (withZ) *o0 = 0.f;
+    if (withG) *o1 = 0.f;
   }
 }
 
@@ -266,7 +294,7 @@ template <int KK>
 __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b,
                                             int k, int d0, int j, int q, int cnt, float Dk, float &dDacc,
                                             float &dbacc, bool first) {
-  const int c = threadIdx.x, nth = blockDim.x, d = d0 + c, N = p.N;
+  const int c = threadIdx.x, nth = blockDim.x, d = d0 + c, N = p.N, L = p.L;
   const int dA_row = k * p.Dm + (d < p.Dm ? d : 0);
   float dl[TB], du[TB], gg[TB], X[TB], Y[TB], hA[TB], aA[TB];
 #pragma unroll
@@ -317,14 +345,23 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
   }
   __syncthreads();  // every warp's sP slots are written
   // dB, dC: the warps' sums, one atomic per element and block.
-  const int nw = nth >> 5, kk = k >> 1;
-  for (int o = c; o < N * 32; o += nth) {
-    const int n = o >> 5, r = o & 31, i = r & (TB - 1);
-    if (i >= cnt) continue;
-    float v = 0.f;
-    for (int ww = 0; ww < nw; ++ww) v += m.sP[(ww * N + n) * 32 + r];
-    float *dst = r < TB ? sd.dC : sd.dB;
-    atomicAdd(dst + b * sd.g_b + kk * sd.g_k + int64_t(n) * p.L + q + i, v);
+  // Element o = c + j * nth: nth is a multiple of 32, so the thread's row r = c & 31 (position i,
+  // dC or dB) is fixed and its states are n = c / 32 + j * nw: the destination is computed once and
+  // stepped (same elements, same order, same sums). Per element it was ~25 integer instructions of
+  // 64-bit index arithmetic plus a runtime-bounded loop over the warps.
+  const int nw = nth >> 5, kk = k >> 1, r = c & 31, i = r & (TB - 1);
+  if (i < cnt) {
+    float *dst = (r < TB ? sd.dC : sd.dB) + b * sd.g_b + kk * sd.g_k + int64_t(c >> 5) * L + q + i;
+    const int64_t dstep = int64_t(nw) * L;
+    const float *src = m.sP + (c >> 5) * 32 + r;  // sP[(ww * N + n) * 32 + r]
+    const int wstep = N * 32, nstep = nw * 32;
+    for (int n = c >> 5; n < N; n += nw, dst += dstep, src += nstep) {
+      float v = 0.f;
+#pragma unroll
+      for (int ww = 0; ww < kMaxThreads / 32; ++ww)
+        if (ww < nw) v += src[ww * wstep];
+      atomicAdd(dst, v);
+    }
   }
   // Per-step gradients of the thread's channel: du into t0, dz into t1.
   float *o1 = m.t0 + c * (TB + 1), *o2 = m.t1 + c * (TB + 1);
@@ -414,11 +451,15 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
       if (kk) bwd_subtile<1>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
       else bwd_subtile<0>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
       if (R > 0 && active) {  // dW[r] += sum_i dz_i dt_i[r]: the thread's own channel
-        const float *o2 = m.t1 + c * (TB + 1);
+        // dz read once: with the sDW store in the r loop the compiler reloaded all TB values per r
+        // (88 of this loop's 175 SASS instructions were shared-memory accesses).
+        float dz[TB];
+#pragma unroll
+        for (int i = 0; i < TB; ++i) dz[i] = m.t1[c * (TB + 1) + i];
         for (int r = 0; r < R; ++r) {
           float a = 0.f;
 #pragma unroll
-          for (int i = 0; i < TB; ++i) a = fmaf(o2[i], m.sDt[r * TB + i], a);
+          for (int i = 0; i < TB; ++i) a = fmaf(dz[i], m.sDt[r * TB + i], a);
           m.sDW[r * nth + c] += a;
         }
       }
