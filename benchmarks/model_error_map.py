@@ -49,13 +49,13 @@ def module_run(mod, inputs, gs):
     return res
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backends", default="cuda,triton")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--device", default="cuda")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     sd = {k: published_tensor(k, shape) for k, shape, _ in published_keys()}
     model = from_reference_checkpoint(sd).to(args.device).eval()
