@@ -4,6 +4,10 @@ import pytest
 import torch
 
 from vmambax.models import from_reference_checkpoint
+from vmambax.models.fusion import CGM
+from vmambax.models.vmambax import set_backend
+from vmambax.testing import model_runs, module_ratios
+from vmambax_kernels.modules import SS2D
 from vmambax_kernels import available_backends
 from vmambax_kernels.testing import assert_model_close_by_rule
 
@@ -55,3 +59,21 @@ def test_forward_backward_by_the_rule(gpu_model, backend):
         runs[name] = (out.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()})
     gpu_model.float()
     assert_model_close_by_rule(runs["fast"], runs["ref32"], runs["ref64"])
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_each_module_on_the_model_activations_by_the_rule(gpu_model, backend):
+    """Every SS2D and CGM module alone, on the activations the float64 reference model feeds it (the
+    inputs of the test above): outputs, input gradients and parameter gradients by the rule. The
+    whole-model test compounds ~100 such modules; this one says whether each keeps the rule on the
+    model's own activations (benchmarks/model_error_map.py prints the ratios)."""
+    _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(7)
+    ct, pet = torch.rand(2, 1, 128, 128, generator=g) * 3.2 - 1.6, torch.rand(2, 1, 128, 128, generator=g) * 3.2 - 1.6
+    grad_out = torch.randn(2, 1, 128, 128, generator=g)
+    names = [n for n, m in gpu_model.named_modules() if isinstance(m, (SS2D, CGM))]
+    _, captured = model_runs(gpu_model, ct, pet, grad_out, [], capture=names)
+    ratios = module_ratios(gpu_model, captured, [backend], set_backend)
+    assert len(ratios) == len(names)
+    bad = [f"{n} {k}: {v:.3f}" for n, per in ratios.items() for k, v in per[backend].items() if v > 1]
+    assert not bad, f"{len(bad)} results break the rule (ratio > 1):\n" + "\n".join(bad)

@@ -34,6 +34,17 @@ def _cgm_backend(backend: str | None, cgm_backend: str | None) -> str | None:
     return None if backend == "cuda" else backend
 
 
+def set_backend(module: nn.Module, backend: str | None, cgm_backend: str | None = "same") -> nn.Module:
+    """Every SS2D inside ``module`` (itself included) on ``backend``, every CGM on ``cgm_backend``."""
+    cgm_backend = _cgm_backend(backend, cgm_backend)
+    for m in module.modules():
+        if isinstance(m, SS2D):
+            m.backend = backend
+        elif isinstance(m, CGM):
+            m.backend = cgm_backend
+    return module
+
+
 class DualBackbone(nn.Module):
     """forward(ct, pet), (Bt, 3, H, W) each -> 4 fused features (Bt, dims[i], H / 2^(i+2), W / 2^(i+2)).
 
@@ -105,13 +116,7 @@ class VMambaX(nn.Module):
 
     def set_backend(self, backend: str | None, cgm_backend: str | None = "same") -> "VMambaX":
         """Run every scan on ``backend`` and every CGM gate on ``cgm_backend`` (as in __init__)."""
-        cgm_backend = _cgm_backend(backend, cgm_backend)
-        for m in self.modules():
-            if isinstance(m, SS2D):
-                m.backend = backend
-            elif isinstance(m, CGM):
-                m.backend = cgm_backend
-        return self
+        return set_backend(self, backend, cgm_backend)
 
     @staticmethod
     def _check_inputs(ct, pet) -> None:
