@@ -37,6 +37,47 @@ void check_param(const optional<Tensor> &t, const char *name, int64_t K, int64_t
   TORCH_CHECK(t->is_contiguous(), name, ": expected a contiguous tensor, got strides ", t->strides());
 }
 
+// The leading dims of t (all but the last two) as a PlaneMap, when they collapse into (outer, inner).
+bool plane_map(const Tensor &t, PlaneMap &m) {
+  const int64_t n = t.dim() - 2;
+  m = PlaneMap{1, 0, 0};
+  if (n <= 0) return true;
+  m.inner = t.size(n - 1);
+  m.stride_inner = t.stride(n - 1);
+  for (int64_t i = n - 2; i >= 1; --i)  // dims 0..n-2 must be one stride apart: outer index
+    if (t.size(i) > 1 && t.stride(i - 1) != t.size(i) * t.stride(i)) return false;
+  m.stride_outer = n >= 2 ? t.stride(n - 2) : 0;
+  return true;
+}
+
+// dst (..., W, H) = src (..., H, W) transposed plane by plane (same leading shape and dtype). The
+// tiled kernel (ss2d_transpose.cu) when both sides have dense planes whose leading dims collapse and
+// the planes are at least a tile wide; else PyTorch's copy (DCIM's 4 x 4 planes: there a tile would
+// be mostly idle, and a plane is one or two sectors anyway).
+void copy_transposed(const Tensor &src, const Tensor &dst) {
+  const int64_t H = src.size(-2), W = src.size(-1), planes = H * W ? src.numel() / (H * W) : 0;
+  PlaneMap ms, md;
+  const bool dense = src.stride(-1) == 1 && (H == 1 || src.stride(-2) == W) && dst.stride(-1) == 1 &&
+                     (W == 1 || dst.stride(-2) == H);
+  if (planes > 0 && H >= 32 && W >= 32 && dense && plane_map(src, ms) && plane_map(dst, md) &&
+      src.scalar_type() == dst.scalar_type() && (src.element_size() == 2 || src.element_size() == 4)) {
+    ss2d_transpose_launch(src.data_ptr(), dst.data_ptr(), planes, int(H), int(W), ms, md, int(src.element_size()),
+                          c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    dst.copy_(src.transpose(-2, -1));
+  }
+}
+
+// A new contiguous (..., W, H) tensor holding t (..., H, W) transposed plane by plane.
+Tensor transposed(const Tensor &t) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  std::swap(sizes[sizes.size() - 1], sizes[sizes.size() - 2]);
+  Tensor out = at::empty(sizes, t.options());
+  copy_transposed(t, out);
+  return out;
+}
+
 // Validates the scan's tensors and fills everything of SS2DParams but the outputs.
 SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B, const Tensor &C,
                        const optional<Tensor> &D, const optional<Tensor> &bias, const optional<Tensor> &Wdt,
@@ -96,8 +137,8 @@ SS2DParams make_params(const Tensor &u, const Tensor &dl, const Tensor &A, const
               " states per block in shared memory: ", smem, " bytes, over 227 KB");
   // Row walks read the tensors as given (k = 0, 2: k >> 1 steps two k's); column walks read
   // copies of u and of the k = 1, 3 slices transposed to (W, H) planes, so both walk memory order.
-  auto odd_t = [](const Tensor &t) { return t.slice(1, 1, 4, 2).transpose(3, 4).contiguous(); };
-  keep.push_back(u.transpose(2, 3).contiguous());
+  auto odd_t = [](const Tensor &t) { return transposed(t.slice(1, 1, 4, 2)); };
+  keep.push_back(transposed(u));
   keep.push_back(odd_t(dl));
   keep.push_back(odd_t(B));
   keep.push_back(odd_t(C));
@@ -188,7 +229,7 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
   const int64_t Bt = p.Bt, Dm = p.Dm, H = p.H, W = p.W, N = p.N, R = p.R, L = p.L, Cl = R > 0 ? R : Dm;
   Tensor du = at::empty({Bt, Dm, H, W}, f32);
   // Column walks read dy in their transposed layout (coalesced along their walk).
-  Tensor dyT = dy.transpose(2, 3).contiguous();
+  Tensor dyT = transposed(dy);
   // Channel sums (dB, dC, low-rank ddt) are accumulated with atomics: zeros. The full-rank ddelta is
   // written once per element by its owner. Column walks write transposed slices, copied back below.
   Tensor ddl = R > 0 ? at::zeros({Bt, 4, R, H, W}, f32) : at::empty({Bt, 4, Dm, H, W}, f32);
@@ -225,9 +266,9 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_input(u.scalar_type(), "u", [&](auto x) { ss2d_bwd_launch<decltype(x)>(p, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  ddl.slice(1, 1, 4, 2).copy_(ddlT.transpose(3, 4));
-  dB.slice(1, 1, 4, 2).copy_(dBT.transpose(3, 4));
-  dC.slice(1, 1, 4, 2).copy_(dCT.transpose(3, 4));
+  copy_transposed(ddlT, ddl.slice(1, 1, 4, 2));
+  copy_transposed(dBT, dB.slice(1, 1, 4, 2));
+  copy_transposed(dCT, dC.slice(1, 1, 4, 2));
   return {du, ddl, dA.to(at::kFloat), dB, dC, dD.to(at::kFloat), dbias.to(at::kFloat), dW.to(at::kFloat)};
 }
 

@@ -41,8 +41,9 @@ def model_runs(model, ct, pet, grad_out, backends: Iterable[str], capture: Itera
     inputs]} for the modules named in ``capture``. ``model`` (with ``set_backend``) is left in float32."""
     mods = dict(model.named_modules())
     captured = {}
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, [x.detach() for x in i]))
-             for n in capture]
+    def keep(name):
+        return lambda mod, inputs, out: captured.__setitem__(name, [x.detach() for x in inputs])
+    hooks = [mods[n].register_forward_hook(keep(n)) for n in capture]
     try:
         runs = {"ref64": _run(model.double().set_backend("reference"), ct, pet, grad_out, torch.float64)}
     finally:

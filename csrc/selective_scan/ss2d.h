@@ -55,6 +55,17 @@ struct SS2DParams {
   double *dW;           // (4, Dm, R) or null
 };
 
+// Plane p of a batch of planes starts at (p / inner) * stride_outer + (p % inner) * stride_inner
+// elements from the base pointer (the tensor's leading dims collapsed into two).
+struct PlaneMap {
+  int64_t inner, stride_outer, stride_inner;
+};
+
+// dst plane p (W x H, dense) = the transpose of src plane p (H x W, dense); elem_bytes 2 or 4
+// (ss2d_transpose.cu).
+void ss2d_transpose_launch(const void *src, void *dst, int64_t planes, int H, int W, PlaneMap ms, PlaneMap md,
+                           int elem_bytes, cudaStream_t stream);
+
 // Loads in flight: the carry passes read kCarryBatch chunks per thread before storing any (one chunk
 // at a time, each is a dependent global round trip); the output passes' read-add-writes (acc
 // forward, du backward) issue kRmwBatchFwd / kRmwBatchBwd loads per thread before their stores.

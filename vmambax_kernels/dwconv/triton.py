@@ -168,9 +168,9 @@ def _kernels() -> dict:
 # 180-255 (bwd_dz without its loop: 105-120), hence one partial row per tile: at enc1 2048 rows x
 # 192 x 9 fp32 (14 MB, against the dz buffer's 2 x 100 MB).
 # Timed (H100, bf16, `bench_dwconv.py --sweep` at enc1, 2026-11-27): 4 warps beat 8 in all three
-# kernels, fwd 0.126 -> 0.085 ms, bwd_dz 0.650 -> 0.480, bwd_dx 0.480 -> 0.467 (BP 128 for bwd_dz:
-# 0.488); with 4 warps the kernel times at dcim_inner1 / enc4 were fwd 0.194 / 0.017 ms and
-# bwd 0.499 / 0.126 ms (8 warps, an earlier run: 0.220 / 0.021 and 0.660 / 0.269).
+# kernels, fwd 0.126 -> 0.085 ms; the whole backward (both kernels) 0.650 -> 0.480 with bwd_dz on 4
+# warps (BP 128 instead: 0.488), -> 0.467 with bwd_dx too. With 4 warps, at dcim_inner1 / enc4:
+# fwd 0.194 / 0.017 ms, bwd 0.499 / 0.126 ms (8 warps, an earlier run: 0.220 / 0.021, 0.660 / 0.269).
 _DEFAULTS = {"fwd": dict(BP=128, BC=32, num_warps=4),
              "bwd_dz": dict(BP=64, BC=32, num_warps=4),
              "bwd_dx": dict(BP=64, BC=32, num_warps=4)}
