@@ -109,8 +109,8 @@ def test_swept_configs(config):
 
 # The variants bench_cgm.py --sweep times (cgm_triton.VARIANTS): output and every gradient on tiny
 # shapes, residual and plain, H != W, C not a multiple of the channel block (37), one column tile
-# (W 6) and, for max_tw variants, several (W 37 > 16 with max_tw forced to 16), 2-row strips.
-VARIANT_SHAPES = {"rect": (2, 37, 9, 6), "tiles": (1, 20, 5, 37)}
+# (W 20) and, for max_tw variants, several (W 37 > 16 with max_tw forced to 16), 2-row strips.
+VARIANT_SHAPES = {"rect": (2, 37, 9, 20), "tiles": (1, 20, 5, 37)}  # rect: TWP 32 (ONE_TILE on)
 
 
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
