@@ -47,6 +47,10 @@ DEVICE = "cuda"
 # follow from programs_per_sm for each case, so a choice made at cgm1 carries to the others)
 SWEEP = {"fwd": [dict(), dict(BC=16, num_warps=4), dict(programs_per_sm=1), dict(programs_per_sm=4)],
          "bwd": [dict(), dict(BC=32), dict(programs_per_sm=1), dict(programs_per_sm=4)]}
+# ... and the variants prepared for timing (cgm_triton.VARIANTS: what each is for, its registers)
+for _variant in cgm_triton.VARIANTS.values():
+    for _kind, _cfg in _variant.items():
+        SWEEP[_kind].append(dict(_cfg))
 
 
 class CGM(nn.Module):

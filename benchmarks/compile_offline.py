@@ -102,6 +102,20 @@ def record() -> list[dict]:
             leaves = [v.requires_grad_(True) for v in x.values() if isinstance(v, torch.Tensor)]
             ys = vk.cgm_gate(**x, residual=residual, backend="triton")
             backward(sum(y.float().sum() for y in ys), leaves)
+    # the CGM gate's launch variants (cgm_triton.VARIANTS, which bench_cgm.py --sweep times) at the
+    # stage shapes cgm1..cgm4 (Bt 1: the batch changes the grid only), bf16 and fp32
+    for name, variant in cgm_triton.VARIANTS.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            for C, H, W in ((96, 128, 128), (192, 64, 64), (384, 32, 32), (768, 16, 16)):
+                cgm_triton.CONFIG_OVERRIDE.clear()
+                cgm_triton.CONFIG_OVERRIDE.update(variant)
+                x = dict(x_ct=torch.randn(1, C, H, W).to(dtype), x_pet=torch.randn(1, C, H, W).to(dtype),
+                         c_ct=torch.rand(1, C), c_pet=torch.rand(1, C),
+                         w_ct=torch.randn(1, 2 * C, 3, 3) * 0.05, w_pet=torch.randn(1, 2 * C, 3, 3) * 0.05)
+                leaves = [v.requires_grad_(True) for v in x.values() if isinstance(v, torch.Tensor)]
+                ys = vk.cgm_gate(**x, residual=True, backend="triton")
+                backward(sum(y.float().sum() for y in ys), leaves)
+    cgm_triton.CONFIG_OVERRIDE.clear()
     # the fused CGM module (cgm/module_triton.py): plane sums, channel MLPs, the gate with dp
     for dtype in (torch.float32, torch.bfloat16):
         for training in (True, False):
@@ -176,7 +190,8 @@ def compile_all(launches: list[dict], arch: int) -> int:
         opts = {k: v for k, v in rec["meta"].items() if k in ("num_warps", "num_stages", "maxnreg")}
         dtype = next((t[1:] for t in rec["args"].values() if t and t.startswith("*")), "")
         label = f"{rec['name']} {dtype} " + " ".join(f"{k}={v}" for k, v in sorted(rec["constexprs"].items())
-                                                      if k != "INTERP")
+                                                      if k != "INTERP") \
+            + "".join(f" {k}={v}" for k, v in sorted(opts.items()))
         try:
             kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=opts)
         except Exception as exc:  # report every launch, not only the first failure

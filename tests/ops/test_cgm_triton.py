@@ -107,6 +107,36 @@ def test_swept_configs(config):
     check(cgm_inputs(2, 37, 9, 6, torch.bfloat16, device="cpu", seed=13), torch.bfloat16, True)
 
 
+# The variants bench_cgm.py --sweep times (cgm_triton.VARIANTS): output and every gradient on tiny
+# shapes, residual and plain, H != W, C not a multiple of the channel block (37), one column tile
+# (W 20) and, for max_tw variants, several (W 37 > 16 with max_tw forced to 16), 2-row strips.
+VARIANT_SHAPES = {"rect": (2, 37, 9, 20), "tiles": (1, 20, 5, 37)}  # rect: TWP 32 (ONE_TILE on)
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "plain"])
+@pytest.mark.parametrize("shape", list(VARIANT_SHAPES))
+@pytest.mark.parametrize("variant", list(cgm_triton.VARIANTS))
+def test_variants(variant, shape, residual):
+    for kind, cfg in cgm_triton.VARIANTS[variant].items():
+        cfg = dict(cfg, rows=2)
+        if shape == "tiles":
+            cfg["max_tw"] = 16
+        cgm_triton.CONFIG_OVERRIDE[kind] = cfg
+    try:
+        check(cgm_inputs(*VARIANT_SHAPES[shape], torch.bfloat16, device="cpu", seed=17), torch.bfloat16, residual)
+    finally:
+        cgm_triton.CONFIG_OVERRIDE.clear()
+
+
+@pytest.mark.parametrize("variant", [v for v in cgm_triton.VARIANTS if "fwd" in cgm_triton.VARIANTS[v]])
+def test_variants_fp32_channels_last(variant):
+    cgm_triton.CONFIG_OVERRIDE.update(cgm_triton.VARIANTS[variant])
+    try:
+        check(cgm_inputs(2, 18, 5, 6, torch.float32, device="cpu", seed=19, channels_last=True), torch.float32, True)
+    finally:
+        cgm_triton.CONFIG_OVERRIDE.clear()
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_channels_last_in_and_out(dtype):
     inputs = cgm_inputs(2, 18, 5, 6, DTYPES[dtype], device="cpu", seed=5, channels_last=True)

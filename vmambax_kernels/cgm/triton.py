@@ -156,20 +156,32 @@ def _col(t2, m):
     return tl.sum(tl.where(tl.arange(0, 2)[None, :] == m, t2, 0.0), axis=1)
 
 
-def _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP: constexpr):
+def _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP: constexpr, ONE_TILE: constexpr):
     """The program's plane b, rows [h0, h1), and columns: wcol = wb + i for i < TWP, the ones
     loaded (in the plane) and the ones it outputs (all when one tile spans the width; else the
-    inner TWP - 2, the two outer ones being halo)."""
-    kt = pid % n_ct
-    rest = pid // n_ct
-    strip = rest % n_strips
-    b = rest // n_strips
+    inner TWP - 2, the two outer ones being halo).
+    ONE_TILE (config key "one_tile", only where one tile spans the width): wcol = i and the column
+    mask i < W, which the compiler sees as constant over runs of 16 columns when W is a multiple of
+    16: the loads vectorise, and Triton's pipeliner turns the channel loops' x/dy loads into
+    cp.async copies num_stages - 1 blocks ahead (without it their 2-byte masked loads are neither)."""
+    if ONE_TILE:
+        strip = pid % n_strips
+        b = pid // n_strips
+        i = tl.arange(0, TWP)
+        wcol = i
+        in_cols = i < W
+        out_cols = in_cols
+    else:
+        kt = pid % n_ct
+        rest = pid // n_ct
+        strip = rest % n_strips
+        b = rest // n_strips
+        i = tl.arange(0, TWP)
+        wcol = kt * (TWP - 2) - LO + i
+        in_cols = (wcol >= 0) & (wcol < W)
+        out_cols = in_cols & (i >= LO) & (i < TWP - LO)
     h0 = strip * SR
     h1 = tl.minimum(h0 + SR, H)
-    i = tl.arange(0, TWP)
-    wcol = kt * (TWP - 2) - LO + i
-    in_cols = (wcol >= 0) & (wcol < W)
-    out_cols = in_cols & (i >= LO) & (i < TWP - LO)
     return b, h0, h1, wcol, in_cols, out_cols
 
 
@@ -180,9 +192,10 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                     sca_b, sca_c, scb_b, scb_c,
                     swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
                     RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr,
-                    TWP: constexpr, BC: constexpr):
+                    TWP: constexpr, BC: constexpr, ONE_TILE: constexpr = False, GATE: constexpr = True):
+    """GATE=False (config key "split"): s only; _cgm_apply_kernel gates every channel afterwards."""
     pid = tl.program_id(0)
-    b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP)
+    b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP, ONE_TILE)
     s_plane = s_ptr + b.to(tl.int64) * 2 * H * W
     mcol = tl.arange(0, 2)
     # z accumulators: za for the row to finish next, zb for the row after it
@@ -204,7 +217,7 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
         zb = _pick(t, 0)
         h = r - 1
         tl.store(s_plane + mcol[None, :] * H * W + h * W + wcol[:, None], s, mask=out_cols[:, None])
-        for MOD in tl.static_range(2):
+        for MOD in tl.static_range(2 if GATE else 0):
             if MOD == 0:
                 xrow = xa_ptr + b.to(tl.int64) * sxa_b + h * sxa_h
                 yrow = ya_ptr + b.to(tl.int64) * sya_b + h * sya_h
@@ -228,6 +241,46 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                 x = tl.load(xrow + ch[None, :] * sc + wcol[:, None] * sw, mask=msk, other=0.0).to(tl.float32)
                 y = _round_bf16(x * gate, ya_ptr, INTERP)
                 tl.store(yrow + ch[None, :] * tc + wcol[:, None] * tw, y.to(ya_ptr.dtype.element_ty), mask=msk)
+
+
+def _cgm_apply_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, C, H, W, n_wt,
+                      sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                      sya_b, sya_c, sya_h, sya_w, syb_b, syb_c, syb_h, syb_w,
+                      sca_b, sca_c, scb_b, scb_c,
+                      RESIDUAL: constexpr, INTERP: constexpr, TWA: constexpr, BCA: constexpr):
+    """The split forward's second kernel (config key "split"): y_m = x_m (1 + c_m s_m) for a tile
+    of BCA channels x TWA columns of one row, both modalities, from the s the first kernel wrote.
+    No loop-carried state: every program's loads are independent (a pure stream)."""
+    pid = tl.program_id(0)
+    wt = pid % n_wt
+    bh = pid // n_wt
+    h = bh % H
+    b = bh // H
+    ch = tl.program_id(1) * BCA + tl.arange(0, BCA)
+    mc = ch < C
+    w = wt * TWA + tl.arange(0, TWA)
+    mw = w < W
+    msk = mc[:, None] & mw[None, :]
+    for MOD in tl.static_range(2):
+        if MOD == 0:
+            xrow = xa_ptr + b.to(tl.int64) * sxa_b + h * sxa_h
+            yrow = ya_ptr + b.to(tl.int64) * sya_b + h * sya_h
+            sc, sw, tc, tw = sxa_c, sxa_w, sya_c, sya_w
+            c_base = ca_ptr + b * sca_b
+            cs = sca_c
+        else:
+            xrow = xb_ptr + b.to(tl.int64) * sxb_b + h * sxb_h
+            yrow = yb_ptr + b.to(tl.int64) * syb_b + h * syb_h
+            sc, sw, tc, tw = sxb_c, sxb_w, syb_c, syb_w
+            c_base = cb_ptr + b * scb_b
+            cs = scb_c
+        s_m = tl.load(s_ptr + (b.to(tl.int64) * 2 + MOD) * H * W + h * W + w, mask=mw, other=0.0)
+        gate = tl.load(c_base + ch * cs, mask=mc, other=0.0).to(tl.float32)[:, None] * s_m[None, :]
+        if RESIDUAL:
+            gate += 1.0
+        x = tl.load(xrow + ch[:, None] * sc + w[None, :] * sw, mask=msk, other=0.0).to(tl.float32)
+        y = _round_bf16(x * gate, ya_ptr, INTERP)
+        tl.store(yrow + ch[:, None] * tc + w[None, :] * tw, y.to(ya_ptr.dtype.element_ty), mask=msk)
 
 
 def _row_dz(g_ptr, x_ptr, s_plane, c_ptr, b, r, C, H, W, wcol, in_cols,
@@ -259,9 +312,9 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                     sca_b, sca_c, scb_b, scb_c,
                     swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
                     RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr, HAS_DP: constexpr,
-                    TWP: constexpr, BC: constexpr):
+                    TWP: constexpr, BC: constexpr, ONE_TILE: constexpr = False):
     pid = tl.program_id(0)
-    b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP)
+    b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP, ONE_TILE)
     s_plane = s_ptr + b.to(tl.int64) * 2 * H * W
     dw_prog = dw_ptr + pid.to(tl.int64) * 2 * 2 * C * 9  # its partial dW, [2 (map), 2C, 9]
     i = tl.arange(0, TWP)
@@ -353,7 +406,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
 
 _HELPERS = ("_tf32_trunc", "_split", "_mm", "_wpack", "_row_taps", "_pick", "_col",
             "_tile_cols", "_row_dz")
-_KERNELS = ("_cgm_fwd_kernel", "_cgm_bwd_kernel")
+_KERNELS = ("_cgm_fwd_kernel", "_cgm_apply_kernel", "_cgm_bwd_kernel")
 _built: dict = {}
 
 
@@ -379,6 +432,32 @@ _DEFAULTS = {"fwd": dict(BC=16, num_warps=4, num_stages=2, programs_per_sm=2, ma
              "fwd_fp32": dict(BC=32, num_warps=8, num_stages=2, programs_per_sm=2, max_tw=128),
              "bwd_fp32": dict(BC=16, num_warps=8, num_stages=2, programs_per_sm=2, max_tw=128)}
 CONFIG_OVERRIDE: dict = {}
+# Launch variants for the next GPU session (not defaults: each is a CONFIG_OVERRIDE that
+# benchmarks/bench_cgm.py --sweep times and tests/ops/test_cgm_triton.py checks; NOT yet timed on a
+# GPU). Registers: ptxas sm_90 (Triton 3.6, benchmarks/compile_offline.py) at cgm1 bf16 (TWP 128);
+# none spills there. For reference, at cgm1 bf16 the defaults take fwd 234 registers and bwd 255
+# + 56 B of stack (spills: the 32 x 32 launches compile_offline used to compile gave 202 / 236-240).
+# At cgm1 the channel loops' x / dy loads are already cp.async-pipelined one block ahead (TTGIR);
+# num_stages 3 spills in both kernels (fwd 255 + 24 B, bwd 255 + 208 B), so no deeper variant.
+VARIANTS: dict = {
+    # fwd: whole-width tile with the plain column mask i < W: 221 registers (default 234)
+    "fwd_tile1": {"fwd": dict(one_tile=True)},
+    # fwd in two kernels: s only (GATE=False, 233 registers), then _cgm_apply_kernel gates every
+    # channel as a stream with no loop-carried state (BC 32 / 4 warps: 48 registers); x is read a
+    # second time from HBM instead of L2 (6 n e bytes instead of 4 n e)
+    "fwd_split": {"fwd": dict(one_tile=True, split=True)},
+    # the same with 64-channel apply tiles and 8 warps (52 registers)
+    "fwd_split_bc64": {"fwd": dict(one_tile=True, split=dict(BC=64, num_warps=8))},
+    # the same with 64-column tiles (3 per 128-pixel row, 168 registers at cgm1: 3 programs per SM)
+    "fwd_split_tw64": {"fwd": dict(split=True, max_tw=64, programs_per_sm=3)},
+    # bwd BC 16 (the default, BC 32, spills at cgm1) with the whole-width tile: 238 registers
+    "bwd_tile1_bc16": {"bwd": dict(one_tile=True, BC=16)},
+    # the same with 4 warps (254 registers; 224 at TWP 64): two programs fit per SM in registers,
+    # where one 8-warp program at 236-255 registers fills the register file alone
+    "bwd_tile1_bc16_w4": {"bwd": dict(one_tile=True, BC=16, num_warps=4)},
+    # the same without the pipeliner (num_stages 1: no cp.async buffers, 236 registers)
+    "bwd_tile1_bc16_s1": {"bwd": dict(one_tile=True, BC=16, num_stages=1)},
+}
 _SMS: dict = {}
 
 
@@ -406,7 +485,10 @@ def _config(kind, Bt, C, H, W, device, dtype=None):
     rows = min(rows, H)
     n_strips = -(-H // rows)
     return dict(TWP=twp, BC=bc, SR=rows, n_strips=n_strips, n_ct=n_ct, grid=(Bt * n_strips * n_ct,),
-                num_warps=o["num_warps"], num_stages=o["num_stages"])
+                num_warps=o["num_warps"], num_stages=o["num_stages"],
+                # not at TWP 16 (cgm4): there the split forward's s-only kernel spilled 8 B (bf16)
+                ONE_TILE=bool(o.get("one_tile")) and n_ct == 1 and twp >= 32,
+                split=o.get("split") and {"BC": 32, "num_warps": 4, **(o["split"] if isinstance(o["split"], dict) else {})})
 
 
 def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
@@ -421,7 +503,17 @@ def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
         *x_ct.stride(), *x_pet.stride(), *ya.stride(), *yb.stride(), *c_ct.stride(), *c_pet.stride(),
         *w_ct.stride()[1:], *w_pet.stride()[1:],
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
-        TWP=cfg["TWP"], BC=cfg["BC"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        TWP=cfg["TWP"], BC=cfg["BC"], ONE_TILE=cfg["ONE_TILE"], GATE=not cfg["split"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg["split"]:
+        twa = min(_pow2(W), 128)
+        bca = min(cfg["split"]["BC"], _pow2(C))
+        n_wt = -(-W // twa)
+        k["_cgm_apply_kernel"][(Bt * H * n_wt, -(-C // bca))](
+            x_ct, x_pet, ya, yb, s, c_ct, c_pet, C, H, W, n_wt,
+            *x_ct.stride(), *x_pet.stride(), *ya.stride(), *yb.stride(), *c_ct.stride(), *c_pet.stride(),
+            RESIDUAL=residual, INTERP=interpreting(), TWA=twa, BCA=bca,
+            num_warps=cfg["split"]["num_warps"])
     return ya, yb, s
 
 
@@ -445,7 +537,7 @@ def _backward_launch(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, resi
         *ga.stride(), *gb.stride(), *x_ct.stride(), *x_pet.stride(), *dxa.stride(), *dxb.stride(),
         *c_ct.stride(), *c_pet.stride(), *w_ct.stride()[1:], *w_pet.stride()[1:],
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
-        HAS_DP=dp is not None, TWP=cfg["TWP"], BC=cfg["BC"], num_warps=cfg["num_warps"],
+        HAS_DP=dp is not None, TWP=cfg["TWP"], BC=cfg["BC"], ONE_TILE=cfg["ONE_TILE"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return dxa, dxb, dc, dw
 
