@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A/B of two trees on one GPU machine in one call: the checkout it runs in (A) and a second tree
+# (B, e.g. a branch unpacked with `git archive BRANCH | tar -x -C .wheels/next`), each built in
+# place, B's GPU tests run, then the same benchmarks on both; logs and records under $OUT/a, $OUT/b.
+#
+#   bash benchmarks/device_ab.sh B_DIR [--tests "PYTEST ARGS"] [--bench "SCRIPT ARGS"]...
+#
+# VMAMBAX_COMMIT_A / VMAMBAX_COMMIT_B name the commits in the records (the trees travel without
+# a usable .git). Other settings (TEST_TIMEOUT, BENCH_TIMEOUT, MAX_JOBS) pass to device_run.sh.
+set -o pipefail
+B_DIR=$1; shift
+[ -d "$B_DIR" ] || { echo "device_ab.sh: no tree at $B_DIR"; exit 2; }
+TESTS=""; BENCH_ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tests) TESTS=$2; shift 2 ;;
+    --bench) BENCH_ARGS+=(--bench "$2"); shift 2 ;;
+    *) echo "device_ab.sh: unknown argument $1"; exit 2 ;;
+  esac
+done
+[ ${#BENCH_ARGS[@]} -eq 0 ] && BENCH_ARGS=(--no-bench)
+ROOT_OUT=${OUT:-/tmp/vmambax-out}
+A_DIR=$(pwd)
+[ -d .wheels ] && [ ! -e "$B_DIR/.wheels" ] && ln -s "$A_DIR/.wheels" "$B_DIR/.wheels"  # the peer's wheel
+
+echo "== A: $A_DIR"
+OUT=$ROOT_OUT/a VMAMBAX_COMMIT=${VMAMBAX_COMMIT_A:-A} bash benchmarks/device_run.sh --mamba --no-tests "${BENCH_ARGS[@]}"
+echo "== B: $B_DIR"
+cd "$B_DIR" || exit 2
+if [ -n "$TESTS" ]; then
+  OUT=$ROOT_OUT/b VMAMBAX_COMMIT=${VMAMBAX_COMMIT_B:-B} bash benchmarks/device_run.sh --tests "$TESTS" "${BENCH_ARGS[@]}"
+else
+  OUT=$ROOT_OUT/b VMAMBAX_COMMIT=${VMAMBAX_COMMIT_B:-B} bash benchmarks/device_run.sh --no-tests "${BENCH_ARGS[@]}"
+fi
