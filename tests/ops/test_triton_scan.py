@@ -301,3 +301,39 @@ def test_gpu_shape_set_forced_bwd(name, dtype, bwd, monkeypatch):
 def test_gpu_random_odd_shapes_forced_bwd(seed, bwd, monkeypatch):
     monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(bwd=bwd))
     test_gpu_random_odd_shapes(seed)
+
+
+def _lowrank_op_fwd_bwd(x):
+    """y and the eight gradients of the low-rank ops, for a fixed grad_y."""
+    u, dt, A, B, C, D, bias, w = (x[k] for k in ("u", "dt", "A", "B", "C", "D", "delta_bias", "dt_projs_weight"))
+    y, states = torch.ops.vmambax.ss2d_triton_lowrank_fwd(u, dt, A, B, C, D, bias, w, True, torch.float32, True)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y.device)
+    return (y, *torch.ops.vmambax.ss2d_triton_bwd(gy, u, dt, A, B, C, D, bias, w, states, True))
+
+
+def _check_runs_agree(case, bwd, monkeypatch):
+    monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(bwd=bwd))
+    x = scan_inputs(case, torch.float32, DEV, lowrank=True)
+    first, second = _lowrank_op_fwd_bwd(x), _lowrank_op_fwd_bwd(x)
+    names = ("y", "du", "d dt", "dA", "dB", "dC", "dD", "d bias", "dW")
+    for name, a, b in zip(names, first, second):
+        if name in ("d dt", "dB", "dC"):
+            # float64 sums of more than four fp32 addends: the same after rounding but for rare ties
+            ulp = torch.finfo(torch.float32).eps * b.abs()
+            assert bool(((a - b).abs() <= ulp).all()), f"{name}: runs differ by more than an ulp"
+            assert int((a != b).sum()) <= max(1, a.numel() // 100000), f"{name}: runs differ in many elements"
+        else:
+            # y and du: four fp32 addends per element sum exactly in float64; the parameter
+            # gradients are host sums of per-program rows
+            assert torch.equal(a, b), f"{name}: runs differ"
+
+
+# Two runs of the same inputs give the same results: the atomics' sums (y, du, dB, dC, d dt) are
+# float64 buffers (with fp32 buffers they varied from run to run on the GPU).
+@pytest.mark.gpu
+@pytest.mark.parametrize("bwd", ["seq", "tile"])
+@pytest.mark.parametrize("name", ["enc1", "dcim_inner1", "dec3"])
+def test_gpu_runs_agree(name, bwd, monkeypatch):
+    c = SHAPES[name]
+    _check_runs_agree(ScanCase(name, min(c.Bt, 2 if c.H * c.W >= 4096 else 1024), c.d_model, c.H, c.W, c.N),
+                      bwd, monkeypatch)

@@ -8,17 +8,19 @@ Time is the tile's leading axis on purpose: Triton's default layout spreads the 
 the scan runs sequentially inside a thread with no shuffles. (With time as the middle axis it
 spread over 8 warps and the scan went through shared memory: 21 ms instead of mamba-ssm's 5.6 ms
 for enc1's forward on an H100.) B and C are loaded once per position for every channel of the
-block. The four walks add their outputs into one fp32 y with atomics (four adds per element, so
-the sum order, not the values, varies between runs). The low-rank delta (dt_projs_weight @ dt) is
-formed per chunk in fp32 with ``tl.dot`` and never stored.
+block. The four walks add their fp32 outputs into one float64 y with atomics (four adds per
+element: exact in float64, so the result does not depend on their order; the host rounds it
+once). The low-rank delta (dt_projs_weight @ dt) is formed per chunk in fp32 with ``tl.dot`` and
+never stored.
 
 The forward can save the state at the start of every chunk; the backward walks the chunks in
 reverse, recomputes the chunk's states from the saved one, and runs the adjoint recurrence
 g_t = gy_t * C_t + dA_{t+1} * g_{t+1} as a reverse scan. It needs dA_t * h_{t-1}, which is
 h_t - dBu_t, so no shifted tile is formed for the states; dA_{t+1} is recomputed from delta at the
-next step. Reductions over channels (dB, dC, du over walks, d(dt)) are atomics into fp32
-buffers; parameter gradients are summed in registers over a program's planes (compensated: a
-plain fp32 sum over 1024 chunks missed the tolerance rule for dD by 4%), then stored as one
+next step. Reductions over channels (dB, dC, du over walks, d(dt)) are atomics of fp32 values
+into float64 buffers (the host rounds them once: deterministic but for rare ties); parameter
+gradients are summed in registers over a program's planes (compensated: a plain fp32 sum over
+1024 chunks missed the tolerance rule for dD by 4%), then stored as one
 float64 partial row per program, which the host sums in float64 (deterministic: no float atomics).
 
 The sequential kernels (``_ss2d_fwd_seq_kernel``, the default forward, and
@@ -165,7 +167,8 @@ def _ss2d_fwd_kernel(
             y = tl.sum(hs * Cv[:, None, :], axis=2)                                      # [T, BLOCK_D]
             if HAS_D:
                 y += Dv[None, :] * u
-            tl.atomic_add(y_ptr + bb * Dm * L + offs_d[None, :] * L + p[:, None], y, mask=m2, sem="relaxed")
+            tl.atomic_add(y_ptr + bb * Dm * L + offs_d[None, :] * L + p[:, None], y.to(tl.float64), mask=m2,
+                          sem="relaxed")
             h = tl.sum(tl.where(offs_t[:, None, None] == T - 1, hs, 0.0), axis=0)
 
 
@@ -251,8 +254,10 @@ def _ss2d_bwd_kernel(
             carry = tl.sum(tl.where(offs_t[:, None, None] == 0, dA * g, 0.0), axis=0)
 
             off_tn = (bb * 4 + k) * N * L + offs_n[None, :] * L + p[:, None]
-            tl.atomic_add(dC_ptr + off_tn, tl.sum(gy[:, :, None] * hs, axis=1), mask=mtn, sem="relaxed")
-            tl.atomic_add(dB_ptr + off_tn, tl.sum(g * dlu[:, :, None], axis=1), mask=mtn, sem="relaxed")
+            tl.atomic_add(dC_ptr + off_tn, tl.sum(gy[:, :, None] * hs, axis=1).to(tl.float64), mask=mtn,
+                          sem="relaxed")
+            tl.atomic_add(dB_ptr + off_tn, tl.sum(g * dlu[:, :, None], axis=1).to(tl.float64), mask=mtn,
+                          sem="relaxed")
             hm = hs - dBu                                   # dA_t * h_{t-1}
             gB = tl.sum(g * Bv[:, None, :], axis=2)                                       # [T, BLOCK_D]
             ddl = tl.sum(g * hm * A[None, :, :], axis=2) + u * gB
@@ -261,7 +266,8 @@ def _ss2d_bwd_kernel(
             if HAS_D:
                 du += Dv[None, :] * gy
                 dD_acc, dD_c = _kahan(dD_acc, dD_c, tl.sum(gy * u, axis=0))
-            tl.atomic_add(du_ptr + bb * Dm * L + offs_d[None, :] * L + p[:, None], du, mask=m2, sem="relaxed")
+            tl.atomic_add(du_ptr + bb * Dm * L + offs_d[None, :] * L + p[:, None], du.to(tl.float64), mask=m2,
+                          sem="relaxed")
             if SOFTPLUS:
                 ddl = tl.div_rn(ddl, 1.0 + _exp(-x, INTERP))  # `/` is div.full.f32 (2 ulp)
             ddl = tl.where(m2, ddl, 0.0)
@@ -272,8 +278,8 @@ def _ss2d_bwd_kernel(
                 dw_chunk = tl.zeros([RP, BLOCK_D], dtype=tl.float32)
                 for r in range(R):
                     w_r = tl.load(w_ptr + kd * R + r, mask=mask_d, other=0.0)
-                    tl.atomic_add(ddl_ptr + ((bb * 4 + k) * R + r) * L + p, tl.sum(ddl * w_r[None, :], axis=1),
-                                  mask=mask_t, sem="relaxed")
+                    tl.atomic_add(ddl_ptr + ((bb * 4 + k) * R + r) * L + p,
+                                  tl.sum(ddl * w_r[None, :], axis=1).to(tl.float64), mask=mask_t, sem="relaxed")
                     dt_r = tl.load(dl_ptr + dl_base + r * sdl_c + p, mask=mask_t, other=0.0).to(tl.float32)
                     dw_chunk += tl.where(offs_r[:, None] == r, tl.sum(dt_r[:, None] * ddl, axis=0)[None, :], 0.0)
                 dw_acc, dw_c = _kahan(dw_acc, dw_c, dw_chunk)
@@ -342,8 +348,8 @@ def _ss2d_fwd_seq_kernel(
     Program = (channel block, chunk c of TC steps) x (BPP planes) x walk k. PHASE 0 walks chunk c
     from a zero state and stores its end state he (Bt, 4, n_ck, N, Dm) and its sum of delta S
     (Bt, 4, n_ck, Dm). PHASE 1 folds the chunks before c into the entering state
-    (h <- exp2(A2 * S_c') * h + he_c'), walks chunk c again adding y_k into y (fp32 atomics), and
-    saves the state every TS steps for the backward (st: (Bt, 4, n_st, N, Dm)).
+    (h <- exp2(A2 * S_c') * h + he_c'), walks chunk c again adding the fp32 y_k into the float64 y
+    (atomics), and saves the state every TS steps for the backward (st: (Bt, 4, n_st, N, Dm)).
     B, C (and the low-rank dt) come as (Bt, 4, L, N|R) contiguous copies; A as (4, N, Dm) and W
     as (4, R, Dm). Every [BLOCK_D, *] tile is contiguous along channels and Dm is not specialised,
     so the compiler does not vectorise them and its layout puts channels on lanes and the states in
@@ -407,7 +413,7 @@ def _ss2d_fwd_seq_kernel(
                     y = tl.sum(h * Cv[None, :], axis=1)
                     if HAS_D:
                         y += Dv * u
-                    tl.atomic_add(y_ptr + bb * Dm * L + offs_d * L + p, y, mask=mask_d, sem="relaxed")
+                    tl.atomic_add(y_ptr + bb * Dm * L + offs_d * L + p, y.to(tl.float64), mask=mask_d, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["Bt", "Dm", "n_db", "n_ck", "TC", "BPP", "n_st", "one"])
@@ -433,11 +439,11 @@ def _ss2d_bwd_seq_kernel(
     plane group and walk; each thread reads back only what it wrote), then walks it backwards
     with the adjoint. Replay instead of inverting the recurrence: h_{t-1} = (h_t - dBu_t) / dA_t
     loses digits fast. Sums over channels (dB, dC, the low-rank d dt) are reduced in the block
-    (tl.sum over the lane axis) and added with one atomic per element and program; d dt and dW
-    are formed at the end of each segment from the d delta kept in the scratch, one rank at a
-    time. dA, dD, d bias, dW are per-program partial rows of (n_parts, 4, ...) buffers (each row
-    has one owner), summed by the host in float64: no float atomics, so they do not depend on the
-    programs' order.
+    (tl.sum over the lane axis) and added with one float64 atomic per element and program (du:
+    one per element and walk, float64 too); d dt and dW are formed at the end of each segment
+    from the d delta kept in the scratch, one rank at a time. dA, dD, d bias, dW are per-program
+    partial rows of (n_parts, 4, ...) buffers (each row has one owner), summed by the host in
+    float64: no float atomics, so they do not depend on the programs' order.
     """
     pid = tl.program_id(0)
     db = pid % n_db
@@ -531,8 +537,8 @@ def _ss2d_bwd_seq_kernel(
                     tl.store(scr_x + (t - ts) * Dm + offs_d, x, mask=mask_d)
                     tl.store(scr_dl + (t - ts) * Dm + offs_d, dl, mask=mask_d)
                     gy = tl.load(gy_ptr + g_base + offs_d * sg_d + p, mask=mask_d, other=0.0).to(tl.float32)
-                    tl.atomic_add(dC_ptr + B_base + p * N + offs_n, tl.sum(gy[:, None] * h, axis=0), mask=mask_n,
-                                  sem="relaxed")
+                    tl.atomic_add(dC_ptr + B_base + p * N + offs_n, tl.sum(gy[:, None] * h, axis=0).to(tl.float64),
+                                  mask=mask_n, sem="relaxed")
                 tl.debug_barrier()
                 seg_dA = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
                 for j in range(0, te - ts):
@@ -548,8 +554,8 @@ def _ss2d_bwd_seq_kernel(
                     ah = tl.load(scr_h + (t - ts) * (N * Dm) + off_dn, mask=mdn, other=0.0)
                     g = X + Cv[None, :] * gy[:, None]
                     dlu = dl * u
-                    tl.atomic_add(dB_ptr + B_base + p * N + offs_n, tl.sum(g * dlu[:, None], axis=0), mask=mask_n,
-                                  sem="relaxed")
+                    tl.atomic_add(dB_ptr + B_base + p * N + offs_n, tl.sum(g * dlu[:, None], axis=0).to(tl.float64),
+                                  mask=mask_n, sem="relaxed")
                     gh = g * ah                                    # g_t * dA_t * h_{t-1}
                     seg_dA += gh * dl[:, None]
                     gB = tl.sum(g * Bv[None, :], axis=1)
@@ -558,7 +564,7 @@ def _ss2d_bwd_seq_kernel(
                     if HAS_D:
                         du += Dv * gy
                         dD_acc, dD_cmp = _kahan(dD_acc, dD_cmp, gy * u)
-                    tl.atomic_add(du_ptr + bb * Dm * L + offs_d * L + p, du, mask=mask_d, sem="relaxed")
+                    tl.atomic_add(du_ptr + bb * Dm * L + offs_d * L + p, du.to(tl.float64), mask=mask_d, sem="relaxed")
                     if SOFTPLUS:
                         ddl = tl.div_rn(ddl, 1.0 + _exp(-x, INTERP))  # `/` is div.full.f32 (2 ulp)
                     ddl = tl.where(mask_d, ddl, 0.0)
@@ -582,7 +588,8 @@ def _ss2d_bwd_seq_kernel(
                         for j in range(0, te - ts):
                             p = _walk_pos(ts + j, k, H, W, L)
                             ddl = tl.load(scr_g + j * Dm + offs_d, mask=mask_d, other=0.0)
-                            tl.atomic_add(ddl_ptr + (bk * L + p) * R + r, tl.sum(ddl * w_r, axis=0), sem="relaxed")
+                            tl.atomic_add(ddl_ptr + (bk * L + p) * R + r, tl.sum(ddl * w_r, axis=0).to(tl.float64),
+                                          sem="relaxed")
                             dw_r += ddl * tl.load(dl_ptr + dl_base + p * R + r).to(tl.float32)
                         pw_row = pw_ptr + (part * R + r) * Dm + offs_d
                         tl.store(pw_row, tl.load(pw_row, mask=mask_d, other=0.0) + dw_r, mask=mask_d)

@@ -184,12 +184,20 @@ def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
     n_chunks, n_db = _n_chunks(L, cfg), -(-Dm // cfg.BLOCK_D)
     u, dl, B, C = map(_plane_contiguous, (u, dl, B, C))
     A, w, D, bias = (None if t is None else t.contiguous() for t in (A, w, D, bias))
-    y = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
+    # The sums that atomics build in an order that varies between runs (y here; du, dB, dC and the
+    # low-rank d dt in the backward) are float64 buffers that the kernels add their fp32 values
+    # into, rounded once at the end. Why: with fp32 buffers the results varied from run to run on a
+    # GPU, and the whole-model rule test (tests/models/test_gpu.py) missed with triton on a few
+    # gradients, different ones each run (1.07x and 1.75x in one run, 1.15x and 1.02x in another),
+    # while every Triton module alone kept the rule (worst ratio 0.54). Four fp32 addends (y, du)
+    # sum exactly in float64, so those do not depend on the order; dB, dC, d dt (more addends)
+    # round to the same value whatever the order except in rare ties.
+    y = torch.zeros(u.shape, dtype=torch.float64, device=u.device)
     states = (torch.empty((Bt, 4, n_chunks, N, Dm), dtype=torch.float32, device=u.device) if save
               else torch.empty(0, dtype=torch.float32, device=u.device))
     if cfg.seq:
         _fwd_seq(kern, cfg, u, dl, w, A, B, C, D, bias, softplus, y, states, save)
-        return (y if out_dtype == torch.float32 else y.to(out_dtype)), states
+        return y.to(out_dtype), states
     grid = (n_db * -(-Bt // cfg.BPP), 4)
     At = A.transpose(1, 2).contiguous()   # the tile forward reads A as (4, N, Dm), as the sequential one
     kern._ss2d_fwd_kernel[grid](
@@ -202,7 +210,7 @@ def _fwd(u, dl, w, A, B, C, D, bias, softplus, out_dtype, save):
         LOWRANK=w is not None, HAS_D=D is not None, HAS_BIAS=bias is not None, SOFTPLUS=softplus,
         SAVE=save, INTERP=interpreting(), num_warps=cfg.fwd_warps,
     )
-    return (y if out_dtype == torch.float32 else y.to(out_dtype)), states
+    return y.to(out_dtype), states
 
 
 def _fwd_seq(kern, cfg, u, dl, w, A, B, C, D, bias, softplus, y, states, save):
@@ -216,10 +224,13 @@ def _fwd_seq(kern, cfg, u, dl, w, A, B, C, D, bias, softplus, y, states, save):
     if w is not None:
         dl = dl.flatten(3).transpose(2, 3).contiguous()
     f32 = dict(dtype=torch.float32, device=u.device)
-    he = torch.empty((Bt, 4, n_ck, N, Dm), **f32) if n_ck > 1 else y
+    # he and S are fp32 and not read with one chunk; their dummy is fp32 too (y is float64), so the
+    # kernel's types do not depend on n_ck
+    dummy = torch.empty(1, **f32) if n_ck == 1 else None
+    he = torch.empty((Bt, 4, n_ck, N, Dm), **f32) if n_ck > 1 else dummy
     At = A.transpose(1, 2).contiguous()                                    # (4, N, Dm)
     wt = w.transpose(1, 2).contiguous() if w is not None else At           # (4, R, Dm)
-    S = torch.empty((Bt, 4, n_ck, Dm), **f32) if n_ck > 1 else y
+    S = torch.empty((Bt, 4, n_ck, Dm), **f32) if n_ck > 1 else dummy
     args = [u, dl, wt, At, B, C, D if D is not None else A, bias if bias is not None else A,
             y, states, he, S, Bt, Dm, H, W, L, N, R, n_db, n_ck, cfg.TC, cfg.SEQ_BPP, _n_chunks(L, cfg),
             u.stride(0), u.stride(1), dl.stride(0), dl.stride(1), dl.stride(2), 1]
@@ -245,14 +256,14 @@ def _bwd(gy, u, dl, w, A, B, C, D, bias, states, softplus):
     A, w, D, bias = (None if t is None else t.contiguous() for t in (A, w, D, bias))
     if cfg.bwd_seq:
         return _bwd_seq(kern, cfg, gy, u, dl, w, A, B, C, D, bias, states, softplus)
-    f32 = dict(dtype=torch.float32, device=u.device)
-    du = torch.zeros(u.shape, **f32)
-    ddl = torch.zeros(dl.shape, **f32) if w is not None else torch.empty(dl.shape, dtype=dl.dtype, device=u.device)
-    dB = torch.zeros(B.shape, **f32)
-    dC = torch.zeros(C.shape, **f32)
+    # float64 sums of the atomics (du, the low-rank d dt, dB, dC), rounded once at the end: see _fwd
+    f64 = dict(dtype=torch.float64, device=u.device)
+    du = torch.zeros(u.shape, **f64)
+    ddl = torch.zeros(dl.shape, **f64) if w is not None else torch.empty(dl.shape, dtype=dl.dtype, device=u.device)
+    dB = torch.zeros(B.shape, **f64)
+    dC = torch.zeros(C.shape, **f64)
     # parameter partials: one float64 row per plane group, every element written by one program
     n_pg = -(-Bt // cfg.BPP)
-    f64 = dict(dtype=torch.float64, device=u.device)
     pA = torch.empty((n_pg, *A.shape), **f64)
     pD = torch.empty((n_pg, 4, Dm), **f64) if D is not None else pA
     pbias = torch.empty((n_pg, 4, Dm), **f64) if bias is not None else pA
@@ -294,16 +305,20 @@ def _bwd_seq(kern, cfg, gy, u, dl, w, A, B, C, D, bias, states, softplus):
     dlq = dl.flatten(3).transpose(2, 3).contiguous() if w is not None else dl
     At = A.transpose(1, 2).contiguous()                                    # (4, N, Dm)
     wt = w.transpose(1, 2).contiguous() if w is not None else At           # (4, R, Dm)
-    du = torch.zeros(u.shape, **f32)
-    dB = torch.zeros((Bt, 4, L, N), **f32)
-    dC = torch.zeros((Bt, 4, L, N), **f32)
-    ddl = torch.zeros((Bt, 4, L, R), **f32) if w is not None else torch.empty(dl.shape, **f32)
-    ge = torch.empty((Bt, 4, n_ck, N, Dm), **f32) if n_ck > 1 else du
-    S = torch.empty((Bt, 4, n_ck, Dm), **f32) if n_ck > 1 else du
+    # float64 sums of the atomics (du, dB, dC, the low-rank d dt), rounded once at the end: see
+    # _fwd. The plain form's d delta is stored, not added: it stays fp32.
+    f64 = dict(dtype=torch.float64, device=u.device)
+    du = torch.zeros(u.shape, **f64)
+    dB = torch.zeros((Bt, 4, L, N), **f64)
+    dC = torch.zeros((Bt, 4, L, N), **f64)
+    ddl = torch.zeros((Bt, 4, L, R), **f64) if w is not None else torch.empty(dl.shape, **f32)
+    # ge and S are fp32 and not read with one chunk: an fp32 dummy then (du is float64)
+    dummy = torch.empty(1, **f32) if n_ck == 1 else None
+    ge = torch.empty((Bt, 4, n_ck, N, Dm), **f32) if n_ck > 1 else dummy
+    S = torch.empty((Bt, 4, n_ck, Dm), **f32) if n_ck > 1 else dummy
     grid = (n_db * n_ck, nb, 4)
     n_parts = n_ck * nb
     scratch = torch.empty(n_parts * 4 * cfg.T * (N + 3) * Dm, **f32)
-    f64 = dict(dtype=torch.float64, device=u.device)
     pA = torch.zeros((n_parts, 4, N, Dm), **f32)      # added into per segment (fp32: see the kernel)
     pD = torch.empty((n_parts, 4, Dm), **f64) if D is not None else pA
     pbias = torch.empty((n_parts, 4, Dm), **f64) if bias is not None else pA
