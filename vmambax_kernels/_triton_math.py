@@ -29,7 +29,7 @@ def _rcp_rn(d):
     path (zero, denormal, huge, inf, nan). libdevice.rcp_rn's per-element check, branch and CALL
     took norm_gate's enc1 backward from 128 to 160 registers (sm_90, compile_offline; 168 with
     div_rn): 3 of its 4 persistent programs per SM fit, our reading of 0.594 -> 0.94-0.95 ms.
-    This sequence: 128, no CALL (not yet timed on a GPU)."""
+    This sequence: 128, no CALL; enc1 backward 0.603 ms (H100, 156dbb7)."""
     return tl.inline_asm_elementwise(
         "{ .reg .f32 r, n, e; rcp.approx.ftz.f32 r, $1; neg.f32 n, $1; "
         "fma.rn.ftz.f32 e, n, r, 0f3F800000; fma.rn.ftz.f32 $0, r, e, r; }",

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+# The op tests' dtype names (test ids) and device: the GPU when there is one, else the CPU (Triton
+# under its interpreter, which tests/conftest.py selects before anything imports Triton).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ON_GPU = torch.cuda.is_available()
+TEST_DEVICE = "cuda" if ON_GPU else "cpu"
+
 
 @dataclass(frozen=True)
 class ScanCase:

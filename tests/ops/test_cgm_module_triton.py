@@ -6,23 +6,16 @@ PyTorch path (channel MLP in PyTorch, the gate's reference backend) in float64 a
 CPU: the kernels run under TRITON_INTERPRET=1 on tiny shapes. GPU (-m gpu): the four stage shapes.
 """
 import copy
-import os
 
+import pytest
 import torch
+import torch.nn as nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
-
-import pytest  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from vmambax.models.fusion import CGM  # noqa: E402
-from vmambax_kernels.cgm import module_triton  # noqa: E402
-from vmambax_kernels.testing import assert_close_by_rule  # noqa: E402
+from vmambax.models.fusion import CGM
+from vmambax_kernels.cgm import module_triton
+from vmambax_kernels.testing import TEST_DEVICE as DEVICE, assert_close_by_rule
 
 pytestmark = pytest.mark.timeout(180)
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 def make_module(C, seed=0, residual=True):

@@ -4,24 +4,16 @@ CPU: the kernels run under TRITON_INTERPRET=1 on tiny shapes. GPU (-m gpu): the 
 stage shapes and a non-square one in every dtype. Tolerance: STYLE.md's rule (vmambax_kernels.testing).
 """
 import math
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Before anything imports Triton: it fixes interpreting vs compiling at import time.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import vmambax_kernels as vk  # noqa: E402
-from vmambax_kernels.cgm import triton as cgm_triton  # noqa: E402
-from vmambax_kernels.testing import assert_close_by_rule, check_against_reference, run_with_grads  # noqa: E402
+import vmambax_kernels as vk
+from vmambax_kernels.cgm import triton as cgm_triton
+from vmambax_kernels.testing import (DTYPES, ON_GPU, TEST_DEVICE as DEVICE,
+                                     assert_close_by_rule, check_against_reference, run_with_grads)
 
 pytestmark = pytest.mark.timeout(120)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 @pytest.fixture

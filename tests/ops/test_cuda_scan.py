@@ -14,10 +14,9 @@ import torch
 
 import vmambax_kernels as vk
 from vmambax_kernels.selective_scan import reference
-from vmambax_kernels.testing import SHAPES, ScanCase, check_against_reference, run_with_grads, scan_inputs
+from vmambax_kernels.testing import DTYPES, SHAPES, ScanCase, check_against_reference, run_with_grads, scan_inputs
 
 pytestmark = pytest.mark.gpu
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,24 +5,15 @@ a (Bt, H, W, 2 Dm) tensor, as SS2D's in_proj gives it). GPU (-m gpu): the model'
 dtype. Tolerance: STYLE.md's rule (vmambax_kernels.testing), gradients rounded to the output dtype
 for every implementation alike.
 """
-import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Before anything imports Triton: it fixes interpreting vs compiling at import time.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import vmambax_kernels as vk  # noqa: E402
-from vmambax_kernels.dwconv import triton as dw_triton  # noqa: E402
-from vmambax_kernels.testing import assert_close_by_rule, cast, run_with_grads  # noqa: E402
+import vmambax_kernels as vk
+from vmambax_kernels.dwconv import triton as dw_triton
+from vmambax_kernels.testing import DTYPES, TEST_DEVICE as DEVICE, assert_close_by_rule, cast, run_with_grads
 
 pytestmark = pytest.mark.timeout(120)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
 # Small tiles so the tiny shapes span several tiles (several partial-sum rows in the backward) and
 # cross plane boundaries.
 SMALL = {"fwd": dict(BP=16, BC=8), "bwd_dz": dict(BP=16, BC=8), "bwd_dx": dict(BP=16, BC=8)}

@@ -5,27 +5,19 @@ configuration (one chunk holds the channel row) and with small chunks and tiles 
 partial last chunk, tiles across planes and within one). GPU (-m gpu): the model's shapes in every
 dtype. Tolerance: STYLE.md's rule (vmambax_kernels.testing).
 """
-import os
 
+import pytest
 import torch
+from torch.func import functional_call
 
-if not torch.cuda.is_available():
-    # Before anything imports Triton: it fixes interpreting vs compiling at import time.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from torch.func import functional_call  # noqa: E402
-
-import vmambax_kernels as vk  # noqa: E402
-from vmambax_kernels.modules import ss2d as ss2d_module  # noqa: E402
-from vmambax_kernels.modules import glue  # noqa: E402
-from vmambax_kernels.norm_gate import triton as ng_triton  # noqa: E402
-from vmambax_kernels.testing import assert_close_by_rule, cast, check_against_reference, run_with_grads  # noqa: E402
+import vmambax_kernels as vk
+from vmambax_kernels.modules import ss2d as ss2d_module
+from vmambax_kernels.modules import glue
+from vmambax_kernels.norm_gate import triton as ng_triton
+from vmambax_kernels.testing import (DTYPES, ON_GPU, TEST_DEVICE as DEVICE,
+                                     assert_close_by_rule, cast, check_against_reference, run_with_grads)
 
 pytestmark = pytest.mark.timeout(120)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
 EPS = 1e-5
 
 

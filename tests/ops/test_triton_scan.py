@@ -1,26 +1,21 @@
 """Triton backend of the four-direction 2D scan against the reference (STYLE.md tolerance rule).
 
-Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before the
-kernels are first defined) on the tiny CPU shape set; with one, the same tests run compiled on the
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before anything imports Triton) on the tiny CPU shape set; with one, the same tests run compiled on the
 GPU, and the ``gpu`` tests add the DESIGN.md shape set in fp32/bf16/fp16.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 triton = pytest.importorskip("triton")
 
-import vmambax_kernels as vk  # noqa: E402
-from vmambax_kernels.selective_scan import reference  # noqa: E402
-from vmambax_kernels.selective_scan import triton as tb  # noqa: E402
-from vmambax_kernels.testing import (CPU_SHAPES, SHAPES, ScanCase, check_against_reference,  # noqa: E402
+import vmambax_kernels as vk
+from vmambax_kernels.selective_scan import reference
+from vmambax_kernels.selective_scan import triton as tb
+from vmambax_kernels.testing import (CPU_SHAPES, DTYPES, SHAPES, ScanCase, check_against_reference,
                                      scan_inputs)
+from vmambax_kernels.testing import TEST_DEVICE as DEV
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter costs milliseconds per operation; on 2 busy cores this file takes ~1.5 min.
 pytestmark = pytest.mark.timeout(300)
 
@@ -251,20 +246,19 @@ def _gpu_case(case: ScanCase) -> ScanCase:
     return ScanCase(case.name, min(case.Bt, 64), min(case.d_model, 96), case.H, case.W, case.N)
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HALF_CASES = ["enc3", "dcim_outer2", "dcim_inner1", "dec1", "odd"]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", list(_DTYPES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_gpu_shape_set(name, dtype):
     if dtype != "fp32" and name not in _HALF_CASES:
         pytest.skip("16-bit inputs are checked on a subset of the shape set to bound the run time")
     case = _gpu_case(SHAPES[name])
-    inputs = scan_inputs(case, _DTYPES[dtype], DEV)
+    inputs = scan_inputs(case, DTYPES[dtype], DEV)
     check_against_reference(_plain("triton"), _plain("reference"), inputs, device_ref=DEV)
-    low = scan_inputs(case, _DTYPES[dtype], DEV, lowrank=True, seed=1)
+    low = scan_inputs(case, DTYPES[dtype], DEV, lowrank=True, seed=1)
     check_against_reference(_lowrank_fast, _lowrank_ref, low, device_ref=DEV)
 
 
@@ -277,7 +271,7 @@ def test_gpu_random_odd_shapes(seed):
     N = int(torch.randint(1, 65, (1,), generator=g))
     Bt = int(torch.randint(1, 6, (1,), generator=g))
     case = ScanCase(f"random{seed}", Bt, d_model, H, W, N)
-    dtype = list(_DTYPES.values())[seed % 3]
+    dtype = list(DTYPES.values())[seed % 3]
     check_against_reference(_plain("triton"), _plain("reference"), scan_inputs(case, dtype, DEV), device_ref=DEV)
     # fp32 only: with 16-bit x the fast path rounds the projected dt, B, C to 16 bits while ref64
     # projects in fp64, which the tolerance rule (inputs rounded, not intermediates) does not cover
@@ -288,7 +282,7 @@ def test_gpu_random_odd_shapes(seed):
 # the same GPU checks with each backward forced (the default takes seq for N <= 16, tile above)
 @pytest.mark.gpu
 @pytest.mark.parametrize("bwd", ["seq", "tile"])
-@pytest.mark.parametrize("dtype", list(_DTYPES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_gpu_shape_set_forced_bwd(name, dtype, bwd, monkeypatch):
     monkeypatch.setattr(tb, "_CONFIG_OVERRIDE", dict(bwd=bwd))

@@ -423,7 +423,9 @@ def _kernels() -> dict:
 # One 8-warp program per SM at that size; --sweep in benchmarks/bench_cgm.py times the others.
 # Timed (H100, cgm1 bf16, `bench_cgm.py --sweep`, 2026-11-27): fwd BC 16 / 4 warps 0.221 ms against
 # 0.337 for BC 32 / 8 warps (programs_per_sm 1: 0.280, 4: 0.423); bwd BC 32 / 8 warps 0.626 ms
-# against 0.688 for BC 16 (programs_per_sm 1: 0.647, 4: 0.743).
+# against 0.688 for BC 16 (programs_per_sm 1: 0.647, 4: 0.743), although at cgm1 it takes 255
+# registers and spills 56 B in bf16 (compile_offline had compiled 32 x 32 launches only; branch
+# wip/cgm-variants adds the model's shapes and spill-free variants to time).
 # fp32 inputs keep the earlier configurations (the sweep timed bf16): each channel block's product
 # is one more fp32 add into z (see _mm), and with the new ones the whole-model rule test (fp32)
 # missed on gradients it had passed (decoder 3.3 norm2.weight 1.04-1.23x, three runs).
