@@ -52,6 +52,9 @@ def test_not_weights_corrupt_lfs_and_missing(tmp_path):
     (tmp_path / "lfs.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1\n")
     with pytest.raises(ck.CheckpointError, match="lfs.pt is a Git LFS pointer"):
         ck.load(str(tmp_path / "lfs.pt"))
+    (tmp_path / "stack.pt").write_bytes(b"Q" + bytes(299))  # BINPERSID on an empty stack: IndexError
+    with pytest.raises(ck.CheckpointError, match="stack.pt cannot be read as a PyTorch checkpoint"):
+        ck.load(str(tmp_path / "stack.pt"))
     (tmp_path / "junk.pt").write_bytes(os.urandom(300))
     with pytest.raises(ck.CheckpointError, match="junk.pt cannot be read as a PyTorch checkpoint"):
         ck.load(str(tmp_path / "junk.pt"))
