@@ -429,14 +429,18 @@ def _kernels() -> dict:
 # fp32 inputs keep the earlier configurations (the sweep timed bf16): each channel block's product
 # is one more fp32 add into z (see _mm), and with the new ones the whole-model rule test (fp32)
 # missed on gradients it had passed (decoder 3.3 norm2.weight 1.04-1.23x, three runs).
+# Then (H100, cgm1 bf16, faba63c, bench_cgm --sweep) the backward with the whole-width tile, BC 16 on
+# 4 warps took 0.423 ms against 0.629 for BC 32 / 8 warps: two programs fit per SM in registers.
 _DEFAULTS = {"fwd": dict(BC=16, num_warps=4, num_stages=2, programs_per_sm=2, max_tw=128),
-             "bwd": dict(BC=32, num_warps=8, num_stages=2, programs_per_sm=2, max_tw=128),
+             "bwd": dict(BC=16, num_warps=4, num_stages=2, programs_per_sm=2, max_tw=128, one_tile=True),
              "fwd_fp32": dict(BC=32, num_warps=8, num_stages=2, programs_per_sm=2, max_tw=128),
              "bwd_fp32": dict(BC=16, num_warps=8, num_stages=2, programs_per_sm=2, max_tw=128)}
 CONFIG_OVERRIDE: dict = {}
-# Launch variants for the next GPU session (not defaults: each is a CONFIG_OVERRIDE that
-# benchmarks/bench_cgm.py --sweep times and tests/ops/test_cgm_triton.py checks; NOT yet timed on a
-# GPU). Registers: ptxas sm_90 (Triton 3.6, benchmarks/compile_offline.py) at cgm1 bf16 (TWP 128);
+# Launch variants (not defaults: each is a CONFIG_OVERRIDE that benchmarks/bench_cgm.py --sweep times
+# and tests/ops/test_cgm_triton.py checks). Timed at cgm1 bf16 on the H100 (faba63c; forward default
+# 0.223 ms, backward then BC 32 / 8 warps 0.629 ms): fwd_tile1 0.221, fwd_split 0.224,
+# fwd_split_bc64 0.223, fwd_split_tw64 0.411; backward whole-width BC 16 on 8 warps 0.695, the same
+# with num_stages 1 0.610, on 4 warps 0.423 (now the default). Registers: ptxas sm_90 (Triton 3.6, benchmarks/compile_offline.py) at cgm1 bf16 (TWP 128);
 # none spills there. For reference, at cgm1 bf16 the defaults take fwd 234 registers and bwd 255
 # + 56 B of stack (spills: the 32 x 32 launches compile_offline used to compile gave 202 / 236-240).
 # At cgm1 the channel loops' x / dy loads are already cp.async-pipelined one block ahead (TTGIR);
@@ -452,13 +456,12 @@ VARIANTS: dict = {
     "fwd_split_bc64": {"fwd": dict(one_tile=True, split=dict(BC=64, num_warps=8))},
     # the same with 64-column tiles (3 per 128-pixel row, 168 registers at cgm1: 3 programs per SM)
     "fwd_split_tw64": {"fwd": dict(split=True, max_tw=64, programs_per_sm=3)},
-    # bwd BC 16 (the default, BC 32, spills at cgm1) with the whole-width tile: 238 registers
-    "bwd_tile1_bc16": {"bwd": dict(one_tile=True, BC=16)},
-    # the same with 4 warps (254 registers; 224 at TWP 64): two programs fit per SM in registers,
-    # where one 8-warp program at 236-255 registers fills the register file alone
-    "bwd_tile1_bc16_w4": {"bwd": dict(one_tile=True, BC=16, num_warps=4)},
+    # bwd: the earlier default, BC 32 on 8 warps (255 registers + 56 B of stack at cgm1 bf16)
+    "bwd_bc32_w8": {"bwd": dict(one_tile=False, BC=32, num_warps=8)},
+    # the whole-width tile, BC 16 on 8 warps (238 registers): one program fills the register file
+    "bwd_tile1_bc16_w8": {"bwd": dict(BC=16, num_warps=8)},
     # the same without the pipeliner (num_stages 1: no cp.async buffers, 236 registers)
-    "bwd_tile1_bc16_s1": {"bwd": dict(one_tile=True, BC=16, num_stages=1)},
+    "bwd_tile1_bc16_w8_s1": {"bwd": dict(BC=16, num_warps=8, num_stages=1)},
 }
 _SMS: dict = {}
 
