@@ -1,9 +1,9 @@
 """Fused depthwise conv + SiLU (SS2D's input glue) vs the reference: output and every gradient.
 
-CPU: the Triton kernels run under TRITON_INTERPRET=1 on tiny shapes (x always a strided chunk of
-a (Bt, H, W, 2 Dm) tensor, as SS2D's in_proj gives it). GPU (-m gpu): the model's shapes in every
-dtype. Tolerance: STYLE.md's rule (vmambax_kernels.testing), gradients rounded to the output dtype
-for every implementation alike.
+CPU: the Triton kernels run under TRITON_INTERPRET=1 on tiny shapes (x mostly a strided chunk of
+a (Bt, H, W, 2 Dm) tensor, rows longer than their Dm channels; test_contiguous_x: SS2D's own
+layout). GPU (-m gpu): the model's shapes in every dtype. Tolerance: STYLE.md's rule
+(vmambax_kernels.testing), gradients rounded to the output dtype for every implementation alike.
 """
 
 import pytest
@@ -44,8 +44,9 @@ def op(backend):
 
 def check(inp, dtype, backend="triton", device_ref="cpu"):
     """STYLE.md's rule for the output and the gradients of xf, weight, bias."""
-    Bt, H, W, Dm2 = inp["xf"].shape
-    grad = torch.randn(Bt, Dm2 // 2, H, W, generator=torch.Generator().manual_seed(1)).to(dtype)
+    Bt, H, W, _ = inp["xf"].shape
+    Dm = inp["weight"].shape[0]
+    grad = torch.randn(Bt, Dm, H, W, generator=torch.Generator().manual_seed(1)).to(dtype)
     out, grads = run_with_grads(op(backend), inp, grad.to(inp["xf"].device))
     assert out.dtype == dtype and out.is_contiguous()
     r64, g64 = run_with_grads(op("reference"), cast(inp, torch.float64, device_ref), grad.double())
@@ -112,6 +113,14 @@ def test_registered_ops_path(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     check(inputs(2, 5, 7, 12, torch.float32, device="cpu", seed=7), torch.float32)
     check(inputs(2, 3, 4, 6, torch.float16, bias=False, device="cpu", seed=8), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_contiguous_x(dtype):
+    """x as SS2D passes it since in_proj runs as two GEMMs: contiguous (Bt, H, W, Dm)."""
+    inp = inputs(2, 5, 7, 12, DTYPES[dtype], device="cpu", seed=10)
+    inp["xf"] = inp["xf"][..., :12].contiguous()
+    check(inp, DTYPES[dtype])
 
 
 def test_channel_stride_not_one_is_copied():

@@ -151,4 +151,6 @@ class MambaDecoder(nn.Module):
                                   align_corners=False).permute(0, 2, 3, 1)
             y = self.layers_up[i](y + skip)
         y = self.up(self.norm_up(y))                                  # (Bt, H, W, C0)
-        return self.output(y.permute(0, 3, 1, 2).contiguous())        # (Bt, num_classes, H, W)
+        # the 1x1 conv reads the channels-last view as it is (no copy of the C0 channels; its input
+        # gradient comes back channels last too); only its num_classes channels are made contiguous
+        return self.output(y.permute(0, 3, 1, 2)).contiguous()        # (Bt, num_classes, H, W)

@@ -31,8 +31,8 @@ def dwconv_silu(x, weight, bias=None, *, backend=None):
     padding=(K - 1) // 2, groups=Dm))``, the transpose to channels first included.
 
     Args:
-        x: (Bt, H, W, Dm) channels last, float32 | bfloat16 | float16; any strides (in SS2D a
-            chunk of in_proj's output, row stride 2 Dm). A last-dim stride other than 1 is copied.
+        x: (Bt, H, W, Dm) channels last, float32 | bfloat16 | float16; any strides (in SS2D
+            contiguous, the first of in_proj's two GEMMs). A last-dim stride other than 1 is copied.
         weight: (Dm, 1, K, K), K odd in 1..7 (``conv2d.weight`` of nn.Conv2d(Dm, Dm, K, groups=Dm)).
         bias: (Dm,) or None (``conv2d.bias``).
         backend: None (auto) | "triton" | "reference".

@@ -114,7 +114,12 @@ class SS2D(nn.Module):
         if x.dim() != 4 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (Bt, H, W, {self.d_model}) (channels last), "
                              f"got {tuple(x.shape)}")
-        xs, z = self.in_proj(x).chunk(2, dim=-1)                   # (Bt, H, W, Dm) each
+        # in_proj as two GEMMs on its weight's halves, not chunk(2) of one: chunk's backward would
+        # cat the halves' gradients into a (Bt, H, W, 2 Dm) copy; here autograd adds two
+        # (Bt, H, W, d_model) input gradients. Same parameter, so state dicts are unchanged.
+        w_x, w_z = self.in_proj.weight.chunk(2)
+        b_x, b_z = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
+        xs, z = F.linear(x, w_x, b_x), F.linear(x, w_z, b_z)       # (Bt, H, W, Dm) each, contiguous
         if self.d_conv > 1 and fused_in_ss2d("dwconv_silu", self.backend, x.device.type, self.fused_dwconv):
             xs = dwconv_silu(xs, self.conv2d.weight, self.conv2d.bias, backend="triton")  # (Bt, Dm, H, W)
         else:

@@ -9,7 +9,7 @@ def norm_gate(y, z, weight, bias, eps=1e-5, *, backend=None):
 
     Args:
         y: (Bt, Dm, H, W) channels first, float32 from the scan (bfloat16/float16 accepted).
-        z: (Bt, H, W, Dm) channels last, any strides (in SS2D a chunk of in_proj's output),
+        z: (Bt, H, W, Dm) channels last, any strides (in SS2D contiguous, in_proj's second GEMM),
             float32 | bfloat16 | float16; sets the output dtype.
         weight, bias: (Dm,) the LayerNorm's affine parameters (``out_norm.weight/bias``).
         eps: the LayerNorm's epsilon (``out_norm.eps``), >= 0.

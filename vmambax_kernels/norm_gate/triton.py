@@ -270,7 +270,7 @@ def _forward(y, z, weight, bias, eps):
     k = _kernels()
     Bt, Dm, H, W = y.shape
     L = H * W
-    y3, z3 = y.reshape(Bt, Dm, L), z.reshape(Bt, L, Dm)   # views of the scan's output and in_proj's chunk
+    y3, z3 = y.reshape(Bt, Dm, L), z.reshape(Bt, L, Dm)   # views of the scan's output and in_proj's z
     out = torch.empty((Bt, H, W, Dm), dtype=z.dtype, device=z.device)
     mean = torch.empty((Bt, H, W), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
