@@ -28,7 +28,7 @@ from benchmarks import harness  # noqa: E402
 from benchmarks.bench_ss2d import unfused_core  # noqa: E402
 from vmambax.models import VMambaX  # noqa: E402
 from vmambax.models.fusion import dcim  # noqa: E402
-from vmambax_kernels.modules import SS2D  # noqa: E402
+from vmambax_kernels.modules import LayerNorm, SS2D  # noqa: E402
 from vmambax_kernels import available_backends  # noqa: E402
 from vmambax_kernels.modules import ss2d as ss2d_module  # noqa: E402
 
@@ -41,12 +41,14 @@ PUBLISHED_PARTS = {"encoder": 263.0, "dcim": 189.0, "decoder": 157.0, "cgm": 13.
 @contextlib.contextmanager
 def provider_setup(model: VMambaX, provider: str, glue: str = "fused"):
     """Point every fused op of ``model`` at ``provider``; restore on exit. ``glue`` "torch" keeps
-    SS2D's input conv and output gate on PyTorch ops (before/after in one run); the unfused peer
-    always does, as the published SS2D."""
+    SS2D's input conv and output gate and the model's LayerNorms on PyTorch ops (before/after in
+    one run); the unfused peer always does, as the published model."""
     keep_torch = glue == "torch" or provider == "unfused_mamba"
     for m in model.modules():
         if isinstance(m, SS2D):
             m.fused_dwconv = m.fused_norm_gate = False if keep_torch else None
+        elif isinstance(m, LayerNorm):
+            m.fused = False if keep_torch else None
     if provider == "unfused_mamba":
         core = unfused_core("unfused_mamba")
         original = ss2d_module.cross_selective_scan_2d
@@ -224,8 +226,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="torch.compile the model (MODE: default | reduce-overhead, which adds CUDA graphs)")
     ap.add_argument("--profile", action="store_true", help="print the kernel split of a training step")
-    ap.add_argument("--glue", default="fused", help="SS2D's input conv and output gate: fused (Triton ops), "
-                    "torch (PyTorch ops), or both as fused,torch to time before/after in one run")
+    ap.add_argument("--glue", default="fused", help="SS2D's input conv and output gate and the model's LayerNorms: "
+                    "fused (Triton ops), torch (PyTorch ops), or both as fused,torch to time before/after in one run")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_model.py needs a CUDA GPU")

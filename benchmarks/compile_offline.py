@@ -2,7 +2,7 @@
 
 The CPU interpreter accepts code the compiler rejects (a helper returning None on one branch, an
 int argument specialised into a constexpr): a GPU call spent on that is lost. This script runs
-small scan and CGM calls with the GPU configuration, records each kernel launch instead of running
+small scan, CGM, norm-gate, layer_norm and dwconv calls with the GPU configuration, records each kernel launch instead of running
 it, then compiles each distinct launch with ``triton.compile`` for the target, specialised on its
 argument values as Triton's launcher does (ints equal to 1 become constants; multiples of 16 and
 16-byte aligned pointers get the divisibility hint), and prints its registers, spills and shared
@@ -133,6 +133,19 @@ def record() -> list[dict]:
             w, b = torch.ones(Dm, requires_grad=True), torch.zeros(Dm, requires_grad=True)
             out = vk.norm_gate(y, z, w, b, backend="triton")
             out.backward(torch.randn_like(out))     # a dense gradient, as in training (not .sum()'s)
+    # layer_norm (norm_gate's kernels without the gate): the model's rows (C 96..768; 4 C = 384
+    # in the patch merging), one chunk and BD-channel chunks, DCIM's window rows (16 C = 1536) and
+    # its coarse map permuted from channels first (planes of 16 positions, EVEN); fp32 and bf16 x
+    ln_cases = [((2, 16, 16, 96), False), ((2, 8, 8, 192), False), ((2, 8, 8, 384), False), ((2, 4, 4, 768), False),
+                ((16, 1536), False), ((2, 4, 4, 96), True)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, permuted in ln_cases:
+            x = torch.randn(*shape).to(dtype)
+            x = x.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1) if permuted else x
+            x.requires_grad_(True)
+            w, b = torch.ones(shape[-1], requires_grad=True), torch.zeros(shape[-1], requires_grad=True)
+            out = vk.layer_norm(x, w, b, 1e-5, torch.bfloat16, backend="triton")
+            out.backward(torch.randn_like(out))     # a dense gradient, as in training
     # dwconv + SiLU: a plane the tiles divide (EVEN), 4 x 4 windows (tiles across planes), W = 128,
     # no bias, fp16, the largest kernel; x a chunk of in_proj's output as in SS2D
     from vmambax_kernels.dwconv import triton as dwconv_triton

@@ -1,11 +1,14 @@
 """vmambax_kernels: fused four-direction 2D selective scan and CGM gate, with drop-in SS2D.
 
 Public API (SPEC.md sections 1-3): ``selective_scan_2d``, ``cross_selective_scan_2d``, ``cgm_gate``,
-``norm_gate`` (SS2D's LayerNorm + SiLU gate), ``available_backends``, ``SS2D``.
+``norm_gate`` (SS2D's LayerNorm + SiLU gate), ``dwconv_silu``, ``layer_norm`` (LayerNorm written in
+the consumer's dtype), ``available_backends``, ``SS2D`` (``vmambax_kernels.modules`` also holds
+``LayerNorm``).
 """
 from ._backend import BackendStatus, available_backends
 from .cgm.interface import cgm_gate
 from .dwconv.interface import dwconv_silu
+from .layer_norm.interface import layer_norm
 from .norm_gate.interface import norm_gate
 from .selective_scan.interface import cross_selective_scan_2d, selective_scan_2d
 
@@ -20,4 +23,4 @@ def __getattr__(name):  # SS2D imports nn modules; keep `import vmambax_kernels`
 
 
 __all__ = ["selective_scan_2d", "cross_selective_scan_2d", "cgm_gate", "norm_gate", "available_backends",
-           "BackendStatus", "SS2D", "dwconv_silu"]
+           "BackendStatus", "SS2D", "dwconv_silu", "layer_norm"]

@@ -33,7 +33,13 @@ _IMPLS = {
         "triton": ".dwconv.triton",
         "reference": ".dwconv.reference",
     },
+    "layer_norm": {
+        "triton": ".layer_norm.triton",
+        "reference": ".layer_norm.reference",
+    },
 }
+
+OPS = tuple(_IMPLS)
 
 
 class BackendStatus(NamedTuple):
@@ -57,7 +63,8 @@ def _status(op: str, backend: str) -> BackendStatus:
 
 
 def available_backends(op: str = "selective_scan_2d") -> dict[str, BackendStatus]:
-    """What this install can run for ``op`` ("selective_scan_2d", "cgm_gate" or "norm_gate"), and why not.
+    """What this install can run for ``op`` (a key of _IMPLS: "selective_scan_2d", "cgm_gate",
+    "norm_gate", "dwconv_silu", "layer_norm"), and why not.
 
     >>> {k: s.available for k, s in available_backends().items()}  # doctest: +SKIP
     {'cuda': False, 'triton': False, 'reference': True}

@@ -161,6 +161,27 @@ def norm_gate_args(y, z, weight, bias, eps):
         tensor(n, t, 1)
         supported_dtype(n, t)
         shape(n, t, (Dm,))
+    norm_eps(eps)
+    return same_device({"y": y, "z": z, "weight": weight, "bias": bias})
+
+
+def norm_eps(eps) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
-    return same_device({"y": y, "z": z, "weight": weight, "bias": bias})
+
+
+def layer_norm_args(x, weight, bias, eps, out_dtype):
+    """Validate layer_norm's arguments (x (..., C), weight and bias (C,) or None); return the device."""
+    tensor("x", x)
+    supported_dtype("x", x)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x: expected at least one dimension and a last dimension >= 1, got shape {tuple(x.shape)}")
+    for n, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            tensor(n, t, 1)
+            supported_dtype(n, t)
+            shape(n, t, (x.shape[-1],))
+    norm_eps(eps)
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of float32/bfloat16/float16/float64, got {out_dtype}")
+    return same_device({"x": x, "weight": weight, "bias": bias})

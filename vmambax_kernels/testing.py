@@ -137,6 +137,20 @@ def assert_close_by_rule(name: str, out: torch.Tensor, ref64: torch.Tensor, ref3
             f"max|ref64| = {ref64.abs().max().item():.3e})")
 
 
+class RoundGrad(torch.autograd.Function):
+    """Identity whose backward rounds the incoming gradient to ``dtype``: autograd does that to
+    the gradient of a 16-bit output, so the float64/float32 references must see the same values."""
+
+    @staticmethod
+    def forward(ctx, y, dtype):
+        ctx.dtype = dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).to(g.dtype), None
+
+
 def run_with_grads(fn, inputs: dict, grad_out: torch.Tensor | None = None, seed: int = 1):
     """Run ``fn(**inputs)`` on fresh leaf copies, backprop ``grad_out`` (a fixed random tensor when
     None); return (out, {name: grad}) with every float tensor input's gradient."""

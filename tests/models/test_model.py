@@ -6,7 +6,7 @@ import torch
 
 from vmambax.models import VMambaX, count_flops
 from vmambax.models.fusion import WINDOW, RegionBlock, RegionStem, dcim
-from vmambax_kernels.modules import SS2D
+from vmambax_kernels.modules import SS2D, LayerNorm
 from vmambax_kernels.testing import assert_close_by_rule
 
 SMALL = dict(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256), decoder_depth=1)
@@ -22,6 +22,21 @@ def test_published_size():
         m = VMambaX()
     assert sum(p.numel() for p in m.parameters()) == 53_403_682  # paper, Table 1: 53.4 M
     assert sum(1 for _ in m.parameters()) == 756 and sum(1 for _ in m.buffers()) == 96
+
+
+def test_layer_norm_sites():
+    """The LayerNorms that write the autocast dtype (vmambax_kernels' LayerNorm) are exactly those
+    whose every consumer casts to it anyway; the others stay nn.LayerNorm (fp32 under autocast)."""
+    with torch.device("meta"):
+        m = VMambaX()
+    kinds = {n: type(x) for n, x in m.named_modules() if isinstance(x, torch.nn.LayerNorm)}
+    ours = {n for n, k in kinds.items() if k is LayerNorm}
+    plain = {n for n, k in kinds.items() if k is torch.nn.LayerNorm}
+    assert len(ours) == 15 + 3 + 2 * 4 + 2 * 12 + 2 and len(plain) == 35 + 4 + 1 + 3
+    assert {n.split(".")[-1] for n in ours} == {"norm", "inner_norm1", "outer_norm1", "norm1", "norm2", "norm_up"}
+    assert all(n.endswith(("out_norm", "patch_embed.2")) or ".outnorm" in n or n.startswith("decode_head.layers_up")
+               for n in plain)
+    assert not any(n.endswith("out_norm") for n in ours)   # SS2D's: norm_gate fuses it
 
 
 @pytest.mark.parametrize("size", [(32, 32), (96, 160)])

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import vmambax_kernels as vk
+from vmambax_kernels._backend import OPS
 from vmambax_kernels.selective_scan import reference
 from vmambax_kernels.testing import CPU_SHAPES, cast, scan_inputs
 
@@ -14,7 +15,7 @@ def good():
 
 
 def test_available_backends_reports_reasons():
-    for op in ("selective_scan_2d", "cgm_gate"):
+    for op in OPS:
         status = vk.available_backends(op)
         assert set(status) == {"cuda", "triton", "reference"}
         assert status["reference"].available

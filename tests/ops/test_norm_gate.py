@@ -14,7 +14,7 @@ import vmambax_kernels as vk
 from vmambax_kernels.modules import ss2d as ss2d_module
 from vmambax_kernels.modules import glue
 from vmambax_kernels.norm_gate import triton as ng_triton
-from vmambax_kernels.testing import (DTYPES, ON_GPU, TEST_DEVICE as DEVICE,
+from vmambax_kernels.testing import (DTYPES, ON_GPU, TEST_DEVICE as DEVICE, RoundGrad,
                                      assert_close_by_rule, cast, check_against_reference, run_with_grads)
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,23 +40,9 @@ def ng_inputs(Bt, Dm, H, W, dtype, device=DEVICE, seed=0):
     return dict(y=y, z=z, weight=weight, bias=bias)
 
 
-class _RoundGrad(torch.autograd.Function):
-    """Identity whose backward rounds the incoming gradient to ``dtype``: autograd does that to
-    the gradient of a 16-bit output, so the float64/float32 references must see the same values."""
-
-    @staticmethod
-    def forward(ctx, y, dtype):
-        ctx.dtype = dtype
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.to(ctx.dtype).to(g.dtype), None
-
-
 def gate(backend, dtype, eps=EPS):
     def fn(y, z, weight, bias):
-        return _RoundGrad.apply(vk.norm_gate(y, z, weight, bias, eps, backend=backend), dtype)
+        return RoundGrad.apply(vk.norm_gate(y, z, weight, bias, eps, backend=backend), dtype)
     return fn
 
 

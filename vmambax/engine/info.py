@@ -17,6 +17,7 @@ def info() -> dict:
 
     import vmambax
     import vmambax_kernels
+    from vmambax_kernels._backend import OPS
     cuda = torch.cuda.is_available()
     out = {
         "vmambax": vmambax.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
@@ -27,7 +28,7 @@ def info() -> dict:
         "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
         "backends": {},
     }
-    for op in ("selective_scan_2d", "cgm_gate"):
+    for op in OPS:
         out["backends"][op] = {b: {"available": s.available, "reason": s.reason}
                                for b, s in vmambax_kernels.available_backends(op).items()}
     return out

@@ -1,6 +1,11 @@
 """vMambaX's decoder: channel-aware VSS (CVSS) blocks, d_state 4, with skip connections from the
 fused encoder features. Module names follow the published ``MambaDecoder`` (``layers_up``,
 ``norm_up``, ``up``, ``output``) so its state-dict keys are ours too. Channels last inside.
+
+``norm_layer`` (every LayerNorm's class when given; layers.py says what None picks): the CVSS
+blocks' norms feed SS2D's in_proj and the channel attention's first conv, ``norm_up`` and the final
+upsampling's norm a Linear and the 1x1 classifier; the expanding norms' outputs meet the fp32 skip
+connections, so those stay fp32.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import torch.nn.functional as F
 
 from vmambax_kernels.modules import SS2D
 
-from .layers import DropPath, drop_path_schedule
+from .layers import DropPath, cast_norm, drop_path_schedule, fp32_norm
 
 
 def _up2(x: torch.Tensor) -> torch.Tensor:
@@ -49,15 +54,15 @@ class CVSSBlock(nn.Module):
     """Channel-aware VSS block, (Bt, H, W, C) -> same:
     x = s1 * in + SS2D(LN1(in));  out = CAB(LN2(x)) + s2 * x."""
 
-    def __init__(self, dim: int, d_state: int = 4, drop_path: float = 0.0, norm_layer=nn.LayerNorm,
+    def __init__(self, dim: int, d_state: int = 4, drop_path: float = 0.0, norm_layer=None,
                  backend: str | None = None):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        self.norm1 = cast_norm(norm_layer, dim)
         self.scale1 = nn.Parameter(torch.ones(dim))
         self.op = SS2D(dim, d_state=d_state, backend=backend)
         self.drop_path = DropPath(drop_path)
         self.conv_blk = ChannelAttentionBlock(dim)
-        self.norm2 = norm_layer(dim)
+        self.norm2 = cast_norm(norm_layer, dim)
         self.scale2 = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +74,10 @@ class CVSSBlock(nn.Module):
 class PatchExpand(nn.Module):
     """Linear C -> 2C, depth-to-space 2x2: (Bt, H, W, C) -> (Bt, 2H, 2W, C/2), LayerNorm."""
 
-    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+    def __init__(self, dim: int, norm_layer=None):
         super().__init__()
         self.expand = nn.Linear(dim, 2 * dim, bias=False)
-        self.norm = norm_layer(dim // 2)
+        self.norm = fp32_norm(norm_layer, dim // 2)   # added to the skip connection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.expand(x)
@@ -84,10 +89,10 @@ class PatchExpand(nn.Module):
 class UpsampleExpand(nn.Module):
     """Linear C -> C/2, bilinear x2, LayerNorm: (Bt, H, W, C) -> (Bt, 2H, 2W, C/2)."""
 
-    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+    def __init__(self, dim: int, norm_layer=None):
         super().__init__()
         self.linear = nn.Linear(dim, dim // 2, bias=False)
-        self.norm = norm_layer(dim // 2)
+        self.norm = fp32_norm(norm_layer, dim // 2)   # added to the skip connection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(_up2(self.linear(x)))
@@ -96,11 +101,11 @@ class UpsampleExpand(nn.Module):
 class FinalUpsampleX4(nn.Module):
     """(linear, bilinear x2) twice, LayerNorm: (Bt, H, W, C) -> (Bt, 4H, 4W, C)."""
 
-    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+    def __init__(self, dim: int, norm_layer=None):
         super().__init__()
         self.linear1 = nn.Linear(dim, dim, bias=False)
         self.linear2 = nn.Linear(dim, dim, bias=False)
-        self.norm = norm_layer(dim)
+        self.norm = cast_norm(norm_layer, dim)        # the 1x1 classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(_up2(self.linear2(_up2(self.linear1(x)))))
@@ -108,7 +113,7 @@ class FinalUpsampleX4(nn.Module):
 
 class DecoderStage(nn.Module):
     def __init__(self, dim: int, depth: int, drop_paths, upsample: bool, d_state: int = 4,
-                 norm_layer=nn.LayerNorm, backend: str | None = None):
+                 norm_layer=None, backend: str | None = None):
         super().__init__()
         self.blocks = nn.ModuleList([CVSSBlock(dim, d_state, p, norm_layer, backend) for p in drop_paths[:depth]])
         self.upsample = UpsampleExpand(dim, norm_layer) if upsample else None
@@ -125,7 +130,7 @@ class MambaDecoder(nn.Module):
     before a stage of CVSS blocks."""
 
     def __init__(self, num_classes: int = 1, dims=(96, 192, 384, 768), depth: int = 4, d_state: int = 4,
-                 drop_path_rate: float = 0.1, norm_layer=nn.LayerNorm, backend: str | None = None):
+                 drop_path_rate: float = 0.1, norm_layer=None, backend: str | None = None):
         super().__init__()
         n = len(dims)
         dpr = drop_path_schedule(drop_path_rate, depth * n)
@@ -135,7 +140,7 @@ class MambaDecoder(nn.Module):
             self.layers_up.append(DecoderStage(dims[level], depth, dpr[level * depth:(level + 1) * depth],
                                                upsample=i < n - 1, d_state=d_state,
                                                norm_layer=norm_layer, backend=backend))
-        self.norm_up = norm_layer(dims[0])
+        self.norm_up = cast_norm(norm_layer, dims[0])     # FinalUpsampleX4's first Linear
         self.up = FinalUpsampleX4(dims[0], norm_layer)
         self.output = nn.Conv2d(dims[0], num_classes, 1, bias=False)
         for m in self.modules():  # the published init: kaiming-normal convs, Linear left at PyTorch's

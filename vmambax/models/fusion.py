@@ -14,6 +14,8 @@ from vmambax_kernels import cgm_gate
 from vmambax_kernels.cgm import module_triton as cgm_module_triton
 from vmambax_kernels.modules import SS2D
 
+from .layers import cast_norm
+
 WINDOW = 4  # DCIM windows are 4x4 positions ("visual words") of each stage's map
 
 
@@ -100,11 +102,12 @@ class RegionBlock(nn.Module):
     call (Bt*nwin planes); each window's LayerNorm spans its 16 positions x C channels, as published.
     """
 
-    def __init__(self, dim: int, d_state: int = 16, norm_layer=nn.LayerNorm, backend: str | None = None):
+    def __init__(self, dim: int, d_state: int = 16, norm_layer=None, backend: str | None = None):
         super().__init__()
-        self.inner_norm1 = norm_layer(WINDOW * WINDOW * dim)
+        # both norms feed only their SS2D's in_proj (the window's: over its rows of 16 C values)
+        self.inner_norm1 = cast_norm(norm_layer, WINDOW * WINDOW * dim)
         self.inner_attn = SS2D(dim, d_state=d_state, backend=backend)
-        self.outer_norm1 = norm_layer(dim)
+        self.outer_norm1 = cast_norm(norm_layer, dim)
         self.outer_attn = SS2D(dim, d_state=d_state, backend=backend)
 
     def forward(self, inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:

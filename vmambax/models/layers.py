@@ -4,6 +4,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from vmambax_kernels.modules import LayerNorm
+
+
+def cast_norm(norm_layer, dim: int) -> nn.Module:
+    """A LayerNorm whose every consumer casts its output to the autocast dtype (a Linear, a
+    convolution, SS2D's in_proj): ``norm_layer(dim)``, by default vmambax_kernels' LayerNorm, which
+    under CUDA autocast writes that dtype itself (the same values, without PyTorch's separate cast)."""
+    return (norm_layer or LayerNorm)(dim)
+
+
+def fp32_norm(norm_layer, dim: int) -> nn.Module:
+    """A LayerNorm whose output meets fp32 activations (a residual, an addition, the fusion
+    modules): ``norm_layer(dim)``, by default nn.LayerNorm, whose output under autocast stays fp32."""
+    return (norm_layer or nn.LayerNorm)(dim)
+
 
 class Permute(nn.Module):
     """``x.permute(*dims)`` as a module, so Sequentials keep the published key indices."""

@@ -1,5 +1,7 @@
-"""SS2D's switch for its fused glue: the input's depthwise conv + SiLU (``dwconv_silu``) and the
-output's LayerNorm + SiLU gate (``norm_gate``), each one Triton op instead of several PyTorch ops."""
+"""The switches of the fused glue around PyTorch modules: SS2D's input depthwise conv + SiLU
+(``dwconv_silu``) and output LayerNorm + SiLU gate (``norm_gate``), each one Triton op instead of
+several PyTorch ops, and the model's LayerNorms that write their output in the autocast dtype
+(``layer_norm``, through ``vmambax_kernels.modules.LayerNorm``)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +12,18 @@ from .. import _backend
 
 # op -> environment variable; "0" turns that op's fused path off (read on every eager call, so a
 # benchmark can time both paths in one process)
-SWITCHES = {"dwconv_silu": "VMAMBAX_FUSED_DWCONV", "norm_gate": "VMAMBAX_FUSED_NORM_GATE"}
+SWITCHES = {"dwconv_silu": "VMAMBAX_FUSED_DWCONV", "norm_gate": "VMAMBAX_FUSED_NORM_GATE",
+            "layer_norm": "VMAMBAX_FUSED_LAYER_NORM"}
+
+
+def _enabled(op: str, enabled: bool | None) -> bool:
+    return os.environ.get(SWITCHES[op], "1") != "0" if enabled is None else enabled
+
+
+def _triton_ok(op: str, device_type: str) -> bool:
+    if (op, device_type) not in _TRITON_OK:   # once: it imports Triton and reads its version
+        _TRITON_OK[op, device_type] = _backend._status(op, "triton").available
+    return _TRITON_OK[op, device_type]
 
 
 @torch.compiler.assume_constant_result
@@ -19,15 +32,25 @@ def fused_in_ss2d(op: str, scan_backend: str | None, device_type: str, enabled: 
     backend is not "reference" (which stays the spec, op for op) and Triton can run. ``enabled`` (the
     module's ``fused_dwconv`` / ``fused_norm_gate``) overrides the environment variable of SWITCHES.
     Under torch.compile the answer is fixed at trace time."""
-    if enabled is None:
-        enabled = os.environ.get(SWITCHES[op], "1") != "0"
-    if not enabled or device_type != "cuda":
+    if not _enabled(op, enabled) or device_type != "cuda":
         return False
     if _backend._choose("selective_scan_2d", scan_backend, device_type) == "reference":
         return False
-    if (op, device_type) not in _TRITON_OK:   # once: it imports Triton and reads its version
-        _TRITON_OK[op, device_type] = _backend._status(op, "triton").available
-    return _TRITON_OK[op, device_type]
+    return _triton_ok(op, device_type)
+
+
+@torch.compiler.assume_constant_result
+def fused_layer_norm(device_type: str, enabled: bool | None = None) -> bool:
+    """Whether ``vmambax_kernels.modules.LayerNorm`` may run the Triton ``layer_norm`` (it also needs
+    CUDA autocast to a 16-bit dtype): on CUDA tensors, when Triton can run and $VMAMBAX_BACKEND does
+    not ask for the reference (which stays the spec, op for op). ``enabled`` (the module's
+    ``fused``) overrides $VMAMBAX_FUSED_LAYER_NORM. Under torch.compile the answer is fixed at
+    trace time."""
+    if not _enabled("layer_norm", enabled) or device_type != "cuda":
+        return False
+    if os.environ.get("VMAMBAX_BACKEND") == "reference":
+        return False
+    return _triton_ok("layer_norm", device_type)
 
 
 _TRITON_OK: dict = {}

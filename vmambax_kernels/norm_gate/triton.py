@@ -1,4 +1,5 @@
-"""Triton backend of the norm-gate: out = LayerNorm_Dm(y channels last) * silu(z), one kernel each way.
+"""Triton backend of the norm-gate: out = LayerNorm_Dm(y channels last) * silu(z), one kernel each way;
+the same kernels without the gate are the plain LayerNorm of ``vmambax_kernels.layer_norm``.
 
 Notation: q a position (b, p) with p = h * W + w over the Bt * H * W positions, c a channel.
 A program owns a tile of BP positions and walks their Dm channels in chunks of BD:
@@ -17,6 +18,11 @@ A program owns a tile of BP positions and walks their Dm channels in chunks of B
             Programs loop over tiles; dw/db are per-program partial sums (registers when one
             chunk covers Dm, else read-modify-write of the program's own row, L2-hot), summed on
             the host after the launch.
+
+Without the gate (GATE false: layer_norm's entry points) z is not read and dz not written: the
+output is xhat w + b and dn = g. Every tensor is addressed as (plane b, position p, channel c) with
+its own three strides, so y may be channels first (the scan's output) or channels last (layer_norm's
+input), and the statistics' code is the same for both ops.
 
 When the whole (power-of-two padded) channel row fits one chunk (ONE), it is read once and kept in
 registers instead of being read twice. Tiles lie within one plane when BP divides H * W (EVEN):
@@ -56,21 +62,24 @@ def _load_q(row, s_c, cc, mc, ok):
 
 
 def _fwd_chunk(yv, mean, rstd, z_row, o_row, w_ptr, b_ptr, out_ptr, sz_c, so_c, cc, mc, ok,
-               INTERP: constexpr):
+               GATE: constexpr, INTERP: constexpr):
     xh = tl.trans((yv - mean[None, :]) * rstd[None, :])                  # [BP, BD]
     w = tl.load(w_ptr + cc, mask=mc, other=0.0).to(tl.float32)
     bb = tl.load(b_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-    z = _load_q(z_row, sz_c, cc, mc, ok)
-    out = _round_bf16((xh * w[None, :] + bb[None, :]) * (z * _sigmoid(z, INTERP)), out_ptr, INTERP)
+    if GATE:
+        z = _load_q(z_row, sz_c, cc, mc, ok)
+        out = (xh * w[None, :] + bb[None, :]) * (z * _sigmoid(z, INTERP))
+    else:
+        out = xh * w[None, :] + bb[None, :]
+    out = _round_bf16(out, out_ptr, INTERP)
     tl.store(o_row[:, None] + cc[None, :] * so_c, out.to(out_ptr.dtype.element_ty),
              mask=ok[:, None] & mc[None, :])
 
 
-def _norm_gate_fwd_kernel(y_ptr, z_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr,
-                          Dm, L, NQ, eps,
-                          sy_b, sy_c, sy_p, sz_b, sz_p, sz_c, so_b, so_p, so_c,
-                          EVEN: constexpr, ONE: constexpr, INTERP: constexpr,
-                          BD: constexpr, BP: constexpr):
+def _fwd(y_ptr, z_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, Dm, L, NQ, eps,
+         sy_b, sy_c, sy_p, sz_b, sz_p, sz_c, so_b, so_p, so_c,
+         GATE: constexpr, EVEN: constexpr, ONE: constexpr, INTERP: constexpr, BD: constexpr, BP: constexpr):
+    """The forward of one tile of positions (module docstring); without GATE, z is not read."""
     b, p, ok = _tile(tl.program_id(0), L, NQ, BP, EVEN)
     y_row = y_ptr + b * sy_b + p * sy_p
     z_row = z_ptr + b * sz_b + p * sz_p
@@ -103,37 +112,45 @@ def _norm_gate_fwd_kernel(y_ptr, z_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_pt
     tl.store(mean_ptr + b * L + p, mean, mask=ok)
     tl.store(rstd_ptr + b * L + p, rstd, mask=ok)
     if ONE:
-        _fwd_chunk(yv, mean, rstd, z_row, o_row, w_ptr, b_ptr, out_ptr, sz_c, so_c, ch, mc, ok, INTERP)
+        _fwd_chunk(yv, mean, rstd, z_row, o_row, w_ptr, b_ptr, out_ptr, sz_c, so_c, ch, mc, ok, GATE,
+                   INTERP)
     else:
         for c0 in range(0, Dm, BD):
             cc = c0 + ch
             mc = cc < Dm
             yv = _load_y(y_row, sy_c, cc, mc, ok)
-            _fwd_chunk(yv, mean, rstd, z_row, o_row, w_ptr, b_ptr, out_ptr, sz_c, so_c, cc, mc, ok, INTERP)
+            _fwd_chunk(yv, mean, rstd, z_row, o_row, w_ptr, b_ptr, out_ptr, sz_c, so_c, cc, mc, ok, GATE,
+                       INTERP)
 
 
 def _bwd_terms(y_row, g_row, z_row, mean, rstd, w_ptr, b_ptr, sy_c, sg_c, sz_c, cc, mc, ok,
-               INTERP: constexpr):
-    """The chunk's xhat, dxhat = g silu(z) w, dn = g silu(z) and dz, each [BP, BD] fp32."""
+               GATE: constexpr, INTERP: constexpr):
+    """The chunk's xhat, dxhat = g silu(z) w, dn = g silu(z) and dz, each [BP, BD] fp32 (without
+    GATE: dn = g, and no dz)."""
     xh = tl.trans((_load_y(y_row, sy_c, cc, mc, ok) - mean[None, :]) * rstd[None, :])
     w = tl.load(w_ptr + cc, mask=mc, other=0.0).to(tl.float32)
-    bb = tl.load(b_ptr + cc, mask=mc, other=0.0).to(tl.float32)
     g = _load_q(g_row, sg_c, cc, mc, ok)
-    z = _load_q(z_row, sz_c, cc, mc, ok)
-    sg = _sigmoid(z, INTERP)
-    dn = g * (z * sg)
-    dz = g * (xh * w[None, :] + bb[None, :]) * (sg * (1.0 + z * (1.0 - sg)))
+    if GATE:
+        bb = tl.load(b_ptr + cc, mask=mc, other=0.0).to(tl.float32)
+        z = _load_q(z_row, sz_c, cc, mc, ok)
+        sg = _sigmoid(z, INTERP)
+        dn = g * (z * sg)
+        dz = g * (xh * w[None, :] + bb[None, :]) * (sg * (1.0 + z * (1.0 - sg)))
+    else:
+        dn = g
+        dz = g   # unused
     return xh, dn * w[None, :], dn, dz
 
 
 def _bwd_pass1(y_row, g_row, z_row, dz_row, mean, rstd, w_ptr, b_ptr, dz_ptr,
-               sy_c, sg_c, sz_c, sdz_c, cc, mc, ok, INTERP: constexpr):
-    """Writes the chunk's dz; returns xhat, dxhat and the chunk's parts of s1, s2, dw, db."""
+               sy_c, sg_c, sz_c, sdz_c, cc, mc, ok, GATE: constexpr, INTERP: constexpr):
+    """Writes the chunk's dz (GATE); returns xhat, dxhat and the chunk's parts of s1, s2, dw, db."""
     xh, dxh, dn, dz = _bwd_terms(y_row, g_row, z_row, mean, rstd, w_ptr, b_ptr, sy_c, sg_c, sz_c, cc, mc, ok,
-                                 INTERP)
-    dz = _round_bf16(dz, dz_ptr, INTERP)
-    tl.store(dz_row[:, None] + cc[None, :] * sdz_c, dz.to(dz_ptr.dtype.element_ty),
-             mask=ok[:, None] & mc[None, :])
+                                 GATE, INTERP)
+    if GATE:
+        dz = _round_bf16(dz, dz_ptr, INTERP)
+        tl.store(dz_row[:, None] + cc[None, :] * sdz_c, dz.to(dz_ptr.dtype.element_ty),
+                 mask=ok[:, None] & mc[None, :])
     return (xh, dxh, tl.sum(dxh, axis=1), tl.sum(dxh * xh, axis=1),
             tl.sum(dn * xh, axis=0), tl.sum(dn, axis=0))
 
@@ -146,13 +163,11 @@ def _store_dy(xh, dxh, s1, s2, rstd, dy_row, dy_ptr, sdy_c, Dm, cc, mc, ok, INTE
              mask=mc[:, None] & ok[None, :])
 
 
-def _norm_gate_bwd_kernel(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
-                          dy_ptr, dz_ptr, dw_ptr, db_ptr,
-                          Dm, L, NQ, n_tiles,
-                          sg_b, sg_p, sg_c, sy_b, sy_c, sy_p, sz_b, sz_p, sz_c,
-                          sdy_b, sdy_c, sdy_p, sdz_b, sdz_p, sdz_c,
-                          EVEN: constexpr, ONE: constexpr, INTERP: constexpr,
-                          BD: constexpr, BP: constexpr):
+def _bwd(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dy_ptr, dz_ptr, dw_ptr, db_ptr,
+         Dm, L, NQ, n_tiles, sg_b, sg_p, sg_c, sy_b, sy_c, sy_p, sz_b, sz_p, sz_c,
+         sdy_b, sdy_c, sdy_p, sdz_b, sdz_p, sdz_c,
+         GATE: constexpr, EVEN: constexpr, ONE: constexpr, INTERP: constexpr, BD: constexpr, BP: constexpr):
+    """The backward's persistent program (module docstring); without GATE, z, b and dz are not used."""
     pid = tl.program_id(0)
     ch = tl.arange(0, BD)
     dw_acc = tl.zeros((BD,), dtype=tl.float32)   # ONE: this program's partial sums
@@ -169,7 +184,7 @@ def _norm_gate_bwd_kernel(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
         if ONE:   # the whole row in registers: read once
             mc = ch < Dm
             xh, dxh, s1, s2, dw, db = _bwd_pass1(y_row, g_row, z_row, dz_row, mean, rstd, w_ptr, b_ptr,
-                                                 dz_ptr, sy_c, sg_c, sz_c, sdz_c, ch, mc, ok, INTERP)
+                                                 dz_ptr, sy_c, sg_c, sz_c, sdz_c, ch, mc, ok, GATE, INTERP)
             dw_acc += dw
             db_acc += db
             _store_dy(xh, dxh, s1, s2, rstd, dy_row, dy_ptr, sdy_c, Dm, ch, mc, ok, INTERP)
@@ -182,7 +197,7 @@ def _norm_gate_bwd_kernel(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
                 mc = cc < Dm
                 xh, dxh, ds1, ds2, dw, db = _bwd_pass1(y_row, g_row, z_row, dz_row, mean, rstd, w_ptr,
                                                        b_ptr, dz_ptr, sy_c, sg_c, sz_c, sdz_c, cc, mc, ok,
-                                                       INTERP)
+                                                       GATE, INTERP)
                 s1 += ds1
                 s2 += ds2
                 # the program's own partial-sum row, started by its first tile (no zero fill)
@@ -194,7 +209,7 @@ def _norm_gate_bwd_kernel(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
                 cc = c0 + ch
                 mc = cc < Dm
                 xh, dxh, dn, dz = _bwd_terms(y_row, g_row, z_row, mean, rstd, w_ptr, b_ptr,
-                                             sy_c, sg_c, sz_c, cc, mc, ok, INTERP)
+                                             sy_c, sg_c, sz_c, cc, mc, ok, GATE, INTERP)
                 _store_dy(xh, dxh, s1, s2, rstd, dy_row, dy_ptr, sdy_c, Dm, cc, mc, ok, INTERP)
             tl.debug_barrier()  # this tile's partial-sum read-modify-writes are done
     if ONE:
@@ -202,9 +217,43 @@ def _norm_gate_bwd_kernel(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
         tl.store(db_ptr + pid * Dm + ch, db_acc, mask=ch < Dm)
 
 
+# One entry point per op and direction, so that profiles name the op; the plain LayerNorm's pass
+# its own pointers for the gate's (never read) and zero strides.
+
+def _norm_gate_fwd_kernel(y_ptr, z_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, Dm, L, NQ, eps,
+                          sy_b, sy_c, sy_p, sz_b, sz_p, sz_c, so_b, so_p, so_c,
+                          EVEN: constexpr, ONE: constexpr, INTERP: constexpr, BD: constexpr, BP: constexpr):
+    _fwd(y_ptr, z_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, Dm, L, NQ, eps,
+         sy_b, sy_c, sy_p, sz_b, sz_p, sz_c, so_b, so_p, so_c, True, EVEN, ONE, INTERP, BD, BP)
+
+
+def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, C, L, NQ, eps,
+                           sx_b, sx_c, sx_p, so_b, so_p, so_c,
+                           EVEN: constexpr, ONE: constexpr, INTERP: constexpr, BD: constexpr, BP: constexpr):
+    _fwd(x_ptr, x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, C, L, NQ, eps,
+         sx_b, sx_c, sx_p, 0, 0, 0, so_b, so_p, so_c, False, EVEN, ONE, INTERP, BD, BP)
+
+
+def _norm_gate_bwd_kernel(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dy_ptr, dz_ptr, dw_ptr, db_ptr,
+                          Dm, L, NQ, n_tiles, sg_b, sg_p, sg_c, sy_b, sy_c, sy_p, sz_b, sz_p, sz_c,
+                          sdy_b, sdy_c, sdy_p, sdz_b, sdz_p, sdz_c,
+                          EVEN: constexpr, ONE: constexpr, INTERP: constexpr, BD: constexpr, BP: constexpr):
+    _bwd(g_ptr, y_ptr, z_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dy_ptr, dz_ptr, dw_ptr, db_ptr,
+         Dm, L, NQ, n_tiles, sg_b, sg_p, sg_c, sy_b, sy_c, sy_p, sz_b, sz_p, sz_c,
+         sdy_b, sdy_c, sdy_p, sdz_b, sdz_p, sdz_c, True, EVEN, ONE, INTERP, BD, BP)
+
+
+def _layer_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
+                           C, L, NQ, n_tiles, sg_b, sg_p, sg_c, sx_b, sx_c, sx_p, sdx_b, sdx_c, sdx_p,
+                           EVEN: constexpr, ONE: constexpr, INTERP: constexpr, BD: constexpr, BP: constexpr):
+    _bwd(g_ptr, x_ptr, x_ptr, w_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dx_ptr, dw_ptr, db_ptr,
+         C, L, NQ, n_tiles, sg_b, sg_p, sg_c, sx_b, sx_c, sx_p, 0, 0, 0,
+         sdx_b, sdx_c, sdx_p, 0, 0, 0, False, EVEN, ONE, INTERP, BD, BP)
+
+
 _HELPERS = ("_load_y", "_load_q", "_fwd_chunk", "_bwd_terms", "_bwd_pass1",
-            "_store_dy")
-_KERNELS = ("_norm_gate_fwd_kernel", "_norm_gate_bwd_kernel")
+            "_store_dy", "_fwd", "_bwd")
+_KERNELS = ("_norm_gate_fwd_kernel", "_layer_norm_fwd_kernel", "_norm_gate_bwd_kernel", "_layer_norm_bwd_kernel")
 _built: dict = {}
 
 
@@ -227,7 +276,9 @@ def _kernels() -> dict:
 # backward g, z) once: up to 256 channels in the forward (Dm 96, 192 padded to 128, 256), 128 in
 # the backward (16 values per thread at 16 warps for 256 left one program per SM); wider rows go
 # in BD-channel chunks, read twice (the second time from L1/L2), which divide the model's Dm
-# (192, 384, 768, 1536).
+# (192, 384, 768, 1536). layer_norm's kernels (no gate: fewer live values; 44-126 registers, no
+# spills at the model's shapes in compile_offline) use the same configuration, not yet timed for them
+# (benchmarks/bench_layer_norm.py --sweep).
 _DEFAULTS = {"fwd": dict(BD=128, max_one=256, tile=4096, min_bp=16, max_bp=64, per_thread=16),
              "bwd": dict(BD=64, max_one=128, tile=1024, min_bp=16, max_bp=64, per_thread=8,
                          warps_per_sm=16)}
@@ -266,40 +317,71 @@ def _config(kind, Bt, Dm, L, device):
                 num_stages=o.get("num_stages", 1))
 
 
-def _forward(y, z, weight, bias, eps):
+def _launch_fwd(x3, z3, weight, bias, out3, mean, rstd, eps):
+    """The forward over positions (b, p) of B planes of L: x3 (B, L, C) any strides, the rows to
+    normalise; z3 (B, L, C) the gate, or None for the plain LayerNorm; out3 (B, L, C); mean, rstd
+    fp32 with B * L elements (row-major over (b, p)), written."""
     k = _kernels()
+    B, L, C = x3.shape
+    cfg = _config("fwd", B, C, L, x3.device)
+    sx_b, sx_p, sx_c = x3.stride()
+    meta = dict(EVEN=cfg["EVEN"], ONE=cfg["ONE"], INTERP=interpreting(), BD=cfg["BD"], BP=cfg["BP"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    w, b = weight.contiguous(), bias.contiguous()
+    if z3 is None:
+        k["_layer_norm_fwd_kernel"][cfg["grid"]](
+            x3, w, b, out3, mean, rstd, C, L, B * L, float(eps), sx_b, sx_c, sx_p, *out3.stride(), **meta)
+    else:
+        k["_norm_gate_fwd_kernel"][cfg["grid"]](
+            x3, z3, w, b, out3, mean, rstd, C, L, B * L, float(eps), sx_b, sx_c, sx_p, *z3.stride(),
+            *out3.stride(), **meta)
+
+
+def _launch_bwd(g3, x3, z3, weight, bias, mean, rstd, dx3, dz3):
+    """The backward of _launch_fwd: g3 the output gradient, dx3 (and dz3 with the gate) written,
+    all (B, L, C) any strides (bias: only the gate reads it). Returns the per-program partial sums
+    of dweight and dbias, each (programs, C) fp32: their sum over programs, in a fixed order, is
+    the gradient (no atomics)."""
+    k = _kernels()
+    B, L, C = x3.shape
+    cfg = _config("bwd", B, C, L, x3.device)
+    dw = torch.empty((cfg["grid"][0], C), dtype=torch.float32, device=x3.device)
+    db = torch.empty_like(dw)
+    sx_b, sx_p, sx_c = x3.stride()
+    sdx_b, sdx_p, sdx_c = dx3.stride()
+    meta = dict(EVEN=cfg["EVEN"], ONE=cfg["ONE"], INTERP=interpreting(), BD=cfg["BD"], BP=cfg["BP"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if z3 is None:
+        k["_layer_norm_bwd_kernel"][cfg["grid"]](
+            g3, x3, weight.contiguous(), mean, rstd, dx3, dw, db, C, L, B * L, cfg["n_tiles"],
+            *g3.stride(), sx_b, sx_c, sx_p, sdx_b, sdx_c, sdx_p, **meta)
+    else:
+        k["_norm_gate_bwd_kernel"][cfg["grid"]](
+            g3, x3, z3, weight.contiguous(), bias.contiguous(), mean, rstd, dx3, dz3, dw, db,
+            C, L, B * L, cfg["n_tiles"], *g3.stride(), sx_b, sx_c, sx_p, *z3.stride(),
+            sdx_b, sdx_c, sdx_p, *dz3.stride(), **meta)
+    return dw, db
+
+
+def _forward(y, z, weight, bias, eps):
     Bt, Dm, H, W = y.shape
     L = H * W
-    y3, z3 = y.reshape(Bt, Dm, L), z.reshape(Bt, L, Dm)   # views of the scan's output and in_proj's z
     out = torch.empty((Bt, H, W, Dm), dtype=z.dtype, device=z.device)
     mean = torch.empty((Bt, H, W), dtype=torch.float32, device=y.device)
     rstd = torch.empty_like(mean)
-    cfg = _config("fwd", Bt, Dm, L, y.device)
-    k["_norm_gate_fwd_kernel"][cfg["grid"]](
-        y3, z3, weight.contiguous(), bias.contiguous(), out, mean, rstd, Dm, L, Bt * L, float(eps),
-        *y3.stride(), *z3.stride(), *out.view(Bt, L, Dm).stride(),
-        EVEN=cfg["EVEN"], ONE=cfg["ONE"], INTERP=interpreting(), BD=cfg["BD"], BP=cfg["BP"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # views of the scan's output (channels first: positions contiguous) and in_proj's z
+    _launch_fwd(y.reshape(Bt, Dm, L).transpose(1, 2), z.reshape(Bt, L, Dm), weight, bias,
+                out.view(Bt, L, Dm), mean, rstd, eps)
     return out, mean, rstd
 
 
 def _backward(g, y, z, weight, bias, mean, rstd):
-    k = _kernels()
     Bt, Dm, H, W = y.shape
     L = H * W
-    g3, y3, z3 = g.reshape(Bt, L, Dm), y.reshape(Bt, Dm, L), z.reshape(Bt, L, Dm)
     dy = torch.empty((Bt, Dm, H, W), dtype=y.dtype, device=y.device)
     dz = torch.empty((Bt, H, W, Dm), dtype=z.dtype, device=z.device)
-    cfg = _config("bwd", Bt, Dm, L, y.device)
-    nprog = cfg["grid"][0]
-    dw = torch.empty((nprog, Dm), dtype=torch.float32, device=y.device)
-    db = torch.empty_like(dw)
-    k["_norm_gate_bwd_kernel"][cfg["grid"]](
-        g3, y3, z3, weight.contiguous(), bias.contiguous(), mean, rstd, dy, dz, dw, db,
-        Dm, L, Bt * L, cfg["n_tiles"],
-        *g3.stride(), *y3.stride(), *z3.stride(), *dy.view(Bt, Dm, L).stride(), *dz.view(Bt, L, Dm).stride(),
-        EVEN=cfg["EVEN"], ONE=cfg["ONE"], INTERP=interpreting(), BD=cfg["BD"], BP=cfg["BP"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dw, db = _launch_bwd(g.reshape(Bt, L, Dm), y.reshape(Bt, Dm, L).transpose(1, 2), z.reshape(Bt, L, Dm),
+                         weight, bias, mean, rstd, dy.view(Bt, Dm, L).transpose(1, 2), dz.view(Bt, L, Dm))
     return dy, dz, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)
 
 
