@@ -17,9 +17,9 @@
 //      state entering each sub-tile of kBwdTile positions (shared memory), then takes the
 //      sub-tiles last to first. Per sub-tile and state n (runtime loop, N exactly): the forward
 //      replay keeps h_t and a_t of the sub-tile in registers, the reverse recurrence forms every
-//      term; each warp sums the per-channel values of dB and dC over its 32 channels through a
-//      shared-memory tile (warp_channel_sum) into shared memory, and after the last state one global
-//      atomic per element and block adds the warps' sums. dA, dW: per thread in shared memory, one atomic per block at the end.
+//      term; each warp sums the per-channel values of dB and dC over its 32 channels with shuffles
+//      into shared memory, and after the last state one global atomic per element and block adds
+//      the warps' sums. dA, dW: per thread in shared memory, one atomic per block at the end.
 // Exps per element: chunk pass 1, main pass 1 + 3/4 (sweep of all but the last sub-tile).
 // Float atomics (dB, dC, ddt, dA, dD, dbias, dW): the backward is not bitwise deterministic.
 #pragma once
@@ -41,8 +41,7 @@ static_assert(kBwdSub >= 3, "the chunk-entry state and dA share hS slots 0 and k
 struct BwdSmem {
   float *sB, *sC;  // NMAJOR: [n][TB]; else [i][NS] (float4 over states)
   float *sDt;      // [R][TB]
-  float *t0, *t1;  // [nth][TB + 1]: delta (raw, then after softplus), dy; later du, dz of the sub-tile;
-                   // in the state loop, t0..t1's end: each warp's [32][kRsStride] dB / dC sum tile
+  float *t0, *t1;  // [nth][TB + 1]: delta (raw, then after softplus), dy; later du, dz of the sub-tile
   float *tU;       // [nth][TB + 1]: u
   float *hS;       // [kBwdSub - 1][N][nth]: state entering sub-tiles 1.. (slot 0 then sub-tile 0's)
   float *sE;       // [N][nth]: reverse carry a_{t+1} dh_{t+1}
@@ -260,54 +259,37 @@ __global__ void __launch_bounds__(256) ss2d_bwd_carry_kernel(const SS2DParams p)
   }
 }
 
-// The per-state dB / dC channel sums of one warp (32 channels x 2 TB rows) go through shared memory:
-// each lane writes its 2 TB values as one row of a [channel][kRsStride] tile, then lane l sums rows
-// 2 (l & 15) and 2 (l & 15) + 1 over channels 16 (l >> 4) .. + 15 (a pairwise tree of float2 loads),
-// and one shuffle with lane l ^ 16 completes them: lane l ends with row 2 (l & 15) + (l >> 4)'s sum
-// over the warp's 32 channels, i.e. row r is in lane rs_lane(r). Per state and sub-tile (sm_90,
-// bf16, NMAX 16): 16 STS.64 + 16 LDS.64 + 31 FADD + 1 SHFL + 2 FSEL, where the butterfly
-// reduce-scatter over shuffles took 31 SHFL + 31 FADD + 62 FSEL (the selects pick, per lane, which
-// half of its rows to keep and which to send). Same set of terms per row, tree depth 5 as before.
-// Cost: 64 shared-memory wavefronts per warp and state instead of 31 shuffles (same pipe).
-// Stride 34: the half-warp phases of the 8-byte accesses hit distinct bank pairs (lane / channel c
-// at banks 2 c + const), and 32 x 34 floats is exactly one warp's share of the t0 and t1 tiles,
-// which the state loop does not use (read into registers before it, written after it).
-constexpr int kRsStride = 2 * (TB + 1);
-__device__ __forceinline__ int rs_lane(int row) { return ((row & 1) << 4) | (row >> 1); }
-
-__device__ __forceinline__ void st2(float *s, float x, float y) { *reinterpret_cast<float2 *>(s) = make_float2(x, y); }
-__device__ __forceinline__ float2 ld2(const float *s) { return *reinterpret_cast<const float2 *>(s); }
-
-// mine: the lane's row of the warp's tile; rd: tile + 16 (lane >> 4) kRsStride + 2 (lane & 15).
-__device__ __forceinline__ float warp_channel_sum(const float (&v)[2 * TB], float *mine, const float *rd, int lane) {
-  __syncwarp();  // the previous state's reads of the tile are done
+// Sum over the 32 lanes of a warp of each of 32 values, lane l getting row l's sum (a reduce-scatter
+// by halves: at step OFF a lane keeps the half of its rows named by its bit OFF and adds the
+// partner's copy of that half). 31 shuffles + 31 adds, no shared memory, no block barrier. One
+// template per step: with a runtime `off` loop nvcc kept v[] in local memory (128-byte stack frame).
+template <int OFF>
+__device__ __forceinline__ void reduce_scatter_step(float (&v)[32], int lane) {
+  const bool up = lane & OFF;
 #pragma unroll
-  for (int r = 0; r < 2 * TB; r += 2) st2(mine + r, v[r], v[r + 1]);
-  __syncwarp();
-  float2 a[16];
-#pragma unroll
-  for (int ch = 0; ch < 16; ++ch) a[ch] = ld2(rd + ch * kRsStride);
-#pragma unroll
-  for (int w = 1; w < 16; w *= 2) {
-#pragma unroll
-    for (int ch = 0; ch < 16; ch += 2 * w) {
-      a[ch].x += a[ch + w].x;
-      a[ch].y += a[ch + w].y;
-    }
+  for (int j = 0; j < OFF; ++j) {
+    const float send = up ? v[j] : v[j + OFF];
+    const float keep = up ? v[j + OFF] : v[j];
+    v[j] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
   }
-  const bool up = lane & 16;  // keeps row 2 (lane & 15) + 1, sends row 2 (lane & 15)
-  const float send = up ? a[0].x : a[0].y, keep = up ? a[0].y : a[0].x;
-  return keep + __shfl_xor_sync(0xffffffffu, send, 16);
+}
+
+__device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32], int lane) {
+  reduce_scatter_step<16>(v, lane);
+  reduce_scatter_step<8>(v, lane);
+  reduce_scatter_step<4>(v, lane);
+  reduce_scatter_step<2>(v, lane);
+  reduce_scatter_step<1>(v, lane);
+  return v[0];
 }
 
 // One sub-tile of the main pass, walk direction KK (0: positions ascending), sub-tile j of the
 // chunk in walk order; first: the walk's first processed sub-tile (initialises dA). The staged tiles
-// hold u, delta, dy, B and C ([n][TB]). The per-state dB / dC channel sums are warp-level
-// (warp_channel_sum, in the warp's share of t0 / t1) into the warp's own slots of sP: no block
-// barrier in the state loop, one before it (every thread's t0 / t1 row read) and one after it.
-// Through a [2 TB][nth + 1] shared buffer they took two block barriers per state (32 per sub-tile
-// at N = 16), which 3-warp blocks at 14 % occupancy could not hide (Nsight Compute: 0.40 eligible
-// warps per scheduler, 5.0 + 5.9 ms at enc1).
+// hold u, delta, dy, B and C ([n][TB]). The per-state dB / dC channel sums are warp shuffles
+// (warp_reduce_scatter32) into the warp's own slots of sP: no block barrier in the state loop and
+// one after it. Through a [2 TB][nth + 1] shared buffer they took two block barriers per state (32
+// per sub-tile at N = 16), which 3-warp blocks at 14 % occupancy could not hide (Nsight Compute:
+// 0.40 eligible warps per scheduler, 5.0 + 5.9 ms at enc1).
 template <int KK>
 __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b,
                                             int k, int d0, int j, int q, int cnt, float Dk, float &dDacc,
@@ -323,9 +305,6 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
     X[i] = Y[i] = 0.f;
   }
   const int w = c >> 5, l = c & 31, slot = j > 0 ? j - 1 : 0;
-  float *rs = m.t0 + w * 32 * kRsStride, *rs_mine = rs + l * kRsStride;
-  const float *rs_rd = rs + (l >> 4) * 16 * kRsStride + 2 * (l & 15);
-  __syncthreads();  // every thread's t0 / t1 row is in registers: the tiles become reduction space
   for (int n = 0; n < N; ++n) {
     const float An = p.A[dA_row * N + n], A2n = An * kLog2e;
     const float *Bn = m.sB + n * TB, *Cn = m.sC + n * TB;
@@ -362,7 +341,7 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
       v[i] = hA[i];
       v[TB + i] = aA[i];
     }
-    m.sP[(w * N + n) * 32 + l] = warp_channel_sum(v, rs_mine, rs_rd, l);  // row r at lane rs_lane(r)
+    m.sP[(w * N + n) * 32 + l] = warp_reduce_scatter32(v, l);
   }
   __syncthreads();  // every warp's sP slots are written
   // dB, dC: the warps' sums, one atomic per element and block.
@@ -374,7 +353,7 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
   if (i < cnt) {
     float *dst = (r < TB ? sd.dC : sd.dB) + b * sd.g_b + kk * sd.g_k + int64_t(c >> 5) * L + q + i;
     const int64_t dstep = int64_t(nw) * L;
-    const float *src = m.sP + (c >> 5) * 32 + rs_lane(r);  // sP[(ww * N + n) * 32 + rs_lane(r)]
+    const float *src = m.sP + (c >> 5) * 32 + r;  // sP[(ww * N + n) * 32 + r]
     const int wstep = N * 32, nstep = nw * 32;
     for (int n = c >> 5; n < N; n += nw, dst += dstep, src += nstep) {
       float v = 0.f;

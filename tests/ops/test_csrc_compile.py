@@ -97,45 +97,19 @@ def test_every_cu_assembles_for_sm90(tmp_path):
 
 # ---- index logic, transcribed in float64 (csrc/selective_scan: *_carry_kernel, bwd_subtile) ----
 
-_RS = 2 * (16 + 1)  # ss2d_bwd_kernel.cuh: kRsStride = 2 * (kBwdTile + 1)
-
-
-def _rs_lane(row):
-    """ss2d_bwd_kernel.cuh:rs_lane: the lane that ends with row `row`'s sum."""
-    return ((row & 1) << 4) | (row >> 1)
-
-
-def _warp_channel_sum(v, sm=None, base=0):
-    """warp_channel_sum: v[lane][row] (32 x 32) -> lane l's result (row 2 (l & 15) + (l >> 4)).
-    Lane l writes its row of the [channel][kRsStride] tile at sm[base:] (16 float2 stores), reads
-    rows 2 (l & 15), +1 of channels 16 (l >> 4) .. + 15 (16 float2 loads), sums them by a pairwise
-    tree, then adds what lane l ^ 16 sends. sm: the block's flat shared memory, or None (a dict).
-    Works for any value type with +, so collections.Counter gives the set of terms."""
-    sm = {} if sm is None else sm
-    for lane in range(32):
-        for r in range(0, 32, 2):
-            sm[base + lane * _RS + r], sm[base + lane * _RS + r + 1] = v[lane][r], v[lane][r + 1]
-    part = []
-    for lane in range(32):
-        rd = base + (lane >> 4) * 16 * _RS + 2 * (lane & 15)
-        a = [(sm[rd + ch * _RS], sm[rd + ch * _RS + 1]) for ch in range(16)]
-        w = 1
-        while w < 16:
-            for ch in range(0, 16, 2 * w):
-                a[ch] = (a[ch][0] + a[ch + w][0], a[ch][1] + a[ch + w][1])
-            w *= 2
-        part.append(a[0])
-    out = []
-    for lane in range(32):
-        p = lane ^ 16
-        send = part[p][0] if p & 16 else part[p][1]  # the partner's `up ? a.x : a.y`
-        out.append((part[lane][1] if lane & 16 else part[lane][0]) + send)
-    return out
-
-
-def _warp_sums_by_row(v, sm=None, base=0):
-    res = _warp_channel_sum(v, sm, base)
-    return [res[_rs_lane(r)] for r in range(32)]
+def _reduce_scatter32(v):
+    """warp_reduce_scatter32: v[lane][row] (32 x 32) -> lane l's result; step OFF, lane keeps the
+    half of its rows named by its bit OFF and adds the partner's copy of that half."""
+    v = [list(r) for r in v]
+    for off in (16, 8, 4, 2, 1):
+        new = [r[:] for r in v]
+        for lane in range(32):
+            up, partner = bool(lane & off), lane ^ off
+            for j in range(off):
+                send = v[partner][j] if (partner & off) else v[partner][j + off]
+                new[lane][j] = (v[lane][j + off] if up else v[lane][j]) + send
+        v = new
+    return [v[lane][0] for lane in range(32)]
 
 
 def _carry(buf, sums, A, Bt, Dm, N, nc, G, forward):
@@ -251,7 +225,7 @@ def _transcribed_scan(Bt, Dm, H, W, N, T, G, seed):
                     lanes[:Dm, 16 + i - q0] = dh * (dls[:, i] * us[:, i])[:, None]   # dB rows
                     en = a * dh
                 for n in range(N):
-                    sums = _warp_sums_by_row(lanes[:, :, n].tolist())
+                    sums = _reduce_scatter32(lanes[:, :, n].tolist())
                     for ii in range(min(T, L - q0)):
                         dC[b, k, n, orig_pos(k, q0 + ii)] += sums[ii]
                         dB[b, k, n, orig_pos(k, q0 + ii)] += sums[16 + ii]
@@ -278,13 +252,13 @@ def test_carry_and_reduction_transcribed(shape):
 
 
 def test_reduce_scatter_and_slots():
-    """Lane rs_lane(r) gets row r's sum; one thread's hS slots: the state entering sub-tile j at slot
+    """Lane l gets row l's sum; one thread's hS slots: the state entering sub-tile j at slot
     max(j - 1, 0) (slot 0 refilled before sub-tile 0), dA in slot kBwdSub - 2, set by the first
     processed sub-tile (the walk's last): every read sees the right state, dA is the full sum."""
     import random
     rnd = random.Random(0)
     v = [[rnd.uniform(-1, 1) for _ in range(32)] for _ in range(32)]
-    got = _warp_sums_by_row(v)
+    got = _reduce_scatter32(v)
     for row in range(32):
         assert abs(got[row] - math.fsum(v[lane][row] for lane in range(32))) < 1e-12
     for sub in (3, 4, 8):  # kBwdSub
@@ -304,48 +278,6 @@ def test_reduce_scatter_and_slots():
                     mem[sub - 2][n] = (0.0 if j == nsub - 1 else mem[sub - 2][n]) + dAs[j][n]
             for n in range(N):
                 assert abs(mem[sub - 2][n] - sum(dAs[j][n] for j in range(nsub))) < 1e-12
-
-
-def test_warp_channel_sum_terms_banks_and_bounds():
-    """warp_channel_sum as the kernel runs it: every row's sum is the 32 channels' terms, each once
-    (terms as multisets), every read hits a slot this state wrote, the 8-byte stores and loads of
-    each half-warp hit 32 distinct banks, and a warp's tile is its share of t0..t1's end (8-byte
-    aligned) for every NMAX, R and block size."""
-    import collections
-    src = (ROOT / "csrc" / "selective_scan" / "ss2d_bwd_kernel.cuh").read_text()
-    for line in ("constexpr int kRsStride = 2 * (TB + 1);", "return ((row & 1) << 4) | (row >> 1);",
-                 "*rs = m.t0 + w * 32 * kRsStride, *rs_mine = rs + l * kRsStride;",
-                 "rs_rd = rs + (l >> 4) * 16 * kRsStride + 2 * (l & 15);", "ld2(rd + ch * kRsStride)",
-                 "const float send = up ? a[0].x : a[0].y, keep = up ? a[0].y : a[0].x;",
-                 "m.sP + (c >> 5) * 32 + rs_lane(r);"):
-        assert line in src, line
-    v = [[collections.Counter({(lane, row): 1}) for row in range(32)] for lane in range(32)]
-    sm = {}
-    got = _warp_sums_by_row(v, sm)
-    for row in range(32):
-        assert got[row] == collections.Counter({(lane, row): 1 for lane in range(32)}), row
-    assert sorted(sm) == [lane * _RS + r for lane in range(32) for r in range(32)]  # reads: all written
-    assert sorted(_rs_lane(r) for r in range(32)) == list(range(32))
-    for lane in range(32):  # lane l keeps row 2 (l & 15) + (l >> 4)
-        assert _rs_lane(2 * (lane & 15) + (lane >> 4)) == lane
-
-    def banks(addrs):  # 8-byte accesses of one half-warp
-        return sorted(b % 32 for a in addrs for b in (a, a + 1))
-
-    for k in range(16):
-        for half in (0, 16):
-            lanes = range(half, half + 16)
-            assert banks(lane * _RS + 2 * k for lane in lanes) == list(range(32)), ("store", k, half)
-            assert banks((lane >> 4) * 16 * _RS + 2 * (lane & 15) + k * _RS for lane in lanes) == list(range(32)), \
-                ("load", k, half)
-    for nmax in (4, 8, 16, 32, 64):
-        for R in range(0, 9):
-            for nth in (32, 64, 96, 128):
-                t0 = 2 * _TB * _ns_(nmax) + R * _TB  # BwdSmem: sB, sC, sDt, then t0, t1 (tile each)
-                assert t0 % 2 == 0
-                for w in range(nth // 32):
-                    lo = t0 + w * 32 * _RS
-                    assert lo % 2 == 0 and t0 <= lo and lo + 32 * _RS <= t0 + 2 * nth * (_TB + 1)
 
 
 # ---- backward main pass, ported line by line (ss2d_bwd_main_kernel, bwd_subtile) ----
@@ -598,8 +530,8 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                                     sm[sDA + n * nth + cc] = (0.0 if first else sm[sDA + n * nth + cc]) + dAn
                                     vals[cc, :_TB] = hA
                                     vals[cc, _TB:] = aA
-                                for w in range(nth // 32):  # each warp's tile: its 32 rows of t0, t1
-                                    res = _warp_channel_sum(vals[32 * w:32 * w + 32].tolist(), sm, t0 + w * 32 * _RS)
+                                for w in range(nth // 32):
+                                    res = _reduce_scatter32(vals[32 * w:32 * w + 32].tolist())
                                     for l in range(32):
                                         sm[sP + (w * N + n) * 32 + l] = res[l]
                             # barrier; dB / dC
@@ -609,7 +541,7 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                                 i = r & (_TB - 1)
                                 if i >= cnt:
                                     continue
-                                v = sum(sm[sP + (ww * N + n) * 32 + _rs_lane(r)] for ww in range(nw))
+                                v = sum(sm[sP + (ww * N + n) * 32 + r] for ww in range(nw))
                                 (dCo if r < _TB else dBo)[b, k, n, orig_pos(q + i, side)] += v
                             for cc in range(nth):
                                 d = d0 + cc
