@@ -3,18 +3,22 @@
 # (B, e.g. a branch unpacked with `git archive BRANCH | tar -x -C .wheels/next`), each built in
 # place, B's GPU tests run, then the same benchmarks on both; logs and records under $OUT/a, $OUT/b.
 #
-#   bash benchmarks/device_ab.sh B_DIR [--tests "PYTEST ARGS"] [--bench "SCRIPT ARGS"]...
+#   bash benchmarks/device_ab.sh B_DIR [--tests "PYTEST ARGS"] [--bench "SCRIPT ARGS"]... [--aba]
+#
+# --aba runs A's benchmarks once more after B's (records under $OUT/a2): the first model benchmark
+# of a call has come out slower than later ones, so A-then-B alone can favour B.
 #
 # VMAMBAX_COMMIT_A / VMAMBAX_COMMIT_B name the commits in the records (the trees travel without
 # a usable .git). Other settings (TEST_TIMEOUT, BENCH_TIMEOUT, MAX_JOBS) pass to device_run.sh.
 set -o pipefail
 B_DIR=$1; shift
 [ -d "$B_DIR" ] || { echo "device_ab.sh: no tree at $B_DIR"; exit 2; }
-TESTS=""; BENCH_ARGS=()
+TESTS=""; BENCH_ARGS=(); ABA=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) TESTS=$2; shift 2 ;;
     --bench) BENCH_ARGS+=(--bench "$2"); shift 2 ;;
+    --aba) ABA=1; shift ;;
     *) echo "device_ab.sh: unknown argument $1"; exit 2 ;;
   esac
 done
@@ -31,4 +35,9 @@ if [ -n "$TESTS" ]; then
   OUT=$ROOT_OUT/b VMAMBAX_COMMIT=${VMAMBAX_COMMIT_B:-B} bash benchmarks/device_run.sh --tests "$TESTS" "${BENCH_ARGS[@]}"
 else
   OUT=$ROOT_OUT/b VMAMBAX_COMMIT=${VMAMBAX_COMMIT_B:-B} bash benchmarks/device_run.sh --no-tests "${BENCH_ARGS[@]}"
+fi
+if [ "$ABA" = 1 ] && [ "${BENCH_ARGS[0]}" != "--no-bench" ]; then
+  echo "== A again: $A_DIR"
+  cd "$A_DIR" || exit 2
+  OUT=$ROOT_OUT/a2 VMAMBAX_COMMIT=${VMAMBAX_COMMIT_A:-A} bash benchmarks/device_run.sh --no-build --no-tests "${BENCH_ARGS[@]}"
 fi
