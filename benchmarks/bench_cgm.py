@@ -25,7 +25,6 @@ One GPU session (install, GPU tests with evidence, this benchmark), as run for t
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -201,10 +200,7 @@ def bench_case(case, dtype_name, copy_tbps, env):
         extra = dict(fwdbwd_graph_ms=graphed_ms(module, xs, grads))
         if provider == "triton":
             kf, kb = kernel_times(case, dtype)
-            extra.update(kernel_fwd_ms=kf, kernel_bwd_ms=kb,
-                         kernel_fwd_tbps=4 * n * e / (kf * 1e-3) / 1e12,
-                         kernel_bwd_tbps=6 * n * e / (kb * 1e-3) / 1e12,
-                         copy_tbps=copy_tbps, config=dict(cgm_triton.CONFIG_OVERRIDE) or "default")
+            extra.update(harness.kernel_figures(kf, kb, 4 * n * e, 6 * n * e, copy_tbps, cgm_triton.CONFIG_OVERRIDE))
         rows.append(harness.record("cgm", case, provider, dtype_name, Bt, env, fwd_ms=fwd, fwdbwd_ms=fwdbwd,
                                    peak_mb=peak, floor_ms=fwdbwd_floor, fwd_floor_ms=fwd_floor,
                                    max_abs_diff_vs_torch=err_whole if provider == "triton_module" else err,
@@ -212,56 +208,33 @@ def bench_case(case, dtype_name, copy_tbps, env):
     return rows
 
 
+def table_row(r, records, copy_tbps):
+    peer, mod = harness.peer(records, r), harness.peer(records, r, "triton_module")
+    return dict(case=r["case"], dtype=r["dtype"], fwd=r["fwd_ms"], torch_fwd=peer["fwd_ms"],
+                fwdbwd=r["fwdbwd_ms"], torch_fwdbwd=peer["fwdbwd_ms"],
+                speedup=harness.ratio(r["fwdbwd_ms"], peer["fwdbwd_ms"]),
+                mod_fwd=mod["fwd_ms"], mod_fwdbwd=mod["fwdbwd_ms"],
+                mod_speedup=harness.ratio(mod["fwdbwd_ms"], peer["fwdbwd_ms"]),
+                graph=r["fwdbwd_graph_ms"], torch_graph=peer["fwdbwd_graph_ms"],
+                graph_speedup=harness.ratio(r["fwdbwd_graph_ms"], peer["fwdbwd_graph_ms"]),
+                mod_graph=mod["fwdbwd_graph_ms"],
+                mod_graph_speedup=harness.ratio(mod["fwdbwd_graph_ms"], peer["fwdbwd_graph_ms"]),
+                floor=r["floor_ms"],
+                vs_floor=harness.ratio(r["floor_ms"], r["fwdbwd_ms"]),
+                k_fwd=r["kernel_fwd_ms"], k_bwd=r["kernel_bwd_ms"],
+                bw_fwd=f"{100 * r['kernel_fwd_tbps'] / copy_tbps:.0f}%",
+                bw_bwd=f"{100 * r['kernel_bwd_tbps'] / copy_tbps:.0f}%",
+                mb=r["peak_mb"], mod_mb=mod["peak_mb"], torch_mb=peer["peak_mb"],
+                diff=r["max_abs_diff_vs_torch"], mod_diff=mod["max_abs_diff_vs_torch"])
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--dtypes", default="bf16,fp16")
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--no-record", action="store_true")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_cgm.py: needs a CUDA GPU")
-    why = vk.available_backends("cgm_gate")["triton"]
-    if not why.available:
-        sys.exit(f"bench_cgm.py: the triton backend cannot run: {why.reason}")
-    env = harness.env_info()
-    copy_tbps = harness.copy_tbps()
-    print(f"== {env['gpu']}: copy bandwidth {copy_tbps:.2f} TB/s (DESIGN.md: {COPY_TBPS})")
-    dtypes = args.dtypes.split(",")
-    if args.sweep:
-        sweep(dtypes[0])
-    records = []
-    for dtype in dtypes:
-        for case in args.cases.split(","):
-            records += bench_case(case, dtype, copy_tbps, env)
-    table = []
-    for r in records:
-        if r["provider"] != "triton":
-            continue
-        peer = next(p for p in records if p["provider"] == "torch" and p["case"] == r["case"] and p["dtype"] == r["dtype"])
-        mod = next(p for p in records if p["provider"] == "triton_module" and p["case"] == r["case"]
-                   and p["dtype"] == r["dtype"])
-        table.append(dict(case=r["case"], dtype=r["dtype"], fwd=r["fwd_ms"], torch_fwd=peer["fwd_ms"],
-                          fwdbwd=r["fwdbwd_ms"], torch_fwdbwd=peer["fwdbwd_ms"],
-                          speedup=harness.ratio(r["fwdbwd_ms"], peer["fwdbwd_ms"]),
-                          mod_fwd=mod["fwd_ms"], mod_fwdbwd=mod["fwdbwd_ms"],
-                          mod_speedup=harness.ratio(mod["fwdbwd_ms"], peer["fwdbwd_ms"]),
-                          graph=r["fwdbwd_graph_ms"], torch_graph=peer["fwdbwd_graph_ms"],
-                          graph_speedup=harness.ratio(r["fwdbwd_graph_ms"], peer["fwdbwd_graph_ms"]),
-                          mod_graph=mod["fwdbwd_graph_ms"],
-                          mod_graph_speedup=harness.ratio(mod["fwdbwd_graph_ms"], peer["fwdbwd_graph_ms"]),
-                          floor=r["floor_ms"],
-                          vs_floor=harness.ratio(r["floor_ms"], r["fwdbwd_ms"]),
-                          k_fwd=r["kernel_fwd_ms"], k_bwd=r["kernel_bwd_ms"],
-                          bw_fwd=f"{100 * r['kernel_fwd_tbps'] / copy_tbps:.0f}%",
-                          bw_bwd=f"{100 * r['kernel_bwd_tbps'] / copy_tbps:.0f}%",
-                          mb=r["peak_mb"], mod_mb=mod["peak_mb"], torch_mb=peer["peak_mb"],
-                          diff=r["max_abs_diff_vs_torch"], mod_diff=mod["max_abs_diff_vs_torch"]))
-    cols = [(k, k) for k in table[0]] if table else []
-    harness.print_table(table, cols, title=f"CGM module fwd/fwdbwd (ms), kernels alone (ms, % of the "
-                                           f"measured copy bandwidth {copy_tbps:.2f} TB/s), {env['gpu']}")
-    if not args.no_record:
-        print("== records appended to", harness.append_records(records))
+    harness.kernel_bench_main(
+        argv, script="bench_cgm.py", doc=__doc__, op="cgm_gate", cases=CASES, dtypes=DTYPES,
+        default_cases=",".join(CASES), default_dtypes="bf16,fp16", bench_case=bench_case,
+        sweep=lambda case, dtype_name: sweep(dtype_name), table_row=table_row,
+        title="CGM module fwd/fwdbwd (ms), kernels alone (ms, % of the measured copy bandwidth "
+              "{copy_tbps:.2f} TB/s), {gpu}", copy_note=f" (DESIGN.md: {COPY_TBPS})")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the backward (and forward) kernels under a few launch configurations first and k
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -117,47 +116,21 @@ def bench_case(case, dtype_name, copy_tbps, env):
     return rows
 
 
+def table_row(r, records, copy_tbps):
+    p = harness.peer(records, r)
+    return dict(harness.speedup_cells(r, p),
+                k_fwd=r["kernel_fwd_ms"], fwd_vs_floor=harness.ratio(r["kernel_fwd_floor_ms"], r["kernel_fwd_ms"]),
+                k_bwd=r["kernel_bwd_ms"], bwd_vs_floor=harness.ratio(r["kernel_bwd_floor_ms"], r["kernel_bwd_ms"]),
+                mb=r["peak_mb"], torch_mb=p["peak_mb"],
+                diff=r["max_abs_diff_vs_fp32"], torch_diff=p["max_abs_diff_vs_fp32"])
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--dtypes", default="bf16")
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--no-record", action="store_true")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_dwconv.py: needs a CUDA GPU")
-    why = vk.available_backends("dwconv_silu")["triton"]
-    if not why.available:
-        sys.exit(f"bench_dwconv.py: the triton backend cannot run: {why.reason}")
-    env = harness.env_info()
-    copy_tbps = harness.copy_tbps()
-    print(f"== {env['gpu']}: copy bandwidth {copy_tbps:.2f} TB/s")
-    dtypes = args.dtypes.split(",")
-    if args.sweep:
-        sweep(DTYPES[dtypes[0]])
-    records = []
-    for dtype in dtypes:
-        for case in args.cases.split(","):
-            records += bench_case(case, dtype, copy_tbps, env)
-    table = []
-    for r in records:
-        if r["provider"] != "triton":
-            continue
-        peer = next(p for p in records if p["provider"] == "torch" and p["case"] == r["case"]
-                    and p["dtype"] == r["dtype"])
-        table.append(dict(case=r["case"], dtype=r["dtype"], fwd=r["fwd_ms"], torch_fwd=peer["fwd_ms"],
-                          fwd_speedup=harness.ratio(r["fwd_ms"], peer["fwd_ms"]),
-                          fwdbwd=r["fwdbwd_ms"], torch_fwdbwd=peer["fwdbwd_ms"],
-                          speedup=harness.ratio(r["fwdbwd_ms"], peer["fwdbwd_ms"]),
-                          k_fwd=r["kernel_fwd_ms"], fwd_vs_floor=harness.ratio(r["kernel_fwd_floor_ms"], r["kernel_fwd_ms"]),
-                          k_bwd=r["kernel_bwd_ms"], bwd_vs_floor=harness.ratio(r["kernel_bwd_floor_ms"], r["kernel_bwd_ms"]),
-                          mb=r["peak_mb"], torch_mb=peer["peak_mb"],
-                          diff=r["max_abs_diff_vs_fp32"], torch_diff=peer["max_abs_diff_vs_fp32"]))
-    harness.print_table(table, [(k, k) for k in table[0]] if table else [],
-                        title=f"dwconv + SiLU fwd/fwdbwd (ms; *_vs_floor: kernel time over its floor at "
-                              f"{copy_tbps:.2f} TB/s), {env['gpu']}")
-    if not args.no_record:
-        print("== records appended to", harness.append_records(records))
+    harness.kernel_bench_main(
+        argv, script="bench_dwconv.py", doc=__doc__, op="dwconv_silu", cases=CASES, dtypes=DTYPES,
+        default_cases=",".join(CASES), default_dtypes="bf16", bench_case=bench_case,
+        sweep=lambda case, dtype_name: sweep(DTYPES[dtype_name]), table_row=table_row,
+        title="dwconv + SiLU fwd/fwdbwd (ms; *_vs_floor: kernel time over its floor at {copy_tbps:.2f} TB/s), {gpu}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Not yet run on a GPU.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -61,31 +60,14 @@ def fused_gate(y, z, weight, bias):
     return vk.norm_gate(y, z, weight, bias, EPS, backend="triton")
 
 
-def _fwdbwd(fn, tensors, grad):
-    def run():
-        leaves = [t.detach().requires_grad_() for t in tensors]   # detach keeps z's strides
-        out = fn(*leaves)
-        out.backward(grad)
-        return out
-    return run
-
-
 def sweep(case, dtype_name) -> dict:
     """The fastest SWEEP configuration of each kernel whose results match the reference."""
     (y, z, w, b), grad = _inputs(case, DTYPES[dtype_name])
-    leaves = [t.detach().float().requires_grad_() for t in (y, z, w, b)]
-    ref = vk.norm_gate(*leaves, EPS, backend="reference")
-    ref.backward(grad.float())
-    ref_g = [t.grad for t in leaves]
-
-    def trial(kind):
-        out, mean, rstd = ng_triton._forward(y, z, w, b, EPS)
-        if kind == "fwd":
-            return harness.rel_error((out,), (ref,)), lambda: ng_triton._forward(y, z, w, b, EPS)
-        return (harness.rel_error(ng_triton._backward(grad, y, z, w, b, mean, rstd), ref_g),
-                lambda: ng_triton._backward(grad, y, z, w, b, mean, rstd))
     print(f"== sweep at {case} {dtype_name}")
-    return harness.sweep_configs(ng_triton.CONFIG_OVERRIDE, SWEEP, trial)
+    return harness.sweep_fwd_bwd(
+        ng_triton.CONFIG_OVERRIDE, SWEEP, lambda *t: vk.norm_gate(*t, EPS, backend="reference"),
+        (y, z, w, b), grad, lambda: ng_triton._forward(y, z, w, b, EPS),
+        lambda mean, rstd: ng_triton._backward(grad, y, z, w, b, mean, rstd))
 
 
 def bench_case(case, dtype_name, copy_tbps, env):
@@ -101,67 +83,26 @@ def bench_case(case, dtype_name, copy_tbps, env):
     for provider, fn in (("triton", fused_gate), ("torch", torch_gate)):
         with torch.no_grad():
             fwd = harness.time_ms(lambda: fn(*tensors))
-        fwdbwd = harness.time_ms(_fwdbwd(fn, tensors, grad))
+        fwdbwd = harness.time_ms(harness.fwdbwd(fn, tensors, grad))
         extra = {}
         if provider == "triton":
             out, mean, rstd = ng_triton._forward(*tensors, EPS)
             kf = harness.time_ms(lambda: ng_triton._forward(*tensors, EPS))
             kb = harness.time_ms(lambda: ng_triton._backward(grad, *tensors, mean, rstd))
-            extra = dict(kernel_fwd_ms=kf, kernel_bwd_ms=kb,
-                         kernel_fwd_tbps=fwd_bytes / (kf * 1e-3) / 1e12,
-                         kernel_bwd_tbps=bwd_bytes / (kb * 1e-3) / 1e12,
-                         copy_tbps=copy_tbps, config=dict(ng_triton.CONFIG_OVERRIDE) or "default")
+            extra = harness.kernel_figures(kf, kb, fwd_bytes, bwd_bytes, copy_tbps, ng_triton.CONFIG_OVERRIDE)
         rows.append(harness.record("norm_gate", case, provider, dtype_name, Bt, env, fwd_ms=fwd,
-                                   fwdbwd_ms=fwdbwd, peak_mb=harness.peak_mb(_fwdbwd(fn, tensors, grad)),
+                                   fwdbwd_ms=fwdbwd, peak_mb=harness.peak_mb(harness.fwdbwd(fn, tensors, grad)),
                                    floor_ms=floor, max_abs_diff_vs_torch=diff, **extra))
     return rows
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="enc1,enc4,dcim_inner1")
-    ap.add_argument("--dtypes", default="bf16")
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--no-record", action="store_true")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_norm_gate.py: needs a CUDA GPU")
-    why = vk.available_backends("norm_gate")["triton"]
-    if not why.available:
-        sys.exit(f"bench_norm_gate.py: the triton backend cannot run: {why.reason}")
-    cases, dtypes = args.cases.split(","), args.dtypes.split(",")
-    bad = [c for c in cases if c not in CASES] + [d for d in dtypes if d not in DTYPES]
-    if bad:
-        sys.exit(f"bench_norm_gate.py: unknown cases/dtypes {bad}; cases: {list(CASES)}, dtypes: {list(DTYPES)}")
-    env = harness.env_info()
-    copy_tbps = harness.copy_tbps()
-    print(f"== {env['gpu']}: copy bandwidth {copy_tbps:.2f} TB/s")
-    if args.sweep:
-        sweep(cases[0], dtypes[0])
-    records = []
-    for dtype in dtypes:
-        for case in cases:
-            records += bench_case(case, dtype, copy_tbps, env)
-    table = []
-    for r in records:
-        if r["provider"] != "triton":
-            continue
-        peer = next(p for p in records if p["provider"] == "torch" and p["case"] == r["case"]
-                    and p["dtype"] == r["dtype"])
-        table.append(dict(case=r["case"], dtype=r["dtype"], fwd=r["fwd_ms"], torch_fwd=peer["fwd_ms"],
-                          fwd_speedup=harness.ratio(r["fwd_ms"], peer["fwd_ms"]),
-                          fwdbwd=r["fwdbwd_ms"], torch_fwdbwd=peer["fwdbwd_ms"],
-                          speedup=harness.ratio(r["fwdbwd_ms"], peer["fwdbwd_ms"]),
-                          floor=r["floor_ms"], vs_floor=harness.ratio(r["floor_ms"], r["fwdbwd_ms"]),
-                          k_fwd=r["kernel_fwd_ms"], k_bwd=r["kernel_bwd_ms"],
-                          bw_fwd=f"{100 * r['kernel_fwd_tbps'] / copy_tbps:.0f}%",
-                          bw_bwd=f"{100 * r['kernel_bwd_tbps'] / copy_tbps:.0f}%",
-                          mb=r["peak_mb"], torch_mb=peer["peak_mb"], diff=r["max_abs_diff_vs_torch"]))
-    cols = [(k, k) for k in table[0]] if table else []
-    harness.print_table(table, cols, title=f"norm-gate fwd/fwdbwd (ms), kernels alone (ms, % of the "
-                                           f"measured copy bandwidth {copy_tbps:.2f} TB/s), {env['gpu']}")
-    if not args.no_record:
-        print("== records appended to", harness.append_records(records))
+    harness.kernel_bench_main(
+        argv, script="bench_norm_gate.py", doc=__doc__, op="norm_gate", cases=CASES, dtypes=DTYPES,
+        default_cases="enc1,enc4,dcim_inner1", default_dtypes="bf16", bench_case=bench_case, sweep=sweep,
+        table_row=harness.bandwidth_row,
+        title="norm-gate fwd/fwdbwd (ms), kernels alone (ms, % of the measured copy bandwidth "
+              "{copy_tbps:.2f} TB/s), {gpu}")
 
 
 if __name__ == "__main__":

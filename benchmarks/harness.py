@@ -2,20 +2,26 @@
 
 Each benchmark script supplies only its setup and providers; this module times them, measures
 extra memory, writes JSON Lines records into ``benchmarks/results/<gpu-slug>.jsonl`` and prints
-ratio tables (vs the peer of the same run, vs a published figure, vs a floor).
+ratio tables (vs the peer of the same run, vs a published figure, vs a floor). The kernel
+benchmarks (bench_cgm, bench_dwconv, bench_layer_norm, bench_norm_gate) share their command line
+and table through ``kernel_bench_main``.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
 import re
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+import vmambax_kernels as vk
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,3 +187,109 @@ def sweep_configs(override: dict, configs: dict, trial: Callable[[str], tuple]) 
     override.update(best)
     print(f"== using {best}")
     return best
+
+
+def sweep_fwd_bwd(override: dict, configs: dict, ref_fn: Callable, tensors, grad, forward: Callable,
+                  backward: Callable) -> dict:
+    """``sweep_configs`` of a forward and a backward kernel ("fwd" and "bwd" of ``configs``),
+    checked against ``ref_fn`` on fp32 leaves of ``tensors`` with output gradient ``grad``:
+    ``forward()`` returns (out, *saved), ``backward(*saved)`` the gradients in the order of
+    ``tensors``."""
+    leaves = [t.detach().float().requires_grad_() for t in tensors]
+    ref = ref_fn(*leaves)
+    ref.backward(grad.float())
+    ref_g = [t.grad for t in leaves]
+
+    def trial(kind):
+        out, *saved = forward()
+        if kind == "fwd":
+            return rel_error((out,), (ref,)), forward
+        return rel_error(backward(*saved), ref_g), lambda: backward(*saved)
+    return sweep_configs(override, configs, trial)
+
+
+def fwdbwd(fn: Callable, tensors, grad) -> Callable[[], torch.Tensor]:
+    """A step to time: ``fn`` on fresh leaves of ``tensors``, then backward of ``grad``."""
+    def run():
+        leaves = [t.detach().requires_grad_() for t in tensors]   # detach keeps the strides
+        out = fn(*leaves)
+        out.backward(grad)
+        return out
+    return run
+
+
+def kernel_figures(kf: float, kb: float, fwd_bytes: int, bwd_bytes: int, copy_tbps: float,
+                   override: dict) -> dict:
+    """A "triton" record's kernel figures: the forward and backward kernels' times (ms), the
+    bandwidth they achieve on the bytes they must move (TB/s), the copy bandwidth of the same run
+    and the launch configuration (``override``: the backend's CONFIG_OVERRIDE)."""
+    return dict(kernel_fwd_ms=kf, kernel_bwd_ms=kb,
+                kernel_fwd_tbps=fwd_bytes / (kf * 1e-3) / 1e12,
+                kernel_bwd_tbps=bwd_bytes / (kb * 1e-3) / 1e12,
+                copy_tbps=copy_tbps, config=dict(override) or "default")
+
+
+def peer(records: list[dict], r: dict, provider: str = "torch") -> dict:
+    """The record of ``provider`` at ``r``'s case and dtype."""
+    return next(p for p in records if p["provider"] == provider and p["case"] == r["case"]
+                and p["dtype"] == r["dtype"])
+
+
+def speedup_cells(r: dict, p: dict) -> dict:
+    """A table row's first cells: case, dtype, and ``r``'s fwd and fwdbwd times against ``p``'s."""
+    return dict(case=r["case"], dtype=r["dtype"], fwd=r["fwd_ms"], torch_fwd=p["fwd_ms"],
+                fwd_speedup=ratio(r["fwd_ms"], p["fwd_ms"]),
+                fwdbwd=r["fwdbwd_ms"], torch_fwdbwd=p["fwdbwd_ms"],
+                speedup=ratio(r["fwdbwd_ms"], p["fwdbwd_ms"]))
+
+
+def bandwidth_row(r: dict, records: list[dict], copy_tbps: float) -> dict:
+    """The table row of a bandwidth-bound op's "triton" record (layer_norm, norm_gate): speedups
+    over torch, fwdbwd against its floor, the kernels alone (ms, % of the copy bandwidth), memory,
+    the largest difference from torch."""
+    p = peer(records, r)
+    return dict(speedup_cells(r, p), floor=r["floor_ms"], vs_floor=ratio(r["floor_ms"], r["fwdbwd_ms"]),
+                k_fwd=r["kernel_fwd_ms"], k_bwd=r["kernel_bwd_ms"],
+                bw_fwd=f"{100 * r['kernel_fwd_tbps'] / copy_tbps:.0f}%",
+                bw_bwd=f"{100 * r['kernel_bwd_tbps'] / copy_tbps:.0f}%",
+                mb=r["peak_mb"], torch_mb=p["peak_mb"], diff=r["max_abs_diff_vs_torch"])
+
+
+def kernel_bench_main(argv, *, script: str, doc: str, op: str, cases: dict, dtypes: dict,
+                      default_cases: str, default_dtypes: str, bench_case: Callable, sweep: Callable,
+                      table_row: Callable, title: str, copy_note: str = "") -> None:
+    """main() of a kernel benchmark: ``--cases``, ``--dtypes`` (comma-separated keys of ``cases``
+    and ``dtypes``), ``--sweep`` (``sweep(first case, first dtype name)`` before the timing),
+    ``--no-record``. It needs CUDA and ``op``'s triton backend, measures the copy bandwidth, takes
+    ``bench_case(case, dtype name, copy_tbps, env)``'s records of every case and dtype, prints
+    ``table_row(record, records, copy_tbps)`` for each "triton" record under ``title`` (formatted
+    with copy_tbps and gpu) and appends the records to the results file."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--cases", default=default_cases)
+    ap.add_argument("--dtypes", default=default_dtypes)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: needs a CUDA GPU")
+    why = vk.available_backends(op)["triton"]
+    if not why.available:
+        sys.exit(f"{script}: the triton backend cannot run: {why.reason}")
+    case_names, dtype_names = args.cases.split(","), args.dtypes.split(",")
+    bad = [c for c in case_names if c not in cases] + [d for d in dtype_names if d not in dtypes]
+    if bad:
+        sys.exit(f"{script}: unknown cases/dtypes {bad}; cases: {list(cases)}, dtypes: {list(dtypes)}")
+    env = env_info()
+    copy = copy_tbps()
+    print(f"== {env['gpu']}: copy bandwidth {copy:.2f} TB/s{copy_note}")
+    if args.sweep:
+        sweep(case_names[0], dtype_names[0])
+    records = []
+    for dtype in dtype_names:
+        for case in case_names:
+            records += bench_case(case, dtype, copy, env)
+    table = [table_row(r, records, copy) for r in records if r["provider"] == "triton"]
+    print_table(table, [(k, k) for k in table[0]] if table else [],
+                title=title.format(copy_tbps=copy, gpu=env["gpu"]))
+    if not args.no_record:
+        print("== records appended to", append_records(records))

@@ -30,3 +30,73 @@ def test_rel_error():
     a = torch.tensor([1.0, 2.0])
     assert harness.rel_error([a], [a]) == 0
     assert harness.rel_error([a, a + 1], [a, a]) == pytest.approx((2 ** 0.5) / 5 ** 0.5)
+
+
+def test_sweep_fwd_bwd_checks_both_kernels_against_the_reference(monkeypatch):
+    # y = 2 x: a "kernel" pair that is right, then one whose backward is off by 10 %
+    monkeypatch.setattr(harness, "time_ms", lambda fn: 1.0)
+    x, grad = torch.randn(5), torch.randn(5)
+    override = {}
+
+    def backward(saved):
+        return (grad * saved * (1.1 if override["bwd"].get("bad") else 1.0),)
+    best = harness.sweep_fwd_bwd(override, {"fwd": [dict()], "bwd": [dict(bad=True), dict()]},
+                                 lambda t: 2 * t, (x,), grad, lambda: (2 * x, torch.tensor(2.0)), backward)
+    assert best == {"fwd": {}, "bwd": {}}   # the bad backward is rejected though listed first
+
+
+def test_fwdbwd_runs_on_fresh_leaves_with_the_given_strides():
+    x = torch.randn(4, 6)[:, ::2]
+    out = harness.fwdbwd(lambda t: (t * 3).sum(), (x,), torch.tensor(1.0))()
+    assert out.item() == pytest.approx(3 * x.sum().item())
+    assert x.grad is None and not x.requires_grad
+
+
+def _fake_records():
+    def rec(case, dtype, provider, fwd, fwdbwd, **extra):
+        return harness.record("op", case, provider, dtype, 8, env={"gpu": "fake"}, fwd_ms=fwd, fwdbwd_ms=fwdbwd,
+                              peak_mb=10.0 if provider == "torch" else 4.0, floor_ms=0.5,
+                              max_abs_diff_vs_torch=0.0, **extra)
+    figures = harness.kernel_figures(0.25, 0.5, 10 ** 9, 2 * 10 ** 9, 3.0, {})
+    return [rec("a", "bf16", "triton", 1.0, 2.0, **figures), rec("a", "bf16", "torch", 3.0, 5.0),
+            rec("a", "fp16", "torch", 7.0, 9.0), rec("a", "fp16", "triton", 1.0, 1.5, **figures)]
+
+
+def test_kernel_figures():
+    f = harness.kernel_figures(0.25, 0.5, 10 ** 9, 2 * 10 ** 9, 3.0, {"fwd": {"BD": 64}})
+    assert f == dict(kernel_fwd_ms=0.25, kernel_bwd_ms=0.5, kernel_fwd_tbps=pytest.approx(4.0),
+                     kernel_bwd_tbps=pytest.approx(4.0), copy_tbps=3.0, config={"fwd": {"BD": 64}})
+    assert harness.kernel_figures(1, 1, 1, 1, 1, {})["config"] == "default"
+
+
+def test_bandwidth_row_compares_with_the_torch_record_of_the_same_case_and_dtype():
+    records = _fake_records()
+    row = harness.bandwidth_row(records[3], records, 3.0)
+    assert list(row) == ["case", "dtype", "fwd", "torch_fwd", "fwd_speedup", "fwdbwd", "torch_fwdbwd", "speedup",
+                         "floor", "vs_floor", "k_fwd", "k_bwd", "bw_fwd", "bw_bwd", "mb", "torch_mb", "diff"]
+    assert (row["dtype"], row["torch_fwd"], row["fwd_speedup"], row["speedup"]) == ("fp16", 7.0, "7.00", "6.00")
+    assert (row["vs_floor"], row["bw_fwd"], row["bw_bwd"], row["torch_mb"]) == ("3.00", "133%", "133%", 10.0)
+    assert harness.peer(records, records[0], "triton") is records[0]
+
+
+def test_kernel_bench_main_prints_one_row_per_triton_record(monkeypatch, capsys):
+    class Why:
+        available, reason = True, ""
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(harness.vk, "available_backends", lambda op: {"triton": Why()})
+    monkeypatch.setattr(harness, "env_info", lambda: {"gpu": "fake"})
+    monkeypatch.setattr(harness, "copy_tbps", lambda: 3.0)
+    swept = []
+    args = dict(script="bench_x.py", doc="x benchmark\n", op="x", cases={"a": 1, "b": 2},
+                dtypes={"bf16": 0, "fp16": 0}, default_cases="a", default_dtypes="bf16,fp16",
+                bench_case=lambda case, dtype, copy, env: [r for r in _fake_records() if r["dtype"] == dtype],
+                sweep=lambda case, dtype: swept.append((case, dtype)), table_row=harness.bandwidth_row,
+                title="x at {copy_tbps:.2f} TB/s, {gpu}")
+    harness.kernel_bench_main(["--sweep", "--no-record"], **args)
+    out = capsys.readouterr().out.splitlines()
+    assert swept == [("a", "bf16")]
+    assert out[0] == "== fake: copy bandwidth 3.00 TB/s" and out[1] == "x at 3.00 TB/s, fake"
+    assert out[2].split()[:3] == ["case", "dtype", "fwd"] and len(out) == 5
+    assert [line.split()[1] for line in out[3:]] == ["bf16", "fp16"]
+    with pytest.raises(SystemExit, match="unknown cases/dtypes"):
+        harness.kernel_bench_main(["--cases", "c"], **args)
