@@ -10,18 +10,14 @@ import torch
 
 import vmambax_kernels as vk
 from vmambax_kernels.cgm import triton as cgm_triton
-from vmambax_kernels.testing import (DTYPES, ON_GPU, TEST_DEVICE as DEVICE,
+from vmambax_kernels.testing import (DTYPES, ON_GPU, TEST_DEVICE as DEVICE, RoundGrad,
                                      assert_close_by_rule, check_against_reference, run_with_grads)
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def config(request):
-    """Launch-configuration override for one test (strip rows, column tiles, channel blocks)."""
-    cgm_triton.CONFIG_OVERRIDE.update(getattr(request, "param", {}))
-    yield
-    cgm_triton.CONFIG_OVERRIDE.clear()
+# What the config fixture (conftest.py) sets for one test: strip rows, column tiles, channel blocks
+CONFIG_OVERRIDE = cgm_triton.CONFIG_OVERRIDE
 
 
 def cgm_inputs(Bt, C, H, W, dtype, device=DEVICE, seed=0, channels_last=False):
@@ -41,25 +37,11 @@ def cgm_inputs(Bt, C, H, W, dtype, device=DEVICE, seed=0, channels_last=False):
     return dict(x_ct=x(), x_pet=x(), c_ct=c(), c_pet=c(), w_ct=w(), w_pet=w())
 
 
-class _RoundGrad(torch.autograd.Function):
-    """Identity whose backward rounds the incoming gradient to ``dtype``: autograd does that to
-    the gradient of a 16-bit output, so the float64/float32 references must see the same values."""
-
-    @staticmethod
-    def forward(ctx, y, dtype):
-        ctx.dtype = dtype
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.to(ctx.dtype).to(g.dtype), None
-
-
 def pair(backend, dtype, residual):
     """cgm_gate as one tensor (both outputs flattened), as check_against_reference expects."""
     def fn(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet):
         y = vk.cgm_gate(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual, backend=backend)
-        return torch.cat([_RoundGrad.apply(t, dtype).flatten() for t in y])
+        return torch.cat([RoundGrad.apply(t, dtype).flatten() for t in y])
     return fn
 
 

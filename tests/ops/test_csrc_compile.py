@@ -318,14 +318,12 @@ def _bwd_smem(N, R, nth, main=True):
     return 4 * (bc + R * _TB + 3 * tile + carry)
 
 
-def _port_main(Bt, Dm, H, W, N, seed=0):
-    import numpy as np
+def _port_inputs(Bt, Dm, H, W, N, seed):
+    """The ported passes' float64 inputs u, delta, bias, A, B, C, D, drawn in this order from one
+    generator (returned first: a test's further draws follow them), and softplus(delta + bias)."""
     import torch
-    from vmambax_kernels.selective_scan import reference
     g = torch.Generator().manual_seed(seed)
     f64 = torch.float64
-    L = H * W
-    nc = (L + _KCH - 1) // _KCH
     u = torch.randn(Bt, Dm, H, W, generator=g, dtype=f64)
     delta = torch.randn(Bt, 4, Dm, H, W, generator=g, dtype=f64) * 0.5
     bias = torch.rand(4, Dm, generator=g, dtype=f64) * -3
@@ -333,8 +331,19 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
     B = torch.randn(Bt, 4, N, H, W, generator=g, dtype=f64)
     C = torch.randn(Bt, 4, N, H, W, generator=g, dtype=f64)
     D = torch.randn(4, Dm, generator=g, dtype=f64)
-    dy = torch.randn(Bt, Dm, H, W, generator=g, dtype=f64)
     dl_full = torch.nn.functional.softplus(delta + bias[None, :, :, None, None])
+    return g, u, delta, bias, A, B, C, D, dl_full
+
+
+def _port_main(Bt, Dm, H, W, N, seed=0):
+    import numpy as np
+    import torch
+    from vmambax_kernels.selective_scan import reference
+    f64 = torch.float64
+    L = H * W
+    nc = (L + _KCH - 1) // _KCH
+    g, u, delta, bias, A, B, C, D, dl_full = _port_inputs(Bt, Dm, H, W, N, seed)
+    dy = torch.randn(Bt, Dm, H, W, generator=g, dtype=f64)
     def plane(x, side):
         return (x if side == 0 else x.transpose(-1, -2)).reshape(*x.shape[:-2], L).numpy()
 
@@ -699,18 +708,10 @@ def _port_fwd_out(Bt, Dm, H, W, N, out_is_acc, seed=0):
     import numpy as np
     import torch
     from vmambax_kernels.selective_scan import reference
-    g = torch.Generator().manual_seed(seed)
-    f64, L = torch.float64, H * W
+    L = H * W
     nc = (L + _KCH - 1) // _KCH
-    u = torch.randn(Bt, Dm, H, W, generator=g, dtype=f64)
-    delta = torch.randn(Bt, 4, Dm, H, W, generator=g, dtype=f64) * 0.5
-    bias = torch.rand(4, Dm, generator=g, dtype=f64) * -3
-    A = -torch.rand(4, Dm, N, generator=g, dtype=f64) * 2 - 0.1
-    B = torch.randn(Bt, 4, N, H, W, generator=g, dtype=f64)
-    C = torch.randn(Bt, 4, N, H, W, generator=g, dtype=f64)
-    D = torch.randn(4, Dm, generator=g, dtype=f64)
-    ref = reference.selective_scan_2d(u, delta, A, B, C, D, bias, True, f64).numpy().reshape(-1)
-    dl_full = torch.nn.functional.softplus(delta + bias[None, :, :, None, None])
+    _, u, delta, bias, A, B, C, D, dl_full = _port_inputs(Bt, Dm, H, W, N, seed)
+    ref = reference.selective_scan_2d(u, delta, A, B, C, D, bias, True, torch.float64).numpy().reshape(-1)
 
     def plane(x, side):
         return (x if side == 0 else x.transpose(-1, -2)).reshape(*x.shape[:-2], L).numpy()

@@ -18,12 +18,9 @@ pytestmark = pytest.mark.timeout(120)
 # cross plane boundaries.
 SMALL = {"fwd": dict(BP=16, BC=8), "bwd_dz": dict(BP=16, BC=8), "bwd_dx": dict(BP=16, BC=8)}
 
-@pytest.fixture
-def config(request):
-    """Launch-configuration override for one test (tile sizes, channel blocks)."""
-    dw_triton.CONFIG_OVERRIDE.update(getattr(request, "param", {}))
-    yield
-    dw_triton.CONFIG_OVERRIDE.clear()
+
+# What the config fixture (conftest.py) sets for one test: tile sizes, channel blocks
+CONFIG_OVERRIDE = dw_triton.CONFIG_OVERRIDE
 
 
 def inputs(Bt, H, W, Dm, dtype, K=3, bias=True, device=DEVICE, seed=0):

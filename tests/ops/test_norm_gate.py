@@ -21,12 +21,8 @@ pytestmark = pytest.mark.timeout(120)
 EPS = 1e-5
 
 
-@pytest.fixture
-def config(request):
-    """Launch-configuration override for one test (chunk and tile sizes)."""
-    ng_triton.CONFIG_OVERRIDE.update(getattr(request, "param", {}))
-    yield
-    ng_triton.CONFIG_OVERRIDE.clear()
+# What the config fixture (conftest.py) sets for one test: chunk and tile sizes
+CONFIG_OVERRIDE = ng_triton.CONFIG_OVERRIDE
 
 
 def ng_inputs(Bt, Dm, H, W, dtype, device=DEVICE, seed=0):
