@@ -24,8 +24,9 @@ def test_two_process_losses_match_one_process(tmp_path):
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
-    # --standalone: a free port of its own (a fixed port collides with another run of this test on
-    # the same machine: rank 1 aborted once that way, "terminate called without an active exception")
+    # --standalone: a free port of its own, so two runs of this test on one machine do not collide.
+    # (Rank 1's rare "terminate called without an active exception" at exit, once blamed on a fixed
+    # port, was the gloo group outliving train(); train() now frees it first.)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
