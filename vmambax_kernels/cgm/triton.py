@@ -156,6 +156,26 @@ def _col(t2, m):
     return tl.sum(tl.where(tl.arange(0, 2)[None, :] == m, t2, 0.0), axis=1)
 
 
+def _gate_rows(MOD: constexpr, b, h, xa_ptr, xb_ptr, ya_ptr, yb_ptr, ca_ptr, cb_ptr,
+               sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+               sya_b, sya_c, sya_h, sya_w, syb_b, syb_c, syb_h, syb_w, sca_b, sca_c, scb_b, scb_c):
+    """What gating row h of plane b in modality MOD reads and writes (both forward kernels):
+    x's and y's row pointers, their channel and column strides, c's pointer and channel stride."""
+    if MOD == 0:
+        xrow = xa_ptr + b.to(tl.int64) * sxa_b + h * sxa_h
+        yrow = ya_ptr + b.to(tl.int64) * sya_b + h * sya_h
+        sc, sw, tc, tw = sxa_c, sxa_w, sya_c, sya_w
+        c_base = ca_ptr + b * sca_b
+        cs = sca_c
+    else:
+        xrow = xb_ptr + b.to(tl.int64) * sxb_b + h * sxb_h
+        yrow = yb_ptr + b.to(tl.int64) * syb_b + h * syb_h
+        sc, sw, tc, tw = sxb_c, sxb_w, syb_c, syb_w
+        c_base = cb_ptr + b * scb_b
+        cs = scb_c
+    return xrow, yrow, sc, sw, tc, tw, c_base, cs
+
+
 def _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP: constexpr, ONE_TILE: constexpr):
     """The program's plane b, rows [h0, h1), and columns: wcol = wb + i for i < TWP, the ones
     loaded (in the plane) and the ones it outputs (all when one tile spans the width; else the
@@ -218,18 +238,10 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
         h = r - 1
         tl.store(s_plane + mcol[None, :] * H * W + h * W + wcol[:, None], s, mask=out_cols[:, None])
         for MOD in tl.static_range(2 if GATE else 0):
-            if MOD == 0:
-                xrow = xa_ptr + b.to(tl.int64) * sxa_b + h * sxa_h
-                yrow = ya_ptr + b.to(tl.int64) * sya_b + h * sya_h
-                sc, sw, tc, tw = sxa_c, sxa_w, sya_c, sya_w
-                c_base = ca_ptr + b * sca_b
-                cs = sca_c
-            else:
-                xrow = xb_ptr + b.to(tl.int64) * sxb_b + h * sxb_h
-                yrow = yb_ptr + b.to(tl.int64) * syb_b + h * syb_h
-                sc, sw, tc, tw = sxb_c, sxb_w, syb_c, syb_w
-                c_base = cb_ptr + b * scb_b
-                cs = scb_c
+            xrow, yrow, sc, sw, tc, tw, c_base, cs = _gate_rows(
+                MOD, b, h, xa_ptr, xb_ptr, ya_ptr, yb_ptr, ca_ptr, cb_ptr,
+                sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                sya_b, sya_c, sya_h, sya_w, syb_b, syb_c, syb_h, syb_w, sca_b, sca_c, scb_b, scb_c)
             s_m = _col(s, MOD)
             for c0 in range(0, C, BC):
                 ch = c0 + tl.arange(0, BC)
@@ -262,18 +274,10 @@ def _cgm_apply_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, C, 
     mw = w < W
     msk = mc[:, None] & mw[None, :]
     for MOD in tl.static_range(2):
-        if MOD == 0:
-            xrow = xa_ptr + b.to(tl.int64) * sxa_b + h * sxa_h
-            yrow = ya_ptr + b.to(tl.int64) * sya_b + h * sya_h
-            sc, sw, tc, tw = sxa_c, sxa_w, sya_c, sya_w
-            c_base = ca_ptr + b * sca_b
-            cs = sca_c
-        else:
-            xrow = xb_ptr + b.to(tl.int64) * sxb_b + h * sxb_h
-            yrow = yb_ptr + b.to(tl.int64) * syb_b + h * syb_h
-            sc, sw, tc, tw = sxb_c, sxb_w, syb_c, syb_w
-            c_base = cb_ptr + b * scb_b
-            cs = scb_c
+        xrow, yrow, sc, sw, tc, tw, c_base, cs = _gate_rows(
+            MOD, b, h, xa_ptr, xb_ptr, ya_ptr, yb_ptr, ca_ptr, cb_ptr,
+            sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+            sya_b, sya_c, sya_h, sya_w, syb_b, syb_c, syb_h, syb_w, sca_b, sca_c, scb_b, scb_c)
         s_m = tl.load(s_ptr + (b.to(tl.int64) * 2 + MOD) * H * W + h * W + w, mask=mw, other=0.0)
         gate = tl.load(c_base + ch * cs, mask=mc, other=0.0).to(tl.float32)[:, None] * s_m[None, :]
         if RESIDUAL:
@@ -405,7 +409,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
 
 
 _HELPERS = ("_tf32_trunc", "_split", "_mm", "_wpack", "_row_taps", "_pick", "_col",
-            "_tile_cols", "_row_dz")
+            "_gate_rows", "_tile_cols", "_row_dz")
 _KERNELS = ("_cgm_fwd_kernel", "_cgm_apply_kernel", "_cgm_bwd_kernel")
 _built: dict = {}
 
