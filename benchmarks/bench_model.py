@@ -131,8 +131,24 @@ def kernel_split(step, steps: int = 3) -> None:
         print(f"    {ev.self_device_time_total / steps / 1e3:8.2f} ms  {ev.key:28s} {where}")
 
 
+def cuda_graph(fn):
+    """``fn`` captured once into a CUDA graph (after warm-up calls on a side stream, as capture
+    requires); returns the replay, which reruns the same kernels on the same buffers."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
 def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int, split: bool,
-              compiled: str | None = None, profile: bool = False, glue: str = "fused") -> list[dict]:
+              compiled: str | None = None, profile: bool = False, glue: str = "fused",
+              graph: bool = False) -> list[dict]:
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     model = VMambaX().cuda().train()
@@ -167,8 +183,11 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
         model.eval()
         infer_ms = harness.events_median_ms(infer, warmup=2, iters=iters)
+        graph_ms = harness.events_median_ms(cuda_graph(infer), warmup=2, iters=iters) if graph else None
         model.train()
         extra = {"compiled": compiled} if compiled else {}
+        if graph_ms is not None:
+            extra["infer_graph_ms"] = graph_ms
         extra["glue"] = "torch" if provider == "unfused_mamba" else glue
         recs.append(harness.record("model", "train", provider, dtype_name, batch, env, train_step_ms=train_ms,
                                    pairs_per_s=batch / train_ms * 1e3, peak_gb=peak_gb, **extra))
@@ -226,6 +245,7 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                     help="torch.compile the model (MODE: default | reduce-overhead, which adds CUDA graphs)")
     ap.add_argument("--profile", action="store_true", help="print the kernel split of a training step")
+    ap.add_argument("--graph", action="store_true", help="also time inference replayed from a CUDA graph")
     ap.add_argument("--glue", default="fused", help="SS2D's input conv and output gate and the model's LayerNorms: "
                     "fused (Triton ops), torch (PyTorch ops), or both as fused,torch to time before/after in one run")
     args = ap.parse_args(argv)
@@ -239,7 +259,7 @@ def main(argv=None) -> None:
                 continue  # the peer has one glue only (PyTorch's)
             try:
                 recs += bench_one(provider, dt, args.batch, args.size, args.iters, not args.no_split,
-                                  args.compile, args.profile, glue)
+                                  args.compile, args.profile, glue, args.graph)
             except (RuntimeError, torch.OutOfMemoryError) as exc:  # report and go on with the others
                 print(f"{provider}/{dt}/glue {glue}: FAILED: {exc}")
                 torch.cuda.empty_cache()
@@ -257,7 +277,7 @@ def main(argv=None) -> None:
         row["vs_published"] = harness.ratio(r.get(fig), pub) if r["dtype"] == "fp16" else "-"
         rows.append(row)
     harness.print_table(rows, [("case", "case"), ("provider", "provider"), ("dtype", "dtype"), ("glue", "glue"),
-                               ("ms", "ms"), ("pairs/s", "pairs_per_s"), ("peak GB", "peak_gb"), ("x peer", "vs_peer"),
+                               ("ms", "ms"), ("graph ms", "infer_graph_ms"), ("pairs/s", "pairs_per_s"), ("peak GB", "peak_gb"), ("x peer", "vs_peer"),
                                ("x published", "vs_published")])
     if recs and not args.no_save:
         print("appended to", harness.append_records(recs))
