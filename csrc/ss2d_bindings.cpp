@@ -1,5 +1,7 @@
 // torch.library registration of the fused four-direction 2D selective scan (namespace vmambax).
 // Fake (meta) implementations and autograd live in vmambax_kernels/selective_scan/cuda.py.
+#include <type_traits>
+
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -210,7 +212,9 @@ std::tuple<Tensor, Tensor> ss2d_lowrank_fwd(const Tensor &u, const Tensor &dt, c
 }
 
 // Gradients in fp32 (the Python side casts them to each input's dtype); absent D / delta_bias /
-// dt_projs_weight give empty tensors.
+// dt_projs_weight give empty tensors. The cross-block sums are accumulated in float64 where the
+// kernels say so (dA, dD, dbias, dW always; dB, dC, low-rank ddt for fp32 inputs: SS2DAcc in
+// ss2d.h) and rounded to fp32 here, once.
 std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl, const Tensor &A, const Tensor &B,
                              const Tensor &C, const optional<Tensor> &D, const optional<Tensor> &bias,
                              const optional<Tensor> &Wdt, const Tensor &states, bool softplus) {
@@ -230,12 +234,18 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
   Tensor du = at::empty({Bt, Dm, H, W}, f32);
   // Column walks read dy in their transposed layout (coalesced along their walk).
   Tensor dyT = transposed(dy);
-  // Channel sums (dB, dC, low-rank ddt) are accumulated with atomics: zeros. The full-rank ddelta is
-  // written once per element by its owner. Column walks write transposed slices, copied back below.
-  Tensor ddl = R > 0 ? at::zeros({Bt, 4, R, H, W}, f32) : at::empty({Bt, 4, Dm, H, W}, f32);
-  Tensor ddlT = R > 0 ? at::zeros({Bt, 2, R, W, H}, f32) : at::empty({Bt, 2, Dm, W, H}, f32);
-  Tensor dB = at::zeros({Bt, 4, N, H, W}, f32), dC = at::zeros({Bt, 4, N, H, W}, f32);
-  Tensor dBT = at::zeros({Bt, 2, N, W, H}, f32), dCT = at::zeros({Bt, 2, N, W, H}, f32);
+  // Channel sums (dB, dC, low-rank ddt) are accumulated with atomics: zeros, of the kernels'
+  // accumulator type (float64 for fp32 inputs, else fp32). The full-rank ddelta is written once per
+  // element by its owner: fp32. Column walks write transposed slices, copied back below.
+  at::ScalarType acc_type = at::kFloat;
+  dispatch_input(u.scalar_type(), "u", [&](auto x) {
+    acc_type = std::is_same<typename SS2DAcc<decltype(x)>::type, double>::value ? at::kDouble : at::kFloat;
+  });
+  auto fa = u.options().dtype(acc_type);
+  Tensor ddl = R > 0 ? at::zeros({Bt, 4, R, H, W}, fa) : at::empty({Bt, 4, Dm, H, W}, f32);
+  Tensor ddlT = R > 0 ? at::zeros({Bt, 2, R, W, H}, fa) : at::empty({Bt, 2, Dm, W, H}, f32);
+  Tensor dB = at::zeros({Bt, 4, N, H, W}, fa), dC = at::zeros({Bt, 4, N, H, W}, fa);
+  Tensor dBT = at::zeros({Bt, 2, N, W, H}, fa), dCT = at::zeros({Bt, 2, N, W, H}, fa);
   auto f64 = u.options().dtype(at::kDouble);  // parameter sums: see SS2DParams::dA
   Tensor dA = at::zeros({4, Dm, N}, f64);
   Tensor dD = D.has_value() ? at::zeros({4, Dm}, f64) : at::empty({0}, f32);
@@ -246,7 +256,9 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
     SS2DSide &sd = p.sides[side];
     sd.dy = (side == 0 ? dy : dyT).data_ptr<float>();
     const int64_t kw = side == 0 ? 4 : 2;  // k's in the buffer; row side steps two of them
-    sd.ddl = g[side][0]->data_ptr<float>(); sd.dB = g[side][1]->data_ptr<float>(); sd.dC = g[side][2]->data_ptr<float>();
+    // float or float64 buffers (acc_type) behind SS2DSide's float pointers: see ss2d.h:SS2DSide
+    auto ptr = [](const Tensor *t) { return static_cast<float *>(t->data_ptr()); };
+    sd.ddl = ptr(g[side][0]); sd.dB = ptr(g[side][1]); sd.dC = ptr(g[side][2]);
     sd.ddl_b = kw * Cl * L; sd.ddl_k = (side == 0 ? 2 : 1) * Cl * L;
     sd.g_b = kw * N * L; sd.g_k = (side == 0 ? 2 : 1) * N * L;
   }
@@ -266,10 +278,16 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   dispatch_input(u.scalar_type(), "u", [&](auto x) { ss2d_bwd_launch<decltype(x)>(p, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  copy_transposed(ddlT, ddl.slice(1, 1, 4, 2));
-  copy_transposed(dBT, dB.slice(1, 1, 4, 2));
-  copy_transposed(dCT, dC.slice(1, 1, 4, 2));
-  return {du, ddl, dA.to(at::kFloat), dB, dC, dD.to(at::kFloat), dbias.to(at::kFloat), dW.to(at::kFloat)};
+  // Float64 sums are rounded to fp32 first (each element once), so the column walks' slices go
+  // through the tiled transpose in fp32 (it takes 2- and 4-byte elements); no-ops for fp32 buffers.
+  auto rounded = [](const Tensor &t) { return t.to(at::kFloat); };
+  ddl = rounded(ddl);
+  dB = rounded(dB);
+  dC = rounded(dC);
+  copy_transposed(rounded(ddlT), ddl.slice(1, 1, 4, 2));
+  copy_transposed(rounded(dBT), dB.slice(1, 1, 4, 2));
+  copy_transposed(rounded(dCT), dC.slice(1, 1, 4, 2));
+  return {du, ddl, rounded(dA), dB, dC, rounded(dD), rounded(dbias), rounded(dW)};
 }
 
 }  // namespace

@@ -16,9 +16,25 @@ struct SS2DSide {
   const void *u, *dl, *B, *C;  // u (Bt, Dm, L); dl = delta (.., Dm, L) or dt (.., R, L); B, C (.., N, L)
   int64_t u_b, u_d, dl_b, dl_k, dl_c, B_b, B_k, B_n, C_b, C_k, C_n;
   const float *dy;             // backward: dy (Bt, Dm, L) fp32 contiguous, in this side's layout
-  float *ddl, *dB, *dC;        // backward: gradients in this side's layout (fp32, contiguous)
+  // Backward: gradients in this side's layout, contiguous. dB, dC and the low-rank ddt (R > 0) are
+  // sums over channel tiles (atomics) into buffers of SS2DAcc<T>::type (double for fp32 inputs: the
+  // kernel reinterpret_casts these pointers); the full-rank ddelta (R == 0) is written once per
+  // element by its owner: float. Declared float *: as void * (static_cast in the kernel) nvcc
+  // compiled even the 16-bit kernels differently, and their main pass at NMAX 4, 8, 16 spilled
+  // (16-24 bytes of stack, none before).
+  float *ddl, *dB, *dC;
   int64_t ddl_b, ddl_k, g_b, g_k;  // strides of ddl and of dB / dC (their d / r / n stride is L)
 };
+
+// Element type of the backward's global channel sums (dB, dC, low-rank ddt) for input dtype T: each
+// block adds its fp32 partial with one atomic. For fp32 inputs (the accuracy path) double: a sum of a
+// few fp32 addends is exact in float64 (unless their magnitudes differ by more than ~2^28, and then
+// only bits far below fp32's last place are rounded), so the single rounding to fp32 after the launch
+// does not depend on the blocks' order but in vanishingly rare ties: with the float64 parameter sums
+// below, the fp32 backward is deterministic in practice. For 16-bit inputs (training) float: half
+// the atomic and buffer traffic, rounding in the blocks' order.
+template <typename T> struct SS2DAcc { using type = float; };
+template <> struct SS2DAcc<float> { using type = double; };
 
 // Work split (ss2d_fwd_kernel.cuh, ss2d_bwd_kernel.cuh): a thread owns one channel of one
 // (b, walk pair) for one chunk of T consecutive positions of its side's plane; a block is nth

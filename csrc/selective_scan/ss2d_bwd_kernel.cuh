@@ -21,7 +21,13 @@
 //      into shared memory, and after the last state one global atomic per element and block adds
 //      the warps' sums. dA, dW: per thread in shared memory, one atomic per block at the end.
 // Exps per element: chunk pass 1, main pass 1 + 3/4 (sweep of all but the last sub-tile).
-// Float atomics (dB, dC, ddt, dA, dD, dbias, dW): the backward is not bitwise deterministic.
+// Atomics: each block adds its fp32 partial of a cross-block sum with one atomic per element. dA,
+// dD, dbias, dW always go into float64 buffers; dB, dC and the low-rank ddt into SS2DAcc<T>::type
+// ones (ss2d.h): float64 for fp32 inputs, so there every cross-block sum is exact (or rounded far
+// below fp32's last place) before the host's single rounding to fp32, and the fp32 backward is
+// bitwise deterministic in practice (an order-dependent result needs a near-tie at that rounding);
+// float for bf16 / fp16 inputs, where dB, dC and ddt round in the blocks' order (not bitwise
+// deterministic). Everything else (du, the full-rank ddelta) is written in a fixed order.
 #pragma once
 #include "ss2d_common.cuh"
 
@@ -290,7 +296,7 @@ __device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32], int lane)
 // one after it. Through a [2 TB][nth + 1] shared buffer they took two block barriers per state (32
 // per sub-tile at N = 16), which 3-warp blocks at 14 % occupancy could not hide (Nsight Compute:
 // 0.40 eligible warps per scheduler, 5.0 + 5.9 ms at enc1).
-template <int KK>
+template <int KK, typename Acc>
 __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b,
                                             int k, int d0, int j, int q, int cnt, float Dk, float &dDacc,
                                             float &dbacc, bool first) {
@@ -344,14 +350,15 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
     m.sP[(w * N + n) * 32 + l] = warp_reduce_scatter32(v, l);
   }
   __syncthreads();  // every warp's sP slots are written
-  // dB, dC: the warps' sums, one atomic per element and block.
+  // dB, dC: the warps' sums (fp32, a fixed order), one atomic per element and block into the Acc
+  // buffer (double for fp32 inputs: exact, see ss2d.h:SS2DAcc).
   // Element o = c + j * nth: nth is a multiple of 32, so the thread's row r = c & 31 (position i,
   // dC or dB) is fixed and its states are n = c / 32 + j * nw: the destination is computed once and
   // stepped (same elements, same order, same sums). Per element it was ~25 integer instructions of
   // 64-bit index arithmetic plus a runtime-bounded loop over the warps.
   const int nw = nth >> 5, kk = k >> 1, r = c & 31, i = r & (TB - 1);
   if (i < cnt) {
-    float *dst = (r < TB ? sd.dC : sd.dB) + b * sd.g_b + kk * sd.g_k + int64_t(c >> 5) * L + q + i;
+    Acc *dst = reinterpret_cast<Acc *>(r < TB ? sd.dC : sd.dB) + b * sd.g_b + kk * sd.g_k + int64_t(c >> 5) * L + q + i;
     const int64_t dstep = int64_t(nw) * L;
     const float *src = m.sP + (c >> 5) * 32 + r;  // sP[(ww * N + n) * 32 + r]
     const int wstep = N * 32, nstep = nw * 32;
@@ -360,7 +367,7 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
 #pragma unroll
       for (int ww = 0; ww < kMaxThreads / 32; ++ww)
         if (ww < nw) v += src[ww * wstep];
-      atomicAdd(dst, v);
+      atomicAdd(dst, Acc(v));
     }
   }
   // Per-step gradients of the thread's channel: du into t0, dz into t1.
@@ -387,6 +394,7 @@ template <typename T, int NMAX>
 __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2DParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int NS = ss2d_ns(NMAX);
+  using Acc = typename SS2DAcc<T>::type;  // dB, dC, low-rank ddt (sd.dB, sd.dC, sd.ddl when R > 0)
   const ChunkBlock g(p, false);
   const SS2DSide &sd = p.sides[g.side];
   const BwdSmem m(smem, p.N, p.R, blockDim.x, NS, true);
@@ -448,8 +456,8 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
         for (int n = 0; n < N; ++n) m.hS[n * nth + c] = carried ? p.cE[(row * N + n) * p.Dm + d] : 0.f;
       }
       const bool first = j == nsub - 1;
-      if (kk) bwd_subtile<1>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
-      else bwd_subtile<0>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
+      if (kk) bwd_subtile<1, Acc>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
+      else bwd_subtile<0, Acc>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
       if (R > 0 && active) {  // dW[r] += sum_i dz_i dt_i[r]: the thread's own channel
         // dz read once: with the sDW store in the r loop the compiler reloaded all TB values per r
         // (88 of this loop's 175 SASS instructions were shared-memory accesses).
@@ -471,6 +479,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
       if (i < cnt) {
         const int64_t step = int64_t(cstep) * L;  // between the channels a thread takes
         float *du = p.du + (int64_t(g.b) * p.Dm + g.d0 + c / TB) * L + (g.side ? orig_pos(1, q + i, p.H, p.W) : q + i);
+        // full-rank ddelta (float; with R > 0 this pointer is stepped but never written)
         float *ddl = sd.ddl + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(g.d0 + c / TB) * L + q + i;
         const float *v0 = m.t0 + (c / TB) * (TB + 1) + i, *v1 = m.t1 + (c / TB) * (TB + 1) + i;
         for (int c0 = c / TB; c0 < nact; c0 += kRmwBatchBwd * cstep) {
@@ -498,7 +507,8 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
           const float *Wr = p.Wdt + int64_t(k * p.Dm + g.d0) * R + r;
           float a = 0.f;
           for (int cc = 0; cc < nact; ++cc) a = fmaf(__ldg(Wr + int64_t(cc) * R), m.t1[cc * (TB + 1) + i], a);
-          atomicAdd(sd.ddl + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(r) * L + q + i, a);
+          Acc *dst = reinterpret_cast<Acc *>(sd.ddl) + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(r) * L + q + i;
+          atomicAdd(dst, Acc(a));
         }
       }
     }

@@ -2,7 +2,7 @@
 
 Whole shape set of DESIGN.md (batch cut down where the float64 reference would be slow or too
 large), random odd shapes, fp32/bf16/fp16, the output and every gradient; determinism of the
-forward; registration (opcheck, torch.compile fullgraph); bad input. Skipped without a GPU.
+forward and of the fp32 backward; registration (opcheck, torch.compile fullgraph); bad input. Skipped without a GPU.
 """
 from __future__ import annotations
 
@@ -277,14 +277,42 @@ def test_lowrank_forward_is_deterministic(name):
     assert all(torch.equal(ys[0], y) for y in ys[1:])
 
 
+@pytest.mark.parametrize("lowrank", [False, True], ids=["full", "lowrank"])
+@pytest.mark.parametrize("name", ["enc1", "dcim_inner1", "rect1", "enc3", "dcim_inner3"])
+def test_fp32_backward_is_deterministic(name, lowrank):
+    """fp32 inputs: the op's backward three times on one forward's saved states gives bitwise equal
+    du, ddelta / ddt, dA, dB, dC, dD, d delta_bias, dW. Every cross-block sum is accumulated in
+    float64 and rounded to fp32 once (csrc/selective_scan/ss2d.h: SS2DAcc). Dm 96 (enc1,
+    dcim_inner1, rect1) is one block of channels, so fp32 atomics into dB / dC / ddt had one addend
+    per (b, chunk) there; Dm 384 (enc3, dcim_inner3) is three blocks of 128, whose fp32 sums
+    depended on the blocks' order."""
+    case = SHAPES[name]
+    inputs = scan_inputs(case, torch.float32, "cuda", seed=14, lowrank=lowrank,
+                         Bt=min(case.Bt, 2 if case.H > 4 else 512))
+    dl_name = "dt" if lowrank else "delta"
+    args = [inputs[k] for k in ("u", dl_name, "A", "B", "C", "D", "delta_bias")]
+    W = inputs["dt_projs_weight"] if lowrank else None
+    fwd = torch.ops.vmambax.ss2d_lowrank_cuda_fwd if lowrank else torch.ops.vmambax.ss2d_cuda_fwd
+    with torch.no_grad():
+        y, states = fwd(*args, *([W] if lowrank else []), True, torch.float32, True)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y)
+        runs = [torch.ops.vmambax.ss2d_cuda_bwd(dy, *args, W, states, True) for _ in range(3)]
+    names = ["du", "d" + dl_name, "dA", "dB", "dC", "dD", "d delta_bias", "dW"]
+    for k, first, *rest in zip(names, *runs):
+        assert first.dtype == torch.float32 and torch.isfinite(first).all(), k
+        assert all(torch.equal(first, g) for g in rest), k
+    assert runs[0][7].numel() == (W.numel() if lowrank else 0)
+
+
 # ---- saved states (the forward's entering states feed the op's backward) ----
 
 @pytest.mark.parametrize("lowrank", [False, True], ids=["full", "lowrank"])
 @pytest.mark.parametrize("name", ["odd", "dec3", "n1", "n33"])
 def test_saved_states_feed_the_backward(name, lowrank):
     """The ops called directly: the forward bitwise the same with and without saved states and as
-    through autograd; the backward on the saved states gives autograd's gradients (same kernels;
-    float atomics, so within fp32 summation-order noise)."""
+    through autograd; the backward on the saved states gives autograd's gradients (same kernels on
+    the same values; compared within fp32 summation-order noise, though with these fp32 inputs they
+    are bitwise equal in practice: test_fp32_backward_is_deterministic)."""
     case = EXTRA.get(name) or SHAPES[name]
     inputs = scan_inputs(case, torch.float32, "cuda", seed=13, lowrank=lowrank, Bt=min(case.Bt, 2))
     dl_name = "dt" if lowrank else "delta"

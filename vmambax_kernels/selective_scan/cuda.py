@@ -12,6 +12,10 @@ when a gradient is needed, only the fp32 state entering each chunk (``_states_sh
 (ss2d_bwd_kernel.cuh): a reverse chunk pass and carry pass, then one pass per side that replays each
 chunk from its saved state and forms every gradient. The low-rank form takes dt (Bt, 4, R, H, W) and
 forms delta inside the kernel in fp32: neither the full delta nor its gradient is ever materialised.
+The forward is deterministic. The backward's cross-block sums are atomics into float64 buffers
+(dA, dD, d delta_bias, dW always; dB, dC and the low-rank d dt for fp32 inputs), rounded to fp32 once
+by the op: the fp32 backward is deterministic in practice (barring a near-tie at that rounding); with
+bf16 / fp16 inputs dB, dC and d dt are fp32 atomics, not bitwise deterministic.
 """
 from __future__ import annotations
 
