@@ -8,7 +8,7 @@ argument values as Triton's launcher does (ints equal to 1 become constants; mul
 16-byte aligned pointers get the divisibility hint), and prints its registers, spills and shared
 memory (from the cubin), so the next GPU call runs code that builds.
 
-    python benchmarks/compile_offline.py [--arch 90]      # exit status 1 when a launch fails to compile
+    python benchmarks/compile_offline.py [--arch 90] [--only NAME,...]  # exit status 1 when a launch fails to compile
 """
 from __future__ import annotations
 
@@ -115,6 +115,19 @@ def record() -> list[dict]:
                 leaves = [v.requires_grad_(True) for v in x.values() if isinstance(v, torch.Tensor)]
                 ys = vk.cgm_gate(**x, residual=True, backend="triton")
                 backward(sum(y.float().sum() for y in ys), leaves)
+    # the GEMM-form backward variants inside the fused module (the gate's kernels with dp) at the
+    # same shapes
+    for name, variant in cgm_triton.VARIANTS.items():
+        if not variant.get("bwd", {}).get("gemm"):
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            for C, H, W in ((96, 128, 128), (192, 64, 64), (384, 32, 32), (768, 16, 16)):
+                cgm_triton.CONFIG_OVERRIDE.clear()
+                cgm_triton.CONFIG_OVERRIDE.update(variant)
+                m = CGM(C, backend="triton").train(True)
+                xs = [torch.randn(2, C, H, W).to(dtype).requires_grad_() for _ in range(2)]
+                assert cgm_module.supported("triton", *xs, m.channel_gate_rgb, m.channel_gate_pet) is None
+                backward(sum(y.float().sum() for y in m(*xs)), xs)
     cgm_triton.CONFIG_OVERRIDE.clear()
     # the fused CGM module (cgm/module_triton.py): plane sums, channel MLPs, the gate with dp
     for dtype in (torch.float32, torch.bfloat16):
@@ -229,6 +242,8 @@ def compile_all(launches: list[dict], arch: int) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100)")
+    ap.add_argument("--only", default="", help="compile only the launches whose kernel name contains one of "
+                                                "these comma-separated strings")
     ap.add_argument("--record", action="store_true", help=argparse.SUPPRESS)   # the child's role
     args = ap.parse_args()
     if args.record:
@@ -241,7 +256,8 @@ def main() -> int:
     if child.returncode != 0:
         print(child.stderr[-3000:])
         return 2
-    launches = json.loads(child.stdout.strip().splitlines()[-1])
+    launches = [r for r in json.loads(child.stdout.strip().splitlines()[-1])
+                if any(o in r["name"] for o in args.only.split(","))]
     print(f"{len(launches)} distinct launches recorded; compiling for sm_{args.arch}")
     failures = compile_all(launches, args.arch)
     print(f"{len(launches) - failures} compiled, {failures} failed")

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from vmambax.models.fusion import CGM
-from vmambax_kernels.cgm import module_triton
+from vmambax_kernels.cgm import module_triton, triton as gate
 from vmambax_kernels.testing import TEST_DEVICE as DEVICE, assert_close_by_rule
 
 pytestmark = pytest.mark.timeout(180)
@@ -95,6 +95,20 @@ def test_eval_plain_channels_last():
 
 def test_train_bf16():
     run_and_compare(18, (2, 6, 7), torch.bfloat16, training=True, seed=5)
+
+
+@pytest.mark.parametrize("case", ["train_bf16", "eval_plain_fp32_channels_last"])
+def test_gemm_variants(case):
+    """The gate's GEMM form (cgm_triton.VARIANTS fwd_gemm, bwd_gemm) inside the module: the
+    backward kernel with dp (the MLP's gradient through GAP), no dc partials."""
+    gate.CONFIG_OVERRIDE.update({**gate.VARIANTS["fwd_gemm"], **gate.VARIANTS["bwd_gemm"]})
+    try:
+        if case == "train_bf16":
+            run_and_compare(18, (2, 6, 7), torch.bfloat16, training=True, seed=5)
+        else:
+            run_and_compare(12, (2, 5, 6), torch.float32, training=False, residual=False, channels_last=True, seed=3)
+    finally:
+        gate.CONFIG_OVERRIDE.clear()
 
 
 def test_plane_sums_of_sliced_planes():

@@ -111,6 +111,36 @@ def test_variants_fp32_channels_last(variant):
         cgm_triton.CONFIG_OVERRIDE.clear()
 
 
+# The GEMM form (config key "gemm") with 16-pixel tiles: several tiles per plane (a partial last
+# one), several per dW chunk, C not a multiple of the 16-channel block; channels-first, channels-last
+# and sliced planes (h, w strides that do not merge: the per-pixel division path), H = 1, W = 1.
+GEMM_SMALL = {"fwd": dict(gemm=dict(BP=16, BC=16)), "bwd": dict(gemm=dict(BP=16, BC=16, dw=dict(BP=16, BC=16)))}
+GEMM_CASES = {"first_bf16": ((2, 20, 7, 9), "first", torch.bfloat16, True),
+              "last_fp32": ((2, 20, 7, 9), "last", torch.float32, True),
+              "sliced_fp32_plain": ((2, 20, 7, 9), "sliced", torch.float32, False),
+              "sliced_fp16": ((1, 18, 5, 6), "sliced", torch.float16, True),
+              "row_bf16": ((1, 3, 1, 40), "first", torch.bfloat16, True),
+              "col_fp32_plain": ((2, 20, 37, 1), "last", torch.float32, False)}
+
+
+@pytest.mark.parametrize("config", [GEMM_SMALL], indirect=True, ids=["gemm16"])
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_gemm_small_tiles(config, case):
+    shape, layout, dtype, residual = GEMM_CASES[case]
+    if layout != "sliced":
+        check(cgm_inputs(*shape, dtype, device="cpu", seed=23, channels_last=layout == "last"), dtype, residual)
+        return
+
+    def sliced(backend):   # columns 1..W of planes W + 2 wide, sliced inside (the leaves are copied)
+        def fn(x_ct, x_pet, **kw):
+            x_ct, x_pet = x_ct[..., 1:-1], x_pet[..., 1:-1]
+            assert backend == "reference" or not cgm_triton._flat(x_ct, x_pet)
+            return pair(backend, dtype, residual)(x_ct, x_pet, **kw)
+        return fn
+    inputs = cgm_inputs(*shape[:3], shape[3] + 2, dtype, device="cpu", seed=23)
+    check_against_reference(sliced("triton"), sliced("reference"), inputs, out_dtype=dtype)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_channels_last_in_and_out(dtype):
     inputs = cgm_inputs(2, 18, 5, 6, DTYPES[dtype], device="cpu", seed=5, channels_last=True)

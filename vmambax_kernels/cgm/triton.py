@@ -29,6 +29,17 @@ The channel reductions run on tensor cores in fp32 accuracy: an fp32 operand is 
 three tf32-exact parts (hi, mid, lo) whose products are exact in fp32; bf16/fp16 activations are
 already tf32-exact.
 
+GEMM form (config key "gemm", not a default; kernels in triton_gemm.py): the same sums as plain
+GEMMs over tiles of BP flattened pixels of one plane, with no halo and no loop-carried state, the
+3x3 neighbourhood going through small fp32 buffers instead of registers. Forward: P[b, (m, dy, dx),
+p] = sum_c X[c, p] Wpack[c, j] (tl.dot over channel blocks, the 18 used columns stored, 72 B a
+pixel), then per pixel z_m = the sum of P's 9 taps of map m at the shifted pixels, s = sigmoid(z),
+then _cgm_apply_kernel gates every channel (as the split forward). Backward: dz (Bt, 2, H, W) from
+dy, x, s (with the dc partials per tile); dx = dy gate (+ dp) + dzs @ Wpack^T with dzs (BP, 32) the
+18 shifted dz values of each pixel; dW partials = x^T @ dzs per chunk of tiles and channel block.
+With n e the bytes of one modality's x, the forward moves 6 n e instead of 4 n e (x read twice) and
+the backward 10 n e instead of 6 n e (x and dy read twice), plus the fp32 buffers.
+
 Runs on CUDA GPUs, or on CPU tensors under TRITON_INTERPRET=1 (tests). Kernels are defined on the
 first launch, because Triton picks compiling or interpreting when a kernel is defined.
 """
@@ -39,7 +50,7 @@ import torch
 from .._triton_env import availability, interpreting  # noqa: F401  (backend API)
 from .._triton_math import jit_module
 
-from . import reference
+from . import reference, triton_gemm
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -176,6 +187,14 @@ def _gate_rows(MOD: constexpr, b, h, xa_ptr, xb_ptr, ya_ptr, yb_ptr, ca_ptr, cb_
     return xrow, yrow, sc, sw, tc, tw, c_base, cs
 
 
+def _gate(c_base, cs, ch, mc, s_m, RESIDUAL: constexpr):
+    """(pixels, channels): c_m[ch] s_m, + 1 when RESIDUAL (y = x gate; dx gets dy gate)."""
+    gate = tl.load(c_base + ch * cs, mask=mc, other=0.0).to(tl.float32)[None, :] * s_m[:, None]
+    if RESIDUAL:
+        gate += 1.0
+    return gate
+
+
 def _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP: constexpr, ONE_TILE: constexpr):
     """The program's plane b, rows [h0, h1), and columns: wcol = wb + i for i < TWP, the ones
     loaded (in the plane) and the ones it outputs (all when one tile spans the width; else the
@@ -247,9 +266,7 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                 ch = c0 + tl.arange(0, BC)
                 mc = ch < C
                 msk = out_cols[:, None] & mc[None, :]
-                gate = tl.load(c_base + ch * cs, mask=mc, other=0.0).to(tl.float32)[None, :] * s_m[:, None]
-                if RESIDUAL:
-                    gate += 1.0
+                gate = _gate(c_base, cs, ch, mc, s_m, RESIDUAL)
                 x = tl.load(xrow + ch[None, :] * sc + wcol[:, None] * sw, mask=msk, other=0.0).to(tl.float32)
                 y = _round_bf16(x * gate, ya_ptr, INTERP)
                 tl.store(yrow + ch[None, :] * tc + wcol[:, None] * tw, y.to(ya_ptr.dtype.element_ty), mask=msk)
@@ -373,12 +390,9 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                 ch = c0 + tl.arange(0, BC)
                 mc = ch < C
                 msk = out_cols[:, None] & mc[None, :]
-                cc = tl.load(c_base + ch * cs, mask=mc, other=0.0).to(tl.float32)
+                gate = _gate(c_base, cs, ch, mc, s_m, RESIDUAL)
                 x = tl.load(xrow + ch[None, :] * sc + wcol[:, None] * sw, mask=msk, other=0.0).to(tl.float32)
                 gy = tl.load(grow + ch[None, :] * gc + wcol[:, None] * gw, mask=msk, other=0.0).to(tl.float32)
-                gate = cc[None, :] * s_m[:, None]
-                if RESIDUAL:
-                    gate += 1.0
                 w0, w1, w2 = _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
                                     MOD, True)
                 dx_gate = gy * gate
@@ -409,7 +423,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
 
 
 _HELPERS = ("_tf32_trunc", "_split", "_mm", "_wpack", "_row_taps", "_pick", "_col",
-            "_gate_rows", "_tile_cols", "_row_dz")
+            "_gate_rows", "_gate", "_tile_cols", "_row_dz")
 _KERNELS = ("_cgm_fwd_kernel", "_cgm_apply_kernel", "_cgm_bwd_kernel")
 _built: dict = {}
 
@@ -466,7 +480,33 @@ VARIANTS: dict = {
     "bwd_tile1_bc16_w8": {"bwd": dict(BC=16, num_warps=8)},
     # the same without the pipeliner (num_stages 1: no cp.async buffers, 236 registers)
     "bwd_tile1_bc16_w8_s1": {"bwd": dict(BC=16, num_warps=8, num_stages=1)},
+    # GEMM form (triton_gemm.py; see the module docstring), not yet timed. Registers: ptxas sm_90
+    # (Triton 3.6, compile_offline.py), the same at cgm1-cgm4 unless noted, bf16 / fp32; no launch
+    # spills. Their tl.dots are wgmma, the loads of those loops cp.async-pipelined (TTGIR; the dz
+    # kernel has no tl.dot and no pipelined loads).
+    # fwd in three kernels: taps GEMM (BP 128 x BC 32, 4 warps, 3 stages) 169 / 243 registers,
+    # shift-sum + sigmoid (256 pixels) 56, then _cgm_apply_kernel (BC 32 / 4 warps) 48
+    "fwd_gemm": {"fwd": dict(gemm=True)},
+    # taps GEMM on 256-pixel tiles, 8 warps: 172 / 240 (cgm4, one tile a plane: 177 / 249)
+    "fwd_gemm_bp256_w8": {"fwd": dict(gemm=dict(BP=256, num_warps=8))},
+    # taps GEMM on 16-channel blocks: 123 / 158 (4 programs per SM in bf16)
+    "fwd_gemm_bc16": {"fwd": dict(gemm=dict(BC=16))},
+    # bwd in three kernels (BP 128 x BC 32, 4 warps, 3 stages): dz 96 / 124 (fused module, dp
+    # given: 72 / 128), dx 186 / 232 (with dp 167 / 172), dW (BP 64 x BC 64) 168-169 / 252-255
+    "bwd_gemm": {"bwd": dict(gemm=True)},
+    # 256-pixel tiles, 8 warps (dW too): dz 94-100 / 161-189, dx 160-162 / 208-218 (with dp
+    # 211-213 / 254), dW 172-179 / 255
+    "bwd_gemm_bp256_w8": {"bwd": dict(gemm=dict(BP=256, num_warps=8))},
+    # 16-channel blocks, dW on 32-pixel tiles: dz 64 / 87, dx 116 / 146 (with dp 118 / 160),
+    # dW 124-127 / 147-162
+    "bwd_gemm_bc16": {"bwd": dict(gemm=dict(BC=16, dw=dict(BP=32)))},
 }
+# The GEMM form's tiles (config key "gemm": True, or a dict overriding these): BP flattened pixels x
+# BC channels per tl.dot; num_stages for the channel loops' pipelined loads; programs_per_sm sizes
+# the dW kernel's chunks of pixel tiles. The shift-sum kernel takes tiles of _SHIFT_BP pixels.
+_GEMM = {"fwd": dict(BP=128, BC=32, num_warps=4, num_stages=3),
+         "bwd": dict(BP=128, BC=32, num_warps=4, num_stages=3, dw=dict(BP=64, BC=64, programs_per_sm=2))}
+_SHIFT_BP = 256
 _SMS: dict = {}
 
 
@@ -474,21 +514,29 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _config(kind, Bt, C, H, W, device, dtype=None):
+def _options(kind, dtype):
     base = _DEFAULTS[kind + "_fp32" if dtype == torch.float32 else kind]
-    o = {**base, **CONFIG_OVERRIDE.get(kind, {})}  # overrides (tests, --sweep) apply to every dtype
+    return {**base, **CONFIG_OVERRIDE.get(kind, {})}  # overrides (tests, --sweep) apply to every dtype
+
+
+def _slots(device, programs_per_sm):
+    """Programs that fill the GPU; a few on the CPU (the interpreter; compile_offline.py's recording)."""
+    if device.type != "cuda":
+        return 4
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device] * programs_per_sm
+
+
+def _config(kind, Bt, C, H, W, device, dtype=None):
+    o = _options(kind, dtype)
     bc = max(16, min(o["BC"], _pow2(C)))  # tl.dot needs K >= 16
     if _pow2(W) <= o["max_tw"]:
         twp, n_ct = max(16, _pow2(W)), 1
     else:  # column tiles overlapping by the two halo columns
         twp = o["max_tw"]
         n_ct = -(-W // (twp - 2))
-    if device.type == "cuda":
-        if device not in _SMS:
-            _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-        slots = _SMS[device] * o["programs_per_sm"]
-    else:
-        slots = 4  # the interpreter: a few programs, several rows each
+    slots = _slots(device, o["programs_per_sm"])
     # Strips of SR rows: enough programs to fill the GPU, each re-reading two halo rows
     rows = o.get("rows") or max(1, round(Bt * H * n_ct / slots))
     rows = min(rows, H)
@@ -497,10 +545,18 @@ def _config(kind, Bt, C, H, W, device, dtype=None):
                 num_warps=o["num_warps"], num_stages=o["num_stages"],
                 # not at TWP 16 (cgm4): there the split forward's s-only kernel spilled 8 B (bf16)
                 ONE_TILE=bool(o.get("one_tile")) and n_ct == 1 and twp >= 32,
-                split=o.get("split") and {"BC": 32, "num_warps": 4, **(o["split"] if isinstance(o["split"], dict) else {})})
+                split=o.get("split") and _apply_config(o))
+
+
+def _apply_config(o):
+    """_cgm_apply_kernel's tiles: config key "split" (True or a dict of BC, num_warps)."""
+    return {"BC": 32, "num_warps": 4, **(o["split"] if isinstance(o.get("split"), dict) else {})}
 
 
 def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
+    o = _options("fwd", x_ct.dtype)
+    if o.get("gemm"):
+        return _forward_gemm(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual, o)
     k = _kernels()
     Bt, C, H, W = x_ct.shape
     cfg = _config("fwd", Bt, C, H, W, x_ct.device, x_ct.dtype)
@@ -515,15 +571,20 @@ def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
         TWP=cfg["TWP"], BC=cfg["BC"], ONE_TILE=cfg["ONE_TILE"], GATE=not cfg["split"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg["split"]:
-        twa = min(_pow2(W), 128)
-        bca = min(cfg["split"]["BC"], _pow2(C))
-        n_wt = -(-W // twa)
-        k["_cgm_apply_kernel"][(Bt * H * n_wt, -(-C // bca))](
-            x_ct, x_pet, ya, yb, s, c_ct, c_pet, C, H, W, n_wt,
-            *x_ct.stride(), *x_pet.stride(), *ya.stride(), *yb.stride(), *c_ct.stride(), *c_pet.stride(),
-            RESIDUAL=residual, INTERP=interpreting(), TWA=twa, BCA=bca,
-            num_warps=cfg["split"]["num_warps"])
+        _apply(x_ct, x_pet, ya, yb, s, c_ct, c_pet, residual, cfg["split"])
     return ya, yb, s
+
+
+def _apply(x_ct, x_pet, ya, yb, s, c_ct, c_pet, residual, acfg):
+    """_cgm_apply_kernel: y from x, c and the s already written (split and GEMM forwards)."""
+    Bt, C, H, W = x_ct.shape
+    twa = min(_pow2(W), 128)
+    bca = min(acfg["BC"], _pow2(C))
+    n_wt = -(-W // twa)
+    _kernels()["_cgm_apply_kernel"][(Bt * H * n_wt, -(-C // bca))](
+        x_ct, x_pet, ya, yb, s, c_ct, c_pet, C, H, W, n_wt,
+        *x_ct.stride(), *x_pet.stride(), *ya.stride(), *yb.stride(), *c_ct.stride(), *c_pet.stride(),
+        RESIDUAL=residual, INTERP=interpreting(), TWA=twa, BCA=bca, num_warps=acfg["num_warps"])
 
 
 def _backward_launch(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual, dp=None):
@@ -531,11 +592,14 @@ def _backward_launch(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, resi
     (nprog, 2, 2C, 9)). With ``dp`` (Bt, 2, 2C) fp32, the fused CGM module's gradient through
     GAP, ``dp[b, 0, C + c] + dp[b, 1, c]`` is added to dx_ct[b, c] (and the mirror to dx_pet),
     and dc, which that caller reduced beforehand, is not computed."""
+    ga, gb = g_ct.to(x_ct.dtype), g_pet.to(x_pet.dtype)
+    o = _options("bwd", x_ct.dtype)
+    if o.get("gemm"):
+        return _backward_gemm(ga, gb, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual, dp, o)
     k = _kernels()
     Bt, C, H, W = x_ct.shape
     cfg = _config("bwd", Bt, C, H, W, x_ct.device, x_ct.dtype)
     dev = x_ct.device
-    ga, gb = g_ct.to(x_ct.dtype), g_pet.to(x_pet.dtype)
     dxa, dxb = torch.empty_like(x_ct), torch.empty_like(x_pet)
     nprog = cfg["grid"][0]
     dc = None if dp is not None else torch.empty((nprog, 2, C), dtype=torch.float32, device=dev)
@@ -548,6 +612,82 @@ def _backward_launch(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, resi
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
         HAS_DP=dp is not None, TWP=cfg["TWP"], BC=cfg["BC"], ONE_TILE=cfg["ONE_TILE"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
+    return dxa, dxb, dc, dw
+
+
+def _gemm_config(kind, o, C, H, W):
+    """The GEMM form's launch parameters: _GEMM[kind], overridden by config key "gemm" when it is a
+    dict; the backward's "dw" (the dW kernel's) takes num_warps and num_stages from the others'."""
+    user = o["gemm"] if isinstance(o["gemm"], dict) else {}
+    g = {**_GEMM[kind], **user}
+    if kind == "bwd":
+        g["dw"] = _gemm_tiles({"num_warps": g["num_warps"], "num_stages": g["num_stages"],
+                               **_GEMM["bwd"]["dw"], **user.get("dw", {})}, C, H, W)
+    return _gemm_tiles(g, C, H, W)
+
+
+def _gemm_tiles(g, C, H, W):
+    """g with its pixel tiles per plane n_pt and its launch's keyword arguments (tl.dot: >= 16)."""
+    bp, bc = max(16, min(g["BP"], _pow2(H * W))), max(16, min(g["BC"], _pow2(C)))
+    return dict(g, n_pt=-(-(H * W) // bp),
+                launch=dict(BP=bp, BC=bc, num_warps=g["num_warps"], num_stages=g["num_stages"]))
+
+
+def _flat(*ts):
+    """Every tensor's (h, w) strides merge into one pixel stride (triton_gemm._pix)."""
+    return all(t.shape[2] == 1 or t.stride(2) == t.shape[3] * t.stride(3) for t in ts)
+
+
+def _forward_gemm(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual, o):
+    """GEMM form (config key "gemm"): taps GEMM into P, shift-sum + sigmoid into s, then the gating
+    kernel of the split forward."""
+    kg = triton_gemm._kernels()
+    Bt, C, H, W = x_ct.shape
+    g = _gemm_config("fwd", o, C, H, W)
+    P = torch.empty((Bt, 18, H, W), dtype=torch.float32, device=x_ct.device)
+    kg["_cgm_taps_kernel"][(Bt * g["n_pt"],)](
+        x_ct, x_pet, w_ct, w_pet, P, C, H, W, g["n_pt"], *x_ct.stride(), *x_pet.stride(),
+        *w_ct.stride()[1:], *w_pet.stride()[1:], X_EXACT=x_ct.dtype != torch.float32, FLAT=_flat(x_ct, x_pet),
+        **g["launch"])
+    s = torch.empty((Bt, 2, H, W), dtype=torch.float32, device=x_ct.device)
+    bps = max(16, min(_SHIFT_BP, _pow2(H * W)))
+    n_ps = -(-(H * W) // bps)
+    kg["_cgm_shift_kernel"][(Bt * n_ps,)](P, s, H, W, n_ps, INTERP=interpreting(), BP=bps, num_warps=4)
+    ya, yb = torch.empty_like(x_ct), torch.empty_like(x_pet)
+    _apply(x_ct, x_pet, ya, yb, s, c_ct, c_pet, residual, _apply_config(o))
+    return ya, yb, s
+
+
+def _backward_gemm(ga, gb, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual, dp, o):
+    """GEMM form of _backward_launch (config key "gemm"), the same outputs; the dc partials are per
+    pixel tile (Bt n_pt, 2, C), the dW partials per chunk of tiles (Bt n_chp, 2, 2C, 9), both
+    plane-major as _backward's reduction expects."""
+    kg = triton_gemm._kernels()
+    Bt, C, H, W = x_ct.shape
+    dev = x_ct.device
+    g = _gemm_config("bwd", o, C, H, W)
+    n_pt, launch, x_exact = g["n_pt"], g["launch"], x_ct.dtype != torch.float32
+    dxa, dxb = torch.empty_like(x_ct), torch.empty_like(x_pet)
+    dz = torch.empty((Bt, 2, H, W), dtype=torch.float32, device=dev)
+    dc = None if dp is not None else torch.empty((Bt * n_pt, 2, C), dtype=torch.float32, device=dev)
+    kg["_cgm_dz_kernel"][(Bt * n_pt,)](
+        ga, gb, x_ct, x_pet, s, c_ct, c_pet, dz, dc, C, H, W, n_pt,
+        *ga.stride(), *gb.stride(), *x_ct.stride(), *x_pet.stride(), *c_ct.stride(), *c_pet.stride(),
+        HAS_DC=dp is None, FLAT=_flat(ga, gb, x_ct, x_pet), **launch)
+    kg["_cgm_dx_kernel"][(Bt * n_pt,)](
+        ga, gb, dz, s, c_ct, c_pet, w_ct, w_pet, dxa, dxb, dp, C, H, W, n_pt,
+        *ga.stride(), *gb.stride(), *dxa.stride(), *dxb.stride(), *c_ct.stride(), *c_pet.stride(),
+        *w_ct.stride()[1:], *w_pet.stride()[1:], RESIDUAL=residual, X_EXACT=x_exact, INTERP=interpreting(),
+        HAS_DP=dp is not None, FLAT=_flat(ga, gb, dxa, dxb), **launch)
+    # dW: chunks of tpc pixel tiles of one plane x channel blocks, enough programs to fill the GPU
+    gw = g["dw"]
+    n_cb = -(-C // gw["launch"]["BC"])
+    tpc = max(1, min(gw["n_pt"], round(Bt * gw["n_pt"] * n_cb / _slots(dev, gw["programs_per_sm"]))))
+    n_chp = -(-gw["n_pt"] // tpc)
+    dw = torch.empty((Bt * n_chp, 2, 2 * C, 9), dtype=torch.float32, device=dev)
+    kg["_cgm_dw_kernel"][(Bt * n_chp, n_cb)](
+        x_ct, x_pet, dz, dw, C, H, W, gw["n_pt"], n_chp, tpc, *x_ct.stride(), *x_pet.stride(),
+        X_EXACT=x_exact, FLAT=_flat(x_ct, x_pet), **gw["launch"])
     return dxa, dxb, dc, dw
 
 

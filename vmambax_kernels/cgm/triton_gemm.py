@@ -1,0 +1,248 @@
+"""The CGM gate's GEMM-form kernels (config key "gemm"; .triton launches them and documents the form).
+
+Every program owns a tile of BP flattened pixels p = h W + w of one plane, with no halo and no
+loop-carried state between tiles; the 3x3 neighbourhood goes through small fp32 buffers instead:
+
+  forward:  _cgm_taps_kernel   P[b, (m, dy, dx), p] = sum_c xa[c, p] Wa[c, j] + xb[c, p] Wb[c, j]
+                               (tl.dot over channel blocks, the 18 used packed columns stored)
+            _cgm_shift_kernel  s_m[h, w] = sigmoid(sum over (dy, dx) of P[b, (m, dy, dx), h + dy, w + dx])
+  backward: _cgm_dz_kernel     dz_m = s (1 - s) sum_c c_m dy_m x_m (and dc partials)
+            _cgm_dx_kernel     dx_m = dy_m gate_m (+ dp) + dzs @ W_m^T
+            _cgm_dw_kernel     dW partials = x_m^T @ dzs over a chunk of pixel tiles
+  with dzs[p, (m, dy, dx)] = dz_m[h - dy, w - dx] (zero outside the plane and in unused columns).
+
+The packed weights (_wpack), the fp32-exact products (_split, _mm), _gate and the gating kernel
+are those of .triton; its _kernels() jits them, and _kernels() here binds them before jitting these.
+"""
+from __future__ import annotations
+
+from .._triton_math import jit_module
+
+# triton.language and its constexpr, bound by _kernels() on first use (as in .triton)
+tl = constexpr = None
+
+
+def _plane(MOD: constexpr, b, a_ptr, b_ptr, sa_b, sa_c, sa_h, sa_w, sb_b, sb_c, sb_h, sb_w):
+    """Plane b of modality MOD's tensor of a (ct, pet) pair: its base pointer and c, h, w strides."""
+    if MOD == 0:
+        base = a_ptr + b * sa_b
+        sc, sh, sw = sa_c, sa_h, sa_w
+    else:
+        base = b_ptr + b * sb_b
+        sc, sh, sw = sb_c, sb_h, sb_w
+    return base, sc, sh, sw
+
+
+def _pix(p, W, sh, sw, FLAT: constexpr):
+    """Offset of flattened pixel p in a plane; FLAT: the (h, w) strides merge (s_h = W s_w, or
+    H = 1), so no division and the offsets stay visibly contiguous (vectorised, pipelined loads)."""
+    if FLAT:
+        off = p * sw
+    else:
+        off = (p // W) * sh + (p % W) * sw
+    return off
+
+
+def _shifted(src_ptr, b, p, H, W, NPL: constexpr, SIGN: constexpr):
+    """(BP, 32) fp32 from a contiguous (Bt, NPL, H, W) buffer: column j = m 16 + (dy + 1) 4 + dx + 1
+    holds plane k at pixel (h + SIGN dy, w + SIGN dx), k = the tap m 9 + (dy + 1) 3 + dx + 1 when
+    NPL is 18 (P), the map m when 2 (dz); zero outside the plane and in the 14 unused columns."""
+    j = tl.arange(0, 32)
+    ky = (j // 4) % 4
+    kx = j % 4
+    if NPL == 18:
+        k = (j // 16) * 9 + ky * 3 + kx
+    else:
+        k = j // 16
+    h = p // W
+    w = p % W
+    hs = h[:, None] + SIGN * (ky[None, :] - 1)
+    ws = w[:, None] + SIGN * (kx[None, :] - 1)
+    ok = ((ky < 3) & (kx < 3))[None, :] & (p < H * W)[:, None] & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+    return tl.load(src_ptr + (b * NPL + k[None, :]) * (H * W) + hs * W + ws, mask=ok, other=0.0)
+
+
+def _mod_tile(MOD: constexpr, b, p, mp, H, W, s_ptr, ca_ptr, cb_ptr, sca_b, sca_c, scb_b, scb_c,
+              ua_ptr, ub_ptr, sua_b, sua_c, sua_h, sua_w, sub_b, sub_c, sub_h, sub_w,
+              va_ptr, vb_ptr, sva_b, sva_c, sva_h, sva_w, svb_b, svb_c, svb_h, svb_w, FLAT: constexpr):
+    """What a pixel tile of plane b reads in modality MOD (the dz and dx kernels): two (ct, pet)
+    tensor pairs u and v (plane base, channel stride, pixel offsets each), c_MOD[b] (pointer,
+    channel stride) and s_MOD at the tile's pixels."""
+    ubase, uc, uh, uw = _plane(MOD, b, ua_ptr, ub_ptr, sua_b, sua_c, sua_h, sua_w, sub_b, sub_c, sub_h, sub_w)
+    vbase, vc, vh, vw = _plane(MOD, b, va_ptr, vb_ptr, sva_b, sva_c, sva_h, sva_w, svb_b, svb_c, svb_h, svb_w)
+    if MOD == 0:
+        cbase = ca_ptr + b * sca_b
+        cs = sca_c
+    else:
+        cbase = cb_ptr + b * scb_b
+        cs = scb_c
+    s_m = tl.load(s_ptr + (b * 2 + MOD) * (H * W) + p, mask=mp, other=0.0)
+    return ubase, uc, _pix(p, W, uh, uw, FLAT), vbase, vc, _pix(p, W, vh, vw, FLAT), cbase, cs, s_m
+
+
+def _cgm_taps_kernel(xa_ptr, xb_ptr, wa_ptr, wb_ptr, P_ptr, C, H, W, n_pt,
+                     sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                     swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
+                     X_EXACT: constexpr, FLAT: constexpr, BP: constexpr, BC: constexpr):
+    """Kernel A: P[b, (m, dy, dx), p] for a tile of BP pixels, all 2C channels, fp32; P is
+    (Bt, 18, H, W), tap k = m 9 + (dy + 1) 3 + dx + 1 (packed column j stored at k)."""
+    pid = tl.program_id(0)
+    b = (pid // n_pt).to(tl.int64)
+    p = (pid % n_pt) * BP + tl.arange(0, BP)
+    mp = p < H * W
+    acc = tl.zeros((BP, 32), dtype=tl.float32)
+    for MOD in tl.static_range(2):
+        base, sc, sh, sw = _plane(MOD, b, xa_ptr, xb_ptr, sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w)
+        off = _pix(p, W, sh, sw, FLAT)
+        for c0 in range(0, C, BC):
+            ch = c0 + tl.arange(0, BC)
+            mc = ch < C
+            x = tl.load(base + ch[None, :] * sc + off[:, None], mask=mp[:, None] & mc[None, :],
+                        other=0.0).to(tl.float32)
+            w0, w1, w2 = _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
+                                MOD, False)
+            x0, x1, x2 = _split(x, X_EXACT)
+            acc = _mm(x0, x1, x2, w0, w1, w2, acc, X_EXACT, False)
+    j = tl.arange(0, 32)
+    ky = (j // 4) % 4
+    kx = j % 4
+    k = (j // 16) * 9 + ky * 3 + kx
+    ok = mp[:, None] & ((ky < 3) & (kx < 3))[None, :]
+    tl.store(P_ptr + (b * 18 + k[None, :]) * (H * W) + p[:, None], acc, mask=ok)
+
+
+def _cgm_shift_kernel(P_ptr, s_ptr, H, W, n_pt, INTERP: constexpr, BP: constexpr):
+    """Kernel B: s_m[h, w] = sigmoid(sum over (dy, dx) of P[b, (m, dy, dx), h + dy, w + dx]) (the
+    convention of .triton's _row_taps: z_m[r - dy, w] gets P_r[w + dx, (m, dy, dx)]), fp32."""
+    pid = tl.program_id(0)
+    b = (pid // n_pt).to(tl.int64)
+    p = (pid % n_pt) * BP + tl.arange(0, BP)
+    v = _shifted(P_ptr, b, p, H, W, 18, 1)
+    s = _sigmoid(tl.sum(tl.reshape(v, (BP, 2, 16)), axis=2), INTERP)
+    m = tl.arange(0, 2)
+    tl.store(s_ptr + (b * 2 + m[None, :]) * (H * W) + p[:, None], s, mask=(p < H * W)[:, None])
+
+
+def _cgm_dz_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, dz_ptr, dc_ptr, C, H, W, n_pt,
+                   sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
+                   sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                   sca_b, sca_c, scb_b, scb_c,
+                   HAS_DC: constexpr, FLAT: constexpr, BP: constexpr, BC: constexpr):
+    """Kernel G: dz_m[p] = s (1 - s) sum_c c_m dy_m x_m into dz (Bt, 2, H, W) fp32; with HAS_DC,
+    this program's dc partial sums dc[pid, m, c] = sum over its pixels of dy_m x_m s_m."""
+    pid = tl.program_id(0)
+    b = (pid // n_pt).to(tl.int64)
+    p = (pid % n_pt) * BP + tl.arange(0, BP)
+    mp = p < H * W
+    for MOD in tl.static_range(2):
+        gbase, gc, goff, xbase, xc, xoff, cbase, cs, s_m = _mod_tile(
+            MOD, b, p, mp, H, W, s_ptr, ca_ptr, cb_ptr, sca_b, sca_c, scb_b, scb_c,
+            ga_ptr, gb_ptr, sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
+            xa_ptr, xb_ptr, sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w, FLAT)
+        ds = tl.zeros((BP,), dtype=tl.float32)
+        for c0 in range(0, C, BC):
+            ch = c0 + tl.arange(0, BC)
+            mc = ch < C
+            msk = mp[:, None] & mc[None, :]
+            cc = tl.load(cbase + ch * cs, mask=mc, other=0.0).to(tl.float32)
+            x = tl.load(xbase + ch[None, :] * xc + xoff[:, None], mask=msk, other=0.0).to(tl.float32)
+            gy = tl.load(gbase + ch[None, :] * gc + goff[:, None], mask=msk, other=0.0).to(tl.float32)
+            ds += tl.sum(gy * x * cc[None, :], axis=1)
+            if HAS_DC:
+                tl.store(dc_ptr + (pid.to(tl.int64) * 2 + MOD) * C + ch, tl.sum(gy * x * s_m[:, None], axis=0),
+                         mask=mc)
+        tl.store(dz_ptr + (b * 2 + MOD) * (H * W) + p, ds * s_m * (1.0 - s_m), mask=mp)
+
+
+def _cgm_dx_kernel(ga_ptr, gb_ptr, dz_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr, dxa_ptr, dxb_ptr, dp_ptr,
+                   C, H, W, n_pt,
+                   sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
+                   sda_b, sda_c, sda_h, sda_w, sdb_b, sdb_c, sdb_h, sdb_w,
+                   sca_b, sca_c, scb_b, scb_c, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
+                   RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr, HAS_DP: constexpr,
+                   FLAT: constexpr, BP: constexpr, BC: constexpr):
+    """Kernel X: dx_m = dy_m gate_m (+ dp, as in .triton's backward) + dzs @ W_m^T for a tile of BP
+    pixels, every channel; dzs (BP, 32) is built once and serves both modalities."""
+    pid = tl.program_id(0)
+    b = (pid // n_pt).to(tl.int64)
+    p = (pid % n_pt) * BP + tl.arange(0, BP)
+    mp = p < H * W
+    dz0, dz1, dz2 = _split(_shifted(dz_ptr, b, p, H, W, 2, -1), False)
+    for MOD in tl.static_range(2):
+        gbase, gc, goff, dbase, dcs, doff, cbase, cs, s_m = _mod_tile(
+            MOD, b, p, mp, H, W, s_ptr, ca_ptr, cb_ptr, sca_b, sca_c, scb_b, scb_c,
+            ga_ptr, gb_ptr, sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
+            dxa_ptr, dxb_ptr, sda_b, sda_c, sda_h, sda_w, sdb_b, sdb_c, sdb_h, sdb_w, FLAT)
+        for c0 in range(0, C, BC):
+            ch = c0 + tl.arange(0, BC)
+            mc = ch < C
+            msk = mp[:, None] & mc[None, :]
+            gate = _gate(cbase, cs, ch, mc, s_m, RESIDUAL)
+            gy = tl.load(gbase + ch[None, :] * gc + goff[:, None], mask=msk, other=0.0).to(tl.float32)
+            dx_gate = gy * gate
+            if HAS_DP:  # dp (Bt, 2, 2C): X_MOD is input half 1 of its own MLP, 0 of the other
+                dpb = dp_ptr + b * 4 * C
+                dpv = tl.load(dpb + MOD * 2 * C + C + ch, mask=mc, other=0.0)
+                dpv += tl.load(dpb + (1 - MOD) * 2 * C + ch, mask=mc, other=0.0)
+                dx_gate += dpv[None, :]
+            w0, w1, w2 = _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, True)
+            dx = _round_bf16(_mm(dz0, dz1, dz2, w0, w1, w2, dx_gate, False, X_EXACT), dxa_ptr, INTERP)
+            tl.store(dbase + ch[None, :] * dcs + doff[:, None], dx.to(dxa_ptr.dtype.element_ty), mask=msk)
+
+
+def _dw_tile(base, sc, sh, sw, ch, mc, p, mp, W, dz0, dz1, dz2, acc, X_EXACT: constexpr, FLAT: constexpr):
+    """acc + x[ch, p]^T-tile @ dzs: (BC, 32)."""
+    x = tl.load(base + ch[:, None] * sc + _pix(p, W, sh, sw, FLAT)[None, :], mask=mc[:, None] & mp[None, :],
+                other=0.0).to(tl.float32)
+    x0, x1, x2 = _split(x, X_EXACT)
+    return _mm(x0, x1, x2, dz0, dz1, dz2, acc, X_EXACT, False)
+
+
+def _dw_store(dw_prog, acc, ch, mc, C, MOD: constexpr):
+    """Packed (MOD, c, j) -> dW of map m = j // 16 at input channel c + C (MOD == m), tap (dy, dx)."""
+    j = tl.arange(0, 32)
+    jm = (j // 16)[None, :]
+    jy = ((j // 4) % 4)[None, :]
+    jx = (j % 4)[None, :]
+    row = ch[:, None] + C * (jm == MOD).to(tl.int32)
+    tl.store(dw_prog + jm * (2 * C * 9) + row * 9 + jy * 3 + jx, acc, mask=mc[:, None] & (jy < 3) & (jx < 3))
+
+
+def _cgm_dw_kernel(xa_ptr, xb_ptr, dz_ptr, dw_ptr, C, H, W, n_pt, n_chp, TPC,
+                   sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                   X_EXACT: constexpr, FLAT: constexpr, BP: constexpr, BC: constexpr):
+    """Kernel W: chunk q (TPC pixel tiles of plane b), channel block program_id(1) of both
+    modalities: dw[q] (2, 2C, 9) gets sum over the chunk of x_MOD^T @ dzs in its own rows (every
+    row of dw[q] is written by exactly one program: no zero fill, no read-modify-write)."""
+    q = tl.program_id(0)
+    b = (q // n_chp).to(tl.int64)
+    t0 = (q % n_chp) * TPC
+    ch = tl.program_id(1) * BC + tl.arange(0, BC)
+    mc = ch < C
+    acc_a = tl.zeros((BC, 32), dtype=tl.float32)
+    acc_b = tl.zeros((BC, 32), dtype=tl.float32)
+    for t in range(t0, tl.minimum(t0 + TPC, n_pt)):
+        p = t * BP + tl.arange(0, BP)
+        mp = p < H * W
+        dz0, dz1, dz2 = _split(_shifted(dz_ptr, b, p, H, W, 2, -1), False)
+        acc_a = _dw_tile(xa_ptr + b * sxa_b, sxa_c, sxa_h, sxa_w, ch, mc, p, mp, W, dz0, dz1, dz2, acc_a,
+                         X_EXACT, FLAT)
+        acc_b = _dw_tile(xb_ptr + b * sxb_b, sxb_c, sxb_h, sxb_w, ch, mc, p, mp, W, dz0, dz1, dz2, acc_b,
+                         X_EXACT, FLAT)
+    dw_prog = dw_ptr + q.to(tl.int64) * 2 * 2 * C * 9
+    _dw_store(dw_prog, acc_a, ch, mc, C, 0)
+    _dw_store(dw_prog, acc_b, ch, mc, C, 1)
+
+
+_SHARED = ("_split", "_mm", "_wpack", "_gate")   # .triton's, jitted there
+_HELPERS = ("_plane", "_pix", "_shifted", "_mod_tile", "_dw_tile", "_dw_store")
+_KERNELS = ("_cgm_taps_kernel", "_cgm_shift_kernel", "_cgm_dz_kernel", "_cgm_dx_kernel", "_cgm_dw_kernel")
+_built: dict = {}
+
+
+def _kernels() -> dict:
+    if not _built:
+        from . import triton as base
+        shared = base._kernels()
+        globals().update({name: shared[name] for name in _SHARED})
+    return jit_module(globals(), _HELPERS + _KERNELS, _built)
