@@ -331,7 +331,7 @@ def test_module_decision_on_fake_cuda_tensors(monkeypatch):
         with _cuda_autocast(None):
             assert ours._fused_dtype(x) is None                     # no autocast: nn.LayerNorm's fp32
         for dtype in (torch.bfloat16, torch.float16):
-            with _cuda_autocast(dtype):
+            with _cuda_autocast(dtype), torch.no_grad():
                 assert ours._fused_dtype(x) == dtype
                 assert ours._fused_dtype(x.to(torch.bfloat16)) == dtype
                 assert ours._fused_dtype(x.double()) is None        # autocast leaves float64 alone
@@ -342,6 +342,29 @@ def test_module_decision_on_fake_cuda_tensors(monkeypatch):
                 monkeypatch.setenv("VMAMBAX_FUSED_LAYER_NORM", "0")
                 assert ours._fused_dtype(x) is None
                 monkeypatch.delenv("VMAMBAX_FUSED_LAYER_NORM")
+
+
+def test_module_kernel_in_training_only_when_asked(monkeypatch):
+    """With a gradient to compute the module runs nn.LayerNorm unless fused=True or
+    $VMAMBAX_FUSED_LAYER_NORM=train; without one (no_grad, frozen parameters) it takes the kernel."""
+    monkeypatch.delenv("VMAMBAX_BACKEND", raising=False)
+    monkeypatch.delenv("VMAMBAX_FUSED_LAYER_NORM", raising=False)
+    ours = LayerNorm(8)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(2, 3, 8, device="cuda")
+        with _cuda_autocast(torch.bfloat16):
+            assert ours._fused_dtype(x) is None                     # parameters require grad
+            with torch.no_grad():
+                assert ours._fused_dtype(x) == torch.bfloat16
+            ours.fused = True
+            assert ours._fused_dtype(x) == torch.bfloat16
+            ours.fused = None
+            monkeypatch.setenv("VMAMBAX_FUSED_LAYER_NORM", "train")
+            assert ours._fused_dtype(x) == torch.bfloat16
+            monkeypatch.delenv("VMAMBAX_FUSED_LAYER_NORM")
+            ours.requires_grad_(False)
+            assert ours._fused_dtype(x) == torch.bfloat16           # frozen norm, x without grad
+            assert ours._fused_dtype(x.requires_grad_(True)) is None
 
 
 def test_switch(monkeypatch):
@@ -423,13 +446,17 @@ def test_gpu_opcheck():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_gpu_module_under_autocast(dtype):
-    """Under CUDA autocast the module returns nn.LayerNorm's fp32 result in the autocast dtype: each
-    element equals nn.LayerNorm's output cast to it, or is its neighbour where the two fp32 results
-    (a few fp32 ulps apart: different summation orders) straddle a rounding boundary."""
+    """Under CUDA autocast without a gradient the module returns nn.LayerNorm's fp32 result in the
+    autocast dtype: each element equals nn.LayerNorm's output cast to it, or is its neighbour where
+    the two fp32 results (a few fp32 ulps apart: different summation orders) straddle a rounding
+    boundary. With a gradient to compute (training) it is nn.LayerNorm itself."""
     ours, plain = (m.cuda() for m in _pair(C=96))
     x = torch.randn(8, 32, 32, 96, device="cuda") * 2 + 0.5
     with torch.autocast("cuda", dtype=DTYPES[dtype]):
-        out, ref = ours(x), plain(x)
+        train_out = ours(x)
+        with torch.no_grad():
+            out, ref = ours(x), plain(x)
+    assert torch.equal(train_out, ref)
     assert out.dtype == DTYPES[dtype] and ref.dtype == torch.float32
     # one ulp of the 16-bit value (at least fp16's subnormal spacing)
     ulp = (ref.to(out.dtype).float().abs() * {"bf16": 2.0 ** -7, "fp16": 2.0 ** -10}[dtype]).clamp_min(2.0 ** -24)

@@ -10,7 +10,8 @@ from vmambax_kernels.modules import LayerNorm
 def cast_norm(norm_layer, dim: int) -> nn.Module:
     """A LayerNorm whose every consumer casts its output to the autocast dtype (a Linear, a
     convolution, SS2D's in_proj): ``norm_layer(dim)``, by default vmambax_kernels' LayerNorm, which
-    under CUDA autocast writes that dtype itself (the same values, without PyTorch's separate cast)."""
+    under CUDA autocast in inference writes that dtype itself (the same values, without PyTorch's
+    separate cast)."""
     return (norm_layer or LayerNorm)(dim)
 
 

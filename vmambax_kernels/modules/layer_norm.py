@@ -1,6 +1,8 @@
 """LayerNorm: nn.LayerNorm whose output under CUDA autocast comes already in the autocast dtype."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -24,8 +26,15 @@ class LayerNorm(nn.LayerNorm):
     The output dtype is therefore the autocast dtype, not fp32: do not use it where the output
     meets fp32 activations (a residual, an addition), whose values the rounding would change.
     Anywhere else (CPU, no autocast, float64, wider normalized shapes, Triton unavailable) it is
-    exactly nn.LayerNorm's forward. ``fused`` (default None) forces the kernel off (False) or
-    allows it (True); None follows $VMAMBAX_FUSED_LAYER_NORM ("0" turns it off).
+    exactly nn.LayerNorm's forward.
+
+    By default the kernel runs only where no gradient flows through the norm (inference): in a bf16
+    training step of the whole model on an H100 the kernel's backward made the step slower, 338-428
+    ms in five runs against 331-332 ms in two with nn.LayerNorm (the same calls; inference 83 against
+    91 ms in the first pair), and its fwd+bwd alone is slower than PyTorch's at the model's shapes
+    (benchmarks/bench_layer_norm.py; benchmarks/NOTES.md, "Session 2026-11-27, sixth").
+    ``fused`` (default None) forces the kernel off (False) or on in training too (True); None
+    follows $VMAMBAX_FUSED_LAYER_NORM: "0" off, "train" on in training too, anything else inference only.
     """
 
     fused: bool | None = None
@@ -46,4 +55,9 @@ class LayerNorm(nn.LayerNorm):
         if dtype not in _HALF or any(t is not None and t.dtype not in _KERNEL_DTYPES
                                      for t in (x, self.weight, self.bias)):
             return None
-        return dtype if fused_layer_norm(x.device.type, self.fused) else None
+        if not fused_layer_norm(x.device.type, self.fused):
+            return None
+        if self.fused is None and os.environ.get("VMAMBAX_FUSED_LAYER_NORM") != "train" and torch.is_grad_enabled() \
+                and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)):
+            return None   # training: nn.LayerNorm's backward is the faster one (see above)
+        return dtype
