@@ -128,16 +128,7 @@ def graphed_ms(module, xs, grads):
     def step():
         leaves = [x.detach().requires_grad_() for x in xs]
         return torch.autograd.grad(module(*leaves), leaves + params, grads)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return harness.time_ms(graph.replay)
+    return harness.time_ms(harness.cuda_graph(step))
 
 
 def _kernel_args(case, dtype):

@@ -131,21 +131,6 @@ def kernel_split(step, steps: int = 3) -> None:
         print(f"    {ev.self_device_time_total / steps / 1e3:8.2f} ms  {ev.key:28s} {where}")
 
 
-def cuda_graph(fn):
-    """``fn`` captured once into a CUDA graph (after warm-up calls on a side stream, as capture
-    requires); returns the replay, which reruns the same kernels on the same buffers."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
 def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int, split: bool,
               compiled: str | None = None, profile: bool = False, glue: str = "fused",
               graph: bool = False) -> list[dict]:
@@ -183,7 +168,7 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
         model.eval()
         infer_ms = harness.events_median_ms(infer, warmup=2, iters=iters)
-        graph_ms = harness.events_median_ms(cuda_graph(infer), warmup=2, iters=iters) if graph else None
+        graph_ms = harness.events_median_ms(harness.cuda_graph(infer), warmup=2, iters=iters) if graph else None
         model.train()
         extra = {"compiled": compiled} if compiled else {}
         if graph_ms is not None:

@@ -68,6 +68,21 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
     return events_median_ms(fn, warmup=1, iters=max(5, int(rep_ms // 5)))
 
 
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured once into a CUDA graph (after warm-up calls on a side stream, as capture
+    requires); returns the replay, which reruns the same kernels on the same buffers."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def events_median_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     """Median of ``iters`` CUDA-event timings of ``fn`` after ``warmup`` calls (for long calls
     such as a training step, where a time budget in ms would mean one or two repetitions)."""
