@@ -268,6 +268,21 @@ def test_gpu_stage_shapes(shape, dtype, exact_cuda_refs):
     check(cgm_inputs(*GPU_SHAPES[shape], DTYPES[dtype], seed=1), DTYPES[dtype], True, device_ref="cuda")
 
 
+# Every launch variant bench_cgm.py --sweep times (cgm_triton.VARIANTS) at the stage shapes, so that
+# one GPU run says whether a variant the sweep found faster may become a default (the overrides
+# apply to every dtype, fp32's separate defaults included).
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
+@pytest.mark.parametrize("variant", list(cgm_triton.VARIANTS))
+def test_gpu_variants_at_stage_shapes(variant, shape, dtype, exact_cuda_refs):
+    cgm_triton.CONFIG_OVERRIDE.update(cgm_triton.VARIANTS[variant])
+    try:
+        check(cgm_inputs(*GPU_SHAPES[shape], DTYPES[dtype], seed=3), DTYPES[dtype], True, device_ref="cuda")
+    finally:
+        cgm_triton.CONFIG_OVERRIDE.clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 def test_gpu_plain_variant_and_layouts(layout, exact_cuda_refs):
