@@ -1,6 +1,6 @@
 """CGM benchmark (DESIGN.md: bench "cgm", cases cgm1..cgm4; issue 5's targets).
 
-    python benchmarks/bench_cgm.py [--cases cgm1,cgm4] [--dtypes bf16,fp16] [--sweep] [--no-record]
+    python benchmarks/bench_cgm.py [--cases cgm1,cgm4] [--dtypes bf16,fp16] [--sweep | --sweep-all] [--no-record]
 
 Module scope: forward + backward of a whole CGM (GAP, channel MLP, both spatial gates, gating)
 mirroring SPEC.md section 2, with the gate in the Triton kernels ("triton"), or as the plain
@@ -15,7 +15,8 @@ fwdbwd (GAP read, gate read + write, backward read x and dy, write dx) at DESIGN
 3.0 TB/s. Kernel scope: the forward and backward kernels alone, their achieved bandwidth on the
 bytes they must move (fwd: read both x, write both y; bwd: read both x and dy, write both dx), next
 to the copy bandwidth measured in the same run. --sweep times the kernels under a few launch
-configurations at cgm1 first and benchmarks with the fastest.
+configurations at the first case and benchmarks with the fastest; --sweep-all sweeps every case
+and dtype and stops (the per-case data a default is chosen by).
 
 One GPU session (install, GPU tests with evidence, this benchmark), as run for the records:
     VMAMBAX_SKIP_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e . && \
@@ -149,10 +150,10 @@ def kernel_times(case, dtype):
     return fwd, bwd
 
 
-def sweep(dtype_name) -> dict:
-    """The fastest SWEEP configuration of each kernel at cgm1 whose results match the reference."""
+def sweep(case, dtype_name) -> dict:
+    """The fastest SWEEP configuration of each kernel at ``case`` whose results match the reference."""
     dtype = DTYPES[dtype_name]
-    xs, cs, ws, dys = _kernel_args("cgm1", dtype)
+    xs, cs, ws, dys = _kernel_args(case, dtype)
     leaves = [t.detach().float().requires_grad_() for t in (*xs, *cs, *ws)]
     ref_y = vk.cgm_gate(*leaves, backend="reference")
     torch.autograd.backward(ref_y, [d.float() for d in dys])
@@ -164,7 +165,7 @@ def sweep(dtype_name) -> dict:
             return harness.rel_error((y_ct, y_pet), ref_y), lambda: cgm_triton._forward(*xs, *cs, *ws, True)
         return (harness.rel_error(cgm_triton._backward(*dys, *xs, *cs, *ws, s, True), ref_g),
                 lambda: cgm_triton._backward(*dys, *xs, *cs, *ws, s, True))
-    print(f"== sweep at cgm1 {dtype_name}")
+    print(f"== sweep at {case} {dtype_name}")
     return harness.sweep_configs(cgm_triton.CONFIG_OVERRIDE, SWEEP, trial)
 
 
@@ -223,7 +224,7 @@ def main(argv=None):
     harness.kernel_bench_main(
         argv, script="bench_cgm.py", doc=__doc__, op="cgm_gate", cases=CASES, dtypes=DTYPES,
         default_cases=",".join(CASES), default_dtypes="bf16,fp16", bench_case=bench_case,
-        sweep=lambda case, dtype_name: sweep(dtype_name), table_row=table_row,
+        sweep=sweep, table_row=table_row,
         title="CGM module fwd/fwdbwd (ms), kernels alone (ms, % of the measured copy bandwidth "
               "{copy_tbps:.2f} TB/s), {gpu}", copy_note=f" (DESIGN.md: {COPY_TBPS})")
 

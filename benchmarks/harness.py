@@ -275,7 +275,7 @@ def kernel_bench_main(argv, *, script: str, doc: str, op: str, cases: dict, dtyp
                       table_row: Callable, title: str, copy_note: str = "") -> None:
     """main() of a kernel benchmark: ``--cases``, ``--dtypes`` (comma-separated keys of ``cases``
     and ``dtypes``), ``--sweep`` (``sweep(first case, first dtype name)`` before the timing),
-    ``--no-record``. It needs CUDA and ``op``'s triton backend, measures the copy bandwidth, takes
+    ``--sweep-all`` (``sweep`` of every case and dtype, no timing), ``--no-record``. It needs CUDA and ``op``'s triton backend, measures the copy bandwidth, takes
     ``bench_case(case, dtype name, copy_tbps, env)``'s records of every case and dtype, prints
     ``table_row(record, records, copy_tbps)`` for each "triton" record under ``title`` (formatted
     with copy_tbps and gpu) and appends the records to the results file."""
@@ -283,6 +283,8 @@ def kernel_bench_main(argv, *, script: str, doc: str, op: str, cases: dict, dtyp
     ap.add_argument("--cases", default=default_cases)
     ap.add_argument("--dtypes", default=default_dtypes)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-all", action="store_true",
+                    help="sweep every case and dtype and stop (per-case data to choose defaults by)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -297,6 +299,11 @@ def kernel_bench_main(argv, *, script: str, doc: str, op: str, cases: dict, dtyp
     env = env_info()
     copy = copy_tbps()
     print(f"== {env['gpu']}: copy bandwidth {copy:.2f} TB/s{copy_note}")
+    if args.sweep_all:
+        for dtype in dtype_names:
+            for case in case_names:
+                sweep(case, dtype)
+        return
     if args.sweep:
         sweep(case_names[0], dtype_names[0])
     records = []
