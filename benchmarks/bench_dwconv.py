@@ -74,9 +74,10 @@ def kernel_times(case, dtype):
     return fwd, bwd
 
 
-def sweep(dtype) -> dict:
-    """The fastest SWEEP configuration of each kernel at enc1 whose results match the default's."""
-    xf, w, b, dy = make("enc1", dtype)
+def sweep(case, dtype_name) -> dict:
+    """The fastest SWEEP configuration of each kernel at ``case`` whose results match the default's."""
+    print(f"== sweep at {case} {dtype_name}")
+    xf, w, b, dy = make(case, DTYPES[dtype_name])
     x = xf[..., :w.shape[0]]
     dw_triton.CONFIG_OVERRIDE.clear()
     ref_y, ref_g = dw_triton._forward(x, w, b), dw_triton._backward(dy, x, w, b)
@@ -129,7 +130,7 @@ def main(argv=None):
     harness.kernel_bench_main(
         argv, script="bench_dwconv.py", doc=__doc__, op="dwconv_silu", cases=CASES, dtypes=DTYPES,
         default_cases=",".join(CASES), default_dtypes="bf16", bench_case=bench_case,
-        sweep=lambda case, dtype_name: sweep(DTYPES[dtype_name]), table_row=table_row,
+        sweep=sweep, table_row=table_row,
         title="dwconv + SiLU fwd/fwdbwd (ms; *_vs_floor: kernel time over its floor at {copy_tbps:.2f} TB/s), {gpu}")
 
 
