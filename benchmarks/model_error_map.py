@@ -3,7 +3,7 @@
 on the activations the float64 reference model feeds it (its outputs, its inputs' gradients and its
 parameters' gradients), so a miss of the whole-model test can be traced to one module.
 
-    python benchmarks/model_error_map.py [--backends cuda,triton] [--size 128] [--top 12]
+    python benchmarks/model_error_map.py [--backends cuda,triton] [--size 128] [--top 12] [--activations]
 
 Same model, weights and inputs as tests/models/test_gpu.py::test_forward_backward_by_the_rule
 (eval mode, batch 2, fp32, TF32 off). A ratio above 1 breaks the rule.
@@ -20,7 +20,7 @@ from tests.models.conftest import published_keys, published_tensor  # noqa: E402
 from vmambax.models import from_reference_checkpoint  # noqa: E402
 from vmambax.models.fusion import CGM  # noqa: E402
 from vmambax.models.vmambax import set_backend  # noqa: E402
-from vmambax.testing import model_runs, module_ratios, whole_model_ratios  # noqa: E402
+from vmambax.testing import activation_errors, model_runs, module_ratios, whole_model_ratios  # noqa: E402
 from vmambax_kernels.modules import SS2D  # noqa: E402
 
 
@@ -30,6 +30,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--activations", action="store_true",
+                    help="also each SS2D and CGM output's forward error in the whole model, in order")
     args = ap.parse_args(argv)
     backends = args.backends.split(",")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -46,6 +48,14 @@ def main(argv=None):
         print(f"== whole model, {be}: {sum(v > 1 for v in r.values())} of {len(r)} break the rule; worst:")
         for n, v in sorted(r.items(), key=lambda kv: -kv[1])[: args.top]:
             print(f"   {v:6.3f}  {n}")
+
+    if args.activations:
+        print("== forward, each module's output in the whole model (in the order they run): max|x - ref64|"
+              " of the float32 reference and each backend, and each backend's as a multiple of the reference's")
+        for name, err in activation_errors(model, ct, pet, backends, names).items():
+            ref = err["ref32"]
+            print(f"   {name:60s} ref32 {ref:9.2e}  " + "  ".join(
+                f"{be} {err[be]:9.2e} ({err[be] / ref if ref else float('inf'):5.2f}x)" for be in backends))
 
     print("== each module alone on the float64 model's activations: worst ratio (of outputs, input"
           " gradients, parameter gradients) per backend")

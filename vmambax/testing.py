@@ -6,6 +6,8 @@
 - ``module_ratios``: each captured module run alone on those float64 activations (rounded to
   float32), on each backend: the rule's ratio (max error / allowed; above 1 breaks it) of its
   outputs, its inputs' gradients and its parameters' gradients.
+- ``activation_errors``: each chosen module's output error in the whole model's forward, per
+  backend and for the float32 reference, in the order the modules run.
 
 A miss of the whole-model test can thus be traced to a module, or shown to come from the
 compounding of modules that each keep the rule.
@@ -53,6 +55,39 @@ def model_runs(model, ct, pet, grad_out, backends: Iterable[str], capture: Itera
     for be in backends:
         runs[be] = _run(model.float().set_backend(be), ct, pet, grad_out, torch.float32)
     return runs, captured
+
+
+def activation_errors(model, ct, pet, backends: Iterable[str], names: Iterable[str]) -> dict[str, dict]:
+    """Forward only (no_grad): for each module in ``names``, in the order the float64 reference ran
+    them, {"ref32": max|ref32 - ref64|, backend: max|out - ref64|, ...} of its output (a tuple's
+    tensors taken together). Where a fast backend's error grows from one module to the next faster
+    than the float32 reference's, its forward is where a whole-model miss starts. ``model`` (with
+    ``set_backend``) is left in float32."""
+    mods = dict(model.named_modules())
+    device = next(model.parameters()).device
+
+    def outputs(backend, dtype):
+        got = {}
+
+        def keep(name):
+            def hook(mod, inputs, out):
+                ts = out if isinstance(out, (tuple, list)) else (out,)
+                got[name] = torch.cat([t.detach().double().flatten().cpu() for t in ts])
+            return hook
+        hooks = [mods[n].register_forward_hook(keep(n)) for n in names]
+        try:
+            with torch.no_grad():
+                model.to(dtype).set_backend(backend)(ct.to(device, dtype), pet.to(device, dtype))
+        finally:
+            for h in hooks:
+                h.remove()
+        return got
+
+    ref64 = outputs("reference", torch.float64)
+    runs = {"ref32": outputs("reference", torch.float32)}
+    runs.update({be: outputs(be, torch.float32) for be in backends})
+    model.float()
+    return {n: {k: (r[n] - ref64[n]).abs().max().item() for k, r in runs.items()} for n in ref64}
 
 
 def whole_model_ratios(runs, backend: str) -> dict[str, float]:

@@ -190,3 +190,30 @@ def test_count_flops_leaves_the_model_alone():
     assert f["total"] > f["scans"] > 0 and f["other"] == 0
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     assert all(mod.backend is None for mod in m.modules() if isinstance(mod, SS2D))
+
+
+def test_activation_errors_follow_the_forward():
+    """vmambax.testing.activation_errors (benchmarks/model_error_map.py --activations): every SS2D and
+    CGM output, in the order they run, with the float32 reference's error; the reference backend in
+    float32 repeats that run exactly on CPU."""
+    from vmambax.models.fusion import CGM
+    from vmambax.testing import activation_errors
+    from vmambax_kernels.modules import SS2D
+
+    torch.manual_seed(0)
+    model = VMambaX(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256), decoder_depth=1).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, (SS2D, CGM))]
+    order = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
+             for n, m in model.named_modules() if n in names]
+    g = torch.Generator().manual_seed(1)
+    ct, pet = (torch.rand(1, 1, 64, 64, generator=g) for _ in range(2))
+    with torch.no_grad():
+        model(ct, pet)
+    for h in hooks:
+        h.remove()
+    errs = activation_errors(model, ct, pet, ["reference"], names)
+    assert list(errs) == list(dict.fromkeys(order)) and set(errs) == set(names)
+    assert all(e["reference"] == e["ref32"] for e in errs.values())
+    assert any(e["ref32"] > 0 for e in errs.values())
+    assert next(model.parameters()).dtype == torch.float32
