@@ -53,4 +53,11 @@ def fused_layer_norm(device_type: str, enabled: bool | None = None) -> bool:
     return _triton_ok("layer_norm", device_type)
 
 
+@torch.compiler.assume_constant_result
+def layer_norm_in_training() -> bool:
+    """$VMAMBAX_FUSED_LAYER_NORM=train: the LayerNorm module's kernel also where a gradient flows
+    (by default only in inference). Under torch.compile the answer is fixed at trace time."""
+    return os.environ.get(SWITCHES["layer_norm"]) == "train"
+
+
 _TRITON_OK: dict = {}

@@ -1,13 +1,11 @@
 """LayerNorm: nn.LayerNorm whose output under CUDA autocast comes already in the autocast dtype."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 
 from ..layer_norm.interface import layer_norm
-from .glue import fused_layer_norm
+from .glue import fused_layer_norm, layer_norm_in_training
 
 _HALF = (torch.bfloat16, torch.float16)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,7 +55,7 @@ class LayerNorm(nn.LayerNorm):
             return None
         if not fused_layer_norm(x.device.type, self.fused):
             return None
-        if self.fused is None and os.environ.get("VMAMBAX_FUSED_LAYER_NORM") != "train" and torch.is_grad_enabled() \
+        if self.fused is None and not layer_norm_in_training() and torch.is_grad_enabled() \
                 and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)):
             return None   # training: nn.LayerNorm's backward is the faster one (see above)
         return dtype
