@@ -232,7 +232,8 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true", help="print the kernel split of a training step")
     ap.add_argument("--graph", action="store_true", help="also time inference replayed from a CUDA graph")
     ap.add_argument("--glue", default="fused", help="SS2D's input conv and output gate and the model's LayerNorms: "
-                    "fused (Triton ops), torch (PyTorch ops), or both as fused,torch to time before/after in one run")
+                    "fused (Triton ops; the LayerNorm op in inference only unless VMAMBAX_FUSED_LAYER_NORM=train), "
+                    "torch (PyTorch ops), or both as fused,torch to time before/after in one run")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_model.py needs a CUDA GPU")
