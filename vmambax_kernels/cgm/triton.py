@@ -29,7 +29,7 @@ The channel reductions run on tensor cores in fp32 accuracy: an fp32 operand is 
 three tf32-exact parts (hi, mid, lo) whose products are exact in fp32; bf16/fp16 activations are
 already tf32-exact.
 
-GEMM form (config key "gemm", not a default; kernels in triton_gemm.py): the same sums as plain
+GEMM form (config key "gemm"; the 16-bit default at most widths, see _BY_WIDTH_16BIT; kernels in triton_gemm.py): the same sums as plain
 GEMMs over tiles of BP flattened pixels of one plane, with no halo and no loop-carried state, the
 3x3 neighbourhood going through small fp32 buffers instead of registers. Forward: P[b, (m, dy, dx),
 p] = sum_c X[c, p] Wpack[c, j] (tl.dot over channel blocks, the 18 used columns stored, 72 B a
@@ -514,9 +514,30 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _options(kind, dtype):
-    base = _DEFAULTS[kind + "_fp32" if dtype == torch.float32 else kind]
-    return {**base, **CONFIG_OVERRIDE.get(kind, {})}  # overrides (tests, --sweep) apply to every dtype
+# 16-bit inputs: the fastest launch of the per-case sweep (H100, bf16, bench_cgm.py --sweep-all at
+# 3c0821f; ms, the default's in brackets), by plane width, the widest first; each was GPU-tested at
+# the stage shapes in bf16 and fp32 (tests/ops/test_cgm_triton.py, every variant). The GEMM forward
+# needs pixel tiles to fill the GPU, so at 16 x 16 the streaming kernel on 32-channel blocks wins.
+#   cgm1 (W 128): fwd gemm BC 16 0.146 (0.221); bwd num_stages 1 0.364 (0.416)
+#   cgm2 (W 64):  fwd gemm BC 16 0.075 (0.219; BP 256 / 8 warps 0.068); bwd gemm 0.207 (0.320)
+#   cgm3 (W 32):  fwd gemm BC 16 0.073 (0.121); bwd default 0.214
+#   cgm4 (W 16):  fwd BC 32 / 8 warps 0.115 (0.150); bwd BC 32 0.179 (0.275)
+_BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16)), "bwd": dict(num_stages=1)}),
+                   (64, {"fwd": dict(gemm=dict(BC=16)), "bwd": dict(gemm=True)}),
+                   (32, {"fwd": dict(gemm=dict(BC=16)), "bwd": {}}),
+                   (0, {"fwd": dict(BC=32, num_warps=8), "bwd": dict(BC=32)}))
+
+
+def _options(kind, dtype, W=None):
+    """Launch options: _DEFAULTS, then the per-width choice for 16-bit inputs, unless CONFIG_OVERRIDE
+    (tests, --sweep) names this kind: then it applies on top of the defaults, in every dtype."""
+    fp32 = dtype == torch.float32
+    base = _DEFAULTS[kind + "_fp32" if fp32 else kind]
+    if kind in CONFIG_OVERRIDE:
+        return {**base, **CONFIG_OVERRIDE[kind]}
+    if fp32 or W is None:
+        return base
+    return {**base, **next(t[kind] for w, t in _BY_WIDTH_16BIT if W >= w)}
 
 
 def _slots(device, programs_per_sm):
@@ -529,7 +550,7 @@ def _slots(device, programs_per_sm):
 
 
 def _config(kind, Bt, C, H, W, device, dtype=None):
-    o = _options(kind, dtype)
+    o = _options(kind, dtype, W)
     bc = max(16, min(o["BC"], _pow2(C)))  # tl.dot needs K >= 16
     if _pow2(W) <= o["max_tw"]:
         twp, n_ct = max(16, _pow2(W)), 1
@@ -554,7 +575,7 @@ def _apply_config(o):
 
 
 def _forward(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual):
-    o = _options("fwd", x_ct.dtype)
+    o = _options("fwd", x_ct.dtype, x_ct.shape[-1])
     if o.get("gemm"):
         return _forward_gemm(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual, o)
     k = _kernels()
@@ -593,7 +614,7 @@ def _backward_launch(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, resi
     GAP, ``dp[b, 0, C + c] + dp[b, 1, c]`` is added to dx_ct[b, c] (and the mirror to dx_pet),
     and dc, which that caller reduced beforehand, is not computed."""
     ga, gb = g_ct.to(x_ct.dtype), g_pet.to(x_pet.dtype)
-    o = _options("bwd", x_ct.dtype)
+    o = _options("bwd", x_ct.dtype, x_ct.shape[-1])
     if o.get("gemm"):
         return _backward_gemm(ga, gb, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual, dp, o)
     k = _kernels()
