@@ -18,6 +18,12 @@ from vmambax_kernels.testing import TEST_DEVICE as DEVICE, assert_close_by_rule
 pytestmark = pytest.mark.timeout(180)
 
 
+@pytest.fixture(autouse=True)
+def fused_path_at_every_width(monkeypatch):
+    """This file tests the fused path itself, so the model's width limit for it is lifted here."""
+    monkeypatch.setattr(module_triton, "MODEL_MAX_C", 1 << 30)
+
+
 def make_module(C, seed=0, residual=True):
     """A CGM with BatchNorm affine parameters and running stats away from their init values."""
     torch.manual_seed(seed)
@@ -136,6 +142,27 @@ def test_fallbacks_keep_the_pytorch_path():
     assert "SyncBatchNorm" in module_triton.supported("triton", x, x, sync.channel_gate_rgb, sync.channel_gate_pet)
     m.channel_gate_pet[1].momentum = None
     assert "momentum" in module_triton.supported("triton", x, x, m.channel_gate_rgb, m.channel_gate_pet)
+
+
+@pytest.mark.parametrize("C, fused", [(module_triton.MODEL_MAX_C, True), (module_triton.MODEL_MAX_C + 1, False)])
+def test_model_takes_the_fused_path_up_to_its_width(monkeypatch, C, fused):
+    """CGM runs the fused module up to MODEL_MAX_C channels (the default, not this file's lifted
+    limit), the gate kernel with PyTorch's MLP above it; both give the reference's outputs."""
+    monkeypatch.undo()
+    calls = []
+    real = module_triton.cgm_module
+    monkeypatch.setattr(module_triton, "cgm_module", lambda *a, **k: calls.append(C) or real(*a, **k))
+    m = make_module(C).eval().to(DEVICE)
+    x = torch.randn(2, C, 2, 3)
+    ys = m(x.to(DEVICE), x.flip(0).to(DEVICE))
+    assert bool(calls) == fused
+    refs = []
+    for dt in (torch.float64, torch.float32):
+        r = copy.deepcopy(m).to("cpu", dt)
+        r.backend = "reference"
+        refs.append(r(x.to(dt), x.flip(0).to(dt)))
+    for i, y in enumerate(ys):
+        assert_close_by_rule(f"y{i}", y.cpu(), refs[0][i], refs[1][i])
 
 
 def test_state_dict_keys_unchanged():

@@ -321,6 +321,13 @@ def _mlp_meta(Bt, C, HID):
                 num_warps=_MLP["num_warps"] * (2 if bb * bh >= 16 * 256 else 1))
 
 
+# Widest C for which the model takes this path: the channel MLP runs in one program (float64), and
+# from C 384 on it costs more than the launches it saves. H100, bf16, fwd+bwd replayed from a CUDA
+# graph (bench_cgm.py at f79b19a, ms, this path against the gate-kernel path with PyTorch's MLP):
+# cgm1 0.630 vs 0.785, cgm2 0.450 vs 0.470, cgm3 0.595 vs 0.438, cgm4 1.168 vs 0.422.
+MODEL_MAX_C = 192
+
+
 def supported(backend, x_ct, x_pet, mlp_ct: nn.Sequential, mlp_pet: nn.Sequential) -> str | None:
     """None when ``cgm_module`` can run CGM on these inputs with these MLPs and the gate's
     ``backend`` resolves to Triton; else why not (the module then runs its PyTorch path, which
