@@ -144,25 +144,28 @@ def test_fallbacks_keep_the_pytorch_path():
     assert "momentum" in module_triton.supported("triton", x, x, m.channel_gate_rgb, m.channel_gate_pet)
 
 
-@pytest.mark.parametrize("C, fused", [(module_triton.MODEL_MAX_C, True), (module_triton.MODEL_MAX_C + 1, False)])
-def test_model_takes_the_fused_path_up_to_its_width(monkeypatch, C, fused):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("C", [module_triton.MODEL_MAX_C, module_triton.MODEL_MAX_C + 1])
+def test_model_takes_the_fused_path_up_to_its_width(monkeypatch, C, dtype):
     """CGM runs the fused module up to MODEL_MAX_C channels (the default, not this file's lifted
-    limit), the gate kernel with PyTorch's MLP above it; both give the reference's outputs."""
+    limit) with 16-bit inputs and at every width in fp32, else the gate kernel with PyTorch's MLP;
+    both give the reference's outputs by the rule."""
     monkeypatch.undo()
     calls = []
     real = module_triton.cgm_module
     monkeypatch.setattr(module_triton, "cgm_module", lambda *a, **k: calls.append(C) or real(*a, **k))
     m = make_module(C).eval().to(DEVICE)
-    x = torch.randn(2, C, 2, 3)
-    ys = m(x.to(DEVICE), x.flip(0).to(DEVICE))
-    assert bool(calls) == fused
+    x = torch.randn(2, C, 2, 3).to(dtype)
+    with torch.autocast(torch.device(DEVICE).type, dtype, enabled=dtype != torch.float32):  # as in the model
+        ys = m(x.to(DEVICE), x.flip(0).to(DEVICE))
+    assert bool(calls) == (dtype == torch.float32 or C <= module_triton.MODEL_MAX_C)
     refs = []
     for dt in (torch.float64, torch.float32):
         r = copy.deepcopy(m).to("cpu", dt)
         r.backend = "reference"
         refs.append(r(x.to(dt), x.flip(0).to(dt)))
     for i, y in enumerate(ys):
-        assert_close_by_rule(f"y{i}", y.cpu(), refs[0][i], refs[1][i])
+        assert_close_by_rule(f"y{i}", y.cpu(), refs[0][i], refs[1][i], dtype)
 
 
 def test_state_dict_keys_unchanged():

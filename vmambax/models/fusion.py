@@ -54,7 +54,8 @@ class CGM(nn.Module):
             raise ValueError("batch: CGM's channel gate has a BatchNorm over pooled features, so training "
                              "needs at least 2 samples per device (or SyncBatchNorm across devices); "
                              f"got batch size {x_ct.shape[0]}")
-        if x_ct.shape[1] <= cgm_module_triton.MODEL_MAX_C and cgm_module_triton.supported(
+        wide = x_ct.shape[1] > cgm_module_triton.MODEL_MAX_C and x_ct.dtype != torch.float32
+        if not wide and cgm_module_triton.supported(
                 self.backend, x_ct, x_pet, self.channel_gate_rgb, self.channel_gate_pet) is None:
             # the whole module as one autograd node, 3 launches each way (the PyTorch MLPs below
             # are 38 ATen ops per forward + backward: host-bound at every stage size)

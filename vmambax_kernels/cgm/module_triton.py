@@ -321,10 +321,13 @@ def _mlp_meta(Bt, C, HID):
                 num_warps=_MLP["num_warps"] * (2 if bb * bh >= 16 * 256 else 1))
 
 
-# Widest C for which the model takes this path: the channel MLP runs in one program (float64), and
-# from C 384 on it costs more than the launches it saves. H100, bf16, fwd+bwd replayed from a CUDA
-# graph (bench_cgm.py at f79b19a, ms, this path against the gate-kernel path with PyTorch's MLP):
-# cgm1 0.630 vs 0.785, cgm2 0.450 vs 0.470, cgm3 0.595 vs 0.438, cgm4 1.168 vs 0.422.
+# Widest C for which the model takes this path with 16-bit inputs: the channel MLP runs in one
+# program (float64), and from C 384 on it costs more than the launches it saves. H100, bf16, fwd+bwd
+# replayed from a CUDA graph (bench_cgm.py at f79b19a, ms, this path against the gate kernel with
+# PyTorch's MLP): cgm1 0.630 vs 0.785, cgm2 0.450 vs 0.470, cgm3 0.595 vs 0.438, cgm4 1.168 vs 0.422.
+# fp32 inputs take it at every width: with PyTorch's fp32 MLP at C 384 and 768, the whole-model rule
+# test (tests/models/test_gpu.py, fp32) failed on the triton backend in 6 of 6 runs on the H100
+# (grad of the last decoder block's cab fc.0.weight at 1.4-1.8x the bound), against 0 of 6 with it.
 MODEL_MAX_C = 192
 
 
