@@ -144,9 +144,10 @@ def test_fallbacks_keep_the_pytorch_path():
     assert "momentum" in module_triton.supported("triton", x, x, m.channel_gate_rgb, m.channel_gate_pet)
 
 
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "plain"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("C", [module_triton.MODEL_MAX_C, module_triton.MODEL_MAX_C + 1])
-def test_model_takes_the_fused_path_up_to_its_width(monkeypatch, C, dtype):
+def test_model_takes_the_fused_path_up_to_its_width(monkeypatch, C, dtype, autocast):
     """CGM runs the fused module up to MODEL_MAX_C channels (the default, not this file's lifted
     limit) with 16-bit inputs and at every width in fp32, else the gate kernel with PyTorch's MLP;
     both give the reference's outputs by the rule."""
@@ -156,7 +157,8 @@ def test_model_takes_the_fused_path_up_to_its_width(monkeypatch, C, dtype):
     monkeypatch.setattr(module_triton, "cgm_module", lambda *a, **k: calls.append(C) or real(*a, **k))
     m = make_module(C).eval().to(DEVICE)
     x = torch.randn(2, C, 2, 3).to(dtype)
-    with torch.autocast(torch.device(DEVICE).type, dtype, enabled=dtype != torch.float32):  # as in the model
+    # 16-bit inputs under autocast (as in the model) and without it (fp32 parameters)
+    with torch.autocast(torch.device(DEVICE).type, dtype, enabled=autocast and dtype != torch.float32):
         ys = m(x.to(DEVICE), x.flip(0).to(DEVICE))
     assert bool(calls) == (dtype == torch.float32 or C <= module_triton.MODEL_MAX_C)
     refs = []

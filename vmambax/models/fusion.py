@@ -57,12 +57,14 @@ class CGM(nn.Module):
         wide = x_ct.shape[1] > cgm_module_triton.MODEL_MAX_C and x_ct.dtype != torch.float32
         if not wide and cgm_module_triton.supported(
                 self.backend, x_ct, x_pet, self.channel_gate_rgb, self.channel_gate_pet) is None:
-            # the whole module as one autograd node, 3 launches each way (the PyTorch MLPs below
+            # the whole module as one autograd node, 4 launches each way (the PyTorch MLPs below
             # are 38 ATen ops per forward + backward: host-bound at every stage size)
             return cgm_module_triton.cgm_module(x_ct, x_pet, self.channel_gate_rgb, self.channel_gate_pet,
                                                 self.spatial_gate_rgb[0].weight, self.spatial_gate_pet[0].weight,
                                                 self.residual)
-        p_ct, p_pet = x_ct.mean((2, 3), keepdim=True), x_pet.mean((2, 3), keepdim=True)  # (Bt, C, 1, 1)
+        # (Bt, C, 1, 1), in the MLP's dtype: 16-bit inputs outside autocast (autocast's convs cast back)
+        wdt = self.channel_gate_rgb[0].weight.dtype
+        p_ct, p_pet = x_ct.mean((2, 3), keepdim=True).to(wdt), x_pet.mean((2, 3), keepdim=True).to(wdt)
         # each gate sees cat([other, self]), so GAP(cat) = cat of the two pooled means
         c_ct = torch.sigmoid(self.channel_gate_rgb(torch.cat([p_pet, p_ct], 1))).flatten(1)   # (Bt, C)
         c_pet = torch.sigmoid(self.channel_gate_pet(torch.cat([p_ct, p_pet], 1))).flatten(1)
