@@ -71,6 +71,10 @@ def record() -> list[dict]:
     for mod in (scan_triton, cgm_triton, norm_gate_triton):
         mod.interpreting = lambda: False        # the GPU's configuration (block sizes, grids)
     cgm_module.interpreting = lambda: False
+    # the model takes the fused module path only up to MODEL_MAX_C channels in 16 bits (above, its
+    # PyTorch MLP, which needs autocast for bf16 inputs): lifted here, as in the module's tests, to
+    # record the fused module's launches at every stage shape
+    cgm_module.MODEL_MAX_C = 1 << 30
     scan_triton._check = lambda *args, **kwargs: None   # it refuses CPU tensors outside the interpreter
 
     def backward(y, leaves):
@@ -115,6 +119,19 @@ def record() -> list[dict]:
                 leaves = [v.requires_grad_(True) for v in x.values() if isinstance(v, torch.Tensor)]
                 ys = vk.cgm_gate(**x, residual=True, backend="triton")
                 backward(sum(y.float().sum() for y in ys), leaves)
+    # the fused GEMM forward's shift + apply kernel with several channel groups per pixel tile, as on
+    # the GPU at cgm3 and cgm4 (the CPU's few slots give one group at most shapes here)
+    for name, variant in cgm_triton.VARIANTS.items():
+        gemm = variant.get("fwd", {}).get("gemm")
+        if not (isinstance(gemm, dict) and gemm.get("fuse_apply")):
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            for C, H, W in ((96, 128, 128), (192, 64, 64), (384, 32, 32), (768, 16, 16)):
+                cgm_triton.CONFIG_OVERRIDE.clear()
+                cgm_triton.CONFIG_OVERRIDE["fwd"] = dict(gemm=dict(gemm, apply=dict(gemm.get("apply", {}), groups=3)))
+                x = [torch.randn(1, C, H, W).to(dtype) for _ in range(2)]
+                vk.cgm_gate(*x, torch.rand(1, C), torch.rand(1, C), torch.randn(1, 2 * C, 3, 3) * 0.05,
+                            torch.randn(1, 2 * C, 3, 3) * 0.05, residual=True, backend="triton")
     # the GEMM-form backward variants inside the fused module (the gate's kernels with dp) at the
     # same shapes
     for name, variant in cgm_triton.VARIANTS.items():

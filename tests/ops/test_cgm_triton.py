@@ -115,6 +115,10 @@ def test_variants_fp32_channels_last(variant):
 # one), several per dW chunk, C not a multiple of the 16-channel block; channels-first, channels-last
 # and sliced planes (h, w strides that do not merge: the per-pixel division path), H = 1, W = 1.
 GEMM_SMALL = {"fwd": dict(gemm=dict(BP=16, BC=16)), "bwd": dict(gemm=dict(BP=16, BC=16, dw=dict(BP=16, BC=16)))}
+# ... and with the forward's shift-sum and gating fused (config "fuse_apply"), 16-pixel tiles, two
+# channel groups per tile where C has two 16-channel blocks (group 1 recomputes s and does not store it)
+GEMM_SMALL_FUSED = {"fwd": dict(gemm=dict(BP=16, BC=16, fuse_apply=True, apply=dict(BP=16, BC=16, groups=2))),
+                    "bwd": GEMM_SMALL["bwd"]}
 GEMM_CASES = {"first_bf16": ((2, 20, 7, 9), "first", torch.bfloat16, True),
               "last_fp32": ((2, 20, 7, 9), "last", torch.float32, True),
               "sliced_fp32_plain": ((2, 20, 7, 9), "sliced", torch.float32, False),
@@ -123,7 +127,7 @@ GEMM_CASES = {"first_bf16": ((2, 20, 7, 9), "first", torch.bfloat16, True),
               "col_fp32_plain": ((2, 20, 37, 1), "last", torch.float32, False)}
 
 
-@pytest.mark.parametrize("config", [GEMM_SMALL], indirect=True, ids=["gemm16"])
+@pytest.mark.parametrize("config", [GEMM_SMALL, GEMM_SMALL_FUSED], indirect=True, ids=["gemm16", "gemm16_fused"])
 @pytest.mark.parametrize("case", list(GEMM_CASES))
 def test_gemm_small_tiles(config, case):
     shape, layout, dtype, residual = GEMM_CASES[case]
@@ -139,6 +143,40 @@ def test_gemm_small_tiles(config, case):
         return fn
     inputs = cgm_inputs(*shape[:3], shape[3] + 2, dtype, device="cpu", seed=23)
     check_against_reference(sliced("triton"), sliced("reference"), inputs, out_dtype=dtype)
+
+
+def forwards_agree(inputs, residual, base, fused):
+    """The GEMM forward in three launches (config ``base``) and with shift-sum and gating fused
+    (``fused``): y_ct, y_pet and s bit for bit (the fused kernel sums P's taps in the shift
+    kernel's order, triton_gemm._fused_s, gates as the apply kernel does, rounds y once)."""
+    outs = []
+    for cfg in (base, fused):
+        cgm_triton.CONFIG_OVERRIDE.update(cfg)
+        try:
+            with torch.no_grad():
+                outs.append(cgm_triton._forward(*inputs.values(), residual))
+        finally:
+            cgm_triton.CONFIG_OVERRIDE.clear()
+    for name, a, b in zip(("y_ct", "y_pet", "s"), *outs):
+        assert a.stride() == b.stride(), name
+        assert torch.equal(a, b), f"{name}: {(a.float() - b.float()).abs().max().item()} max difference"
+
+
+# Odd tiny shapes: C not a multiple of 16 (several groups), H = 1, W = 1, channels-last, fp32 and bf16
+FUSED_CASES = {"first_bf16": ((2, 37, 7, 9), False, torch.bfloat16, True),
+               "last_fp32_plain": ((2, 20, 5, 6), True, torch.float32, False),
+               "row_bf16_plain": ((1, 20, 1, 33), False, torch.bfloat16, False),
+               "col_fp32": ((2, 37, 19, 1), True, torch.float32, True)}
+
+
+@pytest.mark.parametrize("groups", [None, 2, 3], ids=["groups_auto", "groups2", "groups3"])
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_apply_matches_three_launches(case, groups):
+    shape, last, dtype, residual = FUSED_CASES[case]
+    apply = dict(BP=16, BC=16) if groups is None else dict(BP=16, BC=16, groups=groups)
+    forwards_agree(cgm_inputs(*shape, dtype, device="cpu", seed=29, channels_last=last), residual,
+                   {"fwd": dict(gemm=dict(BP=16, BC=16))},
+                   {"fwd": dict(gemm=dict(BP=16, BC=16, fuse_apply=True, apply=apply))})
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -281,6 +319,22 @@ def test_gpu_variants_at_stage_shapes(variant, shape, dtype, exact_cuda_refs):
         check(cgm_inputs(*GPU_SHAPES[shape], DTYPES[dtype], seed=3), DTYPES[dtype], True, device_ref="cuda")
     finally:
         cgm_triton.CONFIG_OVERRIDE.clear()
+
+
+# The fused forward variants against the three-launch GEMM forward with the same taps kernel: y and s
+# bit for bit at the stage shapes. The fused kernel adds P's taps in the order the shift kernel's
+# tl.sum compiles to (triton_gemm._tap_chain, read off its TTGIR and LLVM IR offline): this checks
+# that on the device.
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
+@pytest.mark.parametrize("variant", [v for v, cfg in cgm_triton.VARIANTS.items()
+                                     if isinstance(cfg.get("fwd", {}).get("gemm"), dict)
+                                     and cfg["fwd"]["gemm"].get("fuse_apply")])
+def test_gpu_fused_apply_matches_three_launches(variant, shape, dtype):
+    fused = cgm_triton.VARIANTS[variant]
+    base = {"fwd": dict(gemm={k: v for k, v in fused["fwd"]["gemm"].items() if k not in ("fuse_apply", "apply")})}
+    forwards_agree(cgm_inputs(*GPU_SHAPES[shape], DTYPES[dtype], seed=5), True, base, fused)
 
 
 @pytest.mark.gpu

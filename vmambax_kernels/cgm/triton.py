@@ -34,11 +34,13 @@ GEMMs over tiles of BP flattened pixels of one plane, with no halo and no loop-c
 3x3 neighbourhood going through small fp32 buffers instead of registers. Forward: P[b, (m, dy, dx),
 p] = sum_c X[c, p] Wpack[c, j] (tl.dot over channel blocks, the 18 used columns stored, 72 B a
 pixel), then per pixel z_m = the sum of P's 9 taps of map m at the shifted pixels, s = sigmoid(z),
-then _cgm_apply_kernel gates every channel (as the split forward). Backward: dz (Bt, 2, H, W) from
-dy, x, s (with the dc partials per tile); dx = dy gate (+ dp) + dzs @ Wpack^T with dzs (BP, 32) the
-18 shifted dz values of each pixel; dW partials = x^T @ dzs per chunk of tiles and channel block.
-With n e the bytes of one modality's x, the forward moves 6 n e instead of 4 n e (x read twice) and
-the backward 10 n e instead of 6 n e (x and dy read twice), plus the fp32 buffers.
+then _cgm_apply_kernel gates every channel (as the split forward); with "fuse_apply" (a variant,
+not a default) one kernel does both, reading P's taps at each pixel tile's shifted pixels.
+Backward: dz (Bt, 2, H, W) from dy, x, s (with the dc partials per tile); dx = dy gate (+ dp) +
+dzs @ Wpack^T with dzs (BP, 32) the 18 shifted dz values of each pixel; dW partials = x^T @ dzs
+per chunk of tiles and channel block. With n e the bytes of one modality's x, the forward moves
+6 n e instead of 4 n e (x read twice) and the backward 10 n e instead of 6 n e (x and dy read
+twice), plus the fp32 buffers.
 
 Runs on CUDA GPUs, or on CPU tensors under TRITON_INTERPRET=1 (tests). Kernels are defined on the
 first launch, because Triton picks compiling or interpreting when a kernel is defined.
@@ -491,6 +493,22 @@ VARIANTS: dict = {
     "fwd_gemm_bp256_w8": {"fwd": dict(gemm=dict(BP=256, num_warps=8))},
     # taps GEMM on 16-channel blocks: 123 / 158 (4 programs per SM in bf16)
     "fwd_gemm_bc16": {"fwd": dict(gemm=dict(BC=16))},
+    # fwd in two kernels (not yet timed): the taps GEMM (BC 16, as fwd_gemm_bc16), then shift-sum +
+    # sigmoid + gating in one (triton_gemm._cgm_shift_apply_kernel: s from P per pixel tile, stored
+    # by channel group 0 only; y and s bit for bit those of the three-launch GEMM forward in the CPU
+    # tests, test_gpu_fused_apply_matches_three_launches checks the same at the stage shapes). Bytes at cgm1 bf16 (n e = 25.2 MB a modality, P
+    # 9.4 MB, s 1.05 MB), counting every buffer as if it went through HBM: three launches move
+    # x 2 x 50.3 + P 2 x 9.4 + s 2 x 1.05 + y 50.3 = 171.9 MB, fused 170.8 MB (s is not read back;
+    # the issue's count is 4 n e = 100.7 MB). What goes is one launch, the shift kernel's own pass
+    # and its tail: x is still read twice, which only a haloed forward (the streaming kernel) avoids.
+    # Registers (ptxas sm_90, Triton 3.6, compile_offline.py, cgm1-cgm4, 1-3 channel groups): the
+    # fused kernel BP 128 x BC 32 on 4 warps 48-54 (bf16) / 56-64 (fp32), no spills; taps as fwd_gemm_bc16
+    "fwd_gemm_bc16_fused": {"fwd": dict(gemm=dict(BC=16, fuse_apply=True))},
+    # the same on 256-pixel tiles with 8 warps: 48-58 / 73-78
+    "fwd_gemm_bc16_fused_bp256_w8": {"fwd": dict(gemm=dict(BC=16, fuse_apply=True,
+                                                          apply=dict(BP=256, num_warps=8)))},
+    # the same on 64-channel steps (twice the loads in flight per step): 71 / 96
+    "fwd_gemm_bc16_fused_bc64": {"fwd": dict(gemm=dict(BC=16, fuse_apply=True, apply=dict(BC=64)))},
     # bwd in three kernels (BP 128 x BC 32, 4 warps, 3 stages): dz 96 / 124 (fused module, dp
     # given: 72 / 128), dx 186 / 232 (with dp 167 / 172), dW (BP 64 x BC 64) 168-169 / 252-255
     "bwd_gemm": {"bwd": dict(gemm=True)},
@@ -504,7 +522,13 @@ VARIANTS: dict = {
 # The GEMM form's tiles (config key "gemm": True, or a dict overriding these): BP flattened pixels x
 # BC channels per tl.dot; num_stages for the channel loops' pipelined loads; programs_per_sm sizes
 # the dW kernel's chunks of pixel tiles. The shift-sum kernel takes tiles of _SHIFT_BP pixels.
-_GEMM = {"fwd": dict(BP=128, BC=32, num_warps=4, num_stages=3),
+# "fuse_apply" (forward): the shift-sum and the gating in one kernel (triton_gemm._cgm_shift_apply_kernel)
+# on the tiles of "apply": BP pixels x BC channels per step, channel groups per pixel tile sized by
+# programs_per_sm to fill the GPU ("groups" fixes their number). Its channel loop's loads are not
+# software-pipelined at any num_stages (no tl.dot: plain 16-byte loads in the TTGIR, no cp.async);
+# occupancy hides their latency (48-96 registers, several programs per SM).
+_GEMM = {"fwd": dict(BP=128, BC=32, num_warps=4, num_stages=3, fuse_apply=False,
+                     apply=dict(BP=128, BC=32, num_warps=4, num_stages=1, programs_per_sm=2)),
          "bwd": dict(BP=128, BC=32, num_warps=4, num_stages=3, dw=dict(BP=64, BC=64, programs_per_sm=2))}
 _SHIFT_BP = 256
 _SMS: dict = {}
@@ -644,6 +668,8 @@ def _gemm_config(kind, o, C, H, W):
     if kind == "bwd":
         g["dw"] = _gemm_tiles({"num_warps": g["num_warps"], "num_stages": g["num_stages"],
                                **_GEMM["bwd"]["dw"], **user.get("dw", {})}, C, H, W)
+    elif g["fuse_apply"]:
+        g["apply"] = _gemm_tiles({**_GEMM["fwd"]["apply"], **user.get("apply", {})}, C, H, W)
     return _gemm_tiles(g, C, H, W)
 
 
@@ -661,7 +687,7 @@ def _flat(*ts):
 
 def _forward_gemm(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual, o):
     """GEMM form (config key "gemm"): taps GEMM into P, shift-sum + sigmoid into s, then the gating
-    kernel of the split forward."""
+    kernel of the split forward; with "fuse_apply", the last two in one kernel (two launches)."""
     kg = triton_gemm._kernels()
     Bt, C, H, W = x_ct.shape
     g = _gemm_config("fwd", o, C, H, W)
@@ -671,6 +697,20 @@ def _forward_gemm(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual, o):
         *w_ct.stride()[1:], *w_pet.stride()[1:], X_EXACT=x_ct.dtype != torch.float32, FLAT=_flat(x_ct, x_pet),
         **g["launch"])
     s = torch.empty((Bt, 2, H, W), dtype=torch.float32, device=x_ct.device)
+    if g["fuse_apply"]:
+        ya, yb = torch.empty_like(x_ct), torch.empty_like(x_pet)
+        a = g["apply"]
+        n_pt, bc = a["n_pt"], a["launch"]["BC"]
+        n_cb = -(-C // bc)
+        # channel groups per pixel tile: enough programs to fill the GPU (each recomputes s)
+        n_cg = max(1, min(n_cb, a.get("groups") or round(_slots(x_ct.device, a["programs_per_sm"]) / (Bt * n_pt))))
+        per = -(-n_cb // n_cg)      # channel blocks per group
+        n_cg = -(-n_cb // per)
+        kg["_cgm_shift_apply_kernel"][(Bt * n_pt * n_cg,)](
+            x_ct, x_pet, ya, yb, P, s, c_ct, c_pet, C, H, W, n_pt, n_cg, per * bc,
+            *x_ct.stride(), *x_pet.stride(), *ya.stride(), *yb.stride(), *c_ct.stride(), *c_pet.stride(),
+            RESIDUAL=residual, INTERP=interpreting(), FLAT=_flat(x_ct, x_pet, ya, yb), **a["launch"])
+        return ya, yb, s
     bps = max(16, min(_SHIFT_BP, _pow2(H * W)))
     n_ps = -(-(H * W) // bps)
     kg["_cgm_shift_kernel"][(Bt * n_ps,)](P, s, H, W, n_ps, INTERP=interpreting(), BP=bps, num_warps=4)

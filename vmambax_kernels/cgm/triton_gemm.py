@@ -6,6 +6,8 @@ loop-carried state between tiles; the 3x3 neighbourhood goes through small fp32 
   forward:  _cgm_taps_kernel   P[b, (m, dy, dx), p] = sum_c xa[c, p] Wa[c, j] + xb[c, p] Wb[c, j]
                                (tl.dot over channel blocks, the 18 used packed columns stored)
             _cgm_shift_kernel  s_m[h, w] = sigmoid(sum over (dy, dx) of P[b, (m, dy, dx), h + dy, w + dx])
+            (then .triton's _cgm_apply_kernel gates every channel; or, config "fuse_apply", both in
+            _cgm_shift_apply_kernel: s per pixel tile from P, the gating of a group of channels)
   backward: _cgm_dz_kernel     dz_m = s (1 - s) sum_c c_m dy_m x_m (and dc partials)
             _cgm_dx_kernel     dx_m = dy_m gate_m (+ dp) + dzs @ W_m^T
             _cgm_dw_kernel     dW partials = x_m^T @ dzs over a chunk of pixel tiles
@@ -123,6 +125,91 @@ def _cgm_shift_kernel(P_ptr, s_ptr, H, W, n_pt, INTERP: constexpr, BP: constexpr
     tl.store(s_ptr + (b * 2 + m[None, :]) * (H * W) + p[:, None], s, mask=(p < H * W)[:, None])
 
 
+def _tap_chain(P_ptr, b, p, H, W, MOD: constexpr):
+    """z_MOD at pixels p (BP,): P's 9 taps of map MOD at the shifted pixels added one by one in
+    packed-column order, (((t(-1,-1) + t(-1,0)) + t(-1,1)) + t(0,-1)) + ... + t(1,1), zero outside
+    the plane. The order _cgm_shift_kernel's tl.sum takes when compiled (sm_90, Triton 3.6) on tiles
+    of >= 128 pixels (planes of >= 128 pixels; 256 at the stage shapes): its (256, 32) load gives each
+    thread one pixel's 32 columns (TTGIR: sizePerThread [1, 1],
+    threadsPerWarp [32, 1], warpsPerCTA [4, 1]), which the reduction adds in sequence (LLVM IR: one
+    chain of fadds over the 16 columns, the 7 unused ones masked to +0.0, which changes no sum but a
+    -0.0, and sigmoid(-0) = sigmoid(+0)). Summed through tl.sum here, the layout of a (BP, 32) load
+    in this kernel (shared with the x tiles) splits a map's columns over two warps: another order."""
+    h = p // W
+    w = p % W
+    inside = p < H * W
+    for dy in tl.static_range(3):
+        for dx in tl.static_range(3):
+            hs = h + (dy - 1)
+            ws = w + (dx - 1)
+            ok = inside & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+            t = tl.load(P_ptr + (b * 18 + MOD * 9 + dy * 3 + dx) * (H * W) + hs * W + ws, mask=ok, other=0.0)
+            if dy == 0 and dx == 0:
+                z = t
+            else:
+                z = z + t
+    return z
+
+
+def _fused_s(P_ptr, b, p, H, W, INTERP: constexpr, BP: constexpr):
+    """(s_0, s_1) at pixels p, bit for bit _cgm_shift_kernel's: compiled, the taps added in its order
+    (_tap_chain); interpreted, its very expression (numpy's sum over the 16 columns has its own order)."""
+    if INTERP:
+        v = _shifted(P_ptr, b, p, H, W, 18, 1)
+        s0, s1 = tl.split(_sigmoid(tl.sum(tl.reshape(v, (BP, 2, 16)), axis=2), INTERP))
+    else:
+        s0 = _sigmoid(_tap_chain(P_ptr, b, p, H, W, 0), INTERP)
+        s1 = _sigmoid(_tap_chain(P_ptr, b, p, H, W, 1), INTERP)
+    return s0, s1
+
+
+def _cgm_shift_apply_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, P_ptr, s_ptr, ca_ptr, cb_ptr,
+                            C, H, W, n_pt, n_cg, CG,
+                            sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
+                            sya_b, sya_c, sya_h, sya_w, syb_b, syb_c, syb_h, syb_w,
+                            sca_b, sca_c, scb_b, scb_c,
+                            RESIDUAL: constexpr, INTERP: constexpr, FLAT: constexpr,
+                            BP: constexpr, BC: constexpr):
+    """Kernels B and the gating fused (config key "gemm": {"fuse_apply": True}): for a tile of BP
+    pixels of plane b and channel group g (channels [g CG, g CG + CG), CG a multiple of BC; n_cg
+    groups), s from P (_fused_s: the shift kernel's values), then y_m = x_m gate_m for the group's
+    channels of both modalities, BC at a time. Group 0 stores s (the backward's input); the other
+    groups recompute it (18 fp32 taps a pixel from L2) and only gate. Program pid = tile n_cg + g:
+    the groups of a tile run next to each other, so its P is read from L2 while still there."""
+    pid = tl.program_id(0)
+    g = pid % n_cg
+    tile = pid // n_cg
+    b = (tile // n_pt).to(tl.int64)
+    p = (tile % n_pt) * BP + tl.arange(0, BP)
+    mp = p < H * W
+    s0, s1 = _fused_s(P_ptr, b, p, H, W, INTERP, BP)
+    tl.store(s_ptr + b * 2 * (H * W) + p, s0, mask=mp & (g == 0))
+    tl.store(s_ptr + (b * 2 + 1) * (H * W) + p, s1, mask=mp & (g == 0))
+    c_lo = g * CG
+    c_hi = tl.minimum(c_lo + CG, C)
+    for MOD in tl.static_range(2):
+        xbase, xc, xh, xw = _plane(MOD, b, xa_ptr, xb_ptr, sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w)
+        ybase, yc, yh, yw = _plane(MOD, b, ya_ptr, yb_ptr, sya_b, sya_c, sya_h, sya_w, syb_b, syb_c, syb_h, syb_w)
+        xoff = _pix(p, W, xh, xw, FLAT)
+        yoff = _pix(p, W, yh, yw, FLAT)
+        if MOD == 0:
+            cbase = ca_ptr + b * sca_b
+            cs = sca_c
+            s_m = s0
+        else:
+            cbase = cb_ptr + b * scb_b
+            cs = scb_c
+            s_m = s1
+        for c0 in range(c_lo, c_hi, BC):
+            ch = c0 + tl.arange(0, BC)
+            mc = ch < C    # c_hi is C or a multiple of BC
+            msk = mp[:, None] & mc[None, :]
+            gate = _gate(cbase, cs, ch, mc, s_m, RESIDUAL)
+            x = tl.load(xbase + ch[None, :] * xc + xoff[:, None], mask=msk, other=0.0).to(tl.float32)
+            y = _round_bf16(x * gate, ya_ptr, INTERP)
+            tl.store(ybase + ch[None, :] * yc + yoff[:, None], y.to(ya_ptr.dtype.element_ty), mask=msk)
+
+
 def _cgm_dz_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, dz_ptr, dc_ptr, C, H, W, n_pt,
                    sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
                    sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
@@ -235,8 +322,9 @@ def _cgm_dw_kernel(xa_ptr, xb_ptr, dz_ptr, dw_ptr, C, H, W, n_pt, n_chp, TPC,
 
 
 _SHARED = ("_split", "_mm", "_wpack", "_gate")   # .triton's, jitted there
-_HELPERS = ("_plane", "_pix", "_shifted", "_mod_tile", "_dw_tile", "_dw_store")
-_KERNELS = ("_cgm_taps_kernel", "_cgm_shift_kernel", "_cgm_dz_kernel", "_cgm_dx_kernel", "_cgm_dw_kernel")
+_HELPERS = ("_plane", "_pix", "_shifted", "_tap_chain", "_fused_s", "_mod_tile", "_dw_tile", "_dw_store")
+_KERNELS = ("_cgm_taps_kernel", "_cgm_shift_kernel", "_cgm_shift_apply_kernel", "_cgm_dz_kernel",
+            "_cgm_dx_kernel", "_cgm_dw_kernel")
 _built: dict = {}
 
 
