@@ -57,7 +57,7 @@ class CGM(nn.Module):
         wide = x_ct.shape[1] > cgm_module_triton.MODEL_MAX_C and x_ct.dtype != torch.float32
         if not wide and cgm_module_triton.supported(
                 self.backend, x_ct, x_pet, self.channel_gate_rgb, self.channel_gate_pet) is None:
-            # the whole module as one autograd node, 4 launches each way (the PyTorch MLPs below
+            # the whole module as one autograd node, 3 launches each way (the PyTorch MLPs below
             # are 38 ATen ops per forward + backward: host-bound at every stage size)
             return cgm_module_triton.cgm_module(x_ct, x_pet, self.channel_gate_rgb, self.channel_gate_pet,
                                                 self.spatial_gate_rgb[0].weight, self.spatial_gate_pet[0].weight,
