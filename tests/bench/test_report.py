@@ -1,0 +1,26 @@
+"""benchmarks/report.py: the README table's ratios against the peer of the same run, eager and
+replayed from a CUDA graph."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import report  # noqa: E402
+
+
+def _row(provider, eager, graph, commit="abc", date="2026-01-01"):
+    return dict(gpu="GPU", bench="cgm", case="cgm1", dtype="bf16", provider=provider, fwd_ms=1.0,
+                fwdbwd_ms=eager, fwdbwd_graph_ms=graph, commit=commit, date=date)
+
+
+def test_ratios_against_the_peer_of_the_same_run():
+    rows = [_row("torch", 3.0, 1.8), _row("triton", 2.0, 0.6),
+            _row("torch", 9.0, 9.0, commit="old", date="2025-01-01")]   # an older run: not the peer
+    lines = {ln.split(" | ")[5]: ln for ln in report.table(rows).splitlines()[2:]}
+    assert lines["triton"].endswith("| 1.5x | 3.00x | abc |")
+    assert lines["torch"].endswith("|  |  | abc |")
+
+
+def test_no_graph_ratio_without_graph_timings():
+    rows = [_row("torch", 3.0, None), _row("triton", 2.0, 0.6)]
+    line = [ln for ln in report.table(rows).splitlines() if "| triton |" in ln][0]
+    assert line.endswith("| 1.5x |  | abc |")
