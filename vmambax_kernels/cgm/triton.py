@@ -496,8 +496,9 @@ VARIANTS: dict = {
     # fwd in two kernels (not yet timed): the taps GEMM (BC 16, as fwd_gemm_bc16), then shift-sum +
     # sigmoid + gating in one (triton_gemm._cgm_shift_apply_kernel: s from P per pixel tile, stored
     # by channel group 0 only; y and s bit for bit those of the three-launch GEMM forward in the CPU
-    # tests, test_gpu_fused_apply_matches_three_launches checks the same at the stage shapes). Bytes at cgm1 bf16 (n e = 25.2 MB a modality, P
-    # 9.4 MB, s 1.05 MB), counting every buffer as if it went through HBM: three launches move
+    # tests, test_gpu_fused_apply_matches_three_launches checks the same at the stage shapes, not
+    # yet run). Bytes at cgm1 bf16 (n e = 25.2 MB a modality, P 9.4 MB, s 1.05 MB), counting every
+    # buffer as if it went through HBM: three launches move
     # x 2 x 50.3 + P 2 x 9.4 + s 2 x 1.05 + y 50.3 = 171.9 MB, fused 170.8 MB (s is not read back;
     # the count is 4 n e = 100.7 MB). What goes is one launch, the shift kernel's own pass
     # and its tail: x is still read twice, which only a haloed forward (the streaming kernel) avoids.
@@ -539,8 +540,9 @@ def _pow2(x: int) -> int:
 
 
 # 16-bit inputs: the fastest launch of the per-case sweep (H100, bf16, bench_cgm.py --sweep-all at
-# 3c0821f; ms, the default's in brackets), by plane width, the widest first; each was GPU-tested at
-# the stage shapes in bf16 and fp32 (tests/ops/test_cgm_triton.py, every variant). The GEMM forward
+# 3c0821f; ms, the default's in brackets), by plane width, the widest first; GPU-tested as the
+# defaults at f79b19a (tests/ops/test_cgm_triton.py and test_cgm_module_triton.py, stage shapes, every
+# dtype; the GEMM forms also as variants at 3c0821f). The GEMM forward
 # needs pixel tiles to fill the GPU, so at 16 x 16 the streaming kernel on 32-channel blocks wins.
 #   cgm1 (W 128): fwd gemm BC 16 0.146 (0.221); bwd num_stages 1 0.364 (0.416)
 #   cgm2 (W 64):  fwd gemm BC 16 0.075 (0.219; BP 256 / 8 warps 0.068); bwd gemm 0.207 (0.320)
