@@ -55,7 +55,7 @@ def main(argv=None):
                 per = launches(fn, a.iters)
                 total = sum(per.values())
                 print(f"== {case} {dtype_name} {kind}: {total:.4f} ms, {mb:.1f} MB must move -> "
-                      f"{mb / total / 1e9:.2f} TB/s")
+                      f"{mb / total / 1e3:.2f} TB/s")  # MB / ms = GB/s
                 for name, ms in sorted(per.items(), key=lambda kv: -kv[1]):
                     print(f"   {ms:8.4f} ms  {100 * ms / total:5.1f} %  {name[:90]}")
 
