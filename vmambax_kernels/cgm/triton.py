@@ -102,10 +102,39 @@ def _mm(a0, a1, a2, b0, b1, b2, acc, A_EXACT: constexpr, HALF: constexpr):
     return acc + part
 
 
-def _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD: constexpr,
+def _mm16(x, w, acc, INTERP: constexpr):
+    """acc + x @ w in fp32 accuracy for 16-bit activations x (BP, BC) and fp32 weights w (BC, 32),
+    on 16-bit tensor-core products: w = w0 + (w1 + w2) 2**-S exactly, each part in x's dtype, so
+    every product is exact in fp32 (as _mm's tf32 parts). Why not tf32: wgmma takes tf32 operands
+    K-major only, and channels-first x tiles are pixel-major, so Triton transposed them through
+    shared memory with 4-way bank conflicts (Nsight Compute, taps GEMM at cgm1 bf16: 81 % of its
+    shared wavefronts excess, L1 88.8 % busy, 0.40 TB/s); 16-bit operands are read in either layout.
+    bfloat16 parts hold 8 significant bits (S = 8), float16 parts 11 (S = 11, tf32's truncation);
+    w1 and w2 are scaled up by 2**S so float16's narrow range keeps w1 normal; w2 (2 bits, at 2**-22
+    of w) may fall to a float16 subnormal for |w| < 2**-5, an error below 2**-35 absolute."""
+    if x.dtype == tl.bfloat16:
+        keep = -65536
+        up = 256.0
+    else:
+        keep = -8192
+        up = 2048.0
+    w0 = (w.to(tl.int32, bitcast=True) & keep).to(tl.float32, bitcast=True)
+    r = (w - w0) * up
+    w1 = (r.to(tl.int32, bitcast=True) & keep).to(tl.float32, bitcast=True)
+    # the same exact parts in fp32 under the interpreter: its bfloat16 tl.dot returns garbage
+    # (Triton 3.6, CPU), and fp32 products of these parts are as exact
+    dt = tl.float32 if INTERP else x.dtype
+    x = x.to(dt)
+    hi = tl.dot(x, w0.to(x.dtype).to(dt))
+    lo = tl.dot(x, w1.to(x.dtype).to(dt))
+    lo = tl.dot(x, (r - w1).to(x.dtype).to(dt), lo)
+    return acc + (hi + lo * (1.0 / up))
+
+
+def _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD: constexpr,
            TRANS: constexpr):
-    """Packed weights of input channels ch of modality MOD: (BC, 32), or (32, BC) when TRANS, as
-    three tf32-exact parts. Column j = m * 16 + (dy + 1) * 4 + (dx + 1); zero where unused."""
+    """Packed weights of input channels ch of modality MOD in fp32: (BC, 32), or (32, BC) when
+    TRANS. Column j = m * 16 + (dy + 1) * 4 + (dx + 1); zero where unused."""
     j = tl.arange(0, 32)
     m = j // 16
     ky = (j // 4) % 4
@@ -121,14 +150,32 @@ def _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, 
     row = cc + C * (m2 == MOD).to(tl.int32)
     va = tl.load(wa_ptr + row * swa_c + ky2 * swa_h + kx2 * swa_w, mask=mm & (m2 == 0), other=0.0)
     vb = tl.load(wb_ptr + row * swb_c + ky2 * swb_h + kx2 * swb_w, mask=mm & (m2 == 1), other=0.0)
-    return _split(va.to(tl.float32) + vb.to(tl.float32), False)
+    return va.to(tl.float32) + vb.to(tl.float32)
 
+
+def _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD: constexpr,
+           TRANS: constexpr):
+    """_wload's weights as three tf32-exact parts (_split)."""
+    return _split(_wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, TRANS), False)
+
+
+
+def _taps_mm(x, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, acc,
+             MOD: constexpr, X_EXACT: constexpr, INTERP: constexpr):
+    """acc + x @ Wpack for a (pixels, BC) tile x as loaded (both forwards' taps product):
+    16-bit x through _mm16, fp32 x through _mm's tf32 parts."""
+    w = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, False)
+    if X_EXACT:
+        return _mm16(x, w, acc, INTERP)
+    x0, x1, x2 = _split(x.to(tl.float32), False)
+    w0, w1, w2 = _split(w, False)
+    return _mm(x0, x1, x2, w0, w1, w2, acc, False, False)
 
 
 def _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, r, C, H, wcol, in_cols,
               sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
               swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
-              X_EXACT: constexpr, TWP: constexpr, BC: constexpr):
+              X_EXACT: constexpr, INTERP: constexpr, TWP: constexpr, BC: constexpr):
     """Row r's contribution to z: (TWP, 2, 4), [w, m, dy + 1] adds to z_m[r - dy, w]."""
     acc = tl.zeros((TWP, 32), dtype=tl.float32)
     rok = (r >= 0) & (r < H)
@@ -144,11 +191,9 @@ def _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, r, C, H, wcol, in_cols,
             ch = c0 + tl.arange(0, BC)
             mc = ch < C
             x = tl.load(base + ch[None, :] * sc + wcol[:, None] * sw, mask=mp[:, None] & mc[None, :],
-                        other=0.0).to(tl.float32)
-            w0, w1, w2 = _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
-                                MOD, False)
-            x0, x1, x2 = _split(x, X_EXACT)
-            acc = _mm(x0, x1, x2, w0, w1, w2, acc, X_EXACT, False)
+                        other=0.0)
+            acc = _taps_mm(x, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
+                           acc, MOD, X_EXACT, INTERP)
     # z_m[r - dy, w] gets P_r[w + dx, (m, dy, dx)]: shift each column by its dx, sum over dx
     i = tl.arange(0, TWP)
     j = tl.arange(0, 32)
@@ -242,17 +287,17 @@ def _cgm_fwd_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
     # z accumulators: za for the row to finish next, zb for the row after it
     t = _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, h0 - 1, C, H, wcol, in_cols,
                   sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
-                  swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, X_EXACT, TWP, BC)
+                  swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, X_EXACT, INTERP, TWP, BC)
     za = _pick(t, 0)
     t = _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, h0, C, H, wcol, in_cols,
                   sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
-                  swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, X_EXACT, TWP, BC)
+                  swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, X_EXACT, INTERP, TWP, BC)
     za += _pick(t, 1)
     zb = _pick(t, 0)
     for r in range(h0 + 1, h1 + 1):
         t = _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, r, C, H, wcol, in_cols,
                       sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
-                      swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, X_EXACT, TWP, BC)
+                      swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, X_EXACT, INTERP, TWP, BC)
         s = _sigmoid(za + _pick(t, 2), INTERP)     # (TWP, 2): row r - 1 is complete
         za = zb + _pick(t, 1)
         zb = _pick(t, 0)
@@ -424,7 +469,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
         tl.debug_barrier()  # the partial sums' read-modify-writes of this row are done
 
 
-_HELPERS = ("_tf32_trunc", "_split", "_mm", "_wpack", "_row_taps", "_pick", "_col",
+_HELPERS = ("_tf32_trunc", "_split", "_mm", "_mm16", "_wload", "_wpack", "_taps_mm", "_row_taps", "_pick", "_col",
             "_gate_rows", "_gate", "_tile_cols", "_row_dz")
 _KERNELS = ("_cgm_fwd_kernel", "_cgm_apply_kernel", "_cgm_bwd_kernel")
 _built: dict = {}
@@ -696,8 +741,8 @@ def _forward_gemm(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, residual, o):
     P = torch.empty((Bt, 18, H, W), dtype=torch.float32, device=x_ct.device)
     kg["_cgm_taps_kernel"][(Bt * g["n_pt"],)](
         x_ct, x_pet, w_ct, w_pet, P, C, H, W, g["n_pt"], *x_ct.stride(), *x_pet.stride(),
-        *w_ct.stride()[1:], *w_pet.stride()[1:], X_EXACT=x_ct.dtype != torch.float32, FLAT=_flat(x_ct, x_pet),
-        **g["launch"])
+        *w_ct.stride()[1:], *w_pet.stride()[1:], X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
+        FLAT=_flat(x_ct, x_pet), **g["launch"])
     s = torch.empty((Bt, 2, H, W), dtype=torch.float32, device=x_ct.device)
     if g["fuse_apply"]:
         ya, yb = torch.empty_like(x_ct), torch.empty_like(x_pet)

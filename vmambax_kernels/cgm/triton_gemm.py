@@ -85,7 +85,7 @@ def _mod_tile(MOD: constexpr, b, p, mp, H, W, s_ptr, ca_ptr, cb_ptr, sca_b, sca_
 def _cgm_taps_kernel(xa_ptr, xb_ptr, wa_ptr, wb_ptr, P_ptr, C, H, W, n_pt,
                      sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
                      swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
-                     X_EXACT: constexpr, FLAT: constexpr, BP: constexpr, BC: constexpr):
+                     X_EXACT: constexpr, INTERP: constexpr, FLAT: constexpr, BP: constexpr, BC: constexpr):
     """Kernel A: P[b, (m, dy, dx), p] for a tile of BP pixels, all 2C channels, fp32; P is
     (Bt, 18, H, W), tap k = m 9 + (dy + 1) 3 + dx + 1 (packed column j stored at k)."""
     pid = tl.program_id(0)
@@ -100,11 +100,9 @@ def _cgm_taps_kernel(xa_ptr, xb_ptr, wa_ptr, wb_ptr, P_ptr, C, H, W, n_pt,
             ch = c0 + tl.arange(0, BC)
             mc = ch < C
             x = tl.load(base + ch[None, :] * sc + off[:, None], mask=mp[:, None] & mc[None, :],
-                        other=0.0).to(tl.float32)
-            w0, w1, w2 = _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
-                                MOD, False)
-            x0, x1, x2 = _split(x, X_EXACT)
-            acc = _mm(x0, x1, x2, w0, w1, w2, acc, X_EXACT, False)
+                        other=0.0)
+            acc = _taps_mm(x, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
+                           acc, MOD, X_EXACT, INTERP)
     j = tl.arange(0, 32)
     ky = (j // 4) % 4
     kx = j % 4
@@ -321,7 +319,7 @@ def _cgm_dw_kernel(xa_ptr, xb_ptr, dz_ptr, dw_ptr, C, H, W, n_pt, n_chp, TPC,
     _dw_store(dw_prog, acc_b, ch, mc, C, 1)
 
 
-_SHARED = ("_split", "_mm", "_wpack", "_gate")   # .triton's, jitted there
+_SHARED = ("_split", "_mm", "_wpack", "_taps_mm", "_gate")   # .triton's, jitted there
 _HELPERS = ("_plane", "_pix", "_shifted", "_tap_chain", "_fused_s", "_mod_tile", "_dw_tile", "_dw_store")
 _KERNELS = ("_cgm_taps_kernel", "_cgm_shift_kernel", "_cgm_shift_apply_kernel", "_cgm_dz_kernel",
             "_cgm_dx_kernel", "_cgm_dw_kernel")
