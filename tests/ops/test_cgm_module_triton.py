@@ -24,10 +24,11 @@ def fused_path_at_every_width(monkeypatch):
     monkeypatch.setattr(module_triton, "MODEL_MAX_C", 1 << 30)
 
 
-def make_module(C, seed=0, residual=True):
-    """A CGM with BatchNorm affine parameters and running stats away from their init values."""
+def make_module(C, seed=0, residual=True, hidden=None):
+    """A CGM with BatchNorm affine parameters and running stats away from their init values;
+    ``hidden`` sets the MLP's hidden width (the model's is max(C // 4, 32))."""
     torch.manual_seed(seed)
-    m = CGM(C, residual=residual, backend="triton")
+    m = CGM(C, residual=residual, backend="triton", **({} if hidden is None else dict(reduction=C, min_channel=hidden)))
     with torch.no_grad():
         for mlp in (m.channel_gate_rgb, m.channel_gate_pet):
             bn = mlp[1]
@@ -50,14 +51,14 @@ def step(m, xs, gs):
     return [y.detach() for y in ys], grads
 
 
-def run_and_compare(C, shape, dtype, training, residual=True, steps=1, channels_last=False, seed=0):
+def run_and_compare(C, shape, dtype, training, residual=True, steps=1, channels_last=False, seed=0, hidden=None):
     Bt, H, W = shape
     g = torch.Generator().manual_seed(seed + 1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xs = [torch.randn(Bt, C, H, W, generator=g).to(dtype).contiguous(memory_format=fmt) for _ in range(2)]
     # the outputs' gradients as autograd hands them to a 16-bit output: rounded to its dtype
     gs = [torch.randn(Bt, C, H, W, generator=g).to(dtype) for _ in range(2)]
-    fast = make_module(C, seed, residual).train(training).to(DEVICE)
+    fast = make_module(C, seed, residual, hidden).train(training).to(DEVICE)
     refs = {}
     for name, rdt in (("64", torch.float64), ("32", torch.float32)):
         r = copy.deepcopy(fast).to("cpu", rdt)   # the references run on the CPU (no TF32)
@@ -101,6 +102,36 @@ def test_eval_plain_channels_last():
 
 def test_train_bf16():
     run_and_compare(18, (2, 6, 7), torch.bfloat16, training=True, seed=5)
+
+
+# The MLP runs on blocks of hidden units (first conv, BatchNorm, GELU; the backward through them),
+# of output channels (second conv; dW2, db2) and of input channels (dp, dW1): under the interpreter
+# every block is 16 wide, so these widths run several blocks of each, the last one partial.
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_mlp_blocks_odd_widths(training):
+    """C 37 (3 output blocks, 5 input blocks), hidden 37 (3 hidden blocks), batch 5: the running
+    stats of every hidden block updated twice, num_batches_tracked once per step."""
+    run_and_compare(37, (5, 2, 3), torch.float32, training, steps=2 if training else 1, seed=11, hidden=37)
+
+
+def test_mlp_batch_over_16():
+    """Batch 17: the batch tile 32 with 15 rows masked, in BatchNorm's statistics and backward."""
+    run_and_compare(24, (17, 2, 3), torch.bfloat16, training=True, seed=13, hidden=20)
+
+
+def test_mlp_gpu_block_sizes(monkeypatch):
+    """The GPU's MLP block sizes (reduction chunks of 64, input-channel blocks of 32) with C 70,
+    hidden 33: partial chunks and blocks in every launch."""
+    monkeypatch.setattr(module_triton, "interpreting", lambda: False)
+    assert module_triton._mlp_meta(3, 70, 33)["fwd_hid"]["BK"] == 64
+    run_and_compare(70, (3, 2, 2), torch.float32, training=True, seed=17, hidden=33)
+
+
+def test_mlp_batch_limit():
+    x = torch.randn(module_triton.MAX_BB + 1, 8, 1, 1)
+    m = make_module(8)
+    assert "batch" in module_triton.supported("triton", x, x, m.channel_gate_rgb, m.channel_gate_pet)
+    assert module_triton.supported("triton", x[:-1], x[:-1], m.channel_gate_rgb, m.channel_gate_pet) is None
 
 
 @pytest.mark.parametrize("case", ["train_bf16", "eval_plain_fp32_channels_last"])
