@@ -71,10 +71,6 @@ def record() -> list[dict]:
     for mod in (scan_triton, cgm_triton, norm_gate_triton):
         mod.interpreting = lambda: False        # the GPU's configuration (block sizes, grids)
     cgm_module.interpreting = lambda: False
-    # the model takes the fused module path only up to MODEL_MAX_C channels in 16 bits (above, its
-    # PyTorch MLP, which needs autocast for bf16 inputs): lifted here, as in the module's tests, to
-    # record the fused module's launches at every stage shape
-    cgm_module.MODEL_MAX_C = 1 << 30
     scan_triton._check = lambda *args, **kwargs: None   # it refuses CPU tensors outside the interpreter
 
     def backward(y, leaves):

@@ -18,12 +18,6 @@ from vmambax_kernels.testing import TEST_DEVICE as DEVICE, assert_close_by_rule
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(autouse=True)
-def fused_path_at_every_width(monkeypatch):
-    """This file tests the fused path itself, so the model's width limit for it is lifted here."""
-    monkeypatch.setattr(module_triton, "MODEL_MAX_C", 1 << 30)
-
-
 def make_module(C, seed=0, residual=True, hidden=None):
     """A CGM with BatchNorm affine parameters and running stats away from their init values;
     ``hidden`` sets the MLP's hidden width (the model's is max(C // 4, 32))."""
@@ -177,12 +171,10 @@ def test_fallbacks_keep_the_pytorch_path():
 
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "plain"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("C", [module_triton.MODEL_MAX_C, module_triton.MODEL_MAX_C + 1])
-def test_model_takes_the_fused_path_up_to_its_width(monkeypatch, C, dtype, autocast):
-    """CGM runs the fused module up to MODEL_MAX_C channels (the default, not this file's lifted
-    limit) with 16-bit inputs and at every width in fp32, else the gate kernel with PyTorch's MLP;
-    both give the reference's outputs by the rule."""
-    monkeypatch.undo()
+@pytest.mark.parametrize("C", [192, 193])
+def test_model_takes_the_fused_path(monkeypatch, C, dtype, autocast):
+    """The model's CGM runs the fused module at any width, with 16-bit inputs (with or without
+    autocast) and fp32, and gives the reference's outputs by the rule."""
     calls = []
     real = module_triton.cgm_module
     monkeypatch.setattr(module_triton, "cgm_module", lambda *a, **k: calls.append(C) or real(*a, **k))
@@ -191,7 +183,7 @@ def test_model_takes_the_fused_path_up_to_its_width(monkeypatch, C, dtype, autoc
     # 16-bit inputs under autocast (as in the model) and without it (fp32 parameters)
     with torch.autocast(torch.device(DEVICE).type, dtype, enabled=autocast and dtype != torch.float32):
         ys = m(x.to(DEVICE), x.flip(0).to(DEVICE))
-    assert bool(calls) == (dtype == torch.float32 or C <= module_triton.MODEL_MAX_C)
+    assert calls == [C]
     refs = []
     for dt in (torch.float64, torch.float32):
         r = copy.deepcopy(m).to("cpu", dt)

@@ -54,11 +54,10 @@ class CGM(nn.Module):
             raise ValueError("batch: CGM's channel gate has a BatchNorm over pooled features, so training "
                              "needs at least 2 samples per device (or SyncBatchNorm across devices); "
                              f"got batch size {x_ct.shape[0]}")
-        wide = x_ct.shape[1] > cgm_module_triton.MODEL_MAX_C and x_ct.dtype != torch.float32
-        if not wide and cgm_module_triton.supported(
+        if cgm_module_triton.supported(
                 self.backend, x_ct, x_pet, self.channel_gate_rgb, self.channel_gate_pet) is None:
-            # the whole module as one autograd node, 3 launches each way (the PyTorch MLPs below
-            # are 38 ATen ops per forward + backward: host-bound at every stage size)
+            # the whole module as one autograd node, a few launches each way (the PyTorch MLPs
+            # below are 38 ATen ops per forward + backward: host-bound at every stage size)
             return cgm_module_triton.cgm_module(x_ct, x_pet, self.channel_gate_rgb, self.channel_gate_pet,
                                                 self.spatial_gate_rgb[0].weight, self.spatial_gate_pet[0].weight,
                                                 self.residual)

@@ -420,17 +420,6 @@ def _launch(kernel, cfg, *args, **const):
     kernel[grid](*args, *(() if nkb is None else (nkb,)), **const, **cfg)
 
 
-# Widest C for which the model takes this path with 16-bit inputs: with the channel MLP in one
-# program (float64, before its launches over blocks), from C 384 on it cost more than the launches
-# it saves; not yet re-timed with the MLP over blocks. H100, bf16, fwd+bwd
-# replayed from a CUDA graph (bench_cgm.py at f79b19a, ms, this path against the gate kernel with
-# PyTorch's MLP): cgm1 0.630 vs 0.785, cgm2 0.450 vs 0.470, cgm3 0.595 vs 0.438, cgm4 1.168 vs 0.422.
-# fp32 inputs take it at every width: with PyTorch's fp32 MLP at C 384 and 768, the whole-model rule
-# test (tests/models/test_gpu.py, fp32) failed on the triton backend in 6 of 6 runs on the H100
-# (grad of the last decoder block's cab fc.0.weight at 1.4-1.8x the bound), against 0 of 6 with it.
-MODEL_MAX_C = 192
-
-
 def supported(backend, x_ct, x_pet, mlp_ct: nn.Sequential, mlp_pet: nn.Sequential) -> str | None:
     """None when ``cgm_module`` can run CGM on these inputs with these MLPs and the gate's
     ``backend`` resolves to Triton; else why not (the module then runs its PyTorch path, which
