@@ -54,6 +54,9 @@ def main(argv=None):
             for kind, (fn, mb) in passes.items():
                 per = launches(fn, a.iters)
                 total = sum(per.values())
+                if not total:       # no CUDA events: another profiler (Nsight Compute) holds CUPTI
+                    print(f"== {case} {dtype_name} {kind}: no kernel events recorded")
+                    continue
                 print(f"== {case} {dtype_name} {kind}: {total:.4f} ms, {mb:.1f} MB must move -> "
                       f"{mb / total / 1e3:.2f} TB/s")  # MB / ms = GB/s
                 for name, ms in sorted(per.items(), key=lambda kv: -kv[1]):
