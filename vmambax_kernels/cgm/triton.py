@@ -102,13 +102,15 @@ def _mm(a0, a1, a2, b0, b1, b2, acc, A_EXACT: constexpr, HALF: constexpr):
     return acc + part
 
 
-def _mm16(x, w, acc, INTERP: constexpr):
-    """acc + x @ w in fp32 accuracy for 16-bit activations x (BP, BC) and fp32 weights w (BC, 32),
-    on 16-bit tensor-core products: w = w0 + (w1 + w2) 2**-S exactly, each part in x's dtype, so
-    every product is exact in fp32 (as _mm's tf32 parts). Why not tf32: wgmma takes tf32 operands
-    K-major only, and channels-first x tiles are pixel-major, so Triton transposed them through
-    shared memory with 4-way bank conflicts (Nsight Compute, taps GEMM at cgm1 bf16: 81 % of its
-    shared wavefronts excess, L1 88.8 % busy, 0.40 TB/s); 16-bit operands are read in either layout.
+def _mm16(x, w, acc, acc2, INTERP: constexpr):
+    """(acc + x @ w0, acc2 + x @ (w1 + w2)) for 16-bit activations x (BP, BC) and fp32 weights w
+    (BC, 32) split exactly as w = w0 + (w1 + w2) 2**-S, each part in x's dtype: every product is
+    exact in fp32 (as _mm's tf32 parts) and x @ w = acc + acc2 2**-S (_taps_total). Why not tf32:
+    wgmma takes tf32 operands K-major only, and channels-first x tiles are pixel-major, so Triton
+    transposed them through shared memory (Nsight Compute, taps GEMM at cgm1 bf16: 81 % of its shared
+    wavefronts excess, L1 88.8 % busy); 16-bit operands are read in either layout. Both sums are
+    chained through the tensor cores over the channel blocks (fp32 accumulation; the fp32 path adds
+    each block's product separately, see _mm), so no layout conversion sits in the loop.
     bfloat16 parts hold 8 significant bits (S = 8), float16 parts 11 (S = 11, tf32's truncation);
     w1 and w2 are scaled up by 2**S so float16's narrow range keeps w1 normal; w2 (2 bits, at 2**-22
     of w) may fall to a float16 subnormal for |w| < 2**-5, an error below 2**-35 absolute."""
@@ -125,10 +127,20 @@ def _mm16(x, w, acc, INTERP: constexpr):
     # (Triton 3.6, CPU), and fp32 products of these parts are as exact
     dt = tl.float32 if INTERP else x.dtype
     x = x.to(dt)
-    hi = tl.dot(x, w0.to(x.dtype).to(dt))
-    lo = tl.dot(x, w1.to(x.dtype).to(dt))
-    lo = tl.dot(x, (r - w1).to(x.dtype).to(dt), lo)
-    return acc + (hi + lo * (1.0 / up))
+    acc = tl.dot(x, w0.to(x.dtype).to(dt), acc)
+    acc2 = tl.dot(x, w1.to(x.dtype).to(dt), acc2)
+    acc2 = tl.dot(x, (r - w1).to(x.dtype).to(dt), acc2)
+    return acc, acc2
+
+
+def _taps_total(acc, acc2, x_ptr, X_EXACT: constexpr):
+    """The taps product from _taps_loop's two sums (2**-S as in _mm16)."""
+    if X_EXACT:
+        if x_ptr.dtype.element_ty == tl.bfloat16:
+            acc += acc2 * (1.0 / 256.0)
+        else:
+            acc += acc2 * (1.0 / 2048.0)
+    return acc
 
 
 def _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD: constexpr,
@@ -160,16 +172,28 @@ def _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, 
 
 
 
-def _taps_mm(x, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, acc,
-             MOD: constexpr, X_EXACT: constexpr, INTERP: constexpr):
-    """acc + x @ Wpack for a (pixels, BC) tile x as loaded (both forwards' taps product):
-    16-bit x through _mm16, fp32 x through _mm's tf32 parts."""
-    w = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, False)
-    if X_EXACT:
-        return _mm16(x, w, acc, INTERP)
-    x0, x1, x2 = _split(x.to(tl.float32), False)
-    w0, w1, w2 = _split(w, False)
-    return _mm(x0, x1, x2, w0, w1, w2, acc, False, False)
+def _taps_loop(base, sc, off, mp, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C,
+               acc, acc2, MOD: constexpr, X_EXACT: constexpr, INTERP: constexpr, BC: constexpr):
+    """Both forwards' taps product over modality MOD's channels, for pixels at offsets ``off``
+    (mask mp) from ``base``: 16-bit x into (acc, acc2) through _mm16, fp32 x into acc through _mm's
+    tf32 parts. Each block's packed weights are gathered one block ahead, so their load latency
+    hides behind the previous block's products (Nsight Compute: long-scoreboard stalls on those
+    gathers were the taps GEMM's largest stall reason)."""
+    ch = tl.arange(0, BC)
+    w = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, ch < C, MOD, False)
+    for c0 in range(0, C, BC):
+        ch = c0 + tl.arange(0, BC)
+        x = tl.load(base + ch[None, :] * sc + off[:, None], mask=mp[:, None] & (ch < C)[None, :], other=0.0)
+        nxt = ch + BC
+        w_next = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, nxt, nxt < C, MOD, False)
+        if X_EXACT:
+            acc, acc2 = _mm16(x, w, acc, acc2, INTERP)
+        else:
+            x0, x1, x2 = _split(x.to(tl.float32), False)
+            w0, w1, w2 = _split(w, False)
+            acc = _mm(x0, x1, x2, w0, w1, w2, acc, False, False)
+        w = w_next
+    return acc, acc2
 
 
 def _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, r, C, H, wcol, in_cols,
@@ -178,6 +202,7 @@ def _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, r, C, H, wcol, in_cols,
               X_EXACT: constexpr, INTERP: constexpr, TWP: constexpr, BC: constexpr):
     """Row r's contribution to z: (TWP, 2, 4), [w, m, dy + 1] adds to z_m[r - dy, w]."""
     acc = tl.zeros((TWP, 32), dtype=tl.float32)
+    acc2 = tl.zeros((TWP, 32), dtype=tl.float32)
     rok = (r >= 0) & (r < H)
     mp = in_cols & rok
     for MOD in tl.static_range(2):
@@ -187,13 +212,9 @@ def _row_taps(xa_ptr, xb_ptr, wa_ptr, wb_ptr, b, r, C, H, wcol, in_cols,
         else:
             base = xb_ptr + b.to(tl.int64) * sxb_b + r * sxb_h
             sc, sw = sxb_c, sxb_w
-        for c0 in range(0, C, BC):
-            ch = c0 + tl.arange(0, BC)
-            mc = ch < C
-            x = tl.load(base + ch[None, :] * sc + wcol[:, None] * sw, mask=mp[:, None] & mc[None, :],
-                        other=0.0)
-            acc = _taps_mm(x, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
-                           acc, MOD, X_EXACT, INTERP)
+        acc, acc2 = _taps_loop(base, sc, wcol * sw, mp, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h,
+                               swb_w, C, acc, acc2, MOD, X_EXACT, INTERP, BC)
+    acc = _taps_total(acc, acc2, xa_ptr, X_EXACT)
     # z_m[r - dy, w] gets P_r[w + dx, (m, dy, dx)]: shift each column by its dx, sum over dx
     i = tl.arange(0, TWP)
     j = tl.arange(0, 32)
@@ -469,7 +490,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
         tl.debug_barrier()  # the partial sums' read-modify-writes of this row are done
 
 
-_HELPERS = ("_tf32_trunc", "_split", "_mm", "_mm16", "_wload", "_wpack", "_taps_mm", "_row_taps", "_pick", "_col",
+_HELPERS = ("_tf32_trunc", "_split", "_mm", "_mm16", "_taps_total", "_wload", "_wpack", "_taps_loop", "_row_taps", "_pick", "_col",
             "_gate_rows", "_gate", "_tile_cols", "_row_dz")
 _KERNELS = ("_cgm_fwd_kernel", "_cgm_apply_kernel", "_cgm_bwd_kernel")
 _built: dict = {}

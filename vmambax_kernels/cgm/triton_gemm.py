@@ -93,16 +93,12 @@ def _cgm_taps_kernel(xa_ptr, xb_ptr, wa_ptr, wb_ptr, P_ptr, C, H, W, n_pt,
     p = (pid % n_pt) * BP + tl.arange(0, BP)
     mp = p < H * W
     acc = tl.zeros((BP, 32), dtype=tl.float32)
+    acc2 = tl.zeros((BP, 32), dtype=tl.float32)
     for MOD in tl.static_range(2):
         base, sc, sh, sw = _plane(MOD, b, xa_ptr, xb_ptr, sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w)
-        off = _pix(p, W, sh, sw, FLAT)
-        for c0 in range(0, C, BC):
-            ch = c0 + tl.arange(0, BC)
-            mc = ch < C
-            x = tl.load(base + ch[None, :] * sc + off[:, None], mask=mp[:, None] & mc[None, :],
-                        other=0.0)
-            acc = _taps_mm(x, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
-                           acc, MOD, X_EXACT, INTERP)
+        acc, acc2 = _taps_loop(base, sc, _pix(p, W, sh, sw, FLAT), mp, wa_ptr, wb_ptr, swa_c, swa_h, swa_w,
+                               swb_c, swb_h, swb_w, C, acc, acc2, MOD, X_EXACT, INTERP, BC)
+    acc = _taps_total(acc, acc2, xa_ptr, X_EXACT)
     j = tl.arange(0, 32)
     ky = (j // 4) % 4
     kx = j % 4
@@ -319,7 +315,7 @@ def _cgm_dw_kernel(xa_ptr, xb_ptr, dz_ptr, dw_ptr, C, H, W, n_pt, n_chp, TPC,
     _dw_store(dw_prog, acc_b, ch, mc, C, 1)
 
 
-_SHARED = ("_split", "_mm", "_wpack", "_taps_mm", "_gate")   # .triton's, jitted there
+_SHARED = ("_split", "_mm", "_wpack", "_taps_loop", "_taps_total", "_gate")   # .triton's, jitted there
 _HELPERS = ("_plane", "_pix", "_shifted", "_tap_chain", "_fused_s", "_mod_tile", "_dw_tile", "_dw_store")
 _KERNELS = ("_cgm_taps_kernel", "_cgm_shift_kernel", "_cgm_shift_apply_kernel", "_cgm_dz_kernel",
             "_cgm_dx_kernel", "_cgm_dw_kernel")
