@@ -605,18 +605,19 @@ def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-# 16-bit inputs: the fastest launch of the per-case sweep (H100, bf16, bench_cgm.py --sweep-all at
-# 3c0821f; ms, the default's in brackets), by plane width, the widest first; GPU-tested as the
-# defaults at f79b19a (tests/ops/test_cgm_triton.py and test_cgm_module_triton.py, stage shapes, every
-# dtype; the GEMM forms also as variants at 3c0821f). The GEMM forward
-# needs pixel tiles to fill the GPU, so at 16 x 16 the streaming kernel on 32-channel blocks wins.
-#   cgm1 (W 128): fwd gemm BC 16 0.146 (0.221); bwd num_stages 1 0.364 (0.416)
-#   cgm2 (W 64):  fwd gemm BC 16 0.075 (0.219; BP 256 / 8 warps 0.068); bwd gemm 0.207 (0.320)
-#   cgm3 (W 32):  fwd gemm BC 16 0.073 (0.121); bwd default 0.214
+# 16-bit inputs: the fastest launch of the per-case sweep by plane width, the widest first (H100,
+# bf16). The GEMM forward needs pixel tiles to fill the GPU, so at 16 x 16 the streaming kernel on
+# 32-channel blocks wins. Backward: bench_cgm.py --sweep-all at 3c0821f (ms, the default's in
+# brackets); GPU-tested as defaults at f79b19a. Forward: the GEMM forms' sweep after the 16-bit
+# taps product (3c23b23), kernels replayed from CUDA graphs at 9e2b8b7 (the earlier choice, BC 16
+# on three launches, in brackets); every GEMM form is also GPU-tested as a launch variant.
+#   cgm1 (W 128): fwd gemm BC 16 + fused shift/apply 0.0711 (0.0755); bwd num_stages 1 0.364 (0.416)
+#   cgm2 (W 64):  fwd gemm BC 32 0.0403 (0.0427); bwd gemm 0.207 (0.320)
+#   cgm3 (W 32):  fwd gemm BC 64 0.0348 (0.0437); bwd default 0.214
 #   cgm4 (W 16):  fwd BC 32 / 8 warps 0.115 (0.150); bwd BC 32 0.179 (0.275)
-_BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16)), "bwd": dict(num_stages=1)}),
-                   (64, {"fwd": dict(gemm=dict(BC=16)), "bwd": dict(gemm=True)}),
-                   (32, {"fwd": dict(gemm=dict(BC=16)), "bwd": {}}),
+_BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16, fuse_apply=True)), "bwd": dict(num_stages=1)}),
+                   (64, {"fwd": dict(gemm=dict(BC=32)), "bwd": dict(gemm=True)}),
+                   (32, {"fwd": dict(gemm=dict(BC=64)), "bwd": {}}),
                    (0, {"fwd": dict(BC=32, num_warps=8), "bwd": dict(BC=32)}))
 
 
