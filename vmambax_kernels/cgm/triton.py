@@ -27,7 +27,9 @@ kernels read it from w_ct and w_pet directly, so the host adds no packing ops.
 
 The channel reductions run on tensor cores in fp32 accuracy: an fp32 operand is split into
 three tf32-exact parts (hi, mid, lo) whose products are exact in fp32; bf16/fp16 activations are
-already tf32-exact.
+already tf32-exact. With 16-bit activations both forwards' taps product runs in their own dtype
+instead, the fp32 weights split into three exact 16-bit parts (_mm16: tf32 operands must be
+K-major, which pixel-major x tiles are not).
 
 GEMM form (config key "gemm"; the 16-bit default at most widths, see _BY_WIDTH_16BIT; kernels in triton_gemm.py): the same sums as plain
 GEMMs over tiles of BP flattened pixels of one plane, with no halo and no loop-carried state, the
@@ -124,7 +126,9 @@ def _mm16(x, w, acc, acc2, INTERP: constexpr):
     r = (w - w0) * up
     w1 = (r.to(tl.int32, bitcast=True) & keep).to(tl.float32, bitcast=True)
     # the same exact parts in fp32 under the interpreter: its bfloat16 tl.dot returns garbage
-    # (Triton 3.6, CPU), and fp32 products of these parts are as exact
+    # (Triton 3.6, CPU), and fp32 products of these parts are as exact (there x.dtype is fp32 after
+    # the conversion, so the parts are not rounded to 16 bits again: only float16's subnormal w2
+    # rounding, below 2**-35, is not reproduced)
     dt = tl.float32 if INTERP else x.dtype
     x = x.to(dt)
     acc = tl.dot(x, w0.to(x.dtype).to(dt), acc)
@@ -169,7 +173,6 @@ def _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, 
            TRANS: constexpr):
     """_wload's weights as three tf32-exact parts (_split)."""
     return _split(_wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, TRANS), False)
-
 
 
 def _taps_loop(base, sc, off, mp, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C,
