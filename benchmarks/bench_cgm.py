@@ -6,16 +6,16 @@ Module scope: forward + backward of a whole CGM (GAP, channel MLP, both spatial 
 mirroring SPEC.md section 2, with the gate in the Triton kernels ("triton"), or as the plain
 PyTorch module computes it under autocast ("torch": conv2d in the activation dtype), or the model's
 own module (vmambax.models.fusion.CGM, same weights) on its fused path ("triton_module": GAP, both
-channel MLPs with BatchNorm in train mode and the gate in 3 launches forward, 3 backward;
-vmambax_kernels/cgm/module_triton.py). fwd under
-no_grad; fwdbwd with a fixed random gradient for both outputs, gradients for x and every parameter;
-fwdbwd_graph_ms the same step replayed from a CUDA graph (device time without the host's per-op
-overhead); peak_mb = extra memory of fwdbwd. floor_ms counts the bytes a fused module must move for
-fwdbwd (GAP read, gate read + write, backward read x and dy, write dx) at DESIGN.md's measured
-3.0 TB/s. Kernel scope: the forward and backward kernels alone, their achieved bandwidth on the
-bytes they must move (fwd: read both x, write both y; bwd: read both x and dy, write both dx), next
-to the copy bandwidth measured in the same run (kernel times replayed from CUDA graphs). --sweep times the kernels under a few launch
-configurations at the first case and benchmarks with the fastest; --sweep-all sweeps every case
+channel MLPs with BatchNorm in train mode over blocks, and the gate's kernels, as one autograd node;
+vmambax_kernels/cgm/module_triton.py). fwd under no_grad; fwdbwd with a fixed random gradient for
+both outputs, gradients for x and every parameter; fwdbwd_graph_ms the same step replayed from a
+CUDA graph (device time without the host's per-op overhead); peak_mb = extra memory of fwdbwd.
+floor_ms counts the bytes a fused module must move for fwdbwd (GAP read, gate read + write,
+backward read x and dy, write dx) at DESIGN.md's measured 3.0 TB/s. Kernel scope: the forward and
+backward kernels alone, replayed from CUDA graphs, their achieved bandwidth on the bytes they must
+move (fwd: read both x, write both y; bwd: read both x and dy, write both dx), next to the copy
+bandwidth measured in the same run. --sweep times the kernels under a few launch configurations at
+the first case and benchmarks with the fastest; --sweep-all sweeps every case
 and dtype and stops (the per-case data a default is chosen by).
 
 One GPU session (install, GPU tests with evidence, this benchmark), as run for the records:
