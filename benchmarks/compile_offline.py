@@ -94,9 +94,11 @@ def record() -> list[dict]:
                         y = vk.selective_scan_2d(**x, backend="triton")
                     backward(y, leaves)
     scan_triton._CONFIG_OVERRIDE.clear()
-    for dtype in (torch.float32, torch.bfloat16):
+    # float16 too: its backward's products differ from bfloat16's (tf32 parts for dW); planes of
+    # width 32 take the streaming backward, 64 the GEMM form's
+    for dtype, HW in ((torch.float32, 32), (torch.bfloat16, 32), (torch.float16, 32), (torch.float16, 64)):
         for residual in (True, False):
-            x = dict(x_ct=torch.randn(2, 96, 32, 32).to(dtype), x_pet=torch.randn(2, 96, 32, 32).to(dtype),
+            x = dict(x_ct=torch.randn(2, 96, HW, HW).to(dtype), x_pet=torch.randn(2, 96, HW, HW).to(dtype),
                      c_ct=torch.rand(2, 96), c_pet=torch.rand(2, 96),
                      w_ct=torch.randn(1, 192, 3, 3) * 0.05, w_pet=torch.randn(1, 192, 3, 3) * 0.05)
             leaves = [v.requires_grad_(True) for v in x.values() if isinstance(v, torch.Tensor)]

@@ -283,6 +283,42 @@ def test_opcheck_cpu():
     _opcheck("cpu", torch.float32, (1, 3, 3, 4))
 
 
+def test_split_bf16_parts_are_exact():
+    """The backward's 16-bit products rest on _split_bf16: three bfloat16 parts that sum to the
+    fp32 input exactly, the second and third below 2**-7 and 2**-14 of it (what _mm_half16's
+    bound on the terms it leaves out assumes), over random significands, both signs, zero and
+    magnitudes from 2**-110 (its documented limit) to near fp32's largest."""
+    import triton
+    import triton.language as tl
+    # by global name: Triton's interpreter runs the kernel without its closure
+    globals()["_split_bf16"] = cgm_triton._kernels()["_split_bf16"]
+
+    @triton.jit
+    def parts(a_ptr, p_ptr, N: tl.constexpr, INTERP: tl.constexpr):
+        i = tl.arange(0, N)
+        p0, p1, p2 = _split_bf16(tl.load(a_ptr + i), INTERP)  # noqa: F821
+        tl.store(p_ptr + i, p0.to(tl.float32))
+        tl.store(p_ptr + N + i, p1.to(tl.float32))
+        tl.store(p_ptr + 2 * N + i, p2.to(tl.float32))
+
+    g = torch.Generator().manual_seed(31)
+    n = 4096
+    sig = 1 + torch.rand(n, generator=g, dtype=torch.float64)
+    exp = torch.randint(-110, 127, (n,), generator=g).to(torch.float64)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    a = (sign * sig * 2.0 ** exp).to(torch.float32)
+    a[:4] = torch.tensor([0.0, 1.0, -2.0 ** -110, torch.finfo(torch.float32).max])
+    p = torch.empty(3 * n, dtype=torch.float32, device=DEVICE)
+    parts[(1,)](a.to(DEVICE), p, N=n, INTERP=cgm_triton.interpreting())
+    p0, p1, p2 = p.cpu().double().view(3, n)
+    for q in (p0, p1, p2):
+        assert torch.equal(q.float().to(torch.bfloat16).double(), q), "a part is not a bfloat16 value"
+    err = (p0 + p1 + p2 - a.double()).abs()
+    assert err.max() == 0, f"parts miss the input by {err.max().item()} at {a[err.argmax()].item()}"
+    for q, bound in ((p1, 2.0 ** -7), (p2, 2.0 ** -14)):
+        assert ((q.abs() < bound * a.double().abs()) | (q == 0)).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the shape set of DESIGN.md (cgm1..cgm4) and a non-square plane, every dtype
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,9 @@ The channel reductions run on tensor cores in fp32 accuracy: an fp32 operand is 
 three tf32-exact parts (hi, mid, lo) whose products are exact in fp32; bf16/fp16 activations are
 already tf32-exact. With 16-bit activations both forwards' taps product runs in their own dtype
 instead, the fp32 weights split into three exact 16-bit parts (_mm16: tf32 operands must be
-K-major, which pixel-major x tiles are not).
+K-major, which pixel-major x tiles are not); in the backwards, dx's product runs on bfloat16
+parts of dz and of the weights (_mm_half16), and with bfloat16 activations dW's on bfloat16
+parts of dz (_dot3).
 
 GEMM form (config key "gemm"; the 16-bit default at most widths, see _BY_WIDTH_16BIT; kernels in triton_gemm.py): the same sums as plain
 GEMMs over tiles of BP flattened pixels of one plane, with no halo and no loop-carried state, the
@@ -66,41 +68,67 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 tl = constexpr = None
 
 
-def _tf32_trunc(x):
-    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+def _trunc(x, KEEP: constexpr):
+    """fp32 x with its low significand bits cleared: KEEP -8192 keeps tf32's 11 significant bits,
+    -65536 bfloat16's 8."""
+    return (x.to(tl.int32, bitcast=True) & KEEP).to(tl.float32, bitcast=True)
 
 
-def _split(a, EXACT: constexpr):
-    """Three tf32-exact parts (11 + 11 + 2 significant bits) that sum to the fp32 ``a``; ``a``
-    itself (parts 1 and 2 unused) when it is already tf32-exact (bf16/fp16 data)."""
+def _split(a, EXACT: constexpr, KEEP: constexpr = -8192):
+    """Three parts that sum to the fp32 ``a`` exactly, each truncated to KEEP's bits (_trunc): tf32
+    11 + 11 + 2 significant bits, or bfloat16 8 + 8 + 8 (fp32's 24); the remainder after each
+    truncation has at most 24 minus the bits taken, so the subtractions are exact. ``a`` itself
+    (parts 1 and 2 unused) when it is already tf32-exact (bf16/fp16 data)."""
     if EXACT:
         a0 = a
         a1 = a
         a2 = a
     else:
-        a0 = _tf32_trunc(a)
+        a0 = _trunc(a, KEEP)
         r = a - a0
-        a1 = _tf32_trunc(r)
+        a1 = _trunc(r, KEEP)
         a2 = r - a1
     return a0, a1, a2
 
 
-def _mm(a0, a1, a2, b0, b1, b2, acc, A_EXACT: constexpr, HALF: constexpr):
+def _split_bf16(a, INTERP: constexpr):
+    """The fp32 ``a`` as three bfloat16 parts that sum to it exactly (_split at 8 bits; bfloat16 has
+    fp32's exponent range, so no part overflows). Truncated, not rounded, as _mm16's weight parts:
+    the interpreter's bfloat16 conversion truncates, so it gets the GPU's parts. Only where |a| <
+    2**-110 may the last part need bits below bfloat16's smallest subnormal (2**-133): an error
+    under 2**-133. Under the interpreter the parts stay in fp32 (its bfloat16 tl.dot returns
+    garbage, see _mm16), the same values."""
+    a0, a1, a2 = _split(a, False, -65536)
+    dt = tl.float32 if INTERP else tl.bfloat16
+    return a0.to(dt), a1.to(dt), a2.to(dt)
+
+
+def _dot3(a, b0, b1, b2, acc):
+    """acc + a @ (b0 + b1 + b2), chained through the tensor cores (fp32 accumulation), ``a`` taken
+    in the parts' dtype: dW's product of bfloat16 x (exact) and _split_bf16's parts of dz, each
+    product (8 x 8 significant bits) exact in fp32, as with tf32 parts. tf32 operands must be
+    K-major, so dz's tf32 parts (K: pixels) went through shared memory transposed (Nsight
+    Compute, streaming backward at cgm1 bf16: 8 STS a row at 16-way bank conflicts); bfloat16
+    operands may be MN-major."""
+    a = a.to(b0.dtype)
+    acc = tl.dot(a, b0, acc)
+    acc = tl.dot(a, b1, acc)
+    return tl.dot(a, b2, acc)
+
+
+def _mm(a0, a1, a2, b0, b1, b2, acc, A_EXACT: constexpr):
     """acc + (a0 + a1 + a2) @ (b0 + b1 + b2) in fp32 accuracy on tf32 tensor cores: products of
     tf32-exact parts are exact in fp32; the cross terms left out are below 2**-33 relative.
-    HALF keeps the terms above 2**-21 only, for results stored in 16 bits.
     The block's product starts from zero and is added to acc with one fp32 add: chaining acc
     through the tensor cores over every channel block (48 at C = 768) put cgm4 fp32 1.06x past
     the tolerance rule (H100)."""
     part = tl.dot(a0, b0, input_precision="tf32")
     part = tl.dot(a0, b1, part, input_precision="tf32")
-    if not HALF:
-        part = tl.dot(a0, b2, part, input_precision="tf32")
+    part = tl.dot(a0, b2, part, input_precision="tf32")
     if not A_EXACT:
         part = tl.dot(a1, b0, part, input_precision="tf32")
-        if not HALF:
-            part = tl.dot(a2, b0, part, input_precision="tf32")
-            part = tl.dot(a1, b1, part, input_precision="tf32")
+        part = tl.dot(a2, b0, part, input_precision="tf32")
+        part = tl.dot(a1, b1, part, input_precision="tf32")
     return acc + part
 
 
@@ -137,6 +165,24 @@ def _mm16(x, w, acc, acc2, INTERP: constexpr):
     return acc, acc2
 
 
+def _mm_half16(a0, a1, a2, b, acc, INTERP: constexpr):
+    """acc + a @ b for results stored in 16 bits (dx of 16-bit activations): ``a`` as _split_bf16's
+    parts (dz), the fp32 ``b`` (packed weights) split the same way, and the six products a_i b_j
+    with i + j <= 2 on bfloat16 tensor cores (each exact in fp32), chained from zero and added to
+    acc once, as in _mm. Truncated parts give |a1| < 2**-7 |a|, |a2| < 2**-14 |a|, so the three left
+    out (a1 b2, a2 b1, a2 b2) are below 2**-20 + 2**-28 of |a| |b|, less than the tf32 parts' three
+    left out before (a0 b2, a1 b1, a2 b0: up to 3 2**-20); dx's own rounding is 2**-9 (bf16) or
+    2**-12 (fp16). No activation is an operand, so bfloat16's range (fp32's) serves float16 too."""
+    b0, b1, b2 = _split_bf16(b, INTERP)
+    part = tl.dot(a0, b0)
+    part = tl.dot(a0, b1, part)
+    part = tl.dot(a1, b0, part)
+    part = tl.dot(a0, b2, part)
+    part = tl.dot(a1, b1, part)
+    part = tl.dot(a2, b0, part)
+    return acc + part
+
+
 def _taps_total(acc, acc2, x_ptr, X_EXACT: constexpr):
     """The taps product from _taps_loop's two sums (2**-S as in _mm16)."""
     if X_EXACT:
@@ -169,12 +215,6 @@ def _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, 
     return va.to(tl.float32) + vb.to(tl.float32)
 
 
-def _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD: constexpr,
-           TRANS: constexpr):
-    """_wload's weights as three tf32-exact parts (_split)."""
-    return _split(_wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, TRANS), False)
-
-
 def _taps_loop(base, sc, off, mp, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C,
                acc, acc2, MOD: constexpr, X_EXACT: constexpr, INTERP: constexpr, BC: constexpr):
     """Both forwards' taps product over modality MOD's channels, for pixels at offsets ``off``
@@ -194,7 +234,7 @@ def _taps_loop(base, sc, off, mp, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, sw
         else:
             x0, x1, x2 = _split(x.to(tl.float32), False)
             w0, w1, w2 = _split(w, False)
-            acc = _mm(x0, x1, x2, w0, w1, w2, acc, False, False)
+            acc = _mm(x0, x1, x2, w0, w1, w2, acc, False)
         w = w_next
     return acc, acc2
 
@@ -408,6 +448,7 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
     pid = tl.program_id(0)
     b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP, ONE_TILE)
     s_plane = s_ptr + b.to(tl.int64) * 2 * H * W
+    X_BF16: constexpr = xa_ptr.dtype.element_ty == tl.bfloat16
     dw_prog = dw_ptr + pid.to(tl.int64) * 2 * 2 * C * 9  # its partial dW, [2 (map), 2C, 9]
     i = tl.arange(0, TWP)
     j = tl.arange(0, 32)
@@ -439,7 +480,13 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
         d_p = tl.where(jm == 0, p0[:, None], p1[:, None])
         dsel = tl.where(jy == 0, d_n, tl.where(jy == 1, d_q, d_p))   # row h - dy
         dzs = tl.where(ok, tl.gather(dsel, src, 0), 0.0)              # column w - dx
-        dz0, dz1, dz2 = _split(dzs, False)
+        # dz's exact parts: bfloat16 ones for dx's product with 16-bit activations and for dW's with
+        # bfloat16 x; tf32 ones for the rest. Not float16 parts for float16 x's dW: dz's range is
+        # unbounded and x is an operand, so a float16 part of dz could overflow or underflow
+        if X_EXACT:
+            dh0, dh1, dh2 = _split_bf16(dzs, INTERP)
+        if not X_BF16:
+            dz0, dz1, dz2 = _split(dzs, False)
         not_first = h != h0
         for MOD in tl.static_range(2):
             if MOD == 0:
@@ -462,10 +509,9 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                 mc = ch < C
                 msk = out_cols[:, None] & mc[None, :]
                 gate = _gate(c_base, cs, ch, mc, s_m, RESIDUAL)
-                x = tl.load(xrow + ch[None, :] * sc + wcol[:, None] * sw, mask=msk, other=0.0).to(tl.float32)
+                x = tl.load(xrow + ch[None, :] * sc + wcol[:, None] * sw, mask=msk, other=0.0)
                 gy = tl.load(grow + ch[None, :] * gc + wcol[:, None] * gw, mask=msk, other=0.0).to(tl.float32)
-                w0, w1, w2 = _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc,
-                                    MOD, True)
+                w = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, True)
                 dx_gate = gy * gate
                 if HAS_DP:
                     # the channel MLP's input gradient through GAP (fused module): dp (Bt, 2, 2C),
@@ -474,11 +520,19 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                     dpv = tl.load(dpb + MOD * 2 * C + C + ch, mask=mc, other=0.0)
                     dpv += tl.load(dpb + (1 - MOD) * 2 * C + ch, mask=mc, other=0.0)
                     dx_gate += dpv[None, :]
-                dx = _mm(dz0, dz1, dz2, w0, w1, w2, dx_gate, False, X_EXACT)
+                if X_EXACT:
+                    dx = _mm_half16(dh0, dh1, dh2, w, dx_gate, INTERP)
+                else:
+                    w0, w1, w2 = _split(w, False)
+                    dx = _mm(dz0, dz1, dz2, w0, w1, w2, dx_gate, False)
                 dx = _round_bf16(dx, dxa_ptr, INTERP)
                 tl.store(drow + ch[None, :] * dcs + wcol[:, None] * dws, dx.to(dxa_ptr.dtype.element_ty), mask=msk)
-                x0, x1, x2 = _split(tl.trans(x), X_EXACT)
-                dw = _mm(x0, x1, x2, dz0, dz1, dz2, tl.zeros((BC, 32), dtype=tl.float32), X_EXACT, False)
+                dw = tl.zeros((BC, 32), dtype=tl.float32)
+                if X_BF16:
+                    dw = _dot3(tl.trans(x), dh0, dh1, dh2, dw)
+                else:
+                    x0, x1, x2 = _split(tl.trans(x.to(tl.float32)), X_EXACT)
+                    dw = _mm(x0, x1, x2, dz0, dz1, dz2, dw, X_EXACT)
                 # packed (MOD, c, j) -> dW of map m = j // 16 at input channel c + C (MOD == m)
                 wrow = ch[:, None] + C * (jm == MOD).to(tl.int32)
                 w_ptrs = dw_prog + jm * (2 * C * 9) + wrow * 9 + jy * 3 + jx
@@ -487,14 +541,14 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                 tl.store(w_ptrs, tl.load(w_ptrs, mask=mw & not_first, other=0.0) + dw, mask=mw)
                 if not HAS_DP:  # with dp, the caller reduced dc beforehand (its MLP gave dp)
                     c_ptrs = dc_ptr + pid.to(tl.int64) * 2 * C + MOD * C + ch  # this program's [2, C]
-                    dc = tl.sum(gy * x * s_m[:, None], axis=0)
+                    dc = tl.sum(gy * x.to(tl.float32) * s_m[:, None], axis=0)
                     tl.store(c_ptrs, tl.load(c_ptrs, mask=mc & not_first, other=0.0) + dc, mask=mc)
         p0, p1, q0, q1 = q0, q1, n0, n1
         tl.debug_barrier()  # the partial sums' read-modify-writes of this row are done
 
 
-_HELPERS = ("_tf32_trunc", "_split", "_mm", "_mm16", "_taps_total", "_wload", "_wpack", "_taps_loop", "_row_taps", "_pick", "_col",
-            "_gate_rows", "_gate", "_tile_cols", "_row_dz")
+_HELPERS = ("_trunc", "_split", "_split_bf16", "_dot3", "_mm", "_mm16", "_mm_half16", "_taps_total", "_wload",
+            "_taps_loop", "_row_taps", "_pick", "_col", "_gate_rows", "_gate", "_tile_cols", "_row_dz")
 _KERNELS = ("_cgm_fwd_kernel", "_cgm_apply_kernel", "_cgm_bwd_kernel")
 _built: dict = {}
 
@@ -545,11 +599,12 @@ VARIANTS: dict = {
     "fwd_split_bc64": {"fwd": dict(one_tile=True, split=dict(BC=64, num_warps=8))},
     # the same with 64-column tiles (3 per 128-pixel row, 168 registers at cgm1: 3 programs per SM)
     "fwd_split_tw64": {"fwd": dict(split=True, max_tw=64, programs_per_sm=3)},
-    # bwd: the earlier default, BC 32 on 8 warps (255 registers + 56 B of stack at cgm1 bf16)
+    # bwd: the earlier default, BC 32 on 8 warps (255 registers + 16 B of stack at cgm1 bf16; 56 B
+    # before the bfloat16 backward products)
     "bwd_bc32_w8": {"bwd": dict(one_tile=False, BC=32, num_warps=8)},
-    # the whole-width tile, BC 16 on 8 warps (238 registers): one program fills the register file
+    # the whole-width tile, BC 16 on 8 warps (240 registers): one program fills the register file
     "bwd_tile1_bc16_w8": {"bwd": dict(BC=16, num_warps=8)},
-    # the same without the pipeliner (num_stages 1: no cp.async buffers, 236 registers)
+    # the same without the pipeliner (num_stages 1: no cp.async buffers, 241 registers)
     "bwd_tile1_bc16_w8_s1": {"bwd": dict(BC=16, num_warps=8, num_stages=1)},
     # GEMM form (triton_gemm.py; see the module docstring), not yet timed. Registers: ptxas sm_90
     # (Triton 3.6, compile_offline.py), the same at cgm1-cgm4 unless noted, bf16 / fp32; no launch
@@ -580,13 +635,14 @@ VARIANTS: dict = {
     # the same on 64-channel steps (twice the loads in flight per step): 71 / 96
     "fwd_gemm_bc16_fused_bc64": {"fwd": dict(gemm=dict(BC=16, fuse_apply=True, apply=dict(BC=64)))},
     # bwd in three kernels (BP 128 x BC 32, 4 warps, 3 stages): dz 96 / 124 (fused module, dp
-    # given: 72 / 128), dx 186 / 232 (with dp 167 / 172), dW (BP 64 x BC 64) 168-169 / 252-255
+    # given: 72 / 128), dx 152 / 232 (with dp 159 / 172), dW (BP 64 x BC 64) 128 / 252-255 (bf16 dx
+    # 186 and dW 168-169 with tf32 parts of dz, before _mm_half16 and _dot3)
     "bwd_gemm": {"bwd": dict(gemm=True)},
-    # 256-pixel tiles, 8 warps (dW too): dz 94-100 / 161-189, dx 160-162 / 208-218 (with dp
-    # 211-213 / 254), dW 172-179 / 255
+    # 256-pixel tiles, 8 warps (dW too): dz 94-100 / 161-189, dx 152-160 / 208-218 (with dp
+    # 145-166 / 254), dW 86 / 255
     "bwd_gemm_bp256_w8": {"bwd": dict(gemm=dict(BP=256, num_warps=8))},
-    # 16-channel blocks, dW on 32-pixel tiles: dz 64 / 87, dx 116 / 146 (with dp 118 / 160),
-    # dW 124-127 / 147-162
+    # 16-channel blocks, dW on 32-pixel tiles: dz 64 / 87, dx 86 / 146 (with dp 113 / 160),
+    # dW 72-80 / 147-162
     "bwd_gemm_bc16": {"bwd": dict(gemm=dict(BC=16, dw=dict(BP=32)))},
 }
 # The GEMM form's tiles (config key "gemm": True, or a dict overriding these): BP flattened pixels x
@@ -820,7 +876,7 @@ def _backward_gemm(ga, gb, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual, d
     dw = torch.empty((Bt * n_chp, 2, 2 * C, 9), dtype=torch.float32, device=dev)
     kg["_cgm_dw_kernel"][(Bt * n_chp, n_cb)](
         x_ct, x_pet, dz, dw, C, H, W, gw["n_pt"], n_chp, tpc, *x_ct.stride(), *x_pet.stride(),
-        X_EXACT=x_exact, FLAT=_flat(x_ct, x_pet), **gw["launch"])
+        X_EXACT=x_exact, INTERP=interpreting(), FLAT=_flat(x_ct, x_pet), **gw["launch"])
     return dxa, dxb, dc, dw
 
 

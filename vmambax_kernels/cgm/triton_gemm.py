@@ -13,8 +13,9 @@ loop-carried state between tiles; the 3x3 neighbourhood goes through small fp32 
             _cgm_dw_kernel     dW partials = x_m^T @ dzs over a chunk of pixel tiles
   with dzs[p, (m, dy, dx)] = dz_m[h - dy, w - dx] (zero outside the plane and in unused columns).
 
-The packed weights (_wpack), the fp32-exact products (_split, _mm), _gate and the gating kernel
-are those of .triton; its _kernels() jits them, and _kernels() here binds them before jitting these.
+The packed weights (_wload), the fp32-exact products (_split, _mm; for 16-bit activations
+_split_bf16, _dot3, _mm_half16), _gate and the gating kernel are those of .triton; its _kernels()
+jits them, and _kernels() here binds them before jitting these.
 """
 from __future__ import annotations
 
@@ -248,7 +249,11 @@ def _cgm_dx_kernel(ga_ptr, gb_ptr, dz_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr
     b = (pid // n_pt).to(tl.int64)
     p = (pid % n_pt) * BP + tl.arange(0, BP)
     mp = p < H * W
-    dz0, dz1, dz2 = _split(_shifted(dz_ptr, b, p, H, W, 2, -1), False)
+    dzs = _shifted(dz_ptr, b, p, H, W, 2, -1)
+    if X_EXACT:   # 16-bit dx: bfloat16 parts (_mm_half16)
+        dz0, dz1, dz2 = _split_bf16(dzs, INTERP)
+    else:
+        dz0, dz1, dz2 = _split(dzs, False)
     for MOD in tl.static_range(2):
         gbase, gc, goff, dbase, dcs, doff, cbase, cs, s_m = _mod_tile(
             MOD, b, p, mp, H, W, s_ptr, ca_ptr, cb_ptr, sca_b, sca_c, scb_b, scb_c,
@@ -266,17 +271,27 @@ def _cgm_dx_kernel(ga_ptr, gb_ptr, dz_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr
                 dpv = tl.load(dpb + MOD * 2 * C + C + ch, mask=mc, other=0.0)
                 dpv += tl.load(dpb + (1 - MOD) * 2 * C + ch, mask=mc, other=0.0)
                 dx_gate += dpv[None, :]
-            w0, w1, w2 = _wpack(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, True)
-            dx = _round_bf16(_mm(dz0, dz1, dz2, w0, w1, w2, dx_gate, False, X_EXACT), dxa_ptr, INTERP)
+            w = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, True)
+            if X_EXACT:
+                dx = _mm_half16(dz0, dz1, dz2, w, dx_gate, INTERP)
+            else:
+                w0, w1, w2 = _split(w, False)
+                dx = _mm(dz0, dz1, dz2, w0, w1, w2, dx_gate, False)
+            dx = _round_bf16(dx, dxa_ptr, INTERP)
             tl.store(dbase + ch[None, :] * dcs + doff[:, None], dx.to(dxa_ptr.dtype.element_ty), mask=msk)
 
 
 def _dw_tile(base, sc, sh, sw, ch, mc, p, mp, W, dz0, dz1, dz2, acc, X_EXACT: constexpr, FLAT: constexpr):
-    """acc + x[ch, p]^T-tile @ dzs: (BC, 32)."""
+    """acc + x[ch, p]^T-tile @ dzs: (BC, 32); dz's parts bfloat16 (_split_bf16) for bfloat16 x, tf32
+    (_split) else. The tile's product starts from zero and is added to acc once, as in _mm."""
     x = tl.load(base + ch[:, None] * sc + _pix(p, W, sh, sw, FLAT)[None, :], mask=mc[:, None] & mp[None, :],
-                other=0.0).to(tl.float32)
-    x0, x1, x2 = _split(x, X_EXACT)
-    return _mm(x0, x1, x2, dz0, dz1, dz2, acc, X_EXACT, False)
+                other=0.0)
+    if x.dtype == tl.bfloat16:
+        acc += _dot3(x, dz0, dz1, dz2, tl.zeros_like(acc))
+    else:
+        x0, x1, x2 = _split(x.to(tl.float32), X_EXACT)
+        acc = _mm(x0, x1, x2, dz0, dz1, dz2, acc, X_EXACT)
+    return acc
 
 
 def _dw_store(dw_prog, acc, ch, mc, C, MOD: constexpr):
@@ -291,7 +306,7 @@ def _dw_store(dw_prog, acc, ch, mc, C, MOD: constexpr):
 
 def _cgm_dw_kernel(xa_ptr, xb_ptr, dz_ptr, dw_ptr, C, H, W, n_pt, n_chp, TPC,
                    sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
-                   X_EXACT: constexpr, FLAT: constexpr, BP: constexpr, BC: constexpr):
+                   X_EXACT: constexpr, INTERP: constexpr, FLAT: constexpr, BP: constexpr, BC: constexpr):
     """Kernel W: chunk q (TPC pixel tiles of plane b), channel block program_id(1) of both
     modalities: dw[q] (2, 2C, 9) gets sum over the chunk of x_MOD^T @ dzs in its own rows (every
     row of dw[q] is written by exactly one program: no zero fill, no read-modify-write)."""
@@ -305,7 +320,13 @@ def _cgm_dw_kernel(xa_ptr, xb_ptr, dz_ptr, dw_ptr, C, H, W, n_pt, n_chp, TPC,
     for t in range(t0, tl.minimum(t0 + TPC, n_pt)):
         p = t * BP + tl.arange(0, BP)
         mp = p < H * W
-        dz0, dz1, dz2 = _split(_shifted(dz_ptr, b, p, H, W, 2, -1), False)
+        dzs = _shifted(dz_ptr, b, p, H, W, 2, -1)
+        # bfloat16 x: bfloat16 parts of dz (_dot3); float16 x keeps tf32 parts, as dz's range is
+        # unbounded and x is an operand (a float16 part of dz could overflow or underflow)
+        if xa_ptr.dtype.element_ty == tl.bfloat16:
+            dz0, dz1, dz2 = _split_bf16(dzs, INTERP)
+        else:
+            dz0, dz1, dz2 = _split(dzs, False)
         acc_a = _dw_tile(xa_ptr + b * sxa_b, sxa_c, sxa_h, sxa_w, ch, mc, p, mp, W, dz0, dz1, dz2, acc_a,
                          X_EXACT, FLAT)
         acc_b = _dw_tile(xb_ptr + b * sxb_b, sxb_c, sxb_h, sxb_w, ch, mc, p, mp, W, dz0, dz1, dz2, acc_b,
@@ -315,7 +336,8 @@ def _cgm_dw_kernel(xa_ptr, xb_ptr, dz_ptr, dw_ptr, C, H, W, n_pt, n_chp, TPC,
     _dw_store(dw_prog, acc_b, ch, mc, C, 1)
 
 
-_SHARED = ("_split", "_mm", "_wpack", "_taps_loop", "_taps_total", "_gate")   # .triton's, jitted there
+_SHARED = ("_split", "_split_bf16", "_dot3", "_mm", "_mm_half16", "_wload", "_taps_loop", "_taps_total",
+           "_gate")   # .triton's, jitted there
 _HELPERS = ("_plane", "_pix", "_shifted", "_tap_chain", "_fused_s", "_mod_tile", "_dw_tile", "_dw_store")
 _KERNELS = ("_cgm_taps_kernel", "_cgm_shift_kernel", "_cgm_shift_apply_kernel", "_cgm_dz_kernel",
             "_cgm_dx_kernel", "_cgm_dw_kernel")
