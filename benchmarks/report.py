@@ -28,12 +28,15 @@ def load(results_dir: Path) -> list[dict]:
 
 
 def label(r: dict) -> str:
-    """The provider as the table shows it: model records also differ by SS2D's glue and compiling."""
+    """The provider as the table shows it: model records also differ by SS2D's glue, compiling and
+    the AdamW implementation."""
     extra = []
     if r.get("glue") == "torch" and r.get("provider") != "unfused_mamba":
         extra.append("torch glue")
     if r.get("compiled"):
         extra.append(f"compiled {r['compiled']}")
+    if r.get("adamw"):
+        extra.append(f"{r['adamw']} AdamW")
     return r.get("provider", "") + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -24,3 +24,15 @@ def test_no_graph_ratio_without_graph_timings():
     rows = [_row("torch", 3.0, None), _row("triton", 2.0, 0.6)]
     line = [ln for ln in report.table(rows).splitlines() if "| triton |" in ln][0]
     assert line.endswith("| 1.5x |  | abc |")
+
+
+def test_model_records_keep_their_variants_apart():
+    """Compiled, torch-glue and fused-AdamW runs of one provider are separate rows, not the newest
+    of one."""
+    base = dict(gpu="GPU", bench="model", case="train", dtype="bf16", provider="cuda", commit="abc", date="d")
+    rows = [dict(base, train_step_ms=300.0), dict(base, train_step_ms=290.0, compiled="default"),
+            dict(base, train_step_ms=280.0, compiled="default", adamw="fused"),
+            dict(base, train_step_ms=310.0, glue="torch")]
+    labels = {report.label(r) for r in rows}
+    assert labels == {"cuda", "cuda (compiled default)", "cuda (compiled default, fused AdamW)", "cuda (torch glue)"}
+    assert len(report.newest(rows)) == 4
