@@ -9,10 +9,12 @@ argument values as Triton's launcher does (ints equal to 1 become constants; mul
 memory (from the cubin), so the next GPU call runs code that builds.
 
     python benchmarks/compile_offline.py [--arch 90] [--only NAME,...]  # exit status 1 when a launch fails to compile
+    python benchmarks/compile_offline.py --only cgm --digest > before.txt   # then after a refactor: diff
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -191,7 +193,15 @@ def record() -> list[dict]:
     return launches
 
 
-def compile_all(launches: list[dict], arch: int) -> int:
+def sass_digest(cuobjdump: str, cubin: str) -> str:
+    """A digest of the cubin's SASS instructions alone (no source lines, no addresses in comments):
+    equal digests before and after a refactor mean the GPU runs the same machine code."""
+    out = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
+    ins = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", out)]
+    return hashlib.sha1("\n".join(ins).encode()).hexdigest()[:12]
+
+
+def compile_all(launches: list[dict], arch: int, digest: bool = False) -> int:
     """Parent process (no interpreter): triton.compile each launch; returns the number of failures."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -250,6 +260,8 @@ def compile_all(launches: list[dict], arch: int) -> int:
             m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", out.stdout)
             if m:
                 usage = f"regs {m.group(1)} stack {m.group(2)} B shared {m.group(3)} B"
+            if digest:
+                usage += f" sass {sass_digest(cuobjdump, f.name)}"
         print(f"ok   {label}  [{usage}]")
     return failures
 
@@ -259,6 +271,8 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100)")
     ap.add_argument("--only", default="", help="compile only the launches whose kernel name contains one of "
                                                 "these comma-separated strings")
+    ap.add_argument("--digest", action="store_true", help="print a digest of each launch's SASS (compare "
+                    "two runs: a refactor with every digest unchanged needs no new GPU run)")
     ap.add_argument("--record", action="store_true", help=argparse.SUPPRESS)   # the child's role
     args = ap.parse_args()
     if args.record:
@@ -274,7 +288,7 @@ def main() -> int:
     launches = [r for r in json.loads(child.stdout.strip().splitlines()[-1])
                 if any(o in r["name"] for o in args.only.split(","))]
     print(f"{len(launches)} distinct launches recorded; compiling for sm_{args.arch}")
-    failures = compile_all(launches, args.arch)
+    failures = compile_all(launches, args.arch, args.digest)
     print(f"{len(launches) - failures} compiled, {failures} failed")
     return 1 if failures else 0
 
