@@ -101,5 +101,6 @@ def pytest_sessionfinish(session, exitstatus):
         "skip_reasons": dict(_skip_reasons),
     }
     path = out_dir / f"{commit}.json"
-    path.write_text(json.dumps(evidence, indent=1) + "\n")
+    # committed evidence names no machine paths: the checkout's own become repository-relative
+    path.write_text(json.dumps(evidence, indent=1).replace(str(ROOT) + os.sep, "") + "\n")
     print(f"\ngpu_evidence: wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {totals}")
