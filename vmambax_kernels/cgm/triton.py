@@ -306,6 +306,31 @@ def _gate(c_base, cs, ch, mc, s_m, RESIDUAL: constexpr):
     return gate
 
 
+def _dx_gate(gy, gate, dp_ptr, b, MOD: constexpr, C, ch, mc, HAS_DP: constexpr):
+    """dx's elementwise part, dy_m gate_m; with HAS_DP (the fused module) plus the channel MLP's
+    input gradient through GAP: dp (Bt, 2, 2C), [b, mlp, k] already / (H W), where X_MOD is input
+    half 1 of its own MLP and half 0 of the other's."""
+    dx_gate = gy * gate
+    if HAS_DP:
+        dpb = dp_ptr + b.to(tl.int64) * 4 * C
+        dpv = tl.load(dpb + MOD * 2 * C + C + ch, mask=mc, other=0.0)
+        dpv += tl.load(dpb + (1 - MOD) * 2 * C + ch, mask=mc, other=0.0)
+        dx_gate += dpv[None, :]
+    return dx_gate
+
+
+def _dx_mm(d0, d1, d2, w, dx_gate, dx_ptr, X_EXACT: constexpr, INTERP: constexpr):
+    """dx = dx_gate + dzs @ W_m^T, rounded as dx_ptr's dtype. d0..d2: dzs's exact parts, bfloat16
+    ones for 16-bit activations (X_EXACT, _mm_half16), tf32 ones otherwise. The weight load stays
+    with the callers, each at its own place in the channel loop (moving it changes their SASS)."""
+    if X_EXACT:
+        dx = _mm_half16(d0, d1, d2, w, dx_gate, INTERP)
+    else:
+        w0, w1, w2 = _split(w, False)
+        dx = _mm(d0, d1, d2, w0, w1, w2, dx_gate, False)
+    return _round_bf16(dx, dx_ptr, INTERP)
+
+
 def _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP: constexpr, ONE_TILE: constexpr):
     """The program's plane b, rows [h0, h1), and columns: wcol = wb + i for i < TWP, the ones
     loaded (in the plane) and the ones it outputs (all when one tile spans the width; else the
@@ -512,20 +537,11 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                 x = tl.load(xrow + ch[None, :] * sc + wcol[:, None] * sw, mask=msk, other=0.0)
                 gy = tl.load(grow + ch[None, :] * gc + wcol[:, None] * gw, mask=msk, other=0.0).to(tl.float32)
                 w = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, True)
-                dx_gate = gy * gate
-                if HAS_DP:
-                    # the channel MLP's input gradient through GAP (fused module): dp (Bt, 2, 2C),
-                    # [b, mlp, k] already / (H W); X_MOD is input half 1 of its own MLP, 0 of the other
-                    dpb = dp_ptr + b.to(tl.int64) * 4 * C
-                    dpv = tl.load(dpb + MOD * 2 * C + C + ch, mask=mc, other=0.0)
-                    dpv += tl.load(dpb + (1 - MOD) * 2 * C + ch, mask=mc, other=0.0)
-                    dx_gate += dpv[None, :]
+                dx_gate = _dx_gate(gy, gate, dp_ptr, b, MOD, C, ch, mc, HAS_DP)
                 if X_EXACT:
-                    dx = _mm_half16(dh0, dh1, dh2, w, dx_gate, INTERP)
+                    dx = _dx_mm(dh0, dh1, dh2, w, dx_gate, dxa_ptr, X_EXACT, INTERP)
                 else:
-                    w0, w1, w2 = _split(w, False)
-                    dx = _mm(dz0, dz1, dz2, w0, w1, w2, dx_gate, False)
-                dx = _round_bf16(dx, dxa_ptr, INTERP)
+                    dx = _dx_mm(dz0, dz1, dz2, w, dx_gate, dxa_ptr, X_EXACT, INTERP)
                 tl.store(drow + ch[None, :] * dcs + wcol[:, None] * dws, dx.to(dxa_ptr.dtype.element_ty), mask=msk)
                 dw = tl.zeros((BC, 32), dtype=tl.float32)
                 if X_BF16:
@@ -548,7 +564,8 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
 
 
 _HELPERS = ("_trunc", "_split", "_split_bf16", "_dot3", "_mm", "_mm16", "_mm_half16", "_taps_total", "_wload",
-            "_taps_loop", "_row_taps", "_pick", "_col", "_gate_rows", "_gate", "_tile_cols", "_row_dz")
+            "_taps_loop", "_row_taps", "_pick", "_col", "_gate_rows", "_gate", "_dx_gate", "_dx_mm",
+            "_tile_cols", "_row_dz")
 _KERNELS = ("_cgm_fwd_kernel", "_cgm_apply_kernel", "_cgm_bwd_kernel")
 _built: dict = {}
 

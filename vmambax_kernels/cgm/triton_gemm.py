@@ -265,19 +265,9 @@ def _cgm_dx_kernel(ga_ptr, gb_ptr, dz_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr
             msk = mp[:, None] & mc[None, :]
             gate = _gate(cbase, cs, ch, mc, s_m, RESIDUAL)
             gy = tl.load(gbase + ch[None, :] * gc + goff[:, None], mask=msk, other=0.0).to(tl.float32)
-            dx_gate = gy * gate
-            if HAS_DP:  # dp (Bt, 2, 2C): X_MOD is input half 1 of its own MLP, 0 of the other
-                dpb = dp_ptr + b * 4 * C
-                dpv = tl.load(dpb + MOD * 2 * C + C + ch, mask=mc, other=0.0)
-                dpv += tl.load(dpb + (1 - MOD) * 2 * C + ch, mask=mc, other=0.0)
-                dx_gate += dpv[None, :]
+            dx_gate = _dx_gate(gy, gate, dp_ptr, b, MOD, C, ch, mc, HAS_DP)
             w = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, True)
-            if X_EXACT:
-                dx = _mm_half16(dz0, dz1, dz2, w, dx_gate, INTERP)
-            else:
-                w0, w1, w2 = _split(w, False)
-                dx = _mm(dz0, dz1, dz2, w0, w1, w2, dx_gate, False)
-            dx = _round_bf16(dx, dxa_ptr, INTERP)
+            dx = _dx_mm(dz0, dz1, dz2, w, dx_gate, dxa_ptr, X_EXACT, INTERP)
             tl.store(dbase + ch[None, :] * dcs + doff[:, None], dx.to(dxa_ptr.dtype.element_ty), mask=msk)
 
 
@@ -337,7 +327,7 @@ def _cgm_dw_kernel(xa_ptr, xb_ptr, dz_ptr, dw_ptr, C, H, W, n_pt, n_chp, TPC,
 
 
 _SHARED = ("_split", "_split_bf16", "_dot3", "_mm", "_mm_half16", "_wload", "_taps_loop", "_taps_total",
-           "_gate")   # .triton's, jitted there
+           "_gate", "_dx_gate", "_dx_mm")   # .triton's, jitted there
 _HELPERS = ("_plane", "_pix", "_shifted", "_tap_chain", "_fused_s", "_mod_tile", "_dw_tile", "_dw_store")
 _KERNELS = ("_cgm_taps_kernel", "_cgm_shift_kernel", "_cgm_shift_apply_kernel", "_cgm_dz_kernel",
             "_cgm_dx_kernel", "_cgm_dw_kernel")
