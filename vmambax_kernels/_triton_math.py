@@ -4,7 +4,7 @@ interpreting when a kernel is defined), with the shared helpers in the module's 
 Triton finds them by name."""
 from __future__ import annotations
 
-from ._triton_env import fix_interpreter_index, interpreting
+from ._triton_env import interpreting, patch_interpreter
 
 # triton.language, its constexpr and libdevice, bound by helpers()
 tl = constexpr = libdevice = None
@@ -85,5 +85,5 @@ def jit_module(g: dict, names: tuple, built: dict) -> dict:
             g[name] = triton.jit(g[name])
             built[name] = g[name]
         if interpreting():
-            fix_interpreter_index()
+            patch_interpreter()
     return built

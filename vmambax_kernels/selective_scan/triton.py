@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._triton_env import availability, fix_interpreter_index, interpreting  # noqa: F401  (backend API)
+from .._triton_env import availability, interpreting, patch_interpreter  # noqa: F401  (backend API)
 
 from .flops import register_scan_flops
 
@@ -26,7 +26,7 @@ def _kernels():
     from . import _triton_kernels
     if interpreting():
         _vectorise_interpreter_scan()
-        fix_interpreter_index()
+        patch_interpreter()
     return _triton_kernels
 
 
