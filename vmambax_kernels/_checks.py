@@ -60,13 +60,18 @@ def supported_dtype(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected one of float32/bfloat16/float16/float64, got {x.dtype}")
 
 
+def planes(name: str, x) -> torch.Size:
+    """A (Bt, channels, H, W) tensor of a supported dtype with no empty dimension; its shape."""
+    tensor(name, x, 4)
+    supported_dtype(name, x)
+    if min(x.shape) < 1:
+        raise ValueError(f"{name}: expected every dimension >= 1, got shape {tuple(x.shape)}")
+    return x.shape
+
+
 def selective_scan_2d_args(u, delta, A, B, C, D, delta_bias, out_dtype, check_finite=True):
     """Validate SPEC.md section 1 arguments; return (Bt, Dm, H, W, N) and the device."""
-    tensor("u", u, 4)
-    supported_dtype("u", u)
-    Bt, Dm, H, W = u.shape
-    if min(Bt, Dm, H, W) < 1:
-        raise ValueError(f"u: expected every dimension >= 1, got shape {tuple(u.shape)}")
+    Bt, Dm, H, W = planes("u", u)
     tensor("A", A, 3)
     if A.shape[0] != 4 or A.shape[1] != Dm:
         raise ValueError(f"A: expected shape (4, {Dm}, N), got {tuple(A.shape)}")
@@ -99,11 +104,7 @@ def selective_scan_2d_args(u, delta, A, B, C, D, delta_bias, out_dtype, check_fi
 
 def cross_selective_scan_2d_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
     """Validate SPEC.md section 1 (module form); return (Bt, Dm, H, W, N, R)."""
-    tensor("x", x, 4)
-    supported_dtype("x", x)
-    Bt, Dm, H, W = x.shape
-    if min(Bt, Dm, H, W) < 1:
-        raise ValueError(f"x: expected every dimension >= 1, got shape {tuple(x.shape)}")
+    Bt, Dm, H, W = planes("x", x)
     tensor("A_logs", A_logs, 2)
     if A_logs.shape[0] != 4 * Dm:
         raise ValueError(f"A_logs: expected shape ({4 * Dm}, N), got {tuple(A_logs.shape)}")
@@ -129,11 +130,7 @@ def cross_selective_scan_2d_args(x, x_proj_weight, dt_projs_weight, dt_projs_bia
 
 def cgm_gate_args(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet):
     """Validate SPEC.md section 2; return (Bt, C, H, W) and the device."""
-    tensor("x_ct", x_ct, 4)
-    supported_dtype("x_ct", x_ct)
-    Bt, C, H, W = x_ct.shape
-    if min(Bt, C, H, W) < 1:
-        raise ValueError(f"x_ct: expected every dimension >= 1, got shape {tuple(x_ct.shape)}")
+    Bt, C, H, W = planes("x_ct", x_ct)
     tensor("x_pet", x_pet, 4)
     shape("x_pet", x_pet, (Bt, C, H, W))
     same_dtype("x_pet", x_pet, "x_ct", x_ct)
@@ -149,11 +146,7 @@ def cgm_gate_args(x_ct, x_pet, c_ct, c_pet, w_ct, w_pet):
 
 def norm_gate_args(y, z, weight, bias, eps):
     """Validate the norm-gate's arguments (y channels first, z channels last); return the device."""
-    tensor("y", y, 4)
-    supported_dtype("y", y)
-    Bt, Dm, H, W = y.shape
-    if min(Bt, Dm, H, W) < 1:
-        raise ValueError(f"y: expected every dimension >= 1, got shape {tuple(y.shape)}")
+    Bt, Dm, H, W = planes("y", y)
     tensor("z", z, 4)
     supported_dtype("z", z)
     shape("z", z, (Bt, H, W, Dm))

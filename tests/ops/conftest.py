@@ -1,5 +1,7 @@
-"""Set-up shared by the op tests of Triton backends with a launch-configuration override."""
+"""Fixtures shared by the op tests: a Triton backend's launch-configuration override, and true-fp32
+references on the GPU."""
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -11,3 +13,13 @@ def config(request):
     override.update(getattr(request, "param", {}))
     yield
     override.clear()
+
+
+@pytest.fixture
+def exact_cuda_refs():
+    """ref32 on the GPU must be true fp32: cuDNN and cuBLAS would otherwise use TF32 for convs and
+    matmuls. Restored after the test."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

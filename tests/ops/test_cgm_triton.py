@@ -326,15 +326,6 @@ GPU_SHAPES = {"cgm1": (8, 96, 128, 128), "cgm2": (8, 192, 64, 64), "cgm3": (8, 3
               "cgm4": (8, 768, 16, 16), "rect1": (8, 96, 128, 96)}
 
 
-@pytest.fixture
-def exact_cuda_refs():
-    """ref32 on the GPU must be true fp32: cuDNN would otherwise use TF32 for the conv."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))

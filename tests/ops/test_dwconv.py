@@ -191,15 +191,6 @@ GPU_SHAPES = {"enc1": (8, 128, 128, 192), "enc4": (8, 16, 16, 1536), "inner": (8
               "odd": (3, 37, 53, 40)}
 
 
-@pytest.fixture
-def exact_cuda_refs():
-    """ref32 on the GPU must be true fp32: cuDNN would otherwise use TF32 for the conv."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("shape", list(GPU_SHAPES), ids=list(GPU_SHAPES))
