@@ -7,6 +7,7 @@ instructions per state and sub-tile by class and by source line, and per element
 positions). The loop is found as the backward branch whose source line is that `for` statement.
 
     python benchmarks/sass_census.py [--dtype bf16] [--nmax 16] [--lines]
+    python benchmarks/sass_census.py --nmax 4 --whole 40     # the whole kernel: loops, top source lines
 
 nvdisasm is taken from PATH, $CUDA_HOME/bin, or the copy bundled with Triton's NVIDIA backend.
 """
@@ -155,10 +156,52 @@ def census(dtype: str, nmax: int, show_lines: bool) -> None:
                 print(f"    {n:4d}  {f}:{ln:<4d} {text}")
 
 
+def whole(dtype: str, nmax: int, top: int) -> None:
+    """Static census of the whole main-pass kernel: its loops (backward branches, innermost first)
+    and the instructions per source line (inlined helpers under their own lines). Static counts:
+    weight each loop by its trip count by hand (per sub-tile: the state loop runs N times, the
+    staging loops rows * TB / nth, the rest once)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, _ = build(dtype, Path(tmp))
+        sass = subprocess.run([tool("nvdisasm"), "-g", "-c", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    fn = next(f for f in re.findall(r"\.text\.(\w+):", sass)
+              if "ss2d_bwd_main_kernel" in f and f"Li{nmax}E" in f)
+    ins, labels = parse(sass, fn)
+    sources = {}
+
+    def text(src):
+        if src is None:
+            return "?"
+        if src[0] not in sources:
+            hits = list(ROOT.glob(f"csrc/**/{src[0]}"))
+            sources[src[0]] = hits[0].read_text().splitlines() if hits else []
+        lines = sources[src[0]]
+        return f"{src[0]}:{src[1]} " + (lines[src[1] - 1].strip()[:80] if 0 < src[1] <= len(lines) else "")
+
+    print(f"{fn}: {len(ins)} SASS instructions")
+    loops = sorted(((labels[m.group(1)], a, src) for a, t, src in ins
+                    for m in [re.search(r"BRA\s.*?(\.L_x_\d+)", t)] if m and labels.get(m.group(1), 1 << 62) <= a),
+                   key=lambda x: x[1] - x[0])
+    print(f"\nloops ({len(loops)}), innermost first: size, branch's source line")
+    for lo, hi, src in loops:
+        n = sum(1 for a, _, _ in ins if lo <= a <= hi)
+        print(f"  {lo:#07x}..{hi:#07x} {n:5d}  {text(src)}")
+    per_line = collections.Counter(src for _, _, src in ins)
+    print(f"\ninstructions per source line (top {top}):")
+    for src, n in per_line.most_common(top):
+        print(f"  {n:5d}  {text(src)}")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--nmax", type=int, default=16, choices=[4, 8, 16, 32, 64])
     ap.add_argument("--lines", action="store_true", help="per source line as well")
+    ap.add_argument("--whole", type=int, metavar="TOP", default=0,
+                    help="the whole kernel instead: its loops and its TOP source lines by instructions")
     args = ap.parse_args()
-    census(args.dtype, args.nmax, args.lines)
+    if args.whole:
+        whole(args.dtype, args.nmax, args.whole)
+    else:
+        census(args.dtype, args.nmax, args.lines)
