@@ -45,6 +45,7 @@ struct SS2DParams {
   int T, nc;          // positions per chunk, chunks per walk
   int nth;            // threads (channels) per block, a multiple of 32, <= 128
   int side;           // set by the launcher for the passes that run one side at a time
+  bool keep_delta;    // backward main pass: delta of the replayed sub-tiles kept (ss2d_bwd_delta_smem)
   SS2DSide sides[2];  // [0]: row walks, [1]: column walks
   const float *A;     // (4, Dm, N) contiguous
   const float *D;     // (4, Dm) or null
@@ -152,6 +153,13 @@ inline size_t ss2d_bwd_smem(int N, int R, int nth, bool main = true) {
   const size_t carry = main ? states + size_t(nth / 32) * N * 32 + size_t(R) * nth : 0;
   return sizeof(float) * (bc + size_t(R) * kBwdTile + 3 * tile + carry);  // + warp partials, dW
 }
+
+// The backward main pass's optional cache of delta (after softplus) for the kBwdSub - 1 sub-tiles its
+// forward replay stages, so that the reverse sweep does not form it again (softplus and the low-rank
+// product: ~0.8 k of the ~6 k instructions per thread and sub-tile at N = 4, R = 6). Taken at NMAX 4
+// only, and only where the launcher finds it costs no blocks per SM (ss2d_bwd_launch): at N = 16 the
+// shared memory already sets the occupancy.
+inline size_t ss2d_bwd_delta_smem(int nth) { return sizeof(float) * size_t(kBwdSub - 1) * nth * (kBwdTile + 1); }
 
 template <typename T> void ss2d_fwd_launch(const SS2DParams &p, cudaStream_t stream);
 template <typename T> void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream);

@@ -54,6 +54,7 @@ struct BwdSmem {
   float *sDA;      // [N][nth]: hS slot kBwdSub - 2
   float *sP;       // [nth / 32][N][32]: each warp's channel sums of dC (rows 0..TB-1), dB (TB..2TB-1)
   float *sDW;      // [R][nth]
+  float *sDl;      // [kBwdSub - 1][nth][TB + 1]: delta of the replayed sub-tiles, when p.keep_delta
   // The chunk pass (main = false) has only the staged tiles (ss2d.h:ss2d_bwd_smem).
   __device__ __forceinline__ BwdSmem(float *smem, int N, int R, int nth, int NS, bool main) {
     const int tile = nth * (TB + 1), m = main ? 1 : 0;
@@ -68,6 +69,7 @@ struct BwdSmem {
     sDA = hS + m * (kBwdSub - 2) * N * nth;
     sP = sE + m * N * nth;
     sDW = sP + m * (nth / 32) * N * 32;
+    sDl = sDW + m * R * nth;
   }
 };
 
@@ -142,11 +144,11 @@ __device__ __forceinline__ void bwd_stage(const SS2DParams &p, const SS2DSide &s
   }
 }
 
-// After bwd_stage and a barrier: the thread's own row of t0 becomes delta (after softplus; 0 past
-// the end and for channels >= Dm).
-__device__ __forceinline__ void bwd_delta(const SS2DParams &p, const BwdSmem &m, int k, int d, int cnt) {
+// After bwd_stage and a barrier: delta (after softplus; 0 past the end and for channels >= Dm) of the
+// thread's channel into row (TB floats: its own row of t0, or of the main pass's delta cache). The
+// full-rank z + bias is read from the thread's row of t0.
+__device__ __forceinline__ void bwd_delta(const SS2DParams &p, const BwdSmem &m, int k, int d, int cnt, float *row) {
   const int c = threadIdx.x, R = p.R;
-  float *row = m.t0 + c * (TB + 1);
   if (d >= p.Dm) {
     for (int i = 0; i < TB; ++i) row[i] = 0.f;
     return;
@@ -168,7 +170,7 @@ __device__ __forceinline__ void bwd_delta(const SS2DParams &p, const BwdSmem &m,
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < TB; ++i) z[i] = row[i];
+    for (int i = 0; i < TB; ++i) z[i] = m.t0[c * (TB + 1) + i];
   }
 #pragma unroll
   for (int i = 0; i < TB; ++i) row[i] = i < cnt ? (p.softplus ? softplus(z[i]) : z[i]) : 0.f;
@@ -198,7 +200,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DP
       __syncthreads();  // the previous sub-tile is consumed
       bwd_stage<T, NMAX, false>(p, sd, m, g.b, k, g.d0, q, cnt, false, false, true, true);
       __syncthreads();
-      bwd_delta(p, m, k, d, cnt);
+      bwd_delta(p, m, k, d, cnt, m.t0 + c * (TB + 1));
       const float *sl = m.t0 + c * (TB + 1), *sg = m.t1 + c * (TB + 1);
       for (int s = 0; s < TB; ++s) {  // past the end: delta 0, C 0, dy 0: identity steps
         const int i = kk ? s : TB - 1 - s;
@@ -291,7 +293,7 @@ __device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32], int lane)
 
 // One sub-tile of the main pass, walk direction KK (0: positions ascending), sub-tile j of the
 // chunk in walk order; first: the walk's first processed sub-tile (initialises dA). The staged tiles
-// hold u, delta, dy, B and C ([n][TB]). The per-state dB / dC channel sums are warp shuffles
+// hold u, dy, B and C ([n][TB]), dlrow the sub-tile's delta (t0's row or the delta cache's). The per-state dB / dC channel sums are warp shuffles
 // (warp_reduce_scatter32) into the warp's own slots of sP: no block barrier in the state loop and
 // one after it. Through a [2 TB][nth + 1] shared buffer they took two block barriers per state (32
 // per sub-tile at N = 16), which 3-warp blocks at 14 % occupancy could not hide (Nsight Compute:
@@ -299,13 +301,13 @@ __device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32], int lane)
 template <int KK, typename Acc>
 __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b,
                                             int k, int d0, int j, int q, int cnt, float Dk, float &dDacc,
-                                            float &dbacc, bool first) {
+                                            float &dbacc, bool first, const float *dlrow) {
   const int c = threadIdx.x, nth = blockDim.x, d = d0 + c, N = p.N, L = p.L;
   const int dA_row = k * p.Dm + (d < p.Dm ? d : 0);
   float dl[TB], du[TB], gg[TB], X[TB], Y[TB], hA[TB], aA[TB];
 #pragma unroll
   for (int i = 0; i < TB; ++i) {
-    dl[i] = m.t0[c * (TB + 1) + i];
+    dl[i] = dlrow[i];
     du[i] = dl[i] * m.tU[c * (TB + 1) + i];
     gg[i] = m.t1[c * (TB + 1) + i];
     X[i] = Y[i] = 0.f;
@@ -370,20 +372,47 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
       atomicAdd(dst, Acc(v));
     }
   }
-  // Per-step gradients of the thread's channel: du into t0, dz into t1.
-  float *o1 = m.t0 + c * (TB + 1), *o2 = m.t1 + c * (TB + 1);
+  // Per-step gradients of the thread's channel: du into t0; dz into t1 (every warp has read its dy
+  // rows before the barrier above) and, low rank, dW.
+  float *o1 = m.t0 + c * (TB + 1);
   const float *uu = m.tU + c * (TB + 1);
+  float dz[TB];
 #pragma unroll
   for (int i = 0; i < TB; ++i) {
     const bool on = i < cnt && d < p.Dm;
     // softplus'(z) = sigmoid(z) = 1 - exp(-softplus(z)), from delta: ~1 ulp (expm1f: no cancellation
     // for small delta; exactly 1.0f for z > 20, as the thresholded branch gives)
     const float sp = p.softplus ? -expm1f(-dl[i]) : 1.f;
-    const float dz = on ? fmaf(uu[i], X[i], Y[i]) * sp : 0.f;
+    dz[i] = on ? fmaf(uu[i], X[i], Y[i]) * sp : 0.f;
     o1[i] = fmaf(dl[i], X[i], Dk * gg[i]);
-    o2[i] = dz;
     dDacc = fmaf(gg[i], uu[i], dDacc);
-    dbacc += dz;
+    dbacc += dz[i];
+  }
+  if (p.R == 0) {  // full rank: dz is ddelta, written out by the block's read-add-write loop
+    float *o2 = m.t1 + c * (TB + 1);
+#pragma unroll
+    for (int i = 0; i < TB; ++i) o2[i] = dz[i];
+    return;
+  }
+  // Low rank: dz into t1 as dense [nth][TB] rows for the block's ddt product (ss2d_bwd_main_kernel),
+  // which reads 4 positions of a channel with one LDS.128 at an immediate offset. These STS.128 are
+  // 4-way bank conflicts (a 64-byte row stride); rotating the chunks by channel avoids them but cost
+  // the product ~5 index instructions per channel, and unrolling it further spilled at NMAX 8 and 16.
+  float *row = m.t1 + c * TB;
+#pragma unroll
+  for (int q4 = 0; q4 < TB / 4; ++q4)
+    *reinterpret_cast<float4 *>(row + 4 * q4) = make_float4(dz[4 * q4], dz[4 * q4 + 1], dz[4 * q4 + 2], dz[4 * q4 + 3]);
+  if (d < p.Dm) {  // dW[r] += sum_i dz_i dt_i[r]: the thread's own channel, dz from registers
+    for (int r = 0; r < p.R; ++r) {
+      float a = 0.f;
+#pragma unroll
+      for (int i = 0; i < TB; i += 4) {
+        const float4 t = ld4(m.sDt + r * TB + i);
+        a = fmaf(dz[i], t.x, a); a = fmaf(dz[i + 1], t.y, a);
+        a = fmaf(dz[i + 2], t.z, a); a = fmaf(dz[i + 3], t.w, a);
+      }
+      m.sDW[r * nth + c] += a;
+    }
   }
 }
 
@@ -400,7 +429,9 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
   const BwdSmem m(smem, p.N, p.R, blockDim.x, NS, true);
   const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, N = p.N, R = p.R, L = p.L;
   const bool active = d < p.Dm;
+  const bool keep = NMAX == 4 && p.keep_delta;  // delta of the replayed sub-tiles in m.sDl
   const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
+  float *const t0row = m.t0 + c * (TB + 1);
   for (int kk = 0; kk < 2; ++kk) {
     const int k = g.side + 2 * kk;
     const int64_t row = chunk_row(p, g.b, k, g.c);
@@ -427,8 +458,9 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
         __syncthreads();
         bwd_stage<T, NMAX, false>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, false, false);
         __syncthreads();
-        bwd_delta(p, m, k, d, cnt);
-        const float *sl = m.t0 + c * (TB + 1), *su = m.tU + c * (TB + 1);
+        float *sl = keep ? m.sDl + (j * nth + c) * (TB + 1) : t0row;
+        bwd_delta(p, m, k, d, cnt, sl);
+        const float *su = m.tU + c * (TB + 1);
         for (int s = 0; s < TB; ++s) {
           const int i = kk ? TB - 1 - s : s;
           const float dl = sl[i], du = dl * su[i];
@@ -451,26 +483,15 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
       __syncthreads();  // the previous sub-tile's outputs are stored
       bwd_stage<T, NMAX, true>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, true, true);
       __syncthreads();
-      bwd_delta(p, m, k, d, cnt);  // softplus' is formed in bwd_subtile
+      const bool cached = keep && j < nsub - 1;  // replayed: delta is in the cache
+      if (!cached) bwd_delta(p, m, k, d, cnt, t0row);  // softplus' is formed in bwd_subtile
+      const float *dlrow = cached ? m.sDl + (j * nth + c) * (TB + 1) : t0row;
       if (j == 0) {  // slot 0 (sub-tile 1's state, consumed) gets the chunk's entering state
         for (int n = 0; n < N; ++n) m.hS[n * nth + c] = carried ? p.cE[(row * N + n) * p.Dm + d] : 0.f;
       }
       const bool first = j == nsub - 1;
-      if (kk) bwd_subtile<1, Acc>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
-      else bwd_subtile<0, Acc>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first);
-      if (R > 0 && active) {  // dW[r] += sum_i dz_i dt_i[r]: the thread's own channel
-        // dz read once: with the sDW store in the r loop the compiler reloaded all TB values per r
-        // (88 of this loop's 175 SASS instructions were shared-memory accesses).
-        float dz[TB];
-#pragma unroll
-        for (int i = 0; i < TB; ++i) dz[i] = m.t1[c * (TB + 1) + i];
-        for (int r = 0; r < R; ++r) {
-          float a = 0.f;
-#pragma unroll
-          for (int i = 0; i < TB; ++i) a = fmaf(dz[i], m.sDt[r * TB + i], a);
-          m.sDW[r * nth + c] += a;
-        }
-      }
+      if (kk) bwd_subtile<1, Acc>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first, dlrow);
+      else bwd_subtile<0, Acc>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first, dlrow);
       __syncthreads();  // du, dz tiles complete
       // The thread's position i is fixed (tile_lane): its offsets are computed once per sub-tile and
       // stepped across its channels (per element, the address work was most of this loop's cost).
@@ -499,16 +520,29 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
           v1 += kRmwBatchBwd * cstep * (TB + 1);
         }
       }
-      if (R > 0) {  // ddt[r] = sum over the block's channels of W[k, d, r] dz
+      if (R > 0) {  // ddt[r][i] = sum over the block's channels of W[k, d, r] dz[d][i]
+        // Thread o takes r = o / 4 and the 4 positions of dz's chunk o % 4: one W load and one
+        // LDS.128 per 4 FMAs. One output per thread (a scalar load of each) took ~18 instructions per
+        // FMA (71 per 4 channels, sm_90): 1.7 k per thread and sub-tile at R = 6, nth = 96, more than
+        // the main pass's two softplus. Same FMAs in the same order per output: the same sums.
         const int nact = min(nth, p.Dm - g.d0);
-        for (int o = c; o < R * TB; o += nth) {
-          const int r = o / TB, i = o - r * TB;
-          if (i >= cnt) continue;
+        for (int o = c; o < R * (TB / 4); o += nth) {
+          const int r = o >> 2, i0 = 4 * (o & 3);
+          if (i0 >= cnt) continue;
           const float *Wr = p.Wdt + int64_t(k * p.Dm + g.d0) * R + r;
-          float a = 0.f;
-          for (int cc = 0; cc < nact; ++cc) a = fmaf(__ldg(Wr + int64_t(cc) * R), m.t1[cc * (TB + 1) + i], a);
-          Acc *dst = reinterpret_cast<Acc *>(sd.ddl) + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(r) * L + q + i;
-          atomicAdd(dst, Acc(a));
+          float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+          const float *zc = m.t1 + i0;
+          for (int cc = 0; cc < nact; ++cc, zc += TB) {
+            const float w = __ldg(Wr + cc * R);
+            const float4 z = ld4(zc);
+            a0 = fmaf(w, z.x, a0); a1 = fmaf(w, z.y, a1);
+            a2 = fmaf(w, z.z, a2); a3 = fmaf(w, z.w, a3);
+          }
+          Acc *dst = reinterpret_cast<Acc *>(sd.ddl) + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(r) * L + q + i0;
+          atomicAdd(dst, Acc(a0));
+          if (i0 + 1 < cnt) atomicAdd(dst + 1, Acc(a1));
+          if (i0 + 2 < cnt) atomicAdd(dst + 2, Acc(a2));
+          if (i0 + 3 < cnt) atomicAdd(dst + 3, Acc(a3));
         }
       }
     }
@@ -536,15 +570,26 @@ void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream) {
     // driver's hint.
     cudaFuncSetAttribute(ss2d_bwd_main_kernel<T, NMAX>, cudaFuncAttributePreferredSharedMemoryCarveout,
                          int(cudaSharedmemCarveoutMaxShared));
+    SS2DParams w = p;
+    w.keep_delta = false;
+    size_t smem_main = smem;
+    const size_t with = smem + ss2d_bwd_delta_smem(nth);
+    if (NMAX == 4 && with <= 227 * 1024) {  // the delta cache, where it costs no blocks per SM
+      int without_blocks = 0, with_blocks = 0;
+      cudaFuncSetAttribute(ss2d_bwd_main_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(with));
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&without_blocks, ss2d_bwd_main_kernel<T, NMAX>, nth, smem);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&with_blocks, ss2d_bwd_main_kernel<T, NMAX>, nth, with);
+      w.keep_delta = with_blocks > 0 && with_blocks >= without_blocks;
+      if (w.keep_delta) smem_main = with;
+    }
     if (p.nc > 1) {
       ss2d_bwd_chunk_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem_chunk, stream>>>(p);
       const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
       ss2d_bwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
     }
-    SS2DParams w = p;
     for (int side = 0; side < 2; ++side) {  // rows write du, then columns add into it
       w.side = side;
-      ss2d_bwd_main_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem, stream>>>(w);
+      ss2d_bwd_main_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem_main, stream>>>(w);
     }
   });
 }
