@@ -232,6 +232,7 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
   auto f32 = u.options().dtype(at::kFloat);
   const int64_t Bt = p.Bt, Dm = p.Dm, H = p.H, W = p.W, N = p.N, R = p.R, L = p.L, Cl = R > 0 ? R : Dm;
   Tensor du = at::empty({Bt, Dm, H, W}, f32);
+  Tensor duT = at::empty({Bt, Dm, W, H}, f32);  // the column walks' du (ss2d.h: SS2DParams::duT)
   // Column walks read dy in their transposed layout (coalesced along their walk).
   Tensor dyT = transposed(dy);
   // Channel sums (dB, dC, low-rank ddt) are accumulated with atomics: zeros, of the kernels'
@@ -271,6 +272,7 @@ std::vector<Tensor> ss2d_bwd(const Tensor &dy, const Tensor &u, const Tensor &dl
     p.cE = states.data_ptr<float>();
   }
   p.du = du.data_ptr<float>();
+  p.duT = duT.data_ptr<float>();
   p.dA = dA.data_ptr<double>();
   p.dD = D.has_value() ? dD.data_ptr<double>() : nullptr;
   p.dbias = bias.has_value() ? dbias.data_ptr<double>() : nullptr;

@@ -62,8 +62,12 @@ struct SS2DParams {
   float *cS;          // (Bt, 4, nc, Dm): sum of delta over the chunk
   float *cE;          // (Bt, 4, nc, N, Dm): forward: the state entering the chunk (saved for the backward)
   float *cQ;          // (Bt, 4, nc, N, Dm): backward: a_{t+1} dh_{t+1} entering the chunk's last step
-  // Backward, original layout, fp32.
+  // Backward, fp32: du of the row walks in the original layout, of the column walks in (W, H) planes
+  // (each side's read-add-writes along its own walk: coalesced), summed by the forward's merge pass.
+  // Written in the original layout, the column side's were a separate sector per element (stride W):
+  // at dec3 (N 4) its main pass took 3.14 ms against the row side's 1.84 (Nsight Compute, H100).
   float *du;          // (Bt, Dm, L)
+  float *duT;         // (Bt, Dm, L), (W, H) planes; transient
   // Parameter gradients, zero-initialised float64: each block adds its fp32 partial (a chunk's sum)
   // with one atomic; in fp32 the Bt * nc partials' order-dependent rounding put the whole-model
   // test's A_logs and dt_projs_bias gradients just past twice the float32 reference's error.
@@ -162,6 +166,8 @@ inline size_t ss2d_bwd_smem(int N, int R, int nth, bool main = true) {
 inline size_t ss2d_bwd_delta_smem(int nth) { return sizeof(float) * size_t(kBwdSub - 1) * nth * (kBwdTile + 1); }
 
 template <typename T> void ss2d_fwd_launch(const SS2DParams &p, cudaStream_t stream);
+// The forward's merge pass in fp32, out = acc + accT^T (out may be acc): also the backward's du.
+void ss2d_merge_f32_launch(const SS2DParams &p, cudaStream_t stream);
 template <typename T> void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream);
 
 }  // namespace vmambax

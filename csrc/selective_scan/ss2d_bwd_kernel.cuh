@@ -12,7 +12,8 @@
 //      Q_c = a_first dh_first (N floats) and the chunk's sum of delta S_c.
 //   2. carry pass: per (b, k, d, n), last chunk of the walk first, X_c (the value a_{t+1} dh_{t+1}
 //      entering chunk c's last step) = Q_{c+1} + exp2(A2 S_{c+1}) X_{c+1}, written over Q.
-//   3. main pass, row side then column side (du is a read-add-write over the four walks). A block
+//   3. main pass, row side then column side (du a read-add-write over each side's two walks, in the
+//      side's own layout; a 4th launch, the forward's merge pass, adds the column side's into du). A block
 //      is nth channels of one (b, chunk); per walk it replays the chunk forward once to keep the
 //      state entering each sub-tile of kBwdTile positions (shared memory), then takes the
 //      sub-tiles last to first. Per sub-tile and state n (runtime loop, N exactly): the forward
@@ -495,11 +496,11 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
       __syncthreads();  // du, dz tiles complete
       // The thread's position i is fixed (tile_lane): its offsets are computed once per sub-tile and
       // stepped across its channels (per element, the address work was most of this loop's cost).
-      const bool wfirst = g.side == 0 && kk == 0;  // du's first write (row walk k = 0)
+      const bool wfirst = kk == 0;  // the side's first write of its du (walk k = side)
       const int i = tile_lane<TB>(c), cstep = nth / TB, nact = min(nth, p.Dm - g.d0);
       if (i < cnt) {
         const int64_t step = int64_t(cstep) * L;  // between the channels a thread takes
-        float *du = p.du + (int64_t(g.b) * p.Dm + g.d0 + c / TB) * L + (g.side ? orig_pos(1, q + i, p.H, p.W) : q + i);
+        float *du = (g.side ? p.duT : p.du) + (int64_t(g.b) * p.Dm + g.d0 + c / TB) * L + q + i;
         // full-rank ddelta (float; with R > 0 this pointer is stepped but never written)
         float *ddl = sd.ddl + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(g.d0 + c / TB) * L + q + i;
         const float *v0 = m.t0 + (c / TB) * (TB + 1) + i, *v1 = m.t1 + (c / TB) * (TB + 1) + i;
@@ -587,11 +588,17 @@ void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream) {
       const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
       ss2d_bwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
     }
-    for (int side = 0; side < 2; ++side) {  // rows write du, then columns add into it
+    for (int side = 0; side < 2; ++side) {  // rows write du, columns duT
       w.side = side;
       ss2d_bwd_main_kernel<T, NMAX><<<dim3(unsigned(p.nc * p.Bt), dtiles), nth, smem_main, stream>>>(w);
     }
   });
+  SS2DParams m = p;  // du += duT^T, in place
+  m.acc = p.du;
+  m.accT = p.duT;
+  m.out = p.du;
+  m.out_type = OutType::kFloat;
+  ss2d_merge_f32_launch(m, stream);
 }
 
 }  // namespace vmambax

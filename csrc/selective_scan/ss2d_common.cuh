@@ -24,16 +24,6 @@ template <> __device__ __forceinline__ __half from_f<__half>(float v) { return _
 // torch.nn.functional.softplus (beta 1, threshold 20).
 __device__ __forceinline__ float softplus(float z) { return z > 20.f ? z : log1pf(expf(z)); }
 
-// Index tt of a side's plane (row side: the plane; column side: the transposed (W, H) plane) as the
-// position p = h*W + w of the original plane (k odd: column side).
-__device__ __forceinline__ int orig_pos(int k, int tt, int H, int W) {
-  if (k & 1) {
-    const int w = tt / H;
-    return (tt - w * H) * W + w;
-  }
-  return tt;
-}
-
 __device__ __forceinline__ float4 ld4(const float *s) { return *reinterpret_cast<const float4 *>(s); }
 
 // The position a thread takes in the (channel, position) tiles of kTile (forward) or kBwdTile

@@ -318,6 +318,10 @@ def _bwd_smem(N, R, nth, main=True):
     return 4 * (bc + R * _TB + 3 * tile + carry)
 
 
+def _bwd_delta_smem(nth):  # ss2d.h: ss2d_bwd_delta_smem
+    return 4 * (_KS - 1) * nth * (_TB + 1)
+
+
 def _port_inputs(Bt, Dm, H, W, N, seed):
     """The ported passes' float64 inputs u, delta, bias, A, B, C, D, drawn in this order from one
     generator (returned first: a test's further draws follow them), and softplus(delta + bias)."""
@@ -335,7 +339,8 @@ def _port_inputs(Bt, Dm, H, W, N, seed):
     return g, u, delta, bias, A, B, C, D, dl_full
 
 
-def _port_main(Bt, Dm, H, W, N, seed=0):
+def _port_main(Bt, Dm, H, W, N, seed=0, keep=False):
+    """keep: the main pass's delta cache (p.keep_delta, NMAX 4 only)."""
     import numpy as np
     import torch
     from vmambax_kernels.selective_scan import reference
@@ -379,7 +384,8 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                 cQ[b, k, c] = xs[last_t].T
     cE = cE.reshape(-1)
     cQ = cQ.reshape(-1)
-    du_out = np.full((Bt, Dm, L), np.nan)
+    du_out = np.full((Bt, Dm, L), np.nan)  # row walks, (H, W) planes
+    duT_out = np.full((Bt, Dm, L), np.nan)  # column walks, (W, H) planes
     ddl = np.zeros((Bt, 4, Dm, L))
     dBo = np.zeros((Bt, 4, N, L))
     dCo = np.zeros((Bt, 4, N, L))
@@ -402,8 +408,10 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
     sDA = hS + (_KS - 2) * N * nth
     sP = sE + N * nth
     sDW = sP + (nth // 32) * N * 32
-    end = sDW + R * nth
-    assert end * 4 == _bwd_smem(N, R, nth), (end * 4, _bwd_smem(N, R, nth))
+    sDl = sDW + R * nth
+    assert not keep or NM == 4
+    end = sDl + (_KS - 1) * tile * keep
+    assert end * 4 == _bwd_smem(N, R, nth) + keep * _bwd_delta_smem(nth), (end * 4, _bwd_smem(N, R, nth))
     Anp, Dnp, bnp = A.numpy(), D.numpy(), bias.numpy()
     for side in range(2):
         for b in range(Bt):
@@ -439,16 +447,17 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                                 sm[t0 + o] = z
                                 if withG:
                                     sm[t1 + o] = dys[d, q + i] if on else 0.0
-                        def bwd_delta(cc, cnt):
+                        def bwd_delta(cc, cnt, r0):  # z from t0's row, delta into row r0
                             d = d0 + cc
-                            r0 = t0 + cc * (_TB + 1)
                             if d >= Dm:
                                 for i in range(_TB):
                                     sm[r0 + i] = 0.0
                                 return
                             for i in range(_TB):
-                                z = sm[r0 + i]
+                                z = sm[t0 + cc * (_TB + 1) + i]
                                 sm[r0 + i] = (z if z > 20 else math.log1p(math.exp(z))) if i < cnt else 0.0
+                        def dl_row(cc, j, cached):  # the delta cache's row for sub-tile j, or t0's
+                            return sDl + (j * nth + cc) * (_TB + 1) if cached else t0 + cc * (_TB + 1)
                         carried = lambda d: nc > 1 and d < Dm
                         for cc in range(nth):
                             d = d0 + cc
@@ -477,11 +486,11 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                             cnt = min(_TB, q1 - q)
                             stage(q, cnt, False, False, False)
                             for cc in range(nth):
-                                bwd_delta(cc, cnt)
+                                bwd_delta(cc, cnt, dl_row(cc, j, keep))
                             for cc in range(nth):
                                 for s in range(_TB):
                                     i = _TB - 1 - s if kk else s
-                                    dl = sm[t0 + cc * (_TB + 1) + i]
+                                    dl = sm[dl_row(cc, j, keep) + i]
                                     du = dl * sm[tU + cc * (_TB + 1) + i]
                                     for n in range(NM):
                                         h[cc, n] = 2.0 ** (dl * A2[cc, n]) * h[cc, n] + du * sm[sB + i * NS + n]
@@ -490,8 +499,10 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                             q = q0 + st * _TB
                             cnt = min(_TB, q1 - q)
                             stage(q, cnt, True, True, True)
-                            for cc in range(nth):
-                                bwd_delta(cc, cnt)
+                            cached = keep and j < nsub - 1
+                            if not cached:
+                                for cc in range(nth):
+                                    bwd_delta(cc, cnt, t0 + cc * (_TB + 1))
                             if j == 0:
                                 for cc in range(nth):
                                     d = d0 + cc
@@ -500,7 +511,7 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                             first = j == nsub - 1
                             # bwd_subtile, all threads in lockstep per state
                             slot = j - 1 if j > 0 else 0
-                            dl = np.array([[sm[t0 + cc * (_TB + 1) + i] for i in range(_TB)] for cc in range(nth)])
+                            dl = np.array([[sm[dl_row(cc, j, cached) + i] for i in range(_TB)] for cc in range(nth)])
                             uu = np.array([[sm[tU + cc * (_TB + 1) + i] for i in range(_TB)] for cc in range(nth)])
                             du = dl * uu
                             gg = np.array([[sm[t1 + cc * (_TB + 1) + i] for i in range(_TB)] for cc in range(nth)])
@@ -564,7 +575,8 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                                     dDacc[cc] += gg[cc, i] * uu[cc, i]
                                     dbacc[cc] += dz
                             # barrier; du read-add-write in batches, ddl
-                            wfirst = side == 0 and kk == 0
+                            wfirst = kk == 0
+                            dst = duT_out if side else du_out  # the side's own layout
                             # each thread: a fixed position i (tile_lane), channels stepping by nth / TB
                             cstep, nact = nth // _TB, min(nth, Dm - d0)
                             for tid in range(nth):
@@ -574,13 +586,13 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                                     for uix in range(8):
                                         cc = c0 + uix * cstep
                                         on = cc < nact and not wfirst
-                                        prev.append(du_out[b, d0 + cc, orig_pos(q + i, side)] if on else 0.0)
+                                        prev.append(dst[b, d0 + cc, q + i] if on else 0.0)
                                     for uix in range(8):
                                         cc = c0 + uix * cstep
                                         if cc >= nact:
                                             continue
                                         vv = sm[t0 + cc * (_TB + 1) + i]
-                                        du_out[b, d0 + cc, orig_pos(q + i, side)] = vv if wfirst else prev[uix] + vv
+                                        dst[b, d0 + cc, q + i] = vv if wfirst else prev[uix] + vv
                                         ddl[b, k, d0 + cc, orig_pos(q + i, side)] = sm[t1 + cc * (_TB + 1) + i]
                         for cc in range(nth):
                             d = d0 + cc
@@ -589,6 +601,11 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
                                     dA[k, d, n] += sm[sDA + n * nth + cc]
                                 dDo[k, d] += dDacc[cc]
                                 dbo[k, d] += dbacc[cc]
+    # launch 4, the forward's merge pass in fp32 in place: du += duT^T (ported below)
+    du_flat, writes = du_out.reshape(-1), np.zeros(du_out.size, dtype=np.int64)
+    (_merge_flat if _merge_is_flat(H, W) else _merge_tiled)(du_flat, duT_out.reshape(-1), du_flat, Bt, Dm, H, W,
+                                                            1 << 30, writes)
+    assert (writes == 1).all()
     leaves = [t.clone().requires_grad_(True) for t in (u, delta, A, B, C, D, bias)]
     y = reference.selective_scan_2d(*leaves, True, f64)
     y.backward(dy)
@@ -602,10 +619,12 @@ def _port_main(Bt, Dm, H, W, N, seed=0):
 
 @pytest.mark.parametrize("shape", [(1, 5, 9, 11, 3), (1, 3, 5, 13, 2), (1, 34, 4, 5, 2), (1, 2, 1, 130, 2)],
                          ids=["nsub4+3", "nsub4+1", "nc1_2warps", "nc3_H1"])
-def test_backward_main_pass_ported(shape):
+@pytest.mark.parametrize("keep", [False, True], ids=["", "delta_cache"])
+def test_backward_main_pass_ported(shape, keep):
     """Sub-tile counts 4 and 3, 2, 1 (the dA slot shared with sub-tile 3's state; slot 0 refilled),
-    idle threads of a 2-warp block, H = 1: du, ddelta, dA, dB, dC, dD, dbias within 1e-12 relative."""
-    nc, nth, errs = _port_main(*shape)
+    idle threads of a 2-warp block, H = 1, with and without the delta cache; the column side's du in
+    its own layout, then the merge: du, ddelta, dA, dB, dC, dD, dbias within 1e-12 relative."""
+    nc, nth, errs = _port_main(*shape, keep=keep)
     assert max(errs.values()) < 1e-12, errs
 
 
