@@ -30,11 +30,17 @@
 // float for bf16 / fp16 inputs, where dB, dC and ddt round in the blocks' order (not bitwise
 // deterministic). Everything else (du, the full-rank ddelta) is written in a fixed order.
 #pragma once
+#include <type_traits>
+
 #include "ss2d_common.cuh"
 
 namespace vmambax {
 
 constexpr int TB = kBwdTile;
+// Channels per thread whose staging loads are in flight together (bwd_stage; a divisor of TB), by
+// pass, from ptxas (sm_90, bf16 and fp32): the main pass 8 (168 registers, no spill at NMAX 4..32; 4
+// spilled 16 bytes at NMAX 32), the chunk pass 4 (96 registers at NMAX 16 as before; 8 took 128).
+constexpr int kStageBatchMain = 8, kStageBatchChunk = 4;
 static_assert(2 * TB == 32, "the dB / dC reduction gives each lane of a warp one of 2 * TB rows");
 
 // Shared memory of the backward kernels (sizes in ss2d.h:ss2d_bwd_smem). The main pass keeps no
@@ -76,7 +82,7 @@ struct BwdSmem {
 
 // Stages positions [q, q + cnt) of the side's plane for walk k (kk = k >> 1), channels d0 ..:
 // B (and C), dt (low rank), u, the raw delta + bias (full rank) and dy, as requested.
-template <typename T, int NMAX, bool NMAJOR>
+template <typename T, int NMAX, bool NMAJOR, int SB>
 __device__ __forceinline__ void bwd_stage(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b, int k,
                                           int d0, int q, int cnt, bool withU, bool withB, bool withC, bool withG) {
   constexpr int NS = ss2d_ns(NMAX);
@@ -98,51 +104,53 @@ __device__ __forceinline__ void bwd_stage(const SS2DParams &p, const SS2DSide &s
       m.sDt[e] = i < cnt ? to_f(dl[r * sd.dl_c + i]) : 0.f;
     }
   }
-  // A fixed position per thread (tile_lane), its channels nth / TB apart: one address each, stepped.
-  // The R == 0, bias, i < cnt and d < Dm tests are hoisted out of the element loop: the channels
-  // below cend (real ones, i < cnt) are loaded without predicates, 4 per unrolled step, the rest
-  // (usually none) are zeros. With the tests inside, this loop took 46 SASS instructions per element
-  // of the main pass's staging and 37 of the replay's (bf16, NMAX 16, sm_90), ~4.6 per element-state
-  // of the main pass together (16 elements per thread and sub-tile against 16 x N = 256
-  // element-states); now 18 and 11 (low rank), 30 and 22.5 (full rank, bias). Cost: the chunk pass
-  // (same staging) takes 96 registers at NMAX 16 (87 before) and 72 at NMAX 8 (58).
+  // A fixed position per thread (tile_lane) and its TB channels c0 + j cstep (nth = TB cstep), the
+  // first jend of them real (i < cnt, d < Dm; the rest get zeros). The loads of SB channels
+  // are all issued before their shared-memory stores: taken one channel at a time (LDG, then the STS
+  // waiting on it), each was a dependent global round trip, and at dec3 (N 4) the main pass spent
+  // 3.3 of its 8 cycles per issued instruction waiting on them (Nsight Compute, H100, 52b052e).
   const int i = tile_lane<TB>(tid), cstep = nth / TB, c0 = tid / TB;
   const int cend = i < cnt ? min(nth, p.Dm - d0) : 0;
+  const int jend = cend > c0 ? (cend - c0 + cstep - 1) / cstep : 0;
   const T *up = static_cast<const T *>(sd.u) + b * sd.u_b + q + i + int64_t(d0 + c0) * sd.u_d;
   const T *zp = dl + i + int64_t(d0 + c0) * sd.dl_c;
   const float *gp = sd.dy + (int64_t(b) * p.Dm + d0 + c0) * p.L + q + i;
   const int64_t su = cstep * sd.u_d, sz = cstep * sd.dl_c, sg = int64_t(cstep) * p.L;
   const int so = cstep * (TB + 1);  // shared-memory step between the thread's channels
   float *ou = m.tU + c0 * (TB + 1) + i, *o0 = m.t0 + c0 * (TB + 1) + i, *o1 = m.t1 + c0 * (TB + 1) + i;
-  const bool withZ = R == 0;
-  const float *bp = (withZ && p.bias) ? p.bias + k * p.Dm + d0 + c0 : nullptr;
-  int c = c0;
-  if (withZ && bp) {
-#pragma unroll 4
-    for (; c < cend; c += cstep, up += su, zp += sz, gp += sg, ou += so, o0 += so, o1 += so, bp += cstep) {
-      if (withU) *ou = to_f(*up);
-      *o0 = to_f(*zp) + *bp;  // the same z + bias as before
-      if (withG) *o1 = *gp;
+  const float *bp = (R == 0 && p.bias) ? p.bias + k * p.Dm + d0 + c0 : nullptr;
+  // Z: the full-rank z (+ bias) too; a compile-time flag, so that the low-rank path issues none of
+  // its predicated-off loads
+  auto batches = [&](auto z_flag) {
+    constexpr bool Z = decltype(z_flag)::value;
+#pragma unroll 1
+    for (int j0 = 0; j0 < TB; j0 += SB) {  // (unrolled, the compiler hoisted every batch's loads)
+      float vu[SB], vz[SB], vg[SB];
+      // running pointers: indexed by j = j0 + s, each address was a 64-bit product (~45 SASS
+      // instructions per element instead of ~18)
+      const T *u1 = up, *z1 = zp;
+      const float *g1 = gp;
+#pragma unroll
+      for (int s = 0; s < SB; ++s, u1 += su, z1 += sz, g1 += sg) {
+        const bool on = j0 + s < jend;
+        vu[s] = withU && on ? to_f(*u1) : 0.f;
+        vz[s] = Z && on ? to_f(*z1) : 0.f;
+        vg[s] = withG && on ? *g1 : 0.f;
+        if (Z && bp && on) vz[s] += bp[s * cstep];  // the same z + bias as before
+      }
+#pragma unroll
+      for (int s = 0; s < SB; ++s) {
+        if (withU) ou[s * so] = vu[s];
+        if (Z) o0[s * so] = vz[s];
+        if (withG) o1[s * so] = vg[s];
+      }
+      up += SB * su, gp += SB * sg, ou += SB * so, o1 += SB * so;
+      if (Z) zp += SB * sz, o0 += SB * so;
+      if (Z && bp) bp += SB * cstep;
     }
-  } else if (withZ) {
-#pragma unroll 4
-    for (; c < cend; c += cstep, up += su, zp += sz, gp += sg, ou += so, o0 += so, o1 += so) {
-      if (withU) *ou = to_f(*up);
-      *o0 = to_f(*zp);
-      if (withG) *o1 = *gp;
-    }
-  } else {
-#pragma unroll 4
-    for (; c < cend; c += cstep, up += su, gp += sg, ou += so, o1 += so) {
-      if (withU) *ou = to_f(*up);
-      if (withG) *o1 = *gp;
-    }
-  }
-  for (; c < nth; c += cstep, ou += so, o0 += so, o1 += so) {  // past the end or channels >= Dm
-    if (withU) *ou = 0.f;
-    if (withZ) *o0 = 0.f;
-    if (withG) *o1 = 0.f;
-  }
+  };
+  if (R == 0) batches(std::true_type{});
+  else batches(std::false_type{});
 }
 
 // After bwd_stage and a barrier: delta (after softplus; 0 past the end and for channels >= Dm) of the
@@ -199,7 +207,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DP
       const int st = kk ? jt : nsub - 1 - jt;  // reverse walk order
       const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
       __syncthreads();  // the previous sub-tile is consumed
-      bwd_stage<T, NMAX, false>(p, sd, m, g.b, k, g.d0, q, cnt, false, false, true, true);
+      bwd_stage<T, NMAX, false, kStageBatchChunk>(p, sd, m, g.b, k, g.d0, q, cnt, false, false, true, true);
       __syncthreads();
       bwd_delta(p, m, k, d, cnt, m.t0 + c * (TB + 1));
       const float *sl = m.t0 + c * (TB + 1), *sg = m.t1 + c * (TB + 1);
@@ -457,7 +465,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
         const int st = kk ? nsub - 1 - j : j;
         const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
         __syncthreads();
-        bwd_stage<T, NMAX, false>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, false, false);
+        bwd_stage<T, NMAX, false, kStageBatchMain>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, false, false);
         __syncthreads();
         float *sl = keep ? m.sDl + (j * nth + c) * (TB + 1) : t0row;
         bwd_delta(p, m, k, d, cnt, sl);
@@ -482,7 +490,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
       const int st = kk ? nsub - 1 - j : j;
       const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
       __syncthreads();  // the previous sub-tile's outputs are stored
-      bwd_stage<T, NMAX, true>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, true, true);
+      bwd_stage<T, NMAX, true, kStageBatchMain>(p, sd, m, g.b, k, g.d0, q, cnt, true, true, true, true);
       __syncthreads();
       const bool cached = keep && j < nsub - 1;  // replayed: delta is in the cache
       if (!cached) bwd_delta(p, m, k, d, cnt, t0row);  // softplus' is formed in bwd_subtile
