@@ -27,6 +27,9 @@
 
 namespace vmambax {
 
+// u's staging loads in flight per thread (FwdTile::load); a divisor of kTile.
+constexpr int kFwdStageBatch = 8;
+
 // Pointers of walk k's inputs for batch b on its side, and its staging into shared memory.
 template <typename T, int NMAX>
 struct FwdTile {
@@ -62,15 +65,31 @@ struct FwdTile {
         sDt[e] = i < cnt ? to_f(dl[r * sd.dl_c + i]) : 0.f;
       }
     }
-    // A fixed position per thread (tile_lane), its channels nth / kTile apart: no division per
-    // element. (Stepping the addresses as bwd_stage does cost the output pass an 8-byte spill.)
-    const int i = tile_lane(tid), cstep = nth / kTile;
-    const T *up = static_cast<const T *>(sd.u) + b * sd.u_b + q0 + i;
-    for (int c = tid / kTile; c < nth; c += cstep) {
-      const int d = d0 + c;
-      const bool on = d < p.Dm && i < cnt;
-      sU[c * (kTile + 1) + i] = on ? to_f(up[int64_t(d) * sd.u_d]) : 0.f;
-      if (R == 0) {
+    // A fixed position per thread (tile_lane) and its kTile channels c0 + j cstep (nth = kTile cstep),
+    // the first jend real (d < Dm, i < cnt). u's loads of kFwdStageBatch channels are issued before
+    // their shared-memory stores: one channel at a time, each was a dependent global round trip (as
+    // in the backward's bwd_stage, where batching them cut the main pass's waits on L1TEX).
+    const int i = tile_lane(tid), cstep = nth / kTile, c0 = tid / kTile;
+    const int cend = i < cnt ? min(nth, p.Dm - d0) : 0;
+    const int jend = cend > c0 ? (cend - c0 + cstep - 1) / cstep : 0;
+    const T *up = static_cast<const T *>(sd.u) + b * sd.u_b + q0 + i + int64_t(d0 + c0) * sd.u_d;
+    const int64_t su = int64_t(cstep) * sd.u_d;
+    float *ou = sU + c0 * (kTile + 1) + i;
+#pragma unroll 1
+    for (int j0 = 0; j0 < kTile; j0 += kFwdStageBatch) {
+      float v[kFwdStageBatch];
+      const T *u1 = up;
+#pragma unroll
+      for (int s = 0; s < kFwdStageBatch; ++s, u1 += su) v[s] = j0 + s < jend ? to_f(*u1) : 0.f;
+#pragma unroll
+      for (int s = 0; s < kFwdStageBatch; ++s) ou[s * cstep * (kTile + 1)] = v[s];
+      up += kFwdStageBatch * su;
+      ou += kFwdStageBatch * cstep * (kTile + 1);
+    }
+    if (R == 0) {  // full rank (outside the model): one channel at a time, as before
+      for (int c = c0; c < nth; c += cstep) {
+        const int d = d0 + c;
+        const bool on = d < p.Dm && i < cnt;
         float z = on ? to_f(dl[int64_t(d) * sd.dl_c + i]) : 0.f;
         if (on && p.bias) z += p.bias[k * p.Dm + d];
         sDl[c * (kTile + 1) + i] = on ? (p.softplus ? softplus(z) : z) : 0.f;
