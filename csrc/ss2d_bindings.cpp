@@ -57,7 +57,7 @@ bool plane_map(const Tensor &t, PlaneMap &m) {
 // the planes are at least a tile wide; else PyTorch's copy (DCIM's 4 x 4 planes: there a tile would
 // be mostly idle, and a plane is one or two sectors anyway).
 void copy_transposed(const Tensor &src, const Tensor &dst) {
-  const int64_t H = src.size(-2), W = src.size(-1), planes = H * W ? src.numel() / (H * W) : 0;
+  const int64_t H = src.size(-2), W = src.size(-1), planes = H * W > 0 ? src.numel() / (H * W) : 0;
   PlaneMap ms, md;
   const bool dense = src.stride(-1) == 1 && (H == 1 || src.stride(-2) == W) && dst.stride(-1) == 1 &&
                      (W == 1 || dst.stride(-2) == H);
