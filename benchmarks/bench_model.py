@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -148,6 +149,11 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
     target = (torch.rand(batch, 1, size, size, device="cuda") > 0.9).float()
     env = harness.env_info()
     recs = []
+    t0 = time.perf_counter()
+
+    def say(msg):  # each figure as soon as it exists: a call cut short by its time limit still shows them
+        print(f"  [{time.perf_counter() - t0:6.1f} s] {provider}/{dtype_name}: {msg}", flush=True)
+
     with provider_setup(model, provider, glue):
         def step():
             with torch.autocast("cuda", dtype=dtype):
@@ -166,11 +172,14 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
         if not torch.isfinite(loss):
             raise RuntimeError(f"{provider}/{dtype_name}: non-finite training loss {loss.item()}")
         torch.cuda.synchronize()
+        say("first training step done" + (" (compiled)" if compiled else ""))
         torch.cuda.reset_peak_memory_stats()
         train_ms = harness.events_median_ms(step, warmup=2, iters=iters)
         peak_gb = torch.cuda.max_memory_allocated() / 1e9
+        say(f"training step {train_ms:.1f} ms, peak {peak_gb:.2f} GB")
         model.eval()
         infer_ms = harness.events_median_ms(infer, warmup=2, iters=iters)
+        say(f"inference {infer_ms:.1f} ms")
         graph_ms = harness.events_median_ms(harness.cuda_graph(infer), warmup=2, iters=iters) if graph else None
         model.train()
         extra = {"compiled": compiled} if compiled else {}
