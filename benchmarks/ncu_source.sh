@@ -5,8 +5,8 @@
 #   bash benchmarks/ncu_source.sh NAME KERNEL_REGEX [SKIP [COUNT]] [-- COMMAND ...]
 #
 # Writes $OUT/NAME-sass.csv.gz (one row per SASS instruction: executed count, stall samples and
-# their reasons; -lineinfo builds name the CUDA line of each), $OUT/NAME-details.csv.gz (the
-# sections). COMMAND defaults to one enc1 core bf16 fwd+bwd (bench_ss2d.py --profile).
+# their reasons), $OUT/NAME-cuda-sass.csv.gz (the same rows under the CUDA line each comes from, from
+# the -lineinfo build), $OUT/NAME-details.csv.gz (the sections). COMMAND defaults to one enc1 core bf16 fwd+bwd (bench_ss2d.py --profile).
 # Sort the SASS rows by "Warp Stall Sampling (All Samples)" or sum them per CUDA line.
 set -o pipefail
 NAME=$1; REGEX=$2; shift 2
