@@ -41,6 +41,10 @@ constexpr int TB = kBwdTile;
 // pass, from ptxas (sm_90, bf16 and fp32): the main pass 8 (168 registers, no spill at NMAX 4..32; 4
 // spilled 16 bytes at NMAX 32), the chunk pass 4 (96 registers at NMAX 16 as before; 8 took 128).
 constexpr int kStageBatchMain = 8, kStageBatchChunk = 4;
+// B, C and dt elements per thread whose staging loads are in flight together (bwd_stage), from
+// ptxas (sm_90): 4 keeps the main pass at 168 registers without spills at NMAX 4..16 (fp32's 24-byte
+// spill at NMAX 16 goes away); at NMAX 32 it spilled 152 bytes, so NMAX >= 32 takes 2.
+constexpr int kStageBatchBC = 4;
 static_assert(2 * TB == 32, "the dB / dC reduction gives each lane of a warp one of 2 * TB rows");
 
 // Shared memory of the backward kernels (sizes in ss2d.h:ss2d_bwd_smem). The main pass keeps no
@@ -89,19 +93,46 @@ __device__ __forceinline__ void bwd_stage(const SS2DParams &p, const SS2DSide &s
   const int tid = threadIdx.x, nth = blockDim.x, N = p.N, R = p.R, kk = k >> 1;
   const T *Bp = static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k + q;
   const T *Cp = static_cast<const T *>(sd.C) + b * sd.C_b + kk * sd.C_k + q;
-  const int rows = NMAJOR ? N : NMAX;
-  for (int e = tid; e < rows * TB; e += nth) {
-    const int n = e / TB, i = e - n * TB;
-    const bool on = n < N && i < cnt;
-    const int o = NMAJOR ? e : i * NS + n;
-    if (withB) m.sB[o] = on ? to_f(Bp[n * sd.B_n + i]) : 0.f;
-    if (withC) m.sC[o] = on ? to_f(Cp[n * sd.C_n + i]) : 0.f;
-  }
   const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b + kk * sd.dl_k + q;
-  if (R > 0) {
-    for (int e = tid; e < R * TB; e += nth) {
+  // B, C and the low-rank dt: element e = e0 + s nth of each; the loads of kStageBatchBC elements
+  // (and of the thread's first kStageBatchBC dt elements) are issued before any of their stores. One
+  // element at a time, each LDG waited for the STS before it (the compiler keeps a load after a store
+  // it cannot prove disjoint): at enc1 (N 16, R 6, nth 96) 3 B / C round trips and one of dt per
+  // staging, where this takes one (Nsight Compute, H100, 2b8050a: the waits on these loads were ~20 %
+  // of the main pass's stall samples).
+  const int rows = NMAJOR ? N : NMAX, nbc = rows * TB, ndt = R * TB;
+  if constexpr (NMAX >= 32) {  // one element at a time: batching spilled 100-152 bytes at NMAX 32
+    for (int e = tid; e < nbc; e += nth) {
+      const int n = e / TB, i = e - n * TB;
+      const bool on = n < N && i < cnt;
+      const int o = NMAJOR ? e : i * NS + n;
+      if (withB) m.sB[o] = on ? to_f(Bp[n * sd.B_n + i]) : 0.f;
+      if (withC) m.sC[o] = on ? to_f(Cp[n * sd.C_n + i]) : 0.f;
+    }
+    for (int e = tid; e < ndt; e += nth) {
       const int r = e / TB, i = e - r * TB;
       m.sDt[e] = i < cnt ? to_f(dl[r * sd.dl_c + i]) : 0.f;
+    }
+  } else {
+#pragma unroll 1
+    for (int e0 = tid; e0 < max(nbc, ndt); e0 += kStageBatchBC * nth) {
+      float vb[kStageBatchBC], vc[kStageBatchBC], vt[kStageBatchBC];
+#pragma unroll
+      for (int s = 0; s < kStageBatchBC; ++s) {
+        const int e = e0 + s * nth, n = e / TB, i = e - n * TB;  // n: the state, or the rank r for dt
+        const bool on = e < nbc && n < N && i < cnt;
+        vb[s] = withB && on ? to_f(Bp[n * sd.B_n + i]) : 0.f;
+        vc[s] = withC && on ? to_f(Cp[n * sd.C_n + i]) : 0.f;
+        vt[s] = e < ndt && i < cnt ? to_f(dl[n * sd.dl_c + i]) : 0.f;
+      }
+#pragma unroll
+      for (int s = 0; s < kStageBatchBC; ++s) {
+        const int e = e0 + s * nth, n = e / TB, i = e - n * TB;
+        const int o = NMAJOR ? e : i * NS + n;
+        if (e < nbc && withB) m.sB[o] = vb[s];
+        if (e < nbc && withC) m.sC[o] = vc[s];
+        if (e < ndt) m.sDt[e] = vt[s];
+      }
     }
   }
   // A fixed position per thread (tile_lane) and its TB channels c0 + j cstep (nth = TB cstep), the
