@@ -43,7 +43,8 @@ constexpr int TB = kBwdTile;
 constexpr int kStageBatchMain = 8, kStageBatchChunk = 4;
 // B, C and dt elements per thread whose staging loads are in flight together (bwd_stage), from
 // ptxas (sm_90): 4 keeps the main pass at 168 registers without spills at NMAX 4..16 (fp32's 24-byte
-// spill at NMAX 16 goes away); at NMAX 32 it spilled 152 bytes, so NMAX >= 32 takes 2.
+// spill at NMAX 16 goes away); at NMAX 32 batches of 4, 2 and 1 spilled 100-152 bytes, so NMAX >= 32
+// keeps the one-element-at-a-time loops.
 constexpr int kStageBatchBC = 4;
 static_assert(2 * TB == 32, "the dB / dC reduction gives each lane of a warp one of 2 * TB rows");
 
