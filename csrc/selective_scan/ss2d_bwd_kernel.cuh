@@ -225,6 +225,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DP
   const ChunkBlock g(p, true);
   const SS2DSide &sd = p.sides[g.side];
   const BwdSmem m(smem, p.N, p.R, blockDim.x, NS, false);
+  prefetch_chunk<T>(p, sd, g.b, g.d0, g.q0, g.q1, false, false, true, sd.dy);
   const int c = threadIdx.x, d = g.d0 + c;
   const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
   for (int kk = 0; kk < 2; ++kk) {
@@ -468,6 +469,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
   const ChunkBlock g(p, false);
   const SS2DSide &sd = p.sides[g.side];
   const BwdSmem m(smem, p.N, p.R, blockDim.x, NS, true);
+  prefetch_chunk<T>(p, sd, g.b, g.d0, g.q0, g.q1, true, true, true, sd.dy);
   const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, N = p.N, R = p.R, L = p.L;
   const bool active = d < p.Dm;
   const bool keep = NMAX == 4 && p.keep_delta;  // delta of the replayed sub-tiles in m.sDl

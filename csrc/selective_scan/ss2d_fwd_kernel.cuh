@@ -146,6 +146,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_chunk_kernel(const SS2DP
   const ChunkBlock g(p, true);
   const SS2DSide &sd = p.sides[g.side];
   FwdTile<T, NMAX> tile(smem, p.R, blockDim.x);
+  prefetch_chunk<T>(p, sd, g.b, g.d0, g.q0, g.q1, true, true, false, nullptr);
   const int c = threadIdx.x, d = g.d0 + c;
   const int ntile = (g.q1 - g.q0 + kTile - 1) / kTile;
   for (int kk = 0; kk < 2; ++kk) {
@@ -255,6 +256,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DPar
   const ChunkBlock g(p, true);  // both sides in one launch: they write separate buffers
   const SS2DSide &sd = p.sides[g.side];
   FwdTile<T, NMAX> tile(smem, p.R, blockDim.x);
+  prefetch_chunk<T>(p, sd, g.b, g.d0, g.q0, g.q1, true, true, true, nullptr);
   const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, L = p.L;
   const bool active = d < p.Dm;
   const int ntile = (g.q1 - g.q0 + kTile - 1) / kTile;
