@@ -56,6 +56,8 @@ __device__ __forceinline__ void load_A2(const SS2DParams &p, int k, int d, float
 template <typename T>
 __device__ __forceinline__ void prefetch_l2(const T *row, int n) {
   constexpr int kPer = 32 / int(sizeof(T));
+  // once per block (cold): unrolled, the loops of prefetch_chunk's rows took ~500 SASS instructions
+#pragma unroll 1
   for (int e = 0; e < n; e += kPer) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + e));
   if (n > 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + n - 1));
 }
@@ -73,11 +75,14 @@ __device__ __forceinline__ void prefetch_chunk(const SS2DParams &p, const SS2DSi
   const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b;  // row bases: position 0
   if (d < p.Dm) {
     if (withU) prefetch_l2(static_cast<const T *>(sd.u) + b * sd.u_b + int64_t(d) * sd.u_d + q0, n);
-    if (R == 0)
+    if (R == 0) {
+#pragma unroll 1
       for (int kk = 0; kk < 2; ++kk) prefetch_l2(dl + kk * sd.dl_k + int64_t(d) * sd.dl_c + q0, n);
+    }
     if (dy) prefetch_l2(dy + (int64_t(b) * p.Dm + d) * p.L + q0, n);
   }
   const int nb = withB ? N : 0, nc = withC ? N : 0, per = nb + nc + R;  // rows of one walk: B, C, dt
+#pragma unroll 1
   for (int r = tid; r < 2 * per; r += nth) {
     const int kk = r / per, j = r - kk * per;
     const T *row = j < nb        ? static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k + j * sd.B_n
