@@ -41,6 +41,11 @@ constexpr int TB = kBwdTile;
 // pass, from ptxas (sm_90, bf16 and fp32): the main pass 8 (168 registers, no spill at NMAX 4..32; 4
 // spilled 16 bytes at NMAX 32), the chunk pass 4 (96 registers at NMAX 16 as before; 8 took 128).
 constexpr int kStageBatchMain = 8, kStageBatchChunk = 4;
+// B, C and dt elements per thread whose staging loads are in flight together (bwd_stage), from
+// ptxas (sm_90): 4 keeps the main pass at 168 registers without spills at NMAX 4..16 (fp32's 24-byte
+// spill at NMAX 16 goes away); at NMAX 32 batches of 4, 2 and 1 spilled 100-152 bytes, so NMAX >= 32
+// keeps the one-element-at-a-time loops.
+constexpr int kStageBatchBC = 4;
 static_assert(2 * TB == 32, "the dB / dC reduction gives each lane of a warp one of 2 * TB rows");
 
 // Shared memory of the backward kernels (sizes in ss2d.h:ss2d_bwd_smem). The main pass keeps no
@@ -89,19 +94,46 @@ __device__ __forceinline__ void bwd_stage(const SS2DParams &p, const SS2DSide &s
   const int tid = threadIdx.x, nth = blockDim.x, N = p.N, R = p.R, kk = k >> 1;
   const T *Bp = static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k + q;
   const T *Cp = static_cast<const T *>(sd.C) + b * sd.C_b + kk * sd.C_k + q;
-  const int rows = NMAJOR ? N : NMAX;
-  for (int e = tid; e < rows * TB; e += nth) {
-    const int n = e / TB, i = e - n * TB;
-    const bool on = n < N && i < cnt;
-    const int o = NMAJOR ? e : i * NS + n;
-    if (withB) m.sB[o] = on ? to_f(Bp[n * sd.B_n + i]) : 0.f;
-    if (withC) m.sC[o] = on ? to_f(Cp[n * sd.C_n + i]) : 0.f;
-  }
   const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b + kk * sd.dl_k + q;
-  if (R > 0) {
-    for (int e = tid; e < R * TB; e += nth) {
+  // B, C and the low-rank dt: element e = e0 + s nth of each; the loads of kStageBatchBC elements
+  // (and of the thread's first kStageBatchBC dt elements) are issued before any of their stores. One
+  // element at a time, each LDG waited for the STS before it (the compiler keeps a load after a store
+  // it cannot prove disjoint): at enc1 (N 16, R 6, nth 96) 3 B / C round trips and one of dt per
+  // staging, where this takes one (Nsight Compute, H100, 2b8050a: the waits on these loads were ~20 %
+  // of the main pass's stall samples).
+  const int rows = NMAJOR ? N : NMAX, nbc = rows * TB, ndt = R * TB;
+  if constexpr (NMAX >= 32) {  // one element at a time: batching spilled 100-152 bytes at NMAX 32
+    for (int e = tid; e < nbc; e += nth) {
+      const int n = e / TB, i = e - n * TB;
+      const bool on = n < N && i < cnt;
+      const int o = NMAJOR ? e : i * NS + n;
+      if (withB) m.sB[o] = on ? to_f(Bp[n * sd.B_n + i]) : 0.f;
+      if (withC) m.sC[o] = on ? to_f(Cp[n * sd.C_n + i]) : 0.f;
+    }
+    for (int e = tid; e < ndt; e += nth) {
       const int r = e / TB, i = e - r * TB;
       m.sDt[e] = i < cnt ? to_f(dl[r * sd.dl_c + i]) : 0.f;
+    }
+  } else {
+#pragma unroll 1
+    for (int e0 = tid; e0 < max(nbc, ndt); e0 += kStageBatchBC * nth) {
+      float vb[kStageBatchBC], vc[kStageBatchBC], vt[kStageBatchBC];
+#pragma unroll
+      for (int s = 0; s < kStageBatchBC; ++s) {
+        const int e = e0 + s * nth, n = e / TB, i = e - n * TB;  // n: the state, or the rank r for dt
+        const bool on = e < nbc && n < N && i < cnt;
+        vb[s] = withB && on ? to_f(Bp[n * sd.B_n + i]) : 0.f;
+        vc[s] = withC && on ? to_f(Cp[n * sd.C_n + i]) : 0.f;
+        vt[s] = e < ndt && i < cnt ? to_f(dl[n * sd.dl_c + i]) : 0.f;
+      }
+#pragma unroll
+      for (int s = 0; s < kStageBatchBC; ++s) {
+        const int e = e0 + s * nth, n = e / TB, i = e - n * TB;
+        const int o = NMAJOR ? e : i * NS + n;
+        if (e < nbc && withB) m.sB[o] = vb[s];
+        if (e < nbc && withC) m.sC[o] = vc[s];
+        if (e < ndt) m.sDt[e] = vt[s];
+      }
     }
   }
   // A fixed position per thread (tile_lane) and its TB channels c0 + j cstep (nth = TB cstep), the
@@ -182,7 +214,15 @@ __device__ __forceinline__ void bwd_delta(const SS2DParams &p, const BwdSmem &m,
     for (int i = 0; i < TB; ++i) z[i] = m.t0[c * (TB + 1) + i];
   }
 #pragma unroll
-  for (int i = 0; i < TB; ++i) row[i] = i < cnt ? (p.softplus ? softplus(z[i]) : z[i]) : 0.f;
+  for (int i = 0; i < TB; ++i) row[i] = i < cnt ? z[i] : 0.f;
+  // softplus in place, 4 positions per loop body: unrolled over all TB positions its inlined copies
+  // were 17 % of the main pass's SASS (1.7 k instructions, straight-line code run once per sub-tile)
+  // and a sixth of its "no instruction" stall samples (Nsight Compute, enc1, H100, 2b8050a).
+  if (p.softplus) {
+#pragma unroll 4
+    for (int i = 0; i < TB; ++i)
+      if (i < cnt) row[i] = softplus(row[i]);
+  }
 }
 
 // Pass 1: Q_c and S_c of every chunk but each walk's first, both walks of both sides.
@@ -193,6 +233,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DP
   const ChunkBlock g(p, true);
   const SS2DSide &sd = p.sides[g.side];
   const BwdSmem m(smem, p.N, p.R, blockDim.x, NS, false);
+  prefetch_chunk<T>(p, sd, g.b, g.d0, g.q0, g.q1, false, false, true, sd.dy);
   const int c = threadIdx.x, d = g.d0 + c;
   const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
   for (int kk = 0; kk < 2; ++kk) {
@@ -310,7 +351,7 @@ __device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32], int lane)
 template <int KK, typename Acc>
 __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b,
                                             int k, int d0, int j, int q, int cnt, float Dk, float &dDacc,
-                                            float &dbacc, bool first, const float *dlrow) {
+                                            float &dbacc, bool first, float *dlrow) {
   const int c = threadIdx.x, nth = blockDim.x, d = d0 + c, N = p.N, L = p.L;
   const int dA_row = k * p.Dm + (d < p.Dm ? d : 0);
   float dl[TB], du[TB], gg[TB], X[TB], Y[TB], hA[TB], aA[TB];
@@ -320,6 +361,14 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
     du[i] = dl[i] * m.tU[c * (TB + 1) + i];
     gg[i] = m.t1[c * (TB + 1) + i];
     X[i] = Y[i] = 0.f;
+  }
+  // softplus'(z) = sigmoid(z) = 1 - exp(-softplus(z)) over dlrow in place (delta is in dl[] now; nothing
+  // else reads the row: its t0 row gets du, a cache row is read once): ~1 ulp (expm1f: no cancellation
+  // for small delta; exactly 1.0f for z > 20, as the thresholded branch gives). In a loop of 4
+  // positions per body: unrolled over TB in the dz loop its copies were 11 % of the main pass's SASS.
+  if (p.softplus) {
+#pragma unroll 4
+    for (int i = 0; i < TB; ++i) dlrow[i] = -expm1f(-dlrow[i]);
   }
   const int w = c >> 5, l = c & 31, slot = j > 0 ? j - 1 : 0;
   for (int n = 0; n < N; ++n) {
@@ -389,9 +438,7 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
 #pragma unroll
   for (int i = 0; i < TB; ++i) {
     const bool on = i < cnt && d < p.Dm;
-    // softplus'(z) = sigmoid(z) = 1 - exp(-softplus(z)), from delta: ~1 ulp (expm1f: no cancellation
-    // for small delta; exactly 1.0f for z > 20, as the thresholded branch gives)
-    const float sp = p.softplus ? -expm1f(-dl[i]) : 1.f;
+    const float sp = p.softplus ? dlrow[i] : 1.f;  // softplus', formed above
     dz[i] = on ? fmaf(uu[i], X[i], Y[i]) * sp : 0.f;
     o1[i] = fmaf(dl[i], X[i], Dk * gg[i]);
     dDacc = fmaf(gg[i], uu[i], dDacc);
@@ -436,6 +483,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
   const ChunkBlock g(p, false);
   const SS2DSide &sd = p.sides[g.side];
   const BwdSmem m(smem, p.N, p.R, blockDim.x, NS, true);
+  prefetch_chunk<T>(p, sd, g.b, g.d0, g.q0, g.q1, true, true, true, sd.dy);
   const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, N = p.N, R = p.R, L = p.L;
   const bool active = d < p.Dm;
   const bool keep = NMAX == 4 && p.keep_delta;  // delta of the replayed sub-tiles in m.sDl
@@ -494,7 +542,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
       __syncthreads();
       const bool cached = keep && j < nsub - 1;  // replayed: delta is in the cache
       if (!cached) bwd_delta(p, m, k, d, cnt, t0row);  // softplus' is formed in bwd_subtile
-      const float *dlrow = cached ? m.sDl + (j * nth + c) * (TB + 1) : t0row;
+      float *dlrow = cached ? m.sDl + (j * nth + c) * (TB + 1) : t0row;
       if (j == 0) {  // slot 0 (sub-tile 1's state, consumed) gets the chunk's entering state
         for (int n = 0; n < N; ++n) m.hS[n * nth + c] = carried ? p.cE[(row * N + n) * p.Dm + d] : 0.f;
       }

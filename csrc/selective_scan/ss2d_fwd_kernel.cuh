@@ -29,6 +29,8 @@ namespace vmambax {
 
 // u's staging loads in flight per thread (FwdTile::load); a divisor of kTile.
 constexpr int kFwdStageBatch = 8;
+// B, C and dt elements per thread whose loads are in flight together (FwdTile::load).
+constexpr int kFwdStageBatchBC = 2;
 
 // Pointers of walk k's inputs for batch b on its side, and its staging into shared memory.
 template <typename T, int NMAX>
@@ -52,17 +54,28 @@ struct FwdTile {
     const int tid = threadIdx.x, nth = blockDim.x, N = p.N, R = p.R, kk = k >> 1;
     const T *Bp = static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k + q0;
     const T *Cp = static_cast<const T *>(sd.C) + b * sd.C_b + kk * sd.C_k + q0;
-    for (int e = tid; e < NMAX * kTile; e += nth) {
-      const int n = e / kTile, i = e - n * kTile;
-      const bool on = n < N && i < cnt;
-      sB[i * NS + n] = on ? to_f(Bp[n * sd.B_n + i]) : 0.f;
-      if (withC) sC[i * NS + n] = on ? to_f(Cp[n * sd.C_n + i]) : 0.f;
-    }
     const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b + kk * sd.dl_k + q0;
-    if (R > 0) {
-      for (int e = tid; e < R * kTile; e += nth) {
-        const int r = e / kTile, i = e - r * kTile;
-        sDt[e] = i < cnt ? to_f(dl[r * sd.dl_c + i]) : 0.f;
+    // B, C and the low-rank dt with the loads of kFwdStageBatchBC elements of each in flight before
+    // their stores, as in the backward's bwd_stage (one at a time, each was a dependent round trip:
+    // 6 for B / C and 2 for dt per tile at enc1, N 16, R 6, nth 96).
+    const int nbc = NMAX * kTile, ndt = R * kTile;
+#pragma unroll 1
+    for (int e0 = tid; e0 < max(nbc, ndt); e0 += kFwdStageBatchBC * nth) {
+      float vb[kFwdStageBatchBC], vc[kFwdStageBatchBC], vt[kFwdStageBatchBC];
+#pragma unroll
+      for (int s = 0; s < kFwdStageBatchBC; ++s) {
+        const int e = e0 + s * nth, n = e / kTile, i = e - n * kTile;  // n: the state, or dt's rank
+        const bool on = e < nbc && n < N && i < cnt;
+        vb[s] = on ? to_f(Bp[n * sd.B_n + i]) : 0.f;
+        vc[s] = withC && on ? to_f(Cp[n * sd.C_n + i]) : 0.f;
+        vt[s] = e < ndt && i < cnt ? to_f(dl[n * sd.dl_c + i]) : 0.f;
+      }
+#pragma unroll
+      for (int s = 0; s < kFwdStageBatchBC; ++s) {
+        const int e = e0 + s * nth, n = e / kTile, i = e - n * kTile;
+        if (e < nbc) sB[i * NS + n] = vb[s];
+        if (e < nbc && withC) sC[i * NS + n] = vc[s];
+        if (e < ndt) sDt[e] = vt[s];
       }
     }
     // A fixed position per thread (tile_lane) and its kTile channels c0 + j cstep (nth = kTile cstep),
@@ -133,6 +146,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_chunk_kernel(const SS2DP
   const ChunkBlock g(p, true);
   const SS2DSide &sd = p.sides[g.side];
   FwdTile<T, NMAX> tile(smem, p.R, blockDim.x);
+  prefetch_chunk<T>(p, sd, g.b, g.d0, g.q0, g.q1, true, true, false, nullptr);
   const int c = threadIdx.x, d = g.d0 + c;
   const int ntile = (g.q1 - g.q0 + kTile - 1) / kTile;
   for (int kk = 0; kk < 2; ++kk) {
@@ -242,6 +256,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DPar
   const ChunkBlock g(p, true);  // both sides in one launch: they write separate buffers
   const SS2DSide &sd = p.sides[g.side];
   FwdTile<T, NMAX> tile(smem, p.R, blockDim.x);
+  prefetch_chunk<T>(p, sd, g.b, g.d0, g.q0, g.q1, true, true, true, nullptr);
   const int c = threadIdx.x, d = g.d0 + c, nth = blockDim.x, L = p.L;
   const bool active = d < p.Dm;
   const int ntile = (g.q1 - g.q0 + kTile - 1) / kTile;
