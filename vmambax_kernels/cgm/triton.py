@@ -699,6 +699,12 @@ def _pow2(x: int) -> int:
 #   cgm2 (W 64):  fwd gemm BC 32 0.0403 (0.0427); bwd gemm 0.207 (0.320)
 #   cgm3 (W 32):  fwd gemm BC 64 0.0348 (0.0437); bwd default 0.214
 #   cgm4 (W 16):  fwd BC 32 / 8 warps 0.115 (0.150); bwd BC 32 0.179 (0.275)
+# Streaming backward's dz pass (2748c0b, the same call as 0cf4e07 before it, graph-timed, H100): summed
+# per lane and reduced once, on 32-channel blocks, its first read of a row kept in L2 (evict_last) and
+# the second read and dx evict_first. An ncu profile at cgm1 had found the row's second read, one
+# row-iteration (~44 MB of traffic) later, missing L2 (21 % hit rate; 316 MB from DRAM for 151 that
+# must move). cgm1 0.336 -> 0.271 ms (without the hints 0.281, bcz 16 0.295), cgm3 0.205 -> 0.146,
+# cgm4 0.167 -> 0.138 (bcz 64 there: 0.123, not yet GPU-tested, so not the default).
 _BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16, fuse_apply=True)), "bwd": dict(num_stages=1, evict=True, bcz=32)}),
                    (64, {"fwd": dict(gemm=dict(BC=32)), "bwd": dict(gemm=True)}),
                    (32, {"fwd": dict(gemm=dict(BC=64)), "bwd": dict(evict=True, bcz=32)}),
