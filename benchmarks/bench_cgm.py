@@ -46,7 +46,9 @@ DEVICE = "cuda"
 # Launch configurations tried by --sweep (keys of vmambax_kernels.cgm.triton._DEFAULTS; strip rows
 # follow from programs_per_sm for each case, so a choice made at cgm1 carries to the others)
 SWEEP = {"fwd": [dict(), dict(BC=32, num_warps=8), dict(programs_per_sm=1), dict(programs_per_sm=4)],
-         "bwd": [dict(), dict(BC=32), dict(programs_per_sm=1), dict(programs_per_sm=4), dict(num_stages=1)]}
+         "bwd": [dict(), dict(BC=32), dict(programs_per_sm=1), dict(programs_per_sm=4), dict(num_stages=1),
+                 # the dz pass's channel block and L2 eviction hints (cgm_triton._config)
+                 dict(num_stages=1, evict=True, bcz=32), dict(evict=True, bcz=64)]}
 # ... and the variants prepared for timing (cgm_triton.VARIANTS: what each is for, its registers)
 for _variant in cgm_triton.VARIANTS.values():
     for _kind, _cfg in _variant.items():

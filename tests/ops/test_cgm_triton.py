@@ -73,10 +73,14 @@ def test_strips_and_column_tiles(config, dtype):
 
 
 # The launch configurations benchmarks/bench_cgm.py --sweep may pick (channel blocks, strip rows).
-SWEPT = [dict(fwd=dict(BC=32, rows=1), bwd=dict(BC=64, rows=3)), dict(fwd=dict(BC=16, rows=4), bwd=dict(BC=16, rows=8))]
+# The backward's dz pass on channel blocks other than the gating's (bcz 32 against BC 16, the 16-bit
+# default at cgm1 and cgm3; 37 channels: 2 blocks against 3), with the L2 eviction hints (which the
+# interpreter ignores).
+SWEPT = [dict(fwd=dict(BC=32, rows=1), bwd=dict(BC=64, rows=3)), dict(fwd=dict(BC=16, rows=4), bwd=dict(BC=16, rows=8)),
+         dict(bwd=dict(BC=16, bcz=32, evict=True, rows=2))]
 
 
-@pytest.mark.parametrize("config", SWEPT, indirect=True, ids=["rows1", "rows4"])
+@pytest.mark.parametrize("config", SWEPT, indirect=True, ids=["rows1", "rows4", "bcz32"])
 def test_swept_configs(config):
     check(cgm_inputs(2, 37, 9, 6, torch.bfloat16, device="cpu", seed=13), torch.bfloat16, True)
 

@@ -442,22 +442,27 @@ def _cgm_apply_kernel(xa_ptr, xb_ptr, ya_ptr, yb_ptr, s_ptr, ca_ptr, cb_ptr, C, 
 
 def _row_dz(g_ptr, x_ptr, s_plane, c_ptr, b, r, C, H, W, wcol, in_cols,
             sg_b, sg_c, sg_h, sg_w, sx_b, sx_c, sx_h, sx_w, sc_b, sc_c,
-            MOD: constexpr, TWP: constexpr, BC: constexpr):
-    """dz_m[r, w] = s (1 - s) sum_c c_m dy_m x_m of modality MOD (zero outside the plane)."""
+            MOD: constexpr, TWP: constexpr, BC: constexpr, EV: constexpr):
+    """dz_m[r, w] = s (1 - s) sum_c c_m dy_m x_m of modality MOD (zero outside the plane).
+    The products are summed per channel lane across the blocks and reduced over the lanes once:
+    a reduction per block was a tenth of the backward's instructions. EV: the loads' L2 eviction
+    policy (the row is read again one row later, when it is finished)."""
     mp = in_cols & (r >= 0) & (r < H)
     xrow = x_ptr + b.to(tl.int64) * sx_b + r * sx_h
     grow = g_ptr + b.to(tl.int64) * sg_b + r * sg_h
-    ds = tl.zeros((TWP,), dtype=tl.float32)
+    acc = tl.zeros((TWP, BC), dtype=tl.float32)
     for c0 in range(0, C, BC):
         ch = c0 + tl.arange(0, BC)
         mc = ch < C
         msk = mp[:, None] & mc[None, :]
         cc = tl.load(c_ptr + b * sc_b + ch * sc_c, mask=mc, other=0.0).to(tl.float32)
-        x = tl.load(xrow + ch[None, :] * sx_c + wcol[:, None] * sx_w, mask=msk, other=0.0).to(tl.float32)
-        gy = tl.load(grow + ch[None, :] * sg_c + wcol[:, None] * sg_w, mask=msk, other=0.0).to(tl.float32)
-        ds += tl.sum(gy * x * cc[None, :], axis=1)
+        x = tl.load(xrow + ch[None, :] * sx_c + wcol[:, None] * sx_w, mask=msk, other=0.0,
+                    eviction_policy=EV).to(tl.float32)
+        gy = tl.load(grow + ch[None, :] * sg_c + wcol[:, None] * sg_w, mask=msk, other=0.0,
+                     eviction_policy=EV).to(tl.float32)
+        acc += gy * x * cc[None, :]
     s_m = tl.load(s_plane + MOD * H * W + r * W + wcol, mask=mp, other=0.0)
-    return ds * s_m * (1.0 - s_m)
+    return tl.sum(acc, axis=1) * s_m * (1.0 - s_m)
 
 
 def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr,
@@ -469,7 +474,8 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                     sca_b, sca_c, scb_b, scb_c,
                     swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
                     RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr, HAS_DP: constexpr,
-                    TWP: constexpr, BC: constexpr, ONE_TILE: constexpr = False):
+                    TWP: constexpr, BC: constexpr, ONE_TILE: constexpr = False, BCZ: constexpr = 16,
+                    EV1: constexpr = "", EV2: constexpr = ""):
     pid = tl.program_id(0)
     b, h0, h1, wcol, in_cols, out_cols = _tile_cols(pid, n_strips, n_ct, LO, SR, H, W, TWP, ONE_TILE)
     s_plane = s_ptr + b.to(tl.int64) * 2 * H * W
@@ -487,18 +493,18 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
     src = tl.where(ok, src, 0)
     # dz rows h - 1 (p), h (q), h + 1 (n) for the row h being finished
     p0 = _row_dz(ga_ptr, xa_ptr, s_plane, ca_ptr, b, h0 - 1, C, H, W, wcol, in_cols, 
-                 sga_b, sga_c, sga_h, sga_w, sxa_b, sxa_c, sxa_h, sxa_w, sca_b, sca_c, 0, TWP, BC)
+                 sga_b, sga_c, sga_h, sga_w, sxa_b, sxa_c, sxa_h, sxa_w, sca_b, sca_c, 0, TWP, BCZ, EV1)
     p1 = _row_dz(gb_ptr, xb_ptr, s_plane, cb_ptr, b, h0 - 1, C, H, W, wcol, in_cols, 
-                 sgb_b, sgb_c, sgb_h, sgb_w, sxb_b, sxb_c, sxb_h, sxb_w, scb_b, scb_c, 1, TWP, BC)
+                 sgb_b, sgb_c, sgb_h, sgb_w, sxb_b, sxb_c, sxb_h, sxb_w, scb_b, scb_c, 1, TWP, BCZ, EV1)
     q0 = _row_dz(ga_ptr, xa_ptr, s_plane, ca_ptr, b, h0, C, H, W, wcol, in_cols, 
-                 sga_b, sga_c, sga_h, sga_w, sxa_b, sxa_c, sxa_h, sxa_w, sca_b, sca_c, 0, TWP, BC)
+                 sga_b, sga_c, sga_h, sga_w, sxa_b, sxa_c, sxa_h, sxa_w, sca_b, sca_c, 0, TWP, BCZ, EV1)
     q1 = _row_dz(gb_ptr, xb_ptr, s_plane, cb_ptr, b, h0, C, H, W, wcol, in_cols, 
-                 sgb_b, sgb_c, sgb_h, sgb_w, sxb_b, sxb_c, sxb_h, sxb_w, scb_b, scb_c, 1, TWP, BC)
+                 sgb_b, sgb_c, sgb_h, sgb_w, sxb_b, sxb_c, sxb_h, sxb_w, scb_b, scb_c, 1, TWP, BCZ, EV1)
     for r in range(h0 + 1, h1 + 1):
         n0 = _row_dz(ga_ptr, xa_ptr, s_plane, ca_ptr, b, r, C, H, W, wcol, in_cols, 
-                 sga_b, sga_c, sga_h, sga_w, sxa_b, sxa_c, sxa_h, sxa_w, sca_b, sca_c, 0, TWP, BC)
+                 sga_b, sga_c, sga_h, sga_w, sxa_b, sxa_c, sxa_h, sxa_w, sca_b, sca_c, 0, TWP, BCZ, EV1)
         n1 = _row_dz(gb_ptr, xb_ptr, s_plane, cb_ptr, b, r, C, H, W, wcol, in_cols, 
-                 sgb_b, sgb_c, sgb_h, sgb_w, sxb_b, sxb_c, sxb_h, sxb_w, scb_b, scb_c, 1, TWP, BC)
+                 sgb_b, sgb_c, sgb_h, sgb_w, sxb_b, sxb_c, sxb_h, sxb_w, scb_b, scb_c, 1, TWP, BCZ, EV1)
         h = r - 1
         d_n = tl.where(jm == 0, n0[:, None], n1[:, None])
         d_q = tl.where(jm == 0, q0[:, None], q1[:, None])
@@ -534,15 +540,17 @@ def _cgm_bwd_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, wa_pt
                 mc = ch < C
                 msk = out_cols[:, None] & mc[None, :]
                 gate = _gate(c_base, cs, ch, mc, s_m, RESIDUAL)
-                x = tl.load(xrow + ch[None, :] * sc + wcol[:, None] * sw, mask=msk, other=0.0)
-                gy = tl.load(grow + ch[None, :] * gc + wcol[:, None] * gw, mask=msk, other=0.0).to(tl.float32)
+                x = tl.load(xrow + ch[None, :] * sc + wcol[:, None] * sw, mask=msk, other=0.0, eviction_policy=EV2)
+                gy = tl.load(grow + ch[None, :] * gc + wcol[:, None] * gw, mask=msk, other=0.0,
+                             eviction_policy=EV2).to(tl.float32)
                 w = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, True)
                 dx_gate = _dx_gate(gy, gate, dp_ptr, b, MOD, C, ch, mc, HAS_DP)
                 if X_EXACT:
                     dx = _dx_mm(dh0, dh1, dh2, w, dx_gate, dxa_ptr, X_EXACT, INTERP)
                 else:
                     dx = _dx_mm(dz0, dz1, dz2, w, dx_gate, dxa_ptr, X_EXACT, INTERP)
-                tl.store(drow + ch[None, :] * dcs + wcol[:, None] * dws, dx.to(dxa_ptr.dtype.element_ty), mask=msk)
+                tl.store(drow + ch[None, :] * dcs + wcol[:, None] * dws, dx.to(dxa_ptr.dtype.element_ty), mask=msk,
+                         eviction_policy=EV2)
                 dw = tl.zeros((BC, 32), dtype=tl.float32)
                 if X_BF16:
                     dw = _dot3(tl.trans(x), dh0, dh1, dh2, dw)
@@ -691,10 +699,16 @@ def _pow2(x: int) -> int:
 #   cgm2 (W 64):  fwd gemm BC 32 0.0403 (0.0427); bwd gemm 0.207 (0.320)
 #   cgm3 (W 32):  fwd gemm BC 64 0.0348 (0.0437); bwd default 0.214
 #   cgm4 (W 16):  fwd BC 32 / 8 warps 0.115 (0.150); bwd BC 32 0.179 (0.275)
-_BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16, fuse_apply=True)), "bwd": dict(num_stages=1)}),
+# Streaming backward's dz pass (2748c0b, the same call as 0cf4e07 before it, graph-timed, H100): summed
+# per lane and reduced once, on 32-channel blocks, its first read of a row kept in L2 (evict_last) and
+# the second read and dx evict_first. An ncu profile at cgm1 had found the row's second read, one
+# row-iteration (~44 MB of traffic) later, missing L2 (21 % hit rate; 316 MB from DRAM for 151 that
+# must move). cgm1 0.336 -> 0.271 ms (without the hints 0.281, bcz 16 0.295), cgm3 0.205 -> 0.146,
+# cgm4 0.167 -> 0.138 (bcz 64 there: 0.123, not yet GPU-tested, so not the default).
+_BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16, fuse_apply=True)), "bwd": dict(num_stages=1, evict=True, bcz=32)}),
                    (64, {"fwd": dict(gemm=dict(BC=32)), "bwd": dict(gemm=True)}),
-                   (32, {"fwd": dict(gemm=dict(BC=64)), "bwd": {}}),
-                   (0, {"fwd": dict(BC=32, num_warps=8), "bwd": dict(BC=32)}))
+                   (32, {"fwd": dict(gemm=dict(BC=64)), "bwd": dict(evict=True, bcz=32)}),
+                   (0, {"fwd": dict(BC=32, num_warps=8), "bwd": dict(BC=32, evict=True)}))
 
 
 def _options(kind, dtype, W=None):
@@ -735,7 +749,10 @@ def _config(kind, Bt, C, H, W, device, dtype=None):
                 num_warps=o["num_warps"], num_stages=o["num_stages"],
                 # not at TWP 16 (cgm4): there the split forward's s-only kernel spilled 8 B (bf16)
                 ONE_TILE=bool(o.get("one_tile")) and n_ct == 1 and twp >= 32,
-                split=o.get("split") and _apply_config(o))
+                split=o.get("split") and _apply_config(o),
+                # backward: the dz pass's channel block, its loads' L2 policy and the second read's
+                BCZ=max(16, min(o.get("bcz", bc), _pow2(C))), EV1="evict_last" if o.get("evict") else "",
+                EV2="evict_first" if o.get("evict") else "")
 
 
 def _apply_config(o):
@@ -800,8 +817,8 @@ def _backward_launch(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, resi
         *ga.stride(), *gb.stride(), *x_ct.stride(), *x_pet.stride(), *dxa.stride(), *dxb.stride(),
         *c_ct.stride(), *c_pet.stride(), *w_ct.stride()[1:], *w_pet.stride()[1:],
         RESIDUAL=residual, X_EXACT=x_ct.dtype != torch.float32, INTERP=interpreting(),
-        HAS_DP=dp is not None, TWP=cfg["TWP"], BC=cfg["BC"], ONE_TILE=cfg["ONE_TILE"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        HAS_DP=dp is not None, TWP=cfg["TWP"], BC=cfg["BC"], ONE_TILE=cfg["ONE_TILE"], BCZ=cfg["BCZ"],
+        EV1=cfg["EV1"], EV2=cfg["EV2"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dxa, dxb, dc, dw
 
 
