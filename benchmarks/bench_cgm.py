@@ -1,6 +1,8 @@
 """CGM benchmark (DESIGN.md: bench "cgm", cases cgm1..cgm4; issue 5's targets).
 
     python benchmarks/bench_cgm.py [--cases cgm1,cgm4] [--dtypes bf16,fp16] [--sweep | --sweep-all] [--no-record]
+    python benchmarks/bench_cgm.py --sweep-all --cases cgm1 --dtypes bf16 \
+        --configs '{"bwd": [{"num_stages": 1, "evict": true, "bcz": 32}, {"num_stages": 1, "evict": true, "bcz": 32, "max_tw": 64}]}'
 
 Module scope: forward + backward of a whole CGM (GAP, channel MLP, both spatial gates, gating)
 mirroring SPEC.md section 2, with the gate in the Triton kernels ("triton"), or as the plain
@@ -231,7 +233,7 @@ def main(argv=None):
     harness.kernel_bench_main(
         argv, script="bench_cgm.py", doc=__doc__, op="cgm_gate", cases=CASES, dtypes=DTYPES,
         default_cases=",".join(CASES), default_dtypes="bf16,fp16", bench_case=bench_case,
-        sweep=sweep, table_row=table_row,
+        sweep=sweep, configs=SWEEP, table_row=table_row,
         title="CGM module fwd/fwdbwd (ms), kernels alone (ms, % of the measured copy bandwidth "
               "{copy_tbps:.2f} TB/s), {gpu}", copy_note=f" (DESIGN.md: {COPY_TBPS})")
 

@@ -130,7 +130,7 @@ def main(argv=None):
     harness.kernel_bench_main(
         argv, script="bench_dwconv.py", doc=__doc__, op="dwconv_silu", cases=CASES, dtypes=DTYPES,
         default_cases=",".join(CASES), default_dtypes="bf16", bench_case=bench_case,
-        sweep=sweep, table_row=table_row,
+        sweep=sweep, configs=SWEEP, table_row=table_row,
         title="dwconv + SiLU fwd/fwdbwd (ms; *_vs_floor: kernel time over its floor at {copy_tbps:.2f} TB/s), {gpu}")
 
 

@@ -111,7 +111,7 @@ def main(argv=None):
     harness.kernel_bench_main(
         argv, script="bench_layer_norm.py", doc=__doc__, op="layer_norm", cases=CASES, dtypes=DTYPES,
         default_cases="enc1,enc2,enc3,enc4,window1,outer1", default_dtypes="bf16", bench_case=bench_case,
-        sweep=sweep, table_row=harness.bandwidth_row,
+        sweep=sweep, configs=SWEEP, table_row=harness.bandwidth_row,
         title="layer_norm fwd/fwdbwd (ms), kernels alone (ms, % of the measured copy bandwidth "
               "{copy_tbps:.2f} TB/s), {gpu}")
 

@@ -100,7 +100,7 @@ def main(argv=None):
     harness.kernel_bench_main(
         argv, script="bench_norm_gate.py", doc=__doc__, op="norm_gate", cases=CASES, dtypes=DTYPES,
         default_cases="enc1,enc4,dcim_inner1", default_dtypes="bf16", bench_case=bench_case, sweep=sweep,
-        table_row=harness.bandwidth_row,
+        configs=SWEEP, table_row=harness.bandwidth_row,
         title="norm-gate fwd/fwdbwd (ms), kernels alone (ms, % of the measured copy bandwidth "
               "{copy_tbps:.2f} TB/s), {gpu}")
 

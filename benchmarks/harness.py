@@ -272,21 +272,39 @@ def bandwidth_row(r: dict, records: list[dict], copy_tbps: float) -> dict:
 
 def kernel_bench_main(argv, *, script: str, doc: str, op: str, cases: dict, dtypes: dict,
                       default_cases: str, default_dtypes: str, bench_case: Callable, sweep: Callable,
-                      table_row: Callable, title: str, copy_note: str = "") -> None:
+                      table_row: Callable, title: str, copy_note: str = "", configs: dict | None = None) -> None:
     """main() of a kernel benchmark: ``--cases``, ``--dtypes`` (comma-separated keys of ``cases``
     and ``dtypes``), ``--sweep`` (``sweep(first case, first dtype name)`` before the timing),
-    ``--sweep-all`` (``sweep`` of every case and dtype, no timing), ``--no-record``. It needs CUDA and ``op``'s triton backend, measures the copy bandwidth, takes
-    ``bench_case(case, dtype name, copy_tbps, env)``'s records of every case and dtype, prints
-    ``table_row(record, records, copy_tbps)`` for each "triton" record under ``title`` (formatted
-    with copy_tbps and gpu) and appends the records to the results file."""
+    ``--sweep-all`` (``sweep`` of every case and dtype, no timing), ``--configs JSON`` (the launch
+    configurations those sweep, in place of ``configs``, the script's own {kind: [configuration, ...]};
+    its kinds only, so that a sweep of one kernel compiles nothing else), ``--no-record``. It needs
+    CUDA and ``op``'s triton backend, measures the copy bandwidth, takes ``bench_case(case, dtype
+    name, copy_tbps, env)``'s records of every case and dtype, prints ``table_row(record, records,
+    copy_tbps)`` for each "triton" record under ``title`` (formatted with copy_tbps and gpu) and
+    appends the records to the results file."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--cases", default=default_cases)
     ap.add_argument("--dtypes", default=default_dtypes)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-all", action="store_true",
                     help="sweep every case and dtype and stop (per-case data to choose defaults by)")
+    ap.add_argument("--configs", help='launch configurations to sweep, e.g. \'{"bwd": [{}, {"BC": 32}]}\'')
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
+    if args.configs:
+        if not (args.sweep or args.sweep_all):
+            sys.exit(f"{script}: --configs goes with --sweep or --sweep-all")
+        if configs is None:
+            sys.exit(f"{script}: --configs: this benchmark has no launch configurations to sweep")
+        try:
+            chosen = json.loads(args.configs)
+        except json.JSONDecodeError as exc:
+            sys.exit(f"{script}: --configs is not JSON: {exc}")
+        unknown = set(chosen) - set(configs)
+        if unknown or not all(isinstance(v, list) for v in chosen.values()):
+            sys.exit(f"{script}: --configs takes {{kind: [configuration, ...]}} with kinds among {list(configs)}")
+        configs.clear()
+        configs.update(chosen)
     if not torch.cuda.is_available():
         sys.exit(f"{script}: needs a CUDA GPU")
     why = vk.available_backends(op)["triton"]

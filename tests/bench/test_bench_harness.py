@@ -100,3 +100,27 @@ def test_kernel_bench_main_prints_one_row_per_triton_record(monkeypatch, capsys)
     assert [line.split()[1] for line in out[3:]] == ["bf16", "fp16"]
     with pytest.raises(SystemExit, match="unknown cases/dtypes"):
         harness.kernel_bench_main(["--cases", "c"], **args)
+
+
+def test_kernel_bench_main_configs_replace_the_sweep_list(monkeypatch, capsys):
+    class Why:
+        available, reason = True, ""
+    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(harness.vk, "available_backends", lambda op: {"triton": Why()})
+    monkeypatch.setattr(harness, "env_info", lambda: {"gpu": "fake"})
+    monkeypatch.setattr(harness, "copy_tbps", lambda: 3.0)
+    configs = {"fwd": [dict()], "bwd": [dict(), dict(BC=32)]}
+    seen = []
+    args = dict(script="bench_x.py", doc="x benchmark\n", op="x", cases={"a": 1}, dtypes={"bf16": 0},
+                default_cases="a", default_dtypes="bf16", bench_case=lambda *a: [],
+                sweep=lambda case, dtype: seen.append({k: list(v) for k, v in configs.items()}),
+                table_row=harness.bandwidth_row, title="x", configs=configs)
+    harness.kernel_bench_main(["--sweep-all", "--configs", '{"bwd": [{"bcz": 32}, {"evict": true}]}'], **args)
+    assert seen == [{"bwd": [{"bcz": 32}, {"evict": True}]}]     # only the kinds named, in place
+    for bad, why in (('{"bwd": [{}]}', "goes with --sweep"), ('{"bwd": [', "not JSON"),
+                     ('{"other": [{}]}', "kinds among"), ('{"bwd": {}}', "kinds among")):
+        argv = ["--configs", bad] if why == "goes with --sweep" else ["--sweep-all", "--configs", bad]
+        with pytest.raises(SystemExit, match=why):
+            harness.kernel_bench_main(argv, **args)
+    with pytest.raises(SystemExit, match="no launch configurations"):
+        harness.kernel_bench_main(["--sweep", "--configs", "{}"], **dict(args, configs=None))
