@@ -57,12 +57,17 @@ def model_runs(model, ct, pet, grad_out, backends: Iterable[str], capture: Itera
     return runs, captured
 
 
-def activation_errors(model, ct, pet, backends: Iterable[str], names: Iterable[str]) -> dict[str, dict]:
+def activation_errors(model, ct, pet, backends: Iterable[str], names: Iterable[str],
+                      stat: str = "max") -> dict[str, dict]:
     """Forward only (no_grad): for each module in ``names``, in the order the float64 reference ran
     them, {"ref32": max|ref32 - ref64|, backend: max|out - ref64|, ...} of its output (a tuple's
     tensors taken together). Where a fast backend's error grows from one module to the next faster
-    than the float32 reference's, its forward is where a whole-model miss starts. ``model`` (with
-    ``set_backend``) is left in float32."""
+    than the float32 reference's, its forward is where a whole-model miss starts. ``stat="bias"``
+    gives mean(e) / mean|e| of the error e instead, in [-1, 1]: near 0 when the errors have no
+    preferred sign, near +-1 for a systematic offset, which a later mean over many pixels (a pooling)
+    keeps while it averages unbiased errors away. ``model`` (with ``set_backend``) is left in float32."""
+    if stat not in ("max", "bias"):
+        raise ValueError(f"activation_errors: stat must be 'max' or 'bias', not {stat!r}")
     mods = dict(model.named_modules())
     device = next(model.parameters()).device
 
@@ -87,7 +92,13 @@ def activation_errors(model, ct, pet, backends: Iterable[str], names: Iterable[s
     runs = {"ref32": outputs("reference", torch.float32)}
     runs.update({be: outputs(be, torch.float32) for be in backends})
     model.float()
-    return {n: {k: (r[n] - ref64[n]).abs().max().item() for k, r in runs.items()} for n in ref64}
+
+    def measure(e):
+        if stat == "max":
+            return e.abs().max().item()
+        mean_abs = e.abs().mean().item()
+        return e.mean().item() / mean_abs if mean_abs else 0.0
+    return {n: {k: measure(r[n] - ref64[n]) for k, r in runs.items()} for n in ref64}
 
 
 def whole_model_ratios(runs, backend: str) -> dict[str, float]:

@@ -17,8 +17,9 @@ def test_reference_against_itself(capsys):
     assert not torch.are_deterministic_algorithms_enabled()   # the switch is restored
     out = capsys.readouterr().out
     # --activations: the reference backend in float32 repeats the float32 reference's forward exactly
-    forward = re.findall(r"ref32\s+\S+\s+reference\s+\S+ \(\s*([\d.]+)x\)", out)
-    assert forward and all(x == "1.00" for x in forward), forward
+    # (ratio 1.00), with the same sign balance of its errors ([mean(e) / mean|e|])
+    forward = re.findall(r"ref32\s+\S+ \[([+-][\d.]+)\]\s+reference\s+\S+ \(\s*([\d.]+)x\) \[([+-][\d.]+)\]", out)
+    assert forward and all(x == "1.00" and b32 == b for b32, x, b in forward), forward
     out = out.replace(out[out.index("== forward"):out.index("== each module alone")], "")
     assert len(re.findall(r"whole model, run [12], reference: 0 of \d+ break the rule", out)) == 2
     modules = [line for line in out.splitlines() if re.match(r"\s+\S+\s+reference\s+[\d.]+ \(", line)]

@@ -217,3 +217,8 @@ def test_activation_errors_follow_the_forward():
     assert all(e["reference"] == e["ref32"] for e in errs.values())
     assert any(e["ref32"] > 0 for e in errs.values())
     assert next(model.parameters()).dtype == torch.float32
+    bias = activation_errors(model, ct, pet, ["reference"], names, stat="bias")
+    assert list(bias) == list(errs) and all(b["reference"] == b["ref32"] for b in bias.values())
+    assert all(-1 <= b["ref32"] <= 1 for b in bias.values()) and any(b["ref32"] != 0 for b in bias.values())
+    with pytest.raises(ValueError, match="stat must be"):
+        activation_errors(model, ct, pet, ["reference"], names, stat="mean")
