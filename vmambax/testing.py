@@ -57,17 +57,14 @@ def model_runs(model, ct, pet, grad_out, backends: Iterable[str], capture: Itera
     return runs, captured
 
 
-def activation_errors(model, ct, pet, backends: Iterable[str], names: Iterable[str],
-                      stat: str = "max") -> dict[str, dict]:
+def activation_errors(model, ct, pet, backends: Iterable[str], names: Iterable[str]) -> dict[str, dict]:
     """Forward only (no_grad): for each module in ``names``, in the order the float64 reference ran
-    them, {"ref32": max|ref32 - ref64|, backend: max|out - ref64|, ...} of its output (a tuple's
-    tensors taken together). Where a fast backend's error grows from one module to the next faster
-    than the float32 reference's, its forward is where a whole-model miss starts. ``stat="bias"``
-    gives mean(e) / mean|e| of the error e instead, in [-1, 1]: near 0 when the errors have no
-    preferred sign, near +-1 for a systematic offset, which a later mean over many pixels (a pooling)
-    keeps while it averages unbiased errors away. ``model`` (with ``set_backend``) is left in float32."""
-    if stat not in ("max", "bias"):
-        raise ValueError(f"activation_errors: stat must be 'max' or 'bias', not {stat!r}")
+    them, {"ref32": {"max": max|e|, "bias": mean(e) / mean|e|}, backend: {...}, ...} of the error
+    e = out - ref64 of its output (a tuple's tensors taken together). Where a fast backend's max
+    error grows from one module to the next faster than the float32 reference's, its forward is where
+    a whole-model miss starts. The bias, in [-1, 1], is near 0 when the errors have no preferred sign
+    and near +-1 for a systematic offset, which a later mean over many pixels (a pooling) keeps while
+    it averages unbiased errors away. ``model`` (with ``set_backend``) is left in float32."""
     mods = dict(model.named_modules())
     device = next(model.parameters()).device
 
@@ -94,10 +91,8 @@ def activation_errors(model, ct, pet, backends: Iterable[str], names: Iterable[s
     model.float()
 
     def measure(e):
-        if stat == "max":
-            return e.abs().max().item()
         mean_abs = e.abs().mean().item()
-        return e.mean().item() / mean_abs if mean_abs else 0.0
+        return {"max": e.abs().max().item(), "bias": e.mean().item() / mean_abs if mean_abs else 0.0}
     return {n: {k: measure(r[n] - ref64[n]) for k, r in runs.items()} for n in ref64}
 
 
