@@ -79,13 +79,18 @@ def test_bandwidth_row_compares_with_the_torch_record_of_the_same_case_and_dtype
     assert harness.peer(records, records[0], "triton") is records[0]
 
 
-def test_kernel_bench_main_prints_one_row_per_triton_record(monkeypatch, capsys):
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """kernel_bench_main's checks pass as on a GPU with the op's triton backend; 3.0 TB/s copies."""
     class Why:
         available, reason = True, ""
     monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(harness.vk, "available_backends", lambda op: {"triton": Why()})
     monkeypatch.setattr(harness, "env_info", lambda: {"gpu": "fake"})
     monkeypatch.setattr(harness, "copy_tbps", lambda: 3.0)
+
+
+def test_kernel_bench_main_prints_one_row_per_triton_record(fake_gpu, capsys):
     swept = []
     args = dict(script="bench_x.py", doc="x benchmark\n", op="x", cases={"a": 1, "b": 2},
                 dtypes={"bf16": 0, "fp16": 0}, default_cases="a", default_dtypes="bf16,fp16",
@@ -102,13 +107,7 @@ def test_kernel_bench_main_prints_one_row_per_triton_record(monkeypatch, capsys)
         harness.kernel_bench_main(["--cases", "c"], **args)
 
 
-def test_kernel_bench_main_configs_replace_the_sweep_list(monkeypatch, capsys):
-    class Why:
-        available, reason = True, ""
-    monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(harness.vk, "available_backends", lambda op: {"triton": Why()})
-    monkeypatch.setattr(harness, "env_info", lambda: {"gpu": "fake"})
-    monkeypatch.setattr(harness, "copy_tbps", lambda: 3.0)
+def test_kernel_bench_main_configs_replace_the_sweep_list(fake_gpu):
     configs = {"fwd": [dict()], "bwd": [dict(), dict(BC=32)]}
     seen = []
     args = dict(script="bench_x.py", doc="x benchmark\n", op="x", cases={"a": 1}, dtypes={"bf16": 0},
