@@ -280,11 +280,11 @@ def sanitize(cases):
         print(f"sanitize: {name} ok")
 
 
-def profile():
+def profile(provider="cuda"):
     """One warm-up forward, then one forward + backward of enc1 (core, bf16), for Nsight Compute."""
     case = SHAPES["enc1"]
     inputs = core_inputs(case, torch.bfloat16, case.Bt)
-    fn = make_fn("core", "cuda")
+    fn = make_fn("core", provider)
     with torch.no_grad():
         fn(**inputs)
     leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
@@ -306,8 +306,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.sanitize:
         return sanitize(args.cases.split(","))
-    if args.profile:
-        return profile()
+    if args.profile:  # the first of --providers (cuda unless named)
+        return profile(args.providers.split(",")[0])
     if not torch.cuda.is_available():
         raise SystemExit("bench_ss2d: needs a CUDA GPU")
     if args.quick and args.cases == ",".join(SHAPES):
