@@ -49,6 +49,28 @@ def _walk_pos(t, k, H, W, L):
     return tl.where((k % 2) == 1, (tt % H) * W + tt // H, tt)
 
 
+# The sequential kernels step through a walk one position at a time. Dividing by the runtime H at
+# every step (_walk_pos) was a tenth of the sequential backward's instructions and samples (Nsight
+# Compute, enc1 bf16, H200); these two carry the position and the row counter tt % H instead.
+@triton.jit
+def _walk_start(t, k, H, W, L):
+    """(p, r) at step t of walk k: p as _walk_pos gives it, r = tt % H, for _walk_next."""
+    tt = tl.where(k >= 2, L - 1 - t, t)
+    r = tt % H
+    return tl.where((k % 2) == 1, r * W + tt // H, tt), r
+
+
+@triton.jit
+def _walk_next(p, r, k, H, W, DIR: tl.constexpr):
+    """(p, r) at step t + DIR (DIR = 1 or -1) from (p, r) at step t of walk k."""
+    s = tl.where(k >= 2, -DIR, DIR)  # the step of tt
+    r = r + s
+    wrap = (r == H) | (r < 0)  # a transposed walk (odd k) moves to the next or the previous column
+    p_odd = p + s * W + tl.where(wrap, s * (1 - H * W), 0)
+    r = tl.where(r == H, 0, tl.where(r < 0, H - 1, r))
+    return tl.where((k % 2) == 1, p_odd, p + s), r
+
+
 @triton.jit
 def _exp(x, INTERP: tl.constexpr):
     """exp to ~1 ulp: tl.exp is ex2.approx(x * log2 e), whose rounded product puts |x| * 6e-8 of
@@ -300,12 +322,11 @@ def _ss2d_bwd_kernel(
 
 
 @triton.jit
-def _seq_step(t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, C_base,
+def _seq_step(p, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, C_base,
               offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
               LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
               NEED_C: tl.constexpr, INTERP: tl.constexpr):
-    """One step of the walk for a block of channels: (p, u, delta, decay dA, input dBu, C)."""
-    p = _walk_pos(t, k, H, W, L)
+    """One step of the walk at position p for a block of channels: (p, u, delta, decay dA, input dBu, C)."""
     u = tl.load(u_ptr + u_base + offs_d * su_d + p, mask=mask_d, other=0.0).to(tl.float32)
     if LOWRANK:
         # dt is (Bt, 4, L, R): the step's R values are contiguous and shared by the block
@@ -385,13 +406,15 @@ def _ss2d_fwd_seq_kernel(
         h = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
         if PHASE == 0:
             S = tl.zeros([BLOCK_D], dtype=tl.float32)
+            p, rh = _walk_start(t0, k, H, W, L)
             for t in range(t0, t1):
                 p, u, dl, dA, dBu, Cv, _, _, _ = _seq_step(
-                    t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
+                    p, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
                     offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
                     LOWRANK, HAS_BIAS, SOFTPLUS, False, INTERP)
                 h = dA * h + dBu
                 S += dl
+                p, rh = _walk_next(p, rh, k, H, W, 1)
             tl.store(he_ptr + ((bk * n_ck + c) * N + offs_n[None, :]) * Dm + offs_d[:, None], h, mask=mdn)
             tl.store(S_ptr + (bk * n_ck + c) * Dm + offs_d, S, mask=mask_d)
         else:
@@ -400,13 +423,14 @@ def _ss2d_fwd_seq_kernel(
                 he = tl.load(he_ptr + ((bk * n_ck + cp) * N + offs_n[None, :]) * Dm + offs_d[:, None],
                              mask=mdn, other=0.0)
                 h = tl.exp2(A2 * S[:, None]) * h + he
+            p, rh = _walk_start(t0, k, H, W, L)
             for ts in range(t0, t1, TS):
                 if SAVE:
                     tl.store(st_ptr + ((bk * n_st + ts // TS) * N + offs_n[None, :]) * Dm + offs_d[:, None], h,
                              mask=mdn)
                 for t in range(ts, tl.minimum(ts + TS, t1)):
                     p, u, dl, dA, dBu, Cv, _, _, _ = _seq_step(
-                        t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
+                        p, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
                         offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
                         LOWRANK, HAS_BIAS, SOFTPLUS, True, INTERP)
                     h = dA * h + dBu
@@ -414,6 +438,7 @@ def _ss2d_fwd_seq_kernel(
                     if HAS_D:
                         y += Dv * u
                     tl.atomic_add(y_ptr + bb * Dm * L + offs_d * L + p, y.to(tl.float64), mask=mask_d, sem="relaxed")
+                    p, rh = _walk_next(p, rh, k, H, W, 1)
 
 
 @triton.jit(do_not_specialize=["Bt", "Dm", "n_db", "n_ck", "TC", "BPP", "n_st", "one"])
@@ -476,15 +501,16 @@ def _ss2d_bwd_seq_kernel(
             bk = bb * 4 + k
             X = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
             S = tl.zeros([BLOCK_D], dtype=tl.float32)
+            p, rh = _walk_start(t1 - 1, k, H, W, L)
             for j in range(0, t1 - t0):
-                t = t1 - 1 - j
                 p, u, dl, dA, dBu, Cv, x, Bv, dtv = _seq_step(
-                    t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, bb * su_b, bb * sdl_b + k * sdl_k, bk * L * N,
+                    p, u_ptr, dl_ptr, B_ptr, C_ptr, bb * su_b, bb * sdl_b + k * sdl_k, bk * L * N,
                     bk * L * N, offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile,
                     bias, A2, LOWRANK, HAS_BIAS, SOFTPLUS, True, INTERP)
                 gy = tl.load(gy_ptr + bb * sg_b + offs_d * sg_d + p, mask=mask_d, other=0.0).to(tl.float32)
                 X = dA * (X + Cv[None, :] * gy[:, None])
                 S += dl
+                p, rh = _walk_next(p, rh, k, H, W, -1)
             tl.store(ge_ptr + (bk * n_ck + c) * N * Dm + off_dn, X, mask=mdn)
             tl.store(S_ptr + (bk * n_ck + c) * Dm + offs_d, S, mask=mask_d)
     else:
@@ -525,9 +551,10 @@ def _ss2d_bwd_seq_kernel(
                 te = tl.minimum(ts + TS, t1)
                 # replay: h_t, x_t, delta_t of the segment into the scratch; dC_t = sum_d gy_t h_t
                 h = tl.load(st_ptr + (bk * n_st + ts // TS) * N * Dm + off_dn, mask=mdn, other=0.0)
+                p, rh = _walk_start(ts, k, H, W, L)
                 for t in range(ts, te):
                     p, u, dl, dA, dBu, Cv, x, Bv, dtv = _seq_step(
-                        t, k, H, W, L, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
+                        p, u_ptr, dl_ptr, B_ptr, C_ptr, u_base, dl_base, B_base, B_base,
                         offs_d, offs_n, offs_r, mask_d, mask_n, mask_r, N, R, su_d, sdl_c, one, w_tile, bias, A2,
                         LOWRANK, HAS_BIAS, SOFTPLUS, False, INTERP)
                     # a_t h_{t-1} kept as is: h_t - dBu_t cancels (not 0 where h_{t-1} = 0, e.g. L = 1)
@@ -539,11 +566,12 @@ def _ss2d_bwd_seq_kernel(
                     gy = tl.load(gy_ptr + g_base + offs_d * sg_d + p, mask=mask_d, other=0.0).to(tl.float32)
                     tl.atomic_add(dC_ptr + B_base + p * N + offs_n, tl.sum(gy[:, None] * h, axis=0).to(tl.float64),
                                   mask=mask_n, sem="relaxed")
+                    p, rh = _walk_next(p, rh, k, H, W, 1)
                 tl.debug_barrier()
                 seg_dA = tl.zeros([BLOCK_D, NP], dtype=tl.float32)
+                p, rh = _walk_next(p, rh, k, H, W, -1)  # step te - 1, where the reverse walk starts
                 for j in range(0, te - ts):
                     t = te - 1 - j
-                    p = _walk_pos(t, k, H, W, L)
                     u = tl.load(u_ptr + u_base + offs_d * su_d + p, mask=mask_d, other=0.0).to(tl.float32)
                     gy = tl.load(gy_ptr + g_base + offs_d * sg_d + p, mask=mask_d, other=0.0).to(tl.float32)
                     off_n = p * N + offs_n * one
@@ -575,22 +603,27 @@ def _ss2d_bwd_seq_kernel(
                     else:
                         tl.store(ddl_ptr + (bk * Dm + offs_d) * L + p, ddl, mask=mask_d)
                     X = tl.exp2(dl[:, None] * A2) * g
+                    p, rh = _walk_next(p, rh, k, H, W, -1)
                 pA_row = pA_ptr + part * N * Dm + off_dn
                 tl.store(pA_row, tl.load(pA_row, mask=mdn, other=0.0) + seg_dA, mask=mdn)
                 if LOWRANK:
                     # d dt_t[r] = sum_d W[d, r] d delta_t[d] (one atomic per program) and
-                    # dW[d, r] += sum_t d delta_t[d] dt_t[r], one rank at a time: the W column
-                    # and the dW row are the only rank-sized values, never a [BLOCK_D, RP] tile
+                    # dW[d, r] += sum_t d delta_t[d] dt_t[r], one rank at a time over the segment's
+                    # [TS, BLOCK_D] tile of d delta: the W column, the dt column and the dW row are
+                    # the only rank-sized values, never a [BLOCK_D, RP] tile. (Step by step, with a
+                    # scalar dt load and a channel sum per step and rank, this loop was a sixth of the
+                    # backward's stall samples: Nsight Compute, enc1 bf16, H200.)
                     tl.debug_barrier()
                     for r in range(0, R):
                         w_r = tl.load(w_ptr + (k * R + r) * Dm + offs_d, mask=mask_d, other=0.0)
                         dw_r = tl.zeros([BLOCK_D], dtype=tl.float32)
+                        p, rh = _walk_start(ts, k, H, W, L)
                         for j in range(0, te - ts):
-                            p = _walk_pos(ts + j, k, H, W, L)
                             ddl = tl.load(scr_g + j * Dm + offs_d, mask=mask_d, other=0.0)
                             tl.atomic_add(ddl_ptr + (bk * L + p) * R + r, tl.sum(ddl * w_r, axis=0).to(tl.float64),
                                           sem="relaxed")
                             dw_r += ddl * tl.load(dl_ptr + dl_base + p * R + r).to(tl.float32)
+                            p, rh = _walk_next(p, rh, k, H, W, 1)
                         pw_row = pw_ptr + (part * R + r) * Dm + offs_d
                         tl.store(pw_row, tl.load(pw_row, mask=mask_d, other=0.0) + dw_r, mask=mask_d)
                 # the next segment's replay overwrites the scratch this one read
