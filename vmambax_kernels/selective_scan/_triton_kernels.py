@@ -608,11 +608,8 @@ def _ss2d_bwd_seq_kernel(
                 tl.store(pA_row, tl.load(pA_row, mask=mdn, other=0.0) + seg_dA, mask=mdn)
                 if LOWRANK:
                     # d dt_t[r] = sum_d W[d, r] d delta_t[d] (one atomic per program) and
-                    # dW[d, r] += sum_t d delta_t[d] dt_t[r], one rank at a time over the segment's
-                    # [TS, BLOCK_D] tile of d delta: the W column, the dt column and the dW row are
-                    # the only rank-sized values, never a [BLOCK_D, RP] tile. (Step by step, with a
-                    # scalar dt load and a channel sum per step and rank, this loop was a sixth of the
-                    # backward's stall samples: Nsight Compute, enc1 bf16, H200.)
+                    # dW[d, r] += sum_t d delta_t[d] dt_t[r], one rank at a time: the W column
+                    # and the dW row are the only rank-sized values, never a [BLOCK_D, RP] tile
                     tl.debug_barrier()
                     for r in range(0, R):
                         w_r = tl.load(w_ptr + (k * R + r) * Dm + offs_d, mask=mask_d, other=0.0)
