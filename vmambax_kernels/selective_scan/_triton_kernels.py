@@ -608,19 +608,23 @@ def _ss2d_bwd_seq_kernel(
                 tl.store(pA_row, tl.load(pA_row, mask=mdn, other=0.0) + seg_dA, mask=mdn)
                 if LOWRANK:
                     # d dt_t[r] = sum_d W[d, r] d delta_t[d] (one atomic per program) and
-                    # dW[d, r] += sum_t d delta_t[d] dt_t[r], one rank at a time: the W column
-                    # and the dW row are the only rank-sized values, never a [BLOCK_D, RP] tile
+                    # dW[d, r] += sum_t d delta_t[d] dt_t[r], one rank at a time over the segment's
+                    # [TS, BLOCK_D] tile of d delta: the W column, the dt column and the dW row are
+                    # the only rank-sized values, never a [BLOCK_D, RP] tile. (Step by step, with a
+                    # scalar dt load and a channel sum per step and rank, this loop was a sixth of the
+                    # backward's stall samples: Nsight Compute, enc1 bf16, H200.)
                     tl.debug_barrier()
+                    jj = tl.arange(0, TS)
+                    on_j = jj < te - ts
+                    pj = tl.where(on_j, _walk_pos(ts + jj, k, H, W, L), 0)
+                    G = tl.load(scr_g + jj[:, None] * Dm + offs_d[None, :], mask=on_j[:, None] & mask_d[None, :],
+                                other=0.0)                                                 # [TS, BLOCK_D]
                     for r in range(0, R):
                         w_r = tl.load(w_ptr + (k * R + r) * Dm + offs_d, mask=mask_d, other=0.0)
-                        dw_r = tl.zeros([BLOCK_D], dtype=tl.float32)
-                        p, rh = _walk_start(ts, k, H, W, L)
-                        for j in range(0, te - ts):
-                            ddl = tl.load(scr_g + j * Dm + offs_d, mask=mask_d, other=0.0)
-                            tl.atomic_add(ddl_ptr + (bk * L + p) * R + r, tl.sum(ddl * w_r, axis=0).to(tl.float64),
-                                          sem="relaxed")
-                            dw_r += ddl * tl.load(dl_ptr + dl_base + p * R + r).to(tl.float32)
-                            p, rh = _walk_next(p, rh, k, H, W, 1)
+                        tl.atomic_add(ddl_ptr + (bk * L + pj) * R + r, tl.sum(G * w_r[None, :], axis=1).to(tl.float64),
+                                      mask=on_j, sem="relaxed")
+                        dt_r = tl.load(dl_ptr + dl_base + pj * R + r, mask=on_j, other=0.0).to(tl.float32)
+                        dw_r = tl.sum(G * dt_r[:, None], axis=0)
                         pw_row = pw_ptr + (part * R + r) * Dm + offs_d
                         tl.store(pw_row, tl.load(pw_row, mask=mask_d, other=0.0) + dw_r, mask=mask_d)
                 # the next segment's replay overwrites the scratch this one read
