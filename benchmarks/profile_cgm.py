@@ -2,11 +2,15 @@
 backward (torch.profiler), per case, with the bytes each pass must move and the bandwidth the whole
 pass reaches. A diagnostic beside bench_cgm.py (which records the timings); it records nothing.
 
-    python benchmarks/profile_cgm.py [--cases cgm1,cgm4] [--dtypes bf16] [--iters 20]
+    python benchmarks/profile_cgm.py [--cases cgm1,cgm4] [--dtypes bf16] [--iters 20] [--config JSON]
+
+--config sets the gate's launch options for the run, as bench_cgm.py --sweep does for each of its
+configurations (e.g. '{"bwd": {"gemm": true}}' profiles the GEMM-form backward at every width).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -40,7 +44,10 @@ def main(argv=None):
     ap.add_argument("--cases", default="cgm1,cgm2,cgm3,cgm4")
     ap.add_argument("--dtypes", default="bf16")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--config", help="launch options by kernel kind (a CONFIG_OVERRIDE), as JSON")
     a = ap.parse_args(argv)
+    if a.config:
+        cgm_triton.CONFIG_OVERRIDE.update(json.loads(a.config))
     for dtype_name in a.dtypes.split(","):
         dtype = bench_cgm.DTYPES[dtype_name]
         for case in a.cases.split(","):

@@ -103,6 +103,12 @@ _DEFAULTS = dict(BLOCK_D=16, BLOCK_D_BWD=8, T=16, fwd_warps=0, bwd_warps=0, plan
 # scope core, fwd+bwd: seq/tile enc1 23.0/46.0 ms, rect1 20.1/34.7, dcim_inner1 16.1/37.5, dec3
 # 15.4/20.5 (same run). N > 16 stays on tile: seq spills there (NOTES) and was not timed.
 # seq_tc forces the steps per chunk of the sequential kernels (tests: several chunks on tiny planes).
+# bwd_seq_maxnreg 0: the register cap of the sequential backward by NP (_BWD_SEQ_MAXNREG; none for the
+# NP not listed). The one-warp programs are latency-bound (Nsight Compute, enc1 bf16: 2 warps per
+# scheduler at 255 registers), and a cap that buys more resident warps paid despite its spills. H200,
+# scope core bf16 fwd+bwd at d3289f8, one call: enc1 (NP 16) 20.63 ms uncapped, 20.06 at 168, 21.59 at
+# 200, 20.38 at 128; dec3 (NP 4) 13.11 uncapped (254 registers low-rank), 12.60 at 128, 13.12 at 168.
+_BWD_SEQ_MAXNREG = {4: 128, 16: 168}
 # VMAMBAX_TRITON_CONFIG (a JSON dict, e.g. '{"bwd": "seq"}') sets overrides for a whole process, so
 # benchmark scripts that only call the public API can time a variant.
 _CONFIG_OVERRIDE: dict = {}
@@ -330,8 +336,9 @@ def _bwd_seq(kern, cfg, gy, u, dl, w, A, B, C, D, bias, states, softplus):
     meta = dict(BLOCK_D=cfg.SEQ_D, NP=cfg.NP, RP=cfg.RP, TS=cfg.T, LOWRANK=w is not None, HAS_D=D is not None,
                 HAS_BIAS=bias is not None, SOFTPLUS=softplus, INTERP=interpreting(),
                 num_warps=max(1, cfg.SEQ_D // 32))
-    if _opt("bwd_seq_maxnreg"):
-        meta["maxnreg"] = _opt("bwd_seq_maxnreg")
+    maxnreg = _opt("bwd_seq_maxnreg") or _BWD_SEQ_MAXNREG.get(cfg.NP, 0)
+    if maxnreg:
+        meta["maxnreg"] = maxnreg
     if n_ck > 1:   # chunk 0 hands nothing on
         kern._ss2d_bwd_seq_kernel[(n_db * (n_ck - 1), nb, 4)](*args, PHASE=0, **meta)
     kern._ss2d_bwd_seq_kernel[grid](*args, PHASE=1, **meta)
