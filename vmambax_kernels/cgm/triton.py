@@ -669,6 +669,10 @@ VARIANTS: dict = {
     # 16-channel blocks, dW on 32-pixel tiles: dz 64 / 87, dx 86 / 146 (with dp 113 / 160),
     # dW 72-80 / 147-162
     "bwd_gemm_bc16": {"bwd": dict(gemm=dict(BC=16, dw=dict(BP=32)))},
+    # dx's taps product as exact-split tensor-core products (the form's first dx) instead of the
+    # default's 18 fp32 multiply-adds per element (triton_gemm._dx_taps_fma): they made dx the
+    # slowest kernel of the form (H200, cgm1 bf16: dx 0.213 ms, dW 0.107, dz 0.047; profile_cgm.py)
+    "bwd_gemm_dx_dots": {"bwd": dict(gemm=dict(dx_fma=False))},
 }
 # The GEMM form's tiles (config key "gemm": True, or a dict overriding these): BP flattened pixels x
 # BC channels per tl.dot; num_stages for the channel loops' pipelined loads; programs_per_sm sizes
@@ -680,7 +684,8 @@ VARIANTS: dict = {
 # occupancy hides their latency (48-96 registers, several programs per SM).
 _GEMM = {"fwd": dict(BP=128, BC=32, num_warps=4, num_stages=3, fuse_apply=False,
                      apply=dict(BP=128, BC=32, num_warps=4, num_stages=1, programs_per_sm=2)),
-         "bwd": dict(BP=128, BC=32, num_warps=4, num_stages=3, dw=dict(BP=64, BC=64, programs_per_sm=2))}
+         "bwd": dict(BP=128, BC=32, num_warps=4, num_stages=3, dx_fma=True,
+                     dw=dict(BP=64, BC=64, programs_per_sm=2))}
 _SHIFT_BP = 256
 _SMS: dict = {}
 
@@ -901,7 +906,7 @@ def _backward_gemm(ga, gb, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual, d
         ga, gb, dz, s, c_ct, c_pet, w_ct, w_pet, dxa, dxb, dp, C, H, W, n_pt,
         *ga.stride(), *gb.stride(), *dxa.stride(), *dxb.stride(), *c_ct.stride(), *c_pet.stride(),
         *w_ct.stride()[1:], *w_pet.stride()[1:], RESIDUAL=residual, X_EXACT=x_exact, INTERP=interpreting(),
-        HAS_DP=dp is not None, FLAT=_flat(ga, gb, dxa, dxb), **launch)
+        HAS_DP=dp is not None, FLAT=_flat(ga, gb, dxa, dxb), DX_FMA=bool(g["dx_fma"]), **launch)
     # dW: chunks of tpc pixel tiles of one plane x channel blocks, enough programs to fill the GPU
     gw = g["dw"]
     n_cb = -(-C // gw["launch"]["BC"])

@@ -236,24 +236,56 @@ def _cgm_dz_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, dz_ptr
         tl.store(dz_ptr + (b * 2 + MOD) * (H * W) + p, ds * s_m * (1.0 - s_m), mask=mp)
 
 
+def _dx_taps_fma(acc, dz_ptr, b, p, mp, H, W, wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
+                 C, ch, mc, MOD: constexpr):
+    """acc + dzs @ W_MOD^T as 18 broadcast fp32 multiply-adds per element, in (map, dy, dx) order:
+    each tap's shifted dz over the pixel tile (an L1-resident [BP] load) times that tap's weights of
+    channels ch (a [BC] load). No tensor-core split: every product and sum is an fp32 operation."""
+    h = p // W
+    w = p % W
+    for m in tl.static_range(2):
+        if m == MOD:   # w_m's input channel: X_m is the second half of cat([X_other, X_m])
+            row = ch + C
+        else:
+            row = ch
+        if m == 0:
+            wrow = wa_ptr + row * swa_c
+            sh, sw = swa_h, swa_w
+        else:
+            wrow = wb_ptr + row * swb_c
+            sh, sw = swb_h, swb_w
+        plane = dz_ptr + (b * 2 + m) * (H * W)
+        for ky in tl.static_range(3):
+            hs = h - (ky - 1)
+            ok_h = mp & (hs >= 0) & (hs < H)
+            for kx in tl.static_range(3):
+                ws = w - (kx - 1)
+                dzv = tl.load(plane + hs * W + ws, mask=ok_h & (ws >= 0) & (ws < W), other=0.0)
+                wv = tl.load(wrow + ky * sh + kx * sw, mask=mc, other=0.0).to(tl.float32)
+                acc += dzv[:, None] * wv[None, :]
+    return acc
+
+
 def _cgm_dx_kernel(ga_ptr, gb_ptr, dz_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr, dxa_ptr, dxb_ptr, dp_ptr,
                    C, H, W, n_pt,
                    sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
                    sda_b, sda_c, sda_h, sda_w, sdb_b, sdb_c, sdb_h, sdb_w,
                    sca_b, sca_c, scb_b, scb_c, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w,
                    RESIDUAL: constexpr, X_EXACT: constexpr, INTERP: constexpr, HAS_DP: constexpr,
-                   FLAT: constexpr, BP: constexpr, BC: constexpr):
+                   FLAT: constexpr, DX_FMA: constexpr, BP: constexpr, BC: constexpr):
     """Kernel X: dx_m = dy_m gate_m (+ dp, as in .triton's backward) + dzs @ W_m^T for a tile of BP
-    pixels, every channel; dzs (BP, 32) is built once and serves both modalities."""
+    pixels, every channel; dzs (BP, 32) is built once and serves both modalities. DX_FMA: the taps
+    product as fp32 multiply-adds (_dx_taps_fma) instead of the exact-split tensor-core products."""
     pid = tl.program_id(0)
     b = (pid // n_pt).to(tl.int64)
     p = (pid % n_pt) * BP + tl.arange(0, BP)
     mp = p < H * W
-    dzs = _shifted(dz_ptr, b, p, H, W, 2, -1)
-    if X_EXACT:   # 16-bit dx: bfloat16 parts (_mm_half16)
-        dz0, dz1, dz2 = _split_bf16(dzs, INTERP)
-    else:
-        dz0, dz1, dz2 = _split(dzs, False)
+    if not DX_FMA:
+        dzs = _shifted(dz_ptr, b, p, H, W, 2, -1)
+        if X_EXACT:   # 16-bit dx: bfloat16 parts (_mm_half16)
+            dz0, dz1, dz2 = _split_bf16(dzs, INTERP)
+        else:
+            dz0, dz1, dz2 = _split(dzs, False)
     for MOD in tl.static_range(2):
         gbase, gc, goff, dbase, dcs, doff, cbase, cs, s_m = _mod_tile(
             MOD, b, p, mp, H, W, s_ptr, ca_ptr, cb_ptr, sca_b, sca_c, scb_b, scb_c,
@@ -266,8 +298,13 @@ def _cgm_dx_kernel(ga_ptr, gb_ptr, dz_ptr, s_ptr, ca_ptr, cb_ptr, wa_ptr, wb_ptr
             gate = _gate(cbase, cs, ch, mc, s_m, RESIDUAL)
             gy = tl.load(gbase + ch[None, :] * gc + goff[:, None], mask=msk, other=0.0).to(tl.float32)
             dx_gate = _dx_gate(gy, gate, dp_ptr, b, MOD, C, ch, mc, HAS_DP)
-            w = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, True)
-            dx = _dx_mm(dz0, dz1, dz2, w, dx_gate, dxa_ptr, X_EXACT, INTERP)
+            if DX_FMA:
+                dx = _dx_taps_fma(dx_gate, dz_ptr, b, p, mp, H, W, wa_ptr, wb_ptr, swa_c, swa_h, swa_w,
+                                  swb_c, swb_h, swb_w, C, ch, mc, MOD)
+                dx = _round_bf16(dx, dxa_ptr, INTERP)
+            else:
+                w = _wload(wa_ptr, wb_ptr, swa_c, swa_h, swa_w, swb_c, swb_h, swb_w, C, ch, mc, MOD, True)
+                dx = _dx_mm(dz0, dz1, dz2, w, dx_gate, dxa_ptr, X_EXACT, INTERP)
             tl.store(dbase + ch[None, :] * dcs + doff[:, None], dx.to(dxa_ptr.dtype.element_ty), mask=msk)
 
 
@@ -328,7 +365,8 @@ def _cgm_dw_kernel(xa_ptr, xb_ptr, dz_ptr, dw_ptr, C, H, W, n_pt, n_chp, TPC,
 
 _SHARED = ("_split", "_split_bf16", "_dot3", "_mm", "_mm_half16", "_wload", "_taps_loop", "_taps_total",
            "_gate", "_dx_gate", "_dx_mm")   # .triton's, jitted there
-_HELPERS = ("_plane", "_pix", "_shifted", "_tap_chain", "_fused_s", "_mod_tile", "_dw_tile", "_dw_store")
+_HELPERS = ("_plane", "_pix", "_shifted", "_tap_chain", "_fused_s", "_mod_tile", "_dx_taps_fma", "_dw_tile",
+            "_dw_store")
 _KERNELS = ("_cgm_taps_kernel", "_cgm_shift_kernel", "_cgm_shift_apply_kernel", "_cgm_dz_kernel",
             "_cgm_dx_kernel", "_cgm_dw_kernel")
 _built: dict = {}
