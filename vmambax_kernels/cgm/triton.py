@@ -682,6 +682,9 @@ VARIANTS: dict = {
 # programs_per_sm to fill the GPU ("groups" fixes their number). Its channel loop's loads are not
 # software-pipelined at any num_stages (no tl.dot: plain 16-byte loads in the TTGIR, no cp.async);
 # occupancy hides their latency (48-96 registers, several programs per SM).
+# "dx_fma" (backward): dx's taps product as fp32 multiply-adds (triton_gemm._dx_taps_fma), not the
+# exact-split tensor-core products (H200, bf16, profile_cgm.py, one call: the dx kernel at cgm1 0.211
+# -> 0.059 ms, cgm2 0.096 -> 0.033; the form's pass at cgm2, its default width, 0.186 -> 0.123 ms).
 _GEMM = {"fwd": dict(BP=128, BC=32, num_warps=4, num_stages=3, fuse_apply=False,
                      apply=dict(BP=128, BC=32, num_warps=4, num_stages=1, programs_per_sm=2)),
          "bwd": dict(BP=128, BC=32, num_warps=4, num_stages=3, dx_fma=True,
