@@ -14,8 +14,11 @@ if not torch.cuda.is_available():
 
 # Seconds of test time each suite (a folder under tests/) may take on CI's 2-core CPU; the whole
 # run must stay well inside CI's 90 minutes. A suite over budget fails the run with its total.
-SUITE_BUDGET_S = {"ops": 1200, "models": 900, "modules": 300, "data": 300, "metrics": 300,
-                  "engine": 900, "cli": 900}
+# Rebalanced once the kernels' interpreter tests had grown ops to 1069-1148 s of its 1200 (fresh
+# clones, 2026-11-28) while models, engine and cli used 37-70 s of 900 each: the sum of the budgets
+# went from 80 to 70 minutes.
+SUITE_BUDGET_S = {"ops": 1500, "models": 600, "modules": 300, "data": 300, "metrics": 300,
+                  "engine": 600, "cli": 600}
 DEFAULT_BUDGET_S = 300
 _spent = defaultdict(float)
 
