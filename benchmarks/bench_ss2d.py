@@ -3,6 +3,7 @@
     python benchmarks/bench_ss2d.py [--cases enc1,rect1] [--dtypes bf16,fp16] [--scopes core,op]
                                     [--providers cuda,triton,unfused_mamba] [--quick] [--no-record]
     python benchmarks/bench_ss2d.py --sanitize     # cut-down fwd+bwd pass for compute-sanitizer
+    python benchmarks/bench_ss2d.py --profile [--providers triton]   # one enc1 fwd+bwd for Nsight Compute
 
 Scope "core": cross_selective_scan_2d + LayerNorm (x after the depthwise conv and SiLU -> output
 after out_norm), projections included. Scope "op": selective_scan_2d alone, delta/B/C given.
