@@ -240,7 +240,9 @@ def _dx_taps_fma(acc, dz_ptr, b, p, mp, H, W, wa_ptr, wb_ptr, swa_c, swa_h, swa_
                  C, ch, mc, MOD: constexpr):
     """acc + dzs @ W_MOD^T as 18 broadcast fp32 multiply-adds per element, in (map, dy, dx) order:
     each tap's shifted dz over the pixel tile (an L1-resident [BP] load) times that tap's weights of
-    channels ch (a [BC] load). No tensor-core split: every product and sum is an fp32 operation."""
+    channels ch (a [BC] load). No tensor-core split: every product and sum is an fp32 operation.
+    The dz loads repeat per channel block and modality: 18 vectors cannot be hoisted into a Triton
+    list, and the [BP] loads cost little against the block's 18 x BP x BC multiply-adds."""
     h = p // W
     w = p % W
     for m in tl.static_range(2):
