@@ -673,6 +673,8 @@ VARIANTS: dict = {
     # default's 18 fp32 multiply-adds per element (triton_gemm._dx_taps_fma): they made dx the
     # slowest kernel of the form (H200, cgm1 bf16: dx 0.213 ms, dW 0.107, dz 0.047; profile_cgm.py)
     "bwd_gemm_dx_dots": {"bwd": dict(gemm=dict(dx_fma=False))},
+    # dW on 32-channel tiles (the 16-bit default at cgm1 and cgm3; _BY_WIDTH_16BIT)
+    "bwd_gemm_dw_bc32": {"bwd": dict(gemm=dict(dw=dict(BC=32)))},
 }
 # The GEMM form's tiles (config key "gemm": True, or a dict overriding these): BP flattened pixels x
 # BC channels per tl.dot; num_stages for the channel loops' pipelined loads; programs_per_sm sizes
@@ -713,9 +715,12 @@ def _pow2(x: int) -> int:
 # row-iteration (~44 MB of traffic) later, missing L2 (21 % hit rate; 316 MB from DRAM for 151 that
 # must move). cgm1 0.336 -> 0.271 ms (without the hints 0.281, bcz 16 0.295), cgm3 0.205 -> 0.146,
 # cgm4 0.167 -> 0.138, and with bcz 64 0.123.
-_BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16, fuse_apply=True)), "bwd": dict(num_stages=1, evict=True, bcz=32)}),
+# GEMM backward with 32-channel dW tiles (H200, bf16, bench_cgm.py --sweep-all, one call at 72ff913,
+# the GEMM form's dx as fp32 multiply-adds): cgm1 0.181 ms against 0.255 for the streaming kernel
+# above and 0.240 for the GEMM form's 64-channel dW tiles; cgm3 0.127 against 0.153 and 0.150.
+_BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16, fuse_apply=True)), "bwd": dict(gemm=dict(dw=dict(BC=32)))}),
                    (64, {"fwd": dict(gemm=dict(BC=32)), "bwd": dict(gemm=True)}),
-                   (32, {"fwd": dict(gemm=dict(BC=64)), "bwd": dict(evict=True, bcz=32)}),
+                   (32, {"fwd": dict(gemm=dict(BC=64)), "bwd": dict(gemm=dict(dw=dict(BC=32)))}),
                    (0, {"fwd": dict(BC=32, num_warps=8), "bwd": dict(BC=32, evict=True, bcz=64)}))
 
 
