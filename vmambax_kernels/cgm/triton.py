@@ -675,6 +675,8 @@ VARIANTS: dict = {
     "bwd_gemm_dx_dots": {"bwd": dict(gemm=dict(dx_fma=False))},
     # dW on 32-channel tiles (the 16-bit default at cgm1 and cgm3; _BY_WIDTH_16BIT)
     "bwd_gemm_dw_bc32": {"bwd": dict(gemm=dict(dw=dict(BC=32)))},
+    # dW on 16-channel tiles
+    "bwd_gemm_dw_bc16": {"bwd": dict(gemm=dict(dw=dict(BC=16)))},
 }
 # The GEMM form's tiles (config key "gemm": True, or a dict overriding these): BP flattened pixels x
 # BC channels per tl.dot; num_stages for the channel loops' pipelined loads; programs_per_sm sizes

@@ -109,6 +109,12 @@ _DEFAULTS = dict(BLOCK_D=16, BLOCK_D_BWD=8, T=16, fwd_warps=0, bwd_warps=0, plan
 # scope core bf16 fwd+bwd at d3289f8, one call: enc1 (NP 16) 20.63 ms uncapped, 20.06 at 168, 21.59 at
 # 200, 20.38 at 128; dec3 (NP 4) 13.11 uncapped (254 registers low-rank), 12.60 at 128, 13.12 at 168.
 _BWD_SEQ_MAXNREG = {4: 128, 16: 168}
+# Steps per segment (T) of the sequential kernels by NP, where the forward and the backward are both
+# sequential and no override names T: the backward replays and walks back one T-step segment at a
+# time, so longer segments mean fewer segment ends (the d dt / dW tile, dA's read-modify-write, three
+# barriers). H200, scope core bf16 fwd+bwd at b7de983, one call: dec3 (NP 4) 12.62 ms at T 16, 11.85
+# at 32, 11.98 at 8; enc1 (NP 16) 20.11 at 16, 20.08 at 32, 20.71 at 8, so NP 16 keeps 16.
+_SEQ_T = {4: 32}
 # VMAMBAX_TRITON_CONFIG (a JSON dict, e.g. '{"bwd": "seq"}') sets overrides for a whole process, so
 # benchmark scripts that only call the public API can time a variant.
 _CONFIG_OVERRIDE: dict = {}
@@ -125,6 +131,8 @@ def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
     NP = max(2, _pow2(N))
     RP = max(2, _pow2(R))
     T = _opt("T")
+    if "T" not in _CONFIG_OVERRIDE and _opt("fwd") == "seq" and _wants_seq_bwd(NP):
+        T = _SEQ_T.get(NP, T)
     # the same tile size whatever N: wider channel blocks for small states, narrower for large
     bd = max(8, min(_opt("BLOCK_D") * 16 // NP, 64, _pow2(Dm)))
     bdb = max(8, min(_opt("BLOCK_D_BWD") * 16 // NP, 64, _pow2(Dm)))
