@@ -673,9 +673,9 @@ VARIANTS: dict = {
     # default's 18 fp32 multiply-adds per element (triton_gemm._dx_taps_fma): they made dx the
     # slowest kernel of the form (H200, cgm1 bf16: dx 0.213 ms, dW 0.107, dz 0.047; profile_cgm.py)
     "bwd_gemm_dx_dots": {"bwd": dict(gemm=dict(dx_fma=False))},
-    # dW on 32-channel tiles (the 16-bit default at cgm1 and cgm3; _BY_WIDTH_16BIT)
+    # dW on 32-channel tiles (the 16-bit default at cgm1's and cgm3's widths; _BY_WIDTH_16BIT)
     "bwd_gemm_dw_bc32": {"bwd": dict(gemm=dict(dw=dict(BC=32)))},
-    # dW on 16-channel tiles
+    # dW on 16-channel tiles (the 16-bit default at cgm2's width)
     "bwd_gemm_dw_bc16": {"bwd": dict(gemm=dict(dw=dict(BC=16)))},
 }
 # The GEMM form's tiles (config key "gemm": True, or a dict overriding these): BP flattened pixels x
@@ -720,8 +720,11 @@ def _pow2(x: int) -> int:
 # GEMM backward with 32-channel dW tiles (H200, bf16, bench_cgm.py --sweep-all, one call at 72ff913,
 # the GEMM form's dx as fp32 multiply-adds): cgm1 0.181 ms against 0.255 for the streaming kernel
 # above and 0.240 for the GEMM form's 64-channel dW tiles; cgm3 0.127 against 0.153 and 0.150.
+# 16-channel dW tiles (later calls, H200): cgm2 bf16 0.116 ms against 0.119 at 32 and 0.133 at 64
+# (cgm4 stays on the streaming kernel: 0.121 against 0.190); cgm1 bf16 0.185 against 0.181 at 32,
+# cgm3 0.127 against 0.129 (fp16: 0.199 / 0.204, 0.128 / 0.134), so cgm1 and cgm3 keep 32.
 _BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16, fuse_apply=True)), "bwd": dict(gemm=dict(dw=dict(BC=32)))}),
-                   (64, {"fwd": dict(gemm=dict(BC=32)), "bwd": dict(gemm=True)}),
+                   (64, {"fwd": dict(gemm=dict(BC=32)), "bwd": dict(gemm=dict(dw=dict(BC=16)))}),
                    (32, {"fwd": dict(gemm=dict(BC=64)), "bwd": dict(gemm=dict(dw=dict(BC=32)))}),
                    (0, {"fwd": dict(BC=32, num_warps=8), "bwd": dict(BC=32, evict=True, bcz=64)}))
 
