@@ -165,6 +165,9 @@ def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
     # seq_warps below seq_d / 32 gives each thread several channels (Triton's layout wraps the channel
     # axis over the lanes): the sums over channels then start in registers, and per-step work that
     # does not depend on the channel (B / C loads, walk position, loop control) is shared by more.
+    # It did not pay (H200, scope core bf16 at 1db9a5e, one call, fwd / fwd+bwd ms): seq_d 64 on one
+    # warp enc1 4.60 / 30.02 at the backward's 168-register cap, 4.59 / 20.82 uncapped, against 4.59
+    # / 20.29 by default; dec3 4.59 / 14.31 and 4.66 / 12.02 against 4.00 / 11.95.
     sw = _opt("seq_warps") or max(1, sd // 32)
     return _Config(bd, bdb, T, NP, RP, bpp, fw, bw, _opt("fwd") == "seq", sd, TC, sbpp, sw, _wants_seq_bwd(NP))
 
