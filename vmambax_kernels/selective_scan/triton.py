@@ -84,7 +84,6 @@ class _Config(NamedTuple):
     SEQ_D: int          # channels per program of the sequential forward (32 per warp)
     TC: int             # steps per chunk of the sequential forward (a multiple of T)
     SEQ_BPP: int        # planes per program of the sequential forward (and backward)
-    SEQ_WARPS: int      # warps per program of the sequential kernels (SEQ_D / 32 unless seq_warps says)
     bwd_seq: bool       # backward: one thread per channel (_ss2d_bwd_seq_kernel; else the tile backward)
 
 
@@ -99,7 +98,7 @@ def _pow2(x: int) -> int:
 # _CONFIG_OVERRIDE replaces entries for that sweep.
 _DEFAULTS = dict(BLOCK_D=16, BLOCK_D_BWD=8, T=16, fwd_warps=0, bwd_warps=0, planes_positions=256,
                  fwd="seq", seq_d=32, seq_programs=8192, seq_planes_positions=512, seq_maxnreg=0,
-                 bwd="auto", seq_tc=0, bwd_seq_maxnreg=0, seq_warps=0)
+                 bwd="auto", seq_tc=0, bwd_seq_maxnreg=0)
 # bwd: "seq" (sequential backward), "tile" (chunked tiles), "auto" = seq for N <= 16. H100 bf16,
 # scope core, fwd+bwd: seq/tile enc1 23.0/46.0 ms, rect1 20.1/34.7, dcim_inner1 16.1/37.5, dec3
 # 15.4/20.5 (same run). N > 16 stays on tile: seq spills there (NOTES) and was not timed.
@@ -162,14 +161,7 @@ def config(Bt: int, Dm: int, L: int, N: int, R: int) -> _Config:
     TC = -(-(-(-L // n_ck)) // T) * T
     if _opt("seq_tc"):
         TC = -(-_opt("seq_tc") // T) * T
-    # seq_warps below seq_d / 32 gives each thread several channels (Triton's layout wraps the channel
-    # axis over the lanes): the sums over channels then start in registers, and per-step work that
-    # does not depend on the channel (B / C loads, walk position, loop control) is shared by more.
-    # It did not pay (H200, scope core bf16 at 1db9a5e, one call, fwd / fwd+bwd ms): seq_d 64 on one
-    # warp enc1 4.60 / 30.02 at the backward's 168-register cap, 4.59 / 20.82 uncapped, against 4.59
-    # / 20.29 by default; dec3 4.59 / 14.31 and 4.66 / 12.02 against 4.00 / 11.95.
-    sw = _opt("seq_warps") or max(1, sd // 32)
-    return _Config(bd, bdb, T, NP, RP, bpp, fw, bw, _opt("fwd") == "seq", sd, TC, sbpp, sw, _wants_seq_bwd(NP))
+    return _Config(bd, bdb, T, NP, RP, bpp, fw, bw, _opt("fwd") == "seq", sd, TC, sbpp, _wants_seq_bwd(NP))
 
 
 def _wants_seq_bwd(NP: int) -> bool:
@@ -258,7 +250,7 @@ def _fwd_seq(kern, cfg, u, dl, w, A, B, C, D, bias, softplus, y, states, save):
             u.stride(0), u.stride(1), dl.stride(0), dl.stride(1), dl.stride(2), 1]
     meta = dict(BLOCK_D=cfg.SEQ_D, NP=cfg.NP, RP=cfg.RP, TS=cfg.T, LOWRANK=w is not None, HAS_D=D is not None,
                 HAS_BIAS=bias is not None, SOFTPLUS=softplus, SAVE=save, INTERP=interpreting(),
-                num_warps=cfg.SEQ_WARPS)
+                num_warps=max(1, cfg.SEQ_D // 32))
     if _opt("seq_maxnreg"):
         meta["maxnreg"] = _opt("seq_maxnreg")
     nb = -(-Bt // cfg.SEQ_BPP)
@@ -351,7 +343,7 @@ def _bwd_seq(kern, cfg, gy, u, dl, w, A, B, C, D, bias, states, softplus):
             u.stride(0), u.stride(1), dlq.stride(0), dlq.stride(1), dlq.stride(2), gy.stride(0), gy.stride(1), 1]
     meta = dict(BLOCK_D=cfg.SEQ_D, NP=cfg.NP, RP=cfg.RP, TS=cfg.T, LOWRANK=w is not None, HAS_D=D is not None,
                 HAS_BIAS=bias is not None, SOFTPLUS=softplus, INTERP=interpreting(),
-                num_warps=cfg.SEQ_WARPS)
+                num_warps=max(1, cfg.SEQ_D // 32))
     maxnreg = _opt("bwd_seq_maxnreg") or _BWD_SEQ_MAXNREG.get(cfg.NP, 0)
     if maxnreg:
         meta["maxnreg"] = maxnreg
