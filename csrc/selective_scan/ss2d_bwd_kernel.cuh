@@ -277,44 +277,11 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DP
   }
 }
 
-// Pass 2: Q <- X, the reverse carry entering each chunk's last step (walk order, last chunk first),
-// with the loads of kCarryBatch chunks issued before any store. Reading Q[c] and S[c] after storing
-// X into Q[c + 1] costs one dependent global round trip per chunk, since the compiler cannot move a
-// load above a store it cannot prove disjoint (nc = 256 at enc1: 256 round trips per thread;
-// 19.4 ms per training step in these launches). Same operations in the same order as that loop.
+// Pass 2: Q <- X, the reverse carry entering each chunk's last step (walk order, last chunk first;
+// carry_pass).
 template <typename T>
 __global__ void __launch_bounds__(256) ss2d_bwd_carry_kernel(const SS2DParams p) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= int64_t(p.Bt) * 4 * p.Dm * p.N) return;
-  const int d = int(idx % p.Dm);
-  const int n = int((idx / p.Dm) % p.N);
-  const int k = int((idx / (int64_t(p.Dm) * p.N)) % 4);
-  const int b = int(idx / (int64_t(p.Dm) * p.N * 4));
-  const float A2 = p.A[(k * p.Dm + d) * p.N + n] * kLog2e;
-  const int nc = p.nc;
-  // Chunk c of this walk: Q at q0[c * es], S at s0[c * Dm] (chunk_row is linear in c).
-  const int64_t row0 = chunk_row(p, b, k, 0), es = int64_t(p.N) * p.Dm;
-  float *q0 = p.cQ + (row0 * p.N + n) * p.Dm + d;
-  const float *s0 = p.cS + row0 * p.Dm + d;
-  float x = 0.f;
-  // j counts down from nc - 1 (chunk c in walk order); Q and S are read except at j == 0 (the walk's
-  // first chunk: its Q was not computed), where only X is stored.
-  for (int i0 = 0; i0 < nc; i0 += kCarryBatch) {
-    float qv[kCarryBatch], sv[kCarryBatch];
-#pragma unroll
-    for (int i = 0; i < kCarryBatch; ++i) {
-      const int j = nc - 1 - (i0 + i), c = k < 2 ? j : nc - 1 - j;
-      const bool on = j > 0;
-      qv[i] = on ? q0[c * es] : 0.f;
-      sv[i] = on ? s0[int64_t(c) * p.Dm] : 0.f;
-    }
-#pragma unroll
-    for (int i = 0; i < kCarryBatch; ++i) {
-      const int j = nc - 1 - (i0 + i), c = k < 2 ? j : nc - 1 - j;
-      if (j >= 0) q0[c * es] = x;
-      x = fmaf(exp2f(A2 * sv[i]), x, qv[i]);
-    }
-  }
+  carry_pass<false>(p, p.cQ);
 }
 
 // Sum over the 32 lanes of a warp of each of 32 values, lane l getting row l's sum (a reduce-scatter

@@ -113,4 +113,48 @@ __device__ __forceinline__ int64_t chunk_row(const SS2DParams &p, int b, int k, 
   return (int64_t(b) * 4 + k) * p.nc + c;
 }
 
+// The carry passes (ss2d_fwd_carry_kernel, ss2d_bwd_carry_kernel): one thread per (b, k, n, d) takes
+// its walk's chunks in order, FWD from the walk's first chunk (buf = cE: e[c] <- the state entering
+// chunk c), else from its last (buf = cQ: Q[c] <- the reverse carry entering chunk c's last step),
+// x <- exp2(A2 * S_c) * x + buf[c], with the loads of kCarryBatch chunks issued before any store.
+// Reading buf[c] and S[c] after storing into the neighbouring chunk costs one dependent global round
+// trip per chunk, since the compiler cannot move a load above a store it cannot prove disjoint
+// (nc = 256 at enc1: 256 round trips per thread; ~19 ms per training step in each pass's launches).
+// Each thread has 2 * kCarryBatch independent loads in flight, then a batch of register-only steps;
+// the operations and their order are those of the one-chunk-at-a-time loop (bitwise the same).
+template <bool FWD>
+__device__ __forceinline__ void carry_pass(const SS2DParams &p, float *buf) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= int64_t(p.Bt) * 4 * p.Dm * p.N) return;
+  const int d = int(idx % p.Dm);
+  const int n = int((idx / p.Dm) % p.N);
+  const int k = int((idx / (int64_t(p.Dm) * p.N)) % 4);
+  const int b = int(idx / (int64_t(p.Dm) * p.N * 4));
+  const float A2 = p.A[(k * p.Dm + d) * p.N + n] * kLog2e;
+  const int nc = p.nc;
+  // Chunk c of this walk: buf at e0[c * es], S at s0[c * Dm] (chunk_row is linear in c).
+  const int64_t row0 = chunk_row(p, b, k, 0), es = int64_t(p.N) * p.Dm;
+  float *e0 = buf + (row0 * p.N + n) * p.Dm + d;
+  const float *s0 = p.cS + row0 * p.Dm + d;
+  float x = 0.f;
+  // Walk step j0 + i is chunk c. FWD: j counts up, and the walk's last chunk has no e, S; else j
+  // counts down from nc - 1, and the walk's first chunk (j == 0) has no Q (only x is stored there).
+  for (int j0 = 0; j0 < nc; j0 += kCarryBatch) {
+    float ev[kCarryBatch], sv[kCarryBatch];
+#pragma unroll
+    for (int i = 0; i < kCarryBatch; ++i) {
+      const int j = FWD ? j0 + i : nc - 1 - (j0 + i), c = k < 2 ? j : nc - 1 - j;
+      const bool on = FWD ? j < nc - 1 : j > 0;
+      ev[i] = on ? e0[c * es] : 0.f;
+      sv[i] = on ? s0[int64_t(c) * p.Dm] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kCarryBatch; ++i) {
+      const int j = FWD ? j0 + i : nc - 1 - (j0 + i), c = k < 2 ? j : nc - 1 - j;
+      if (FWD ? j < nc : j >= 0) e0[c * es] = x;
+      x = fmaf(exp2f(A2 * sv[i]), x, ev[i]);
+    }
+  }
+}
+
 }  // namespace vmambax

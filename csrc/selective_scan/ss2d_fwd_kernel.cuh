@@ -190,44 +190,11 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_chunk_kernel(const SS2DP
 }
 
 // Pass 2: e[c] <- the state entering chunk c of its walk (k < 2: chunks ascending, else descending),
-// h <- exp2(A2 * S_c) * h + e_c, with the loads of kCarryBatch chunks issued before any store. Reading
-// e[c] and S[c] after storing e[c - 1] costs one dependent global round trip per chunk, since the
-// compiler cannot move a load above a store it cannot prove disjoint (nc = 256 at enc1: 256 round
-// trips per thread; 18.6 ms per training step in the forward carry launches). Here each thread has
-// 2 * kCarryBatch independent loads in flight, then a batch of register-only steps; the operations
-// and their order are those of the one-chunk-at-a-time loop (bitwise the same states).
-// Templated on the input type only so that each translation unit has its own symbol.
+// h <- exp2(A2 * S_c) * h + e_c (carry_pass). Templated on the input type only so that each
+// translation unit has its own symbol.
 template <typename T>
 __global__ void __launch_bounds__(256) ss2d_fwd_carry_kernel(const SS2DParams p) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= int64_t(p.Bt) * 4 * p.Dm * p.N) return;
-  const int d = int(idx % p.Dm);
-  const int n = int((idx / p.Dm) % p.N);
-  const int k = int((idx / (int64_t(p.Dm) * p.N)) % 4);
-  const int b = int(idx / (int64_t(p.Dm) * p.N * 4));
-  const float A2 = p.A[(k * p.Dm + d) * p.N + n] * kLog2e;
-  const int nc = p.nc;
-  // Chunk c of this walk: e at e0[c * es], S at s0[c * Dm] (chunk_row is linear in c).
-  const int64_t row0 = chunk_row(p, b, k, 0), es = int64_t(p.N) * p.Dm;
-  float *e0 = p.cE + (row0 * p.N + n) * p.Dm + d;
-  const float *s0 = p.cS + row0 * p.Dm + d;
-  float h = 0.f;
-  for (int j0 = 0; j0 < nc; j0 += kCarryBatch) {
-    float ev[kCarryBatch], sv[kCarryBatch];
-#pragma unroll
-    for (int i = 0; i < kCarryBatch; ++i) {  // walk step j = j0 + i is chunk c; the last has no e, S
-      const int j = j0 + i, c = k < 2 ? j : nc - 1 - j;
-      const bool on = j < nc - 1;
-      ev[i] = on ? e0[c * es] : 0.f;
-      sv[i] = on ? s0[int64_t(c) * p.Dm] : 0.f;
-    }
-#pragma unroll
-    for (int i = 0; i < kCarryBatch; ++i) {
-      const int j = j0 + i, c = k < 2 ? j : nc - 1 - j;
-      if (j < nc) e0[c * es] = h;
-      h = fmaf(exp2f(A2 * sv[i]), h, ev[i]);
-    }
-  }
+  carry_pass<true>(p, p.cE);
 }
 
 // Pass 3: replay each chunk from its entering state; the pair's y into acc (row side, original planes)
