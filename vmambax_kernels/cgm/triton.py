@@ -677,6 +677,9 @@ VARIANTS: dict = {
     "bwd_gemm_dw_bc32": {"bwd": dict(gemm=dict(dw=dict(BC=32)))},
     # dW on 16-channel tiles (the 16-bit default at cgm2's width)
     "bwd_gemm_dw_bc16": {"bwd": dict(gemm=dict(dw=dict(BC=16)))},
+    # the cgm1 default with the dz kernel's channel sums kept per lane (triton_gemm._cgm_dz_kernel
+    # LANES), on 64-channel blocks; not yet timed
+    "bwd_gemm_dz_lanes": {"bwd": dict(gemm=dict(dw=dict(BC=32), dz=dict(BC=64, lanes=True)))},
 }
 # The GEMM form's tiles (config key "gemm": True, or a dict overriding these): BP flattened pixels x
 # BC channels per tl.dot; num_stages for the channel loops' pipelined loads; programs_per_sm sizes
@@ -842,12 +845,17 @@ def _backward_launch(g_ct, g_pet, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, resi
 
 def _gemm_config(kind, o, C, H, W):
     """The GEMM form's launch parameters: _GEMM[kind], overridden by config key "gemm" when it is a
-    dict; the backward's "dw" (the dW kernel's) takes num_warps and num_stages from the others'."""
+    dict; the backward's "dw" (the dW kernel's) takes num_warps and num_stages from the others',
+    its "dz" (the dz kernel's tiles and "lanes") all four of BP, BC, num_warps, num_stages."""
     user = o["gemm"] if isinstance(o["gemm"], dict) else {}
     g = {**_GEMM[kind], **user}
     if kind == "bwd":
         g["dw"] = _gemm_tiles({"num_warps": g["num_warps"], "num_stages": g["num_stages"],
                                **_GEMM["bwd"]["dw"], **user.get("dw", {})}, C, H, W)
+        dz = {"BP": g["BP"], "BC": g["BC"], "num_warps": g["num_warps"], "num_stages": g["num_stages"],
+              "lanes": False, **user.get("dz", {})}
+        g["dz"] = _gemm_tiles(dz, C, H, W)
+        g["dz"]["launch"]["LANES"] = bool(dz["lanes"])
     elif g["fuse_apply"]:
         g["apply"] = _gemm_tiles({**_GEMM["fwd"]["apply"], **user.get("apply", {})}, C, H, W)
     return _gemm_tiles(g, C, H, W)
@@ -910,11 +918,12 @@ def _backward_gemm(ga, gb, x_ct, x_pet, c_ct, c_pet, w_ct, w_pet, s, residual, d
     n_pt, launch, x_exact = g["n_pt"], g["launch"], x_ct.dtype != torch.float32
     dxa, dxb = torch.empty_like(x_ct), torch.empty_like(x_pet)
     dz = torch.empty((Bt, 2, H, W), dtype=torch.float32, device=dev)
-    dc = None if dp is not None else torch.empty((Bt * n_pt, 2, C), dtype=torch.float32, device=dev)
-    kg["_cgm_dz_kernel"][(Bt * n_pt,)](
-        ga, gb, x_ct, x_pet, s, c_ct, c_pet, dz, dc, C, H, W, n_pt,
+    gz = g["dz"]   # the dz kernel's own tiles (config "dz"; by default the dx kernel's)
+    dc = None if dp is not None else torch.empty((Bt * gz["n_pt"], 2, C), dtype=torch.float32, device=dev)
+    kg["_cgm_dz_kernel"][(Bt * gz["n_pt"],)](
+        ga, gb, x_ct, x_pet, s, c_ct, c_pet, dz, dc, C, H, W, gz["n_pt"],
         *ga.stride(), *gb.stride(), *x_ct.stride(), *x_pet.stride(), *c_ct.stride(), *c_pet.stride(),
-        HAS_DC=dp is None, FLAT=_flat(ga, gb, x_ct, x_pet), **launch)
+        HAS_DC=dp is None, FLAT=_flat(ga, gb, x_ct, x_pet), **gz["launch"])
     kg["_cgm_dx_kernel"][(Bt * n_pt,)](
         ga, gb, dz, s, c_ct, c_pet, w_ct, w_pet, dxa, dxb, dp, C, H, W, n_pt,
         *ga.stride(), *gb.stride(), *dxa.stride(), *dxb.stride(), *c_ct.stride(), *c_pet.stride(),

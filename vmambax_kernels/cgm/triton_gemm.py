@@ -209,9 +209,11 @@ def _cgm_dz_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, dz_ptr
                    sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
                    sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w,
                    sca_b, sca_c, scb_b, scb_c,
-                   HAS_DC: constexpr, FLAT: constexpr, BP: constexpr, BC: constexpr):
+                   HAS_DC: constexpr, FLAT: constexpr, BP: constexpr, BC: constexpr, LANES: constexpr = False):
     """Kernel G: dz_m[p] = s (1 - s) sum_c c_m dy_m x_m into dz (Bt, 2, H, W) fp32; with HAS_DC,
-    this program's dc partial sums dc[pid, m, c] = sum over its pixels of dy_m x_m s_m."""
+    this program's dc partial sums dc[pid, m, c] = sum over its pixels of dy_m x_m s_m. LANES
+    (config "dz": {"lanes": True}): the channel sum kept per (pixel, lane) over the channel blocks
+    and reduced across the lanes once, instead of a cross-lane reduction per block."""
     pid = tl.program_id(0)
     b = (pid // n_pt).to(tl.int64)
     p = (pid % n_pt) * BP + tl.arange(0, BP)
@@ -222,6 +224,7 @@ def _cgm_dz_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, dz_ptr
             ga_ptr, gb_ptr, sga_b, sga_c, sga_h, sga_w, sgb_b, sgb_c, sgb_h, sgb_w,
             xa_ptr, xb_ptr, sxa_b, sxa_c, sxa_h, sxa_w, sxb_b, sxb_c, sxb_h, sxb_w, FLAT)
         ds = tl.zeros((BP,), dtype=tl.float32)
+        dl = tl.zeros((BP, BC), dtype=tl.float32)
         for c0 in range(0, C, BC):
             ch = c0 + tl.arange(0, BC)
             mc = ch < C
@@ -229,10 +232,15 @@ def _cgm_dz_kernel(ga_ptr, gb_ptr, xa_ptr, xb_ptr, s_ptr, ca_ptr, cb_ptr, dz_ptr
             cc = tl.load(cbase + ch * cs, mask=mc, other=0.0).to(tl.float32)
             x = tl.load(xbase + ch[None, :] * xc + xoff[:, None], mask=msk, other=0.0).to(tl.float32)
             gy = tl.load(gbase + ch[None, :] * gc + goff[:, None], mask=msk, other=0.0).to(tl.float32)
-            ds += tl.sum(gy * x * cc[None, :], axis=1)
+            if LANES:
+                dl += gy * x * cc[None, :]
+            else:
+                ds += tl.sum(gy * x * cc[None, :], axis=1)
             if HAS_DC:
                 tl.store(dc_ptr + (pid.to(tl.int64) * 2 + MOD) * C + ch, tl.sum(gy * x * s_m[:, None], axis=0),
                          mask=mc)
+        if LANES:
+            ds = tl.sum(dl, axis=1)
         tl.store(dz_ptr + (b * 2 + MOD) * (H * W) + p, ds * s_m * (1.0 - s_m), mask=mp)
 
 
