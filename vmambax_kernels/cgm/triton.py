@@ -677,8 +677,8 @@ VARIANTS: dict = {
     "bwd_gemm_dw_bc32": {"bwd": dict(gemm=dict(dw=dict(BC=32)))},
     # dW on 16-channel tiles (the 16-bit default at cgm2's width)
     "bwd_gemm_dw_bc16": {"bwd": dict(gemm=dict(dw=dict(BC=16)))},
-    # the cgm1 default with the dz kernel's channel sums kept per lane (triton_gemm._cgm_dz_kernel
-    # LANES), on 64-channel blocks; not yet timed
+    # dW BC 32 with the dz kernel's channel sums kept per lane (triton_gemm._cgm_dz_kernel LANES)
+    # on 64-channel blocks (the 16-bit default at cgm3's width; cgm1's takes 32-channel blocks)
     "bwd_gemm_dz_lanes": {"bwd": dict(gemm=dict(dw=dict(BC=32), dz=dict(BC=64, lanes=True)))},
 }
 # The GEMM form's tiles (config key "gemm": True, or a dict overriding these): BP flattened pixels x
@@ -726,9 +726,13 @@ def _pow2(x: int) -> int:
 # 16-channel dW tiles (later calls, H200): cgm2 bf16 0.116 ms against 0.119 at 32 and 0.133 at 64
 # (cgm4 stays on the streaming kernel: 0.121 against 0.190); cgm1 bf16 0.185 against 0.181 at 32,
 # cgm3 0.127 against 0.129 (fp16: 0.199 / 0.204, 0.128 / 0.134), so cgm1 and cgm3 keep 32.
-_BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16, fuse_apply=True)), "bwd": dict(gemm=dict(dw=dict(BC=32)))}),
-                   (64, {"fwd": dict(gemm=dict(BC=32)), "bwd": dict(gemm=dict(dw=dict(BC=16)))}),
-                   (32, {"fwd": dict(gemm=dict(BC=64)), "bwd": dict(gemm=dict(dw=dict(BC=32)))}),
+# The dz kernel's channel sums per lane (config "dz", H200, bf16, one call at 1ad4fff, dW BC 32): cgm1
+# 0.180 -> 0.168 ms on 32-channel blocks (0.175 on 64), cgm2 0.120 -> 0.109 on 64 (0.112 on 32), cgm3
+# 0.127 -> 0.108 on 64 (0.116 on 32); 8 warps or 256-pixel tiles were slower.
+_DZ32, _DZ64 = dict(lanes=True), dict(BC=64, lanes=True)
+_BY_WIDTH_16BIT = ((128, {"fwd": dict(gemm=dict(BC=16, fuse_apply=True)), "bwd": dict(gemm=dict(dw=dict(BC=32), dz=_DZ32))}),
+                   (64, {"fwd": dict(gemm=dict(BC=32)), "bwd": dict(gemm=dict(dw=dict(BC=16), dz=_DZ64))}),
+                   (32, {"fwd": dict(gemm=dict(BC=64)), "bwd": dict(gemm=dict(dw=dict(BC=32), dz=_DZ64))}),
                    (0, {"fwd": dict(BC=32, num_warps=8), "bwd": dict(BC=32, evict=True, bcz=64)}))
 
 
