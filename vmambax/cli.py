@@ -127,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-bad", action="store_true")
     e.add_argument("--device", default=None)
     e.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
+    e.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run the forward eagerly instead of replaying it from CUDA graphs on a GPU")
 
     r = sub.add_parser("predict", help="segment PNG pairs, folders of them, or NIfTI volumes")
     r.add_argument("--checkpoint", required=True)
@@ -139,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--skip-bad", action="store_true")
     r.add_argument("--device", default=None)
     r.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
+    r.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run the forward eagerly instead of replaying it from CUDA graphs on a GPU")
 
     i = sub.add_parser("info", help="versions, device, kernel backends")
     i.add_argument("--json", action="store_true")
@@ -210,7 +214,8 @@ def _cmd_evaluate(a):
     from vmambax.engine.evaluate import evaluate, table_line
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)), f"eval_{a.split}")
     s = evaluate(a.data, a.checkpoint, out, split=a.split, spacing=a.spacing, batch_size=a.batch_size,
-                 device=a.device, amp=a.amp, policy=a.policy, n_figure=a.figure_cases, skip_bad=a.skip_bad)
+                 device=a.device, amp=a.amp, policy=a.policy, n_figure=a.figure_cases, skip_bad=a.skip_bad,
+                 cuda_graphs=a.cuda_graphs)
     _print_eval(s)
     print(table_line("vMambaX", s))
     print(f"  wrote {os.path.join(out, 'summary.json')}" + (f" and {s['figure']}" if s["figure"] else ""))
@@ -220,7 +225,7 @@ def _cmd_predict(a):
     from vmambax.engine.predict import predict
     kw = {k: v for k, v in dict(ct_window=a.ct_window, pet_window=a.pet_window).items() if v is not None}
     written = predict(a.checkpoint, a.ct, a.pet, a.out, device=a.device, amp=a.amp, threshold=a.threshold,
-                      skip_bad=a.skip_bad, **kw)
+                      skip_bad=a.skip_bad, cuda_graphs=a.cuda_graphs, **kw)
     print(f"wrote {len(written)} file(s) to {a.out}")
 
 

@@ -31,11 +31,13 @@ def test_synth_train_resume_evaluate_predict(tmp_path, capsys):
     assert "per-slice mean" in out and "pooled" in out and "empty masks:" in out and "HD95" in out and " mm" in out
     assert json.load(open(tmp_path / "ev" / "summary.json"))["split"] == "test"
     assert main(["evaluate", "--data", data, "--checkpoint", ck, "--out", str(tmp_path / "ev2"),
-                 "--spacing", "0.5,2", "--figure-cases", "0", "--policy", "published"]) == 0
-    assert json.load(open(tmp_path / "ev2" / "summary.json"))["spacing"] == [0.5, 2.0]
+                 "--spacing", "0.5,2", "--figure-cases", "0", "--policy", "published", "--no-cuda-graphs"]) == 0
+    ev2 = json.load(open(tmp_path / "ev2" / "summary.json"))
+    assert ev2["spacing"] == [0.5, 2.0] and ev2["cuda_graphs"] is False
     nd = os.path.join(data, "nifti")
     assert main(["predict", "--checkpoint", ck, "--ct", os.path.join(nd, "P0000_CT.nii.gz"),
-                 "--pet", os.path.join(nd, "P0000_PET.nii.gz"), "--out", str(tmp_path / "pred")]) == 0
+                 "--pet", os.path.join(nd, "P0000_PET.nii.gz"), "--out", str(tmp_path / "pred"),
+                 "--no-cuda-graphs"]) == 0
     assert os.path.exists(tmp_path / "pred" / "P0000_mask.nii.gz")
 
 

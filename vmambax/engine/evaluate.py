@@ -20,8 +20,8 @@ import torch
 from vmambax import metrics
 from vmambax.data import SliceDataset, read_spacing, read_split
 from vmambax.engine import checkpoint as ckpt_io
-from vmambax.engine.common import (amp_dtype, autocast, check_writable, forward_padded, pick_device,
-                                   same_size_batches)
+from vmambax.engine.common import amp_dtype, check_writable, pick_device, same_size_batches
+from vmambax.engine.inference import InferenceForward
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,10 @@ def table_line(name: str, s: dict) -> str:
 @torch.no_grad()
 def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing: tuple[float, float] | None = None,
              batch_size: int = 4, device: str | None = None, amp: str = "auto", policy: str = "ours",
-             n_figure: int = 4, skip_bad: bool = False, threshold: float = 0.5) -> dict:
+             n_figure: int = 4, skip_bad: bool = False, threshold: float = 0.5, cuda_graphs: bool = True) -> dict:
     """Evaluate ``checkpoint`` on ``data/<split>.txt``; writes ``out/summary.json`` and
-    ``out/qualitative.png`` and returns the summary dict."""
+    ``out/qualitative.png`` and returns the summary dict. ``cuda_graphs``: on a GPU, replay the
+    forward from CUDA graphs (``vmambax.engine.inference``; the same logits)."""
     if policy not in metrics.POLICIES:
         raise ValueError(f"policy: expected one of {metrics.POLICIES}, got {policy!r}")
     if not 0 < threshold < 1:
@@ -75,7 +76,7 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
     sp = tuple(spacing) if spacing is not None else (1.0, 1.0)
     model, _ = ckpt_io.load_model(checkpoint)
     model.to(dev)
-    dtype = amp_dtype(amp, dev)
+    infer = InferenceForward(model, dev, amp_dtype(amp, dev), graphs=cuda_graphs)
     logit_thr = math.log(threshold / (1 - threshold))
 
     shown: list = []  # (target pixels, -index, item, pred) of the cases the figure shows
@@ -83,8 +84,7 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
     t0 = time.perf_counter()
     for items in same_size_batches(ds, range(len(ds)), batch_size):
         ct, pet = (torch.stack([it[k] for it in items]).to(dev) for k in ("ct", "pet"))
-        with autocast(dev, dtype):
-            logits = forward_padded(model, ct, pet)
+        logits = infer(ct, pet)
         preds = (logits.float() > logit_thr).cpu().numpy()[:, 0]
         for it, p in zip(items, preds):
             _keep_for_figure(shown, n_figure, it, p)
@@ -115,7 +115,7 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
                   "pooled": "TP, FP, FN (TN) summed over all slices, then the metric",
                   "balanced_accuracy_per_slice": "mean over slices whose target has both classes"},
         "model": model_cost(model, (int(H) + (-int(H)) % 32, int(W) + (-int(W)) % 32)),
-        "seconds": secs, "device": str(dev), "cases": cases,
+        "seconds": secs, "device": str(dev), "cuda_graphs": infer.replaying, "cases": cases,
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(_no_nan(summary), f, indent=2)  # undefined values (NaN) are written as null: valid JSON

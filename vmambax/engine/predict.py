@@ -17,8 +17,9 @@ from PIL import Image
 from vmambax.data.dataset import DataError, load_gray, scale_image
 from vmambax.data.synth import CT_WINDOW_HU, PET_WINDOW_SUV, render_ct, render_pet
 from vmambax.engine import checkpoint as ckpt_io
-from vmambax.engine.common import amp_dtype, autocast, check_writable, forward_padded, pick_device
+from vmambax.engine.common import amp_dtype, check_writable, pick_device
 from vmambax.engine.figures import overlay
+from vmambax.engine.inference import InferenceForward
 
 log = logging.getLogger(__name__)
 
@@ -52,31 +53,29 @@ def _pairs_in_folders(ct_dir: str, pet_dir: str) -> list[tuple[str, str]]:
 
 
 class _Predictor:
-    def __init__(self, checkpoint, device, amp, threshold):
-        self.model, _ = ckpt_io.load_model(checkpoint)
+    def __init__(self, checkpoint, device, amp, threshold, graphs):
+        model, _ = ckpt_io.load_model(checkpoint)
         self.dev = pick_device(device)
-        self.model.to(self.dev)
-        self.dtype = amp_dtype(amp, self.dev)
+        self.infer = InferenceForward(model.to(self.dev), self.dev, amp_dtype(amp, self.dev), graphs=graphs)
         self.logit_thr = float(np.log(threshold / (1 - threshold)))
 
-    @torch.no_grad()
     def __call__(self, ct8: np.ndarray, pet8: np.ndarray) -> np.ndarray:
         """(S, H, W) uint8 CT and PET slices -> (S, H, W) bool masks."""
         ct = torch.from_numpy(scale_image(ct8))[:, None].to(self.dev)
         pet = torch.from_numpy(scale_image(pet8))[:, None].to(self.dev)
-        with autocast(self.dev, self.dtype):
-            logits = forward_padded(self.model, ct, pet)
+        logits = self.infer(ct, pet)
         return (logits.float() > self.logit_thr).cpu().numpy()[:, 0]
 
 
 def predict(checkpoint: str, ct: str, pet: str, out: str, device: str | None = None, amp: str = "auto",
             threshold: float = 0.5, batch_size: int = 4, ct_window=CT_WINDOW_HU, pet_window=PET_WINDOW_SUV,
-            skip_bad: bool = False) -> list[str]:
+            skip_bad: bool = False, cuda_graphs: bool = True) -> list[str]:
     """Segment ``ct``/``pet`` (two PNG files, two folders, or two NIfTI volumes) into ``out``.
 
     Writes ``<name>_mask.png`` (0/255) and ``<name>_overlay.png`` per PNG pair; per NIfTI pair,
     ``<name>_mask.nii.gz`` (same shape, affine and header as the CT) and ``<name>_overlay/`` with
-    one PNG per slice that has tumor. Returns the paths written.
+    one PNG per slice that has tumor. Returns the paths written. ``cuda_graphs``: on a GPU, replay
+    the forward from CUDA graphs (``vmambax.engine.inference``; the same logits).
     """
     if not 0 < threshold < 1:
         raise ValueError(f"threshold: expected a probability in (0, 1), got {threshold}")
@@ -86,7 +85,7 @@ def predict(checkpoint: str, ct: str, pet: str, out: str, device: str | None = N
     if os.path.isdir(ct) != os.path.isdir(pet) or _is_nifti(ct) != _is_nifti(pet):
         raise ValueError(f"ct and pet: expected two PNG files, two folders or two NIfTI files, got {ct} and {pet}")
     check_writable(out)
-    run = _Predictor(checkpoint, device, amp, threshold)
+    run = _Predictor(checkpoint, device, amp, threshold, cuda_graphs)
     if _is_nifti(ct):
         return _predict_nifti(run, ct, pet, out, batch_size, ct_window, pet_window)
     pairs = _pairs_in_folders(ct, pet) if os.path.isdir(ct) else [(ct, pet)]
