@@ -38,29 +38,30 @@ class InferenceForward:
 
     @property
     def replaying(self) -> bool:
-        """Whether any batch so far was replayed from a graph."""
+        """Whether graphs are in use: a shape was captured (and no capture failed)."""
         return bool(self._cache)
+
+    def _eager(self, ct, pet):
+        with autocast(self.device, self.dtype):
+            return forward_padded(self.model, ct, pet)
 
     @torch.no_grad()
     def __call__(self, ct: torch.Tensor, pet: torch.Tensor) -> torch.Tensor:
         if not self.graphs:
-            with autocast(self.device, self.dtype):
-                return forward_padded(self.model, ct, pet)
+            return self._eager(ct, pet)
         key = (tuple(ct.shape), tuple(pet.shape), ct.dtype, pet.dtype)
         entry = self._cache.get(key)
         if entry is None:
             self._seen[key] += 1
             if self._seen[key] < 2:
-                with autocast(self.device, self.dtype):
-                    return forward_padded(self.model, ct, pet)
+                return self._eager(ct, pet)
             try:
                 entry = self._capture(ct, pet)
             except Exception as exc:  # an op that cannot be captured: stay correct, stay eager
                 log.warning("CUDA graph capture failed (%s: %s); inference runs eagerly", type(exc).__name__, exc)
                 self.graphs = False
                 self._cache.clear()
-                with autocast(self.device, self.dtype):
-                    return forward_padded(self.model, ct, pet)
+                return self._eager(ct, pet)
             self._cache[key] = entry
             while len(self._cache) > self.max_graphs:
                 self._cache.popitem(last=False)
