@@ -124,11 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--policy", choices=("ours", "published"), default="ours",
                    help="empty-mask rule (default ours; 'published' reproduces the published code, for comparison)")
     e.add_argument("--figure-cases", type=int, default=4)
-    e.add_argument("--skip-bad", action="store_true")
-    e.add_argument("--device", default=None)
-    e.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
-    e.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="run the forward eagerly instead of replaying it from CUDA graphs on a GPU")
+    _inference_args(e)
 
     r = sub.add_parser("predict", help="segment PNG pairs, folders of them, or NIfTI volumes")
     r.add_argument("--checkpoint", required=True)
@@ -138,15 +134,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--threshold", type=float, default=0.5)
     r.add_argument("--ct-window", type=_window, default=None, help="NIfTI CT window in HU (default -1200,-200)")
     r.add_argument("--pet-window", type=_window, default=None, help="NIfTI PET window in SUV (default 0,10)")
-    r.add_argument("--skip-bad", action="store_true")
-    r.add_argument("--device", default=None)
-    r.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
-    r.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="run the forward eagerly instead of replaying it from CUDA graphs on a GPU")
+    _inference_args(r)
 
     i = sub.add_parser("info", help="versions, device, kernel backends")
     i.add_argument("--json", action="store_true")
     return p
+
+
+def _inference_args(sub):
+    """The options evaluate and predict share: how the model runs."""
+    sub.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched inputs and report them")
+    sub.add_argument("--device", default=None, help="default: the GPU when there is one, else the CPU")
+    sub.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                     help="autocast dtype; auto: bf16 on a GPU that has it, else fp32")
+    sub.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                     help="run the forward eagerly instead of replaying it from CUDA graphs on a GPU")
 
 
 def _model_spec(name):
