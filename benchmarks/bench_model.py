@@ -135,7 +135,7 @@ def kernel_split(step, steps: int = 3) -> None:
 
 def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int, split: bool,
               compiled: str | None = None, profile: bool = False, glue: str = "fused",
-              graph: bool = False, adamw: str = "foreach") -> list[dict]:
+              graph: bool = False, adamw: str = "foreach", infer_only: bool = False) -> list[dict]:
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     model = VMambaX().cuda().train()
@@ -168,16 +168,21 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
             with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
                 return run(ct, pet)
 
-        loss = step()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{provider}/{dtype_name}: non-finite training loss {loss.item()}")
-        torch.cuda.synchronize()
-        say("first training step done" + (" (compiled)" if compiled else ""))
-        torch.cuda.reset_peak_memory_stats()
-        train_ms = harness.events_median_ms(step, warmup=2, iters=iters)
-        peak_gb = torch.cuda.max_memory_allocated() / 1e9
-        say(f"training step {train_ms:.1f} ms, peak {peak_gb:.2f} GB")
+        if not infer_only:
+            loss = step()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{provider}/{dtype_name}: non-finite training loss {loss.item()}")
+            torch.cuda.synchronize()
+            say("first training step done" + (" (compiled)" if compiled else ""))
+            torch.cuda.reset_peak_memory_stats()
+            train_ms = harness.events_median_ms(step, warmup=2, iters=iters)
+            peak_gb = torch.cuda.max_memory_allocated() / 1e9
+            say(f"training step {train_ms:.1f} ms, peak {peak_gb:.2f} GB")
         model.eval()
+        if compiled:  # compiling for eval happens here, outside the timed region
+            infer()
+            torch.cuda.synchronize()
+            say(f"first inference done (compiled, {compiled})")
         infer_ms = harness.events_median_ms(infer, warmup=2, iters=iters)
         say(f"inference {infer_ms:.1f} ms")
         graph_ms = harness.events_median_ms(harness.cuda_graph(infer), warmup=2, iters=iters) if graph else None
@@ -188,18 +193,20 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
         extra["glue"] = "torch" if provider == "unfused_mamba" else glue
         if adamw != "foreach":
             extra["adamw"] = adamw
-        recs.append(harness.record("model", "train", provider, dtype_name, batch, env, train_step_ms=train_ms,
-                                   pairs_per_s=batch / train_ms * 1e3, peak_gb=peak_gb, **extra))
+        if not infer_only:
+            recs.append(harness.record("model", "train", provider, dtype_name, batch, env, train_step_ms=train_ms,
+                                       pairs_per_s=batch / train_ms * 1e3, peak_gb=peak_gb, **extra))
         recs.append(harness.record("model", "infer", provider, dtype_name, batch, env, infer_ms=infer_ms,
                                    pairs_per_s=batch / infer_ms * 1e3, **extra))
         if profile:
-            print(f"{provider}/{dtype_name}{f' compiled ({compiled})' if compiled else ''}: kernels of a training step")
-            kernel_split(step)
+            if not infer_only:
+                print(f"{provider}/{dtype_name}{f' compiled ({compiled})' if compiled else ''}: kernels of a training step")
+                kernel_split(step)
             print(f"{provider}/{dtype_name}: kernels of an inference forward (eval mode)")
             model.eval()
             kernel_split(infer)
             model.train()
-        if split:
+        if split and not infer_only:
             for name, fn in parts(model, ct, pet):
                 def fwdbwd(fn=fn):
                     with torch.autocast("cuda", dtype=dtype):
@@ -245,6 +252,7 @@ def main(argv=None) -> None:
                     help="torch.compile the model (MODE: default | reduce-overhead, which adds CUDA graphs)")
     ap.add_argument("--profile", action="store_true", help="print the kernel split of a training step")
     ap.add_argument("--graph", action="store_true", help="also time inference replayed from a CUDA graph")
+    ap.add_argument("--infer-only", action="store_true", help="time inference only (no training step, no split)")
     ap.add_argument("--glue", default="fused", help="SS2D's input conv and output gate and the model's LayerNorms: "
                     "fused (Triton ops; the LayerNorm op in inference only unless VMAMBAX_FUSED_LAYER_NORM=train), "
                     "torch (PyTorch ops), or both as fused,torch to time before/after in one run")
@@ -265,7 +273,7 @@ def main(argv=None) -> None:
                 continue  # the peer has one glue only (PyTorch's)
             try:
                 recs += bench_one(provider, dt, args.batch, args.size, args.iters, not args.no_split,
-                                  args.compile, args.profile, glue, args.graph, adamw)
+                                  args.compile, args.profile, glue, args.graph, adamw, args.infer_only)
             except (RuntimeError, torch.OutOfMemoryError) as exc:  # report and go on with the others
                 print(f"{provider}/{dt}/glue {glue}: FAILED: {exc}")
                 torch.cuda.empty_cache()
