@@ -149,6 +149,9 @@ def _inference_args(sub):
                      help="autocast dtype; auto: bf16 on a GPU that has it, else fp32")
     sub.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                      help="run the forward eagerly instead of replaying it from CUDA graphs on a GPU")
+    sub.add_argument("--compile", action="store_true",
+                     help="torch.compile the model first (about a minute per input size on a GPU; "
+                          "pays on a dataset, ~10%% faster at 512x512)")
 
 
 def _model_spec(name):
@@ -217,7 +220,7 @@ def _cmd_evaluate(a):
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)), f"eval_{a.split}")
     s = evaluate(a.data, a.checkpoint, out, split=a.split, spacing=a.spacing, batch_size=a.batch_size,
                  device=a.device, amp=a.amp, policy=a.policy, n_figure=a.figure_cases, skip_bad=a.skip_bad,
-                 cuda_graphs=a.cuda_graphs)
+                 cuda_graphs=a.cuda_graphs, compile=a.compile)
     _print_eval(s)
     print(table_line("vMambaX", s))
     print(f"  wrote {os.path.join(out, 'summary.json')}" + (f" and {s['figure']}" if s["figure"] else ""))
@@ -227,7 +230,7 @@ def _cmd_predict(a):
     from vmambax.engine.predict import predict
     kw = {k: v for k, v in dict(ct_window=a.ct_window, pet_window=a.pet_window).items() if v is not None}
     written = predict(a.checkpoint, a.ct, a.pet, a.out, device=a.device, amp=a.amp, threshold=a.threshold,
-                      skip_bad=a.skip_bad, cuda_graphs=a.cuda_graphs, **kw)
+                      skip_bad=a.skip_bad, cuda_graphs=a.cuda_graphs, compile=a.compile, **kw)
     print(f"wrote {len(written)} file(s) to {a.out}")
 
 

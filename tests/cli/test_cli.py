@@ -33,7 +33,7 @@ def test_synth_train_resume_evaluate_predict(tmp_path, capsys):
     assert main(["evaluate", "--data", data, "--checkpoint", ck, "--out", str(tmp_path / "ev2"),
                  "--spacing", "0.5,2", "--figure-cases", "0", "--policy", "published", "--no-cuda-graphs"]) == 0
     ev2 = json.load(open(tmp_path / "ev2" / "summary.json"))
-    assert ev2["spacing"] == [0.5, 2.0] and ev2["cuda_graphs"] is False
+    assert ev2["spacing"] == [0.5, 2.0] and ev2["cuda_graphs"] is False and ev2["compiled"] is False
     nd = os.path.join(data, "nifti")
     assert main(["predict", "--checkpoint", ck, "--ct", os.path.join(nd, "P0000_CT.nii.gz"),
                  "--pet", os.path.join(nd, "P0000_PET.nii.gz"), "--out", str(tmp_path / "pred"),
@@ -95,3 +95,10 @@ def test_model_args_reach_the_checkpoint_and_evaluation(tmp_path, capsys):
     assert main(["train", "--data", data, "--out", str(tmp_path / "r2"), "--model", "tiny",
                  "--model-arg", "nonsense=1", "--workers", "0", "--batch-size", "2", "--size", "64"]) == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_evaluate_and_predict_take_compile():
+    from vmambax.cli import _parser
+    p = _parser()
+    assert p.parse_args(["evaluate", "--data", "d", "--checkpoint", "c", "--compile"]).compile is True
+    assert p.parse_args(["predict", "--checkpoint", "c", "--ct", "a", "--pet", "b", "--out", "o"]).compile is False

@@ -62,3 +62,53 @@ def test_gpu_replay_equals_eager_vmambax(backend):
     model = vmambax_tiny().cuda().eval().set_backend(backend)
     run = _replay_matches_eager(model, torch.bfloat16, [(2, 1, 128, 96)] * 3)
     assert run.replaying
+
+
+def test_cpu_compiled_forward_with_dynamo_alone():
+    """torch.compile's plumbing on the CPU: Dynamo with its "eager" backend runs the traced graph
+    with the same ops, so the logits are the eager ones bit for bit (Inductor needs a C++
+    compiler and minutes here: the GPU test below runs it)."""
+    model = TinySegNet().eval()
+    run = InferenceForward(model, torch.device("cpu"), None, compile="eager")
+    for seed in range(2):
+        ct, pet = _inputs((2, 1, 40, 70), seed, "cpu")
+        assert torch.equal(run(ct, pet), _eager(model, torch.device("cpu"), None, ct, pet))
+    assert run.compiled
+
+
+def test_cpu_failed_compile_falls_back_to_the_model(caplog):
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    model = TinySegNet().eval()
+    run = InferenceForward(model, torch.device("cpu"), None, compile=no_compiler)
+    ct, pet = _inputs((1, 1, 32, 32), 0, "cpu")
+    with caplog.at_level("WARNING", logger="vmambax.engine.inference"):
+        out = run(ct, pet)
+    assert torch.equal(out, _eager(model, torch.device("cpu"), None, ct, pet))
+    assert not run.compiled and "no C++ compiler here" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["tiny_segnet", "vmambax_cuda"])
+def test_gpu_compiled_replay_equals_compiled_forward(which):
+    """Inductor, then graphs: the replay gives the compiled forward's logits bit for bit (the
+    compiled model's numerics against the eager one are tests/models/test_compile.py's)."""
+    from vmambax_kernels import available_backends
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    if which == "tiny_segnet":
+        model = TinySegNet().cuda().eval()
+    else:
+        from vmambax.models.vmambax import vmambax_tiny
+        if not available_backends()["cuda"].available:
+            pytest.skip("cuda backend not available")
+        model = vmambax_tiny().cuda().eval().set_backend("cuda")
+    run = InferenceForward(model, dev, torch.bfloat16, graphs=True, compile=True)
+    for seed in range(3):
+        ct, pet = _inputs((2, 1, 64, 96), seed, dev)
+        out = run(ct, pet)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            ref = forward_padded(run.net, ct, pet)
+        assert torch.equal(out, ref), f"call {seed}"
+    assert run.compiled and run.replaying

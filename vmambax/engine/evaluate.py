@@ -57,10 +57,12 @@ def table_line(name: str, s: dict) -> str:
 @torch.no_grad()
 def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing: tuple[float, float] | None = None,
              batch_size: int = 4, device: str | None = None, amp: str = "auto", policy: str = "ours",
-             n_figure: int = 4, skip_bad: bool = False, threshold: float = 0.5, cuda_graphs: bool = True) -> dict:
+             n_figure: int = 4, skip_bad: bool = False, threshold: float = 0.5, cuda_graphs: bool = True,
+             compile=False) -> dict:
     """Evaluate ``checkpoint`` on ``data/<split>.txt``; writes ``out/summary.json`` and
     ``out/qualitative.png`` and returns the summary dict. ``cuda_graphs``: on a GPU, replay the
-    forward from CUDA graphs (``vmambax.engine.inference``; the same logits)."""
+    forward from CUDA graphs (``vmambax.engine.inference``; the same logits); ``compile``: run it
+    through ``torch.compile`` (True, or a backend's name)."""
     if policy not in metrics.POLICIES:
         raise ValueError(f"policy: expected one of {metrics.POLICIES}, got {policy!r}")
     if not 0 < threshold < 1:
@@ -76,7 +78,7 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
     sp = tuple(spacing) if spacing is not None else (1.0, 1.0)
     model, _ = ckpt_io.load_model(checkpoint)
     model.to(dev)
-    infer = InferenceForward(model, dev, amp_dtype(amp, dev), graphs=cuda_graphs)
+    infer = InferenceForward(model, dev, amp_dtype(amp, dev), graphs=cuda_graphs, compile=compile)
     logit_thr = math.log(threshold / (1 - threshold))
 
     shown: list = []  # (target pixels, -index, item, pred) of the cases the figure shows
@@ -115,7 +117,7 @@ def evaluate(data: str, checkpoint: str, out: str, split: str = "test", spacing:
                   "pooled": "TP, FP, FN (TN) summed over all slices, then the metric",
                   "balanced_accuracy_per_slice": "mean over slices whose target has both classes"},
         "model": model_cost(model, (int(H) + (-int(H)) % 32, int(W) + (-int(W)) % 32)),
-        "seconds": secs, "device": str(dev), "cuda_graphs": infer.replaying, "cases": cases,
+        "seconds": secs, "device": str(dev), "cuda_graphs": infer.replaying, "compiled": infer.compiled, "cases": cases,
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(_no_nan(summary), f, indent=2)  # undefined values (NaN) are written as null: valid JSON

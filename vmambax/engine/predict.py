@@ -53,10 +53,11 @@ def _pairs_in_folders(ct_dir: str, pet_dir: str) -> list[tuple[str, str]]:
 
 
 class _Predictor:
-    def __init__(self, checkpoint, device, amp, threshold, graphs):
+    def __init__(self, checkpoint, device, amp, threshold, graphs, compile):
         model, _ = ckpt_io.load_model(checkpoint)
         self.dev = pick_device(device)
-        self.infer = InferenceForward(model.to(self.dev), self.dev, amp_dtype(amp, self.dev), graphs=graphs)
+        self.infer = InferenceForward(model.to(self.dev), self.dev, amp_dtype(amp, self.dev), graphs=graphs,
+                                      compile=compile)
         self.logit_thr = float(np.log(threshold / (1 - threshold)))
 
     def __call__(self, ct8: np.ndarray, pet8: np.ndarray) -> np.ndarray:
@@ -69,13 +70,14 @@ class _Predictor:
 
 def predict(checkpoint: str, ct: str, pet: str, out: str, device: str | None = None, amp: str = "auto",
             threshold: float = 0.5, batch_size: int = 4, ct_window=CT_WINDOW_HU, pet_window=PET_WINDOW_SUV,
-            skip_bad: bool = False, cuda_graphs: bool = True) -> list[str]:
+            skip_bad: bool = False, cuda_graphs: bool = True, compile=False) -> list[str]:
     """Segment ``ct``/``pet`` (two PNG files, two folders, or two NIfTI volumes) into ``out``.
 
     Writes ``<name>_mask.png`` (0/255) and ``<name>_overlay.png`` per PNG pair; per NIfTI pair,
     ``<name>_mask.nii.gz`` (same shape, affine and header as the CT) and ``<name>_overlay/`` with
     one PNG per slice that has tumor. Returns the paths written. ``cuda_graphs``: on a GPU, replay
-    the forward from CUDA graphs (``vmambax.engine.inference``; the same logits).
+    the forward from CUDA graphs (``vmambax.engine.inference``; the same logits); ``compile``: run
+    it through ``torch.compile`` (True, or a backend's name).
     """
     if not 0 < threshold < 1:
         raise ValueError(f"threshold: expected a probability in (0, 1), got {threshold}")
@@ -85,7 +87,7 @@ def predict(checkpoint: str, ct: str, pet: str, out: str, device: str | None = N
     if os.path.isdir(ct) != os.path.isdir(pet) or _is_nifti(ct) != _is_nifti(pet):
         raise ValueError(f"ct and pet: expected two PNG files, two folders or two NIfTI files, got {ct} and {pet}")
     check_writable(out)
-    run = _Predictor(checkpoint, device, amp, threshold, cuda_graphs)
+    run = _Predictor(checkpoint, device, amp, threshold, cuda_graphs, compile)
     if _is_nifti(ct):
         return _predict_nifti(run, ct, pet, out, batch_size, ct_window, pet_window)
     pairs = _pairs_in_folders(ct, pet) if os.path.isdir(ct) else [(ct, pet)]
