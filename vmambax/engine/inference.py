@@ -60,6 +60,8 @@ class InferenceForward:
     def _eager(self, ct, pet):
         if self._compile_checked:
             return self._forward(ct, pet)
+        log.info("compiling the model's forward with torch.compile (about a minute on a GPU, again for "
+                 "each new input size)")
         try:   # the first call compiles: where a missing compiler or an unsupported op shows
             out = self._forward(ct, pet)
         except Exception as exc:
