@@ -7,8 +7,9 @@ the same run; on hosts that keep up it saves a few per cent. A graph replays the
 same buffers, so its logits are those of the eager forward.
 
 With ``compile``, the model goes through ``torch.compile`` first (Inductor fuses the glue between
-the custom ops): batch 8 at 512x512, bf16, on an H200 (commit 9fed3de, `bench_model.py --infer-only`),
-70.9 ms eager, 66.1 ms replayed from a graph, 59.0 ms compiled, after ~40 s of compiling, so it
+the custom ops), and the graphs replay the compiled forward: batch 8 at 512x512, bf16, on H200s
+(commits 9fed3de and 379d030, `bench_model.py --infer-only`), 70.9 ms eager, 66.1 ms replayed from a
+graph, 59.0 ms compiled and 55.8 ms compiled and replayed, after about a minute of compiling, so it
 pays on a dataset, not on a few slices. Each new input shape compiles again. If compiling fails (e.g.
 no C++ compiler for Inductor on a CPU), the reason is logged and the model runs uncompiled.
 
