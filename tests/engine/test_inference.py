@@ -112,3 +112,25 @@ def test_gpu_compiled_replay_equals_compiled_forward(which):
             ref = forward_padded(run.net, ct, pet)
         assert torch.equal(out, ref), f"call {seed}"
     assert run.compiled and run.replaying
+
+
+def test_cpu_compiled_pads_a_smaller_batch_to_the_compiled_size():
+    """A split's last, smaller batch runs padded to the batch size already compiled, instead of
+    compiling again; its logits are those of the samples alone."""
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(tuple(example_inputs[0].shape) if example_inputs else ())
+        return gm.forward
+
+    model = TinySegNet().eval()
+    run = InferenceForward(model, torch.device("cpu"), None, compile=counting)
+    ct, pet = _inputs((4, 1, 40, 70), 0, "cpu")
+    n_first = None
+    for part in (slice(0, 4), slice(0, 4), slice(1, 3), slice(3, 4)):
+        out = run(ct[part], pet[part])
+        assert torch.equal(out, _eager(model, torch.device("cpu"), None, ct[part], pet[part])), part
+        n_first = n_first or len(compiles)
+    assert n_first >= 1 and len(compiles) == n_first and run.compiled   # batches 2 and 1 compiled nothing
+    other, other_pet = _inputs((2, 1, 32, 32), 1, "cpu")   # another image size: compiles anew, unpadded
+    assert run(other, other_pet).shape[0] == 2 and len(compiles) > n_first

@@ -10,7 +10,8 @@ With ``compile``, the model goes through ``torch.compile`` first (Inductor fuses
 the custom ops), and the graphs replay the compiled forward: batch 8 at 512x512, bf16, on H200s
 (commits 9fed3de and 379d030, `bench_model.py --infer-only`), 70.9 ms eager, 66.1 ms replayed from a
 graph, 59.0 ms compiled and 55.8 ms compiled and replayed, after about a minute of compiling, so it
-pays on a dataset, not on a few slices. Each new input shape compiles again. If compiling fails (e.g.
+pays on a dataset, not on a few slices. Each new input size compiles again; a batch smaller than
+one already compiled at its image size (a split's last) runs padded to it instead. If compiling fails (e.g.
 no C++ compiler for Inductor on a CPU), the reason is logged and the model runs uncompiled.
 
 A shape is captured the second time it is seen (a one-off shape, e.g. one odd-sized PNG, stays eager:
@@ -43,6 +44,7 @@ class InferenceForward:
         self.net = torch.compile(model, backend="inductor" if compile is True else compile,
                                  dynamic=False) if compile else model
         self._compile_checked = not compile
+        self._batch: dict = {}   # image size -> the largest batch compiled for it
         self.graphs = bool(graphs) and self.device.type == "cuda"
         self.max_graphs = max_graphs
         self._seen: Counter = Counter()
@@ -74,6 +76,20 @@ class InferenceForward:
 
     @torch.no_grad()
     def __call__(self, ct: torch.Tensor, pet: torch.Tensor) -> torch.Tensor:
+        if not self.compiled:
+            return self._run(ct, pet)
+        # Compiled, a batch smaller than one seen at this image size (a split's or a volume's last)
+        # runs padded to that size: another batch size would compile again (about a minute) and
+        # take a graph of its own. Samples do not interact in the eval-mode model.
+        n, size = ct.shape[0], (tuple(ct.shape[1:]), tuple(pet.shape[1:]))
+        full = self._batch.get(size, 0)
+        if n >= full:
+            self._batch[size] = n
+            return self._run(ct, pet)
+        pad = (lambda x: torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]))
+        return self._run(pad(ct), pad(pet))[:n]
+
+    def _run(self, ct, pet):
         if not self.graphs:
             return self._eager(ct, pet)
         key = (tuple(ct.shape), tuple(pet.shape), ct.dtype, pet.dtype)
