@@ -11,8 +11,9 @@ the custom ops), and the graphs replay the compiled forward: batch 8 at 512x512,
 (commits 9fed3de and 379d030, `bench_model.py --infer-only`), 70.9 ms eager, 66.1 ms replayed from a
 graph, 59.0 ms compiled and 55.8 ms compiled and replayed, after about a minute of compiling, so it
 pays on a dataset, not on a few slices. Each new input size compiles again; a batch smaller than
-one already compiled at its image size (a split's last) runs padded to it instead. If compiling fails (e.g.
-no C++ compiler for Inductor on a CPU), the reason is logged and the model runs uncompiled.
+one already compiled at its image size (a split's last) runs padded to it instead. If compiling
+fails (e.g. no C++ compiler for Inductor on a CPU), the reason is logged and the model runs
+uncompiled.
 
 A shape is captured the second time it is seen (a one-off shape, e.g. one odd-sized PNG, stays eager:
 a capture costs two forwards), and at most ``max_graphs`` graphs are kept (each holds its own
@@ -86,7 +87,7 @@ class InferenceForward:
         if n >= full:
             self._batch[size] = n
             return self._run(ct, pet)
-        pad = (lambda x: torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]))
+        pad = lambda x: torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))])  # noqa: E731
         return self._run(pad(ct), pad(pet))[:n]
 
     def _run(self, ct, pet):
