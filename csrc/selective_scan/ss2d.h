@@ -126,7 +126,7 @@ inline bool ss2d_merge_flat(int H, int W) {
 }
 
 // Forward: positions per staged tile (shared memory per block ~ 2 * nth * (kTile + 1) floats + B, C, dt).
-constexpr int kTile = 32;
+constexpr int kTile = 16;
 constexpr int kMaxThreads = 128;
 
 inline int ss2d_nmax(int N) { return N <= 4 ? 4 : N <= 8 ? 8 : N <= 16 ? 16 : N <= 32 ? 32 : 64; }

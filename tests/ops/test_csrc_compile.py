@@ -634,7 +634,7 @@ def test_backward_main_pass_ported(shape, keep):
 # each at its side's own positions; the merge writes out = acc + accT^T. Buffers start as NaN, so an
 # element read before it is written, or never written, shows; every write to out is counted.
 
-_KT, _RMW_FWD = 32, 4                         # ss2d.h: kTile, kRmwBatchFwd
+_KT, _RMW_FWD = 16, 4                         # ss2d.h: kTile, kRmwBatchFwd
 _MT, _MR, _MF, _FB = 32, 8, 1024, 4           # kMergeTile, kMergeRows, kMergeFlat; kFlatBatch (.cuh)
 
 
