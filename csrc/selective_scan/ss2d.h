@@ -126,6 +126,12 @@ inline bool ss2d_merge_flat(int H, int W) {
 }
 
 // Forward: positions per staged tile (shared memory per block ~ 2 * nth * (kTile + 1) floats + B, C, dt).
+// 16, not 32: at 32 the tiles took 31 KB a block at enc1 (nth 96), so shared memory held the SM to 7
+// blocks (21 warps; Nsight Compute, H100: 1.1 eligible warps per scheduler, 60 % issue); at 16 they
+// take 16 KB and registers set the limit (8-9 blocks). Same call, H200, SS2D core bf16 (fwd / fwd+bwd
+// ms), with the branch-free softplus: enc1 2.78 / 9.85 -> 2.70 / 9.44, dcim_inner1 1.95 / 8.07 ->
+// 1.58 / 7.67, dec3 1.91 / 5.91 -> 1.85 / 5.69; model inference from a graph 65.8 -> 64.4 ms, compiled
+// and from a graph 56.0 -> 54.3 ms (results/ab/1220521-vs-606c269.*).
 constexpr int kTile = 16;
 constexpr int kMaxThreads = 128;
 
