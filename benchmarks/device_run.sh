@@ -68,9 +68,11 @@ BEFORE=$( [ -f "$RESULTS" ] && wc -l < "$RESULTS" || echo 0 )
 
 if [ -n "$TESTS" ]; then
   echo "== pytest $TESTS"
+  # Word-split with shell quoting, so that --tests "-k 'not triton' ..." keeps its expression whole
+  # (split on blanks alone, pytest got "'not" and collected nothing).
+  eval "TEST_ARGS=($TESTS)"
   # SIGINT at the limit: pytest stops as on Ctrl-C and still writes the evidence of what ran.
-  # shellcheck disable=SC2086
-  VMAMBAX_EVIDENCE_DIR="$OUT" timeout --signal=INT --kill-after=30 "${TEST_TIMEOUT:-300}" python3 -m pytest -p benchmarks.gpu_evidence -q --timeout=900 ${KEXPR:+-k "$KEXPR"} $TESTS 2>&1 \
+  VMAMBAX_EVIDENCE_DIR="$OUT" timeout --signal=INT --kill-after=30 "${TEST_TIMEOUT:-300}" python3 -m pytest -p benchmarks.gpu_evidence -q --timeout=900 ${KEXPR:+-k "$KEXPR"} "${TEST_ARGS[@]}" 2>&1 \
     | tee "$OUT/tests.log" | tail -40
   for f in "$OUT"/*.json; do [ -f "$f" ] && mv "$f" "$OUT/evidence-$(basename "$f")"; done
 fi
