@@ -12,6 +12,7 @@ checked against the reference scan and its autograd.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -639,7 +640,6 @@ _MT, _MR, _MF, _FB = 32, 8, 1024, 4           # kMergeTile, kMergeRows, kMergeFl
 
 
 def test_fwd_merge_constants_match_the_sources():
-    import re
     h = (ROOT / "csrc" / "selective_scan" / "ss2d.h").read_text()
     cuh = (ROOT / "csrc" / "selective_scan" / "ss2d_fwd_kernel.cuh").read_text()
     assert re.search(r"kMergeTile = (\d+), kMergeRows = (\d+), kMergeFlat = (\d+);", h).groups() == \
@@ -841,3 +841,44 @@ def test_merge_tile_is_bank_conflict_free_and_rule():
     assert _merge_is_flat(4, 4) and _merge_is_flat(16, 16) and _merge_is_flat(1, 4096) and _merge_is_flat(4096, 1)
     assert not _merge_is_flat(32, 32) and not _merge_is_flat(128, 96) and not _merge_is_flat(8, 150)
     assert not _merge_is_flat(37, 53)
+
+
+def test_softplus_transcribed():
+    """ss2d_common.cuh's branch-free softplus, transcribed in float32 with its constants read from
+    the source and the two MUFU results (ex2, rcp.approx) correctly rounded: within 5 ulp of
+    log1p(exp(z)) in float64 (4.2 when designed; without the split of |z| log2(e) into kLog2e and
+    kLog2eLo, 29 at z = -30), and z itself above torch's threshold of 20."""
+    import numpy as np
+    src = (ROOT / "csrc" / "selective_scan" / "ss2d_common.cuh").read_text()
+    body = src[src.index("float softplus(float z)"):]
+    body = body[:body.index("\n}\n")]
+    f32 = np.float32
+    log2e = f32(float(re.search(r"kLog2e = ([0-9.e+-]+)f;", src).group(1)))
+    log2e_lo = f32(float(re.search(r"kLog2eLo = ([0-9.e+-]+)f;", body).group(1)))
+    ln2 = f32(float(re.search(r"kLn2 = ([0-9.e+-]+)f;", body).group(1)))
+    dens = [int(d) for d in re.findall(r"2\.f / (\d+)\.f", body)]  # Horner order, highest term first
+    assert dens == list(range(13, 2, -2)), dens
+    assert log2e_lo == f32(1 / math.log(2) - float(log2e))  # the float32 nearest the remainder
+
+    def fma(a, b, c):  # float32 fma: exact product and sum, rounded once
+        return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(f32)
+
+    z = np.concatenate([np.linspace(-40, 40, 400_001), np.geomspace(1e-8, 40, 20_000), -np.geomspace(1e-8, 40, 20_000),
+                        [0.0, 20.0, np.nextafter(f32(20), f32(21)), 87.0, -87.0, -100.0]]).astype(f32)
+    a = -np.abs(z)
+    xh = (a * log2e).astype(f32)
+    xl = fma(a, log2e_lo, fma(a, log2e, -xh))
+    t0 = np.exp2(xh.astype(np.float64)).astype(f32)
+    t = fma((t0 * ln2).astype(f32), xl, t0)
+    s = (t * (1.0 / (f32(2) + t).astype(np.float64)).astype(f32)).astype(f32)
+    s2 = (s * s).astype(f32)
+    q = f32(2 / dens[0])
+    for d in dens[1:]:
+        q = fma(q, s2, f32(2 / d))
+    q = fma(q, s2, f32(2))
+    got = fma(s, q, np.maximum(z, f32(0))).astype(np.float64)
+    z64 = z.astype(np.float64)
+    want = np.where(z64 > 20, z64, np.log1p(np.exp(z64)))
+    ulp = np.abs(got - want) / np.spacing(np.abs(want).astype(f32)).astype(np.float64)
+    assert ulp.max() <= 5, (ulp.max(), z[ulp.argmax()])
+    assert np.array_equal(got[z > 20], z64[z > 20])
