@@ -41,6 +41,8 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
+// 1 / x by one MUFU.RCP with flush-to-zero (about 1 ulp): a division compiles to a Newton-refined
+// sequence with a slow path, which the softplus below does not need.
 __device__ __forceinline__ float rcp_approx(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -54,9 +56,10 @@ __device__ __forceinline__ float rcp_approx(float x) {
 // instructions per element-state at N = 16 and ~11 at N = 4 next to the ~6 of the recurrence itself.
 // exp(-|z|) splits |z| log2(e) into a rounded part for MUFU.EX2 and the exact remainder (one FFMA
 // more): without it the rounding of that product alone made errors of up to 29 ulp at z = -30.
-// Modelled in float64 with the PTX error bounds of ex2 / rcp.approx: <= 4.2 ulp with exact MUFU
-// results, <= 10 ulp at their documented worst (log1pf(expf(z)): 2.7); for z > 20 the log1p term is
-// under half an ulp of z, so the sum is z exactly, as torch's threshold gives. Timed (H200, same call):
+// Modelled in float64 (tests/ops/test_csrc_compile.py transcribes it) with the PTX error bounds of ex2
+// and rcp.approx: <= 4.2 ulp with exact MUFU results, <= 10 ulp at their documented worst
+// (log1pf(expf(z)): 2.7); for z > 20 the log1p term is under half an ulp of z, so the sum is z
+// exactly, as torch's threshold gives. Timed (H200, same call):
 // with tiles of 32 positions it made the kernels faster (enc1 fwd+bwd 9.90 -> 9.54 ms) but the model's
 // inference slower (66.2 -> 69.2 ms from a graph; enc3 forward 0.86 -> 1.05); with tiles of 16 (kTile)
 // it gains everywhere timed (inference 65.0 -> 64.4 ms against tiles of 16 alone).
