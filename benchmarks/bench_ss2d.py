@@ -3,7 +3,7 @@
     python benchmarks/bench_ss2d.py [--cases enc1,rect1] [--dtypes bf16,fp16] [--scopes core,op]
                                     [--providers cuda,triton,unfused_mamba] [--quick] [--no-record]
     python benchmarks/bench_ss2d.py --sanitize     # cut-down fwd+bwd pass for compute-sanitizer
-    python benchmarks/bench_ss2d.py --profile [--providers triton]   # one enc1 fwd+bwd for Nsight Compute
+    python benchmarks/bench_ss2d.py --profile [--providers triton] [--cases dec3]   # one fwd+bwd for Nsight Compute
 
 Scope "core": cross_selective_scan_2d + LayerNorm (x after the depthwise conv and SiLU -> output
 after out_norm), projections included. Scope "op": selective_scan_2d alone, delta/B/C given.
@@ -281,9 +281,9 @@ def sanitize(cases):
         print(f"sanitize: {name} ok")
 
 
-def profile(provider="cuda"):
-    """One warm-up forward, then one forward + backward of enc1 (core, bf16), for Nsight Compute."""
-    case = SHAPES["enc1"]
+def profile(provider="cuda", name="enc1"):
+    """One warm-up forward, then one forward + backward of one case (core, bf16), for Nsight Compute."""
+    case = SHAPES[name]
     inputs = core_inputs(case, torch.bfloat16, case.Bt)
     fn = make_fn("core", provider)
     with torch.no_grad():
@@ -303,12 +303,16 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help=f"cases {','.join(QUICK)}, fewer repetitions")
     ap.add_argument("--no-record", action="store_true", help="print only; append nothing to benchmarks/results")
     ap.add_argument("--sanitize", action="store_true", help="cut-down fwd+bwd pass for compute-sanitizer")
-    ap.add_argument("--profile", action="store_true", help="one enc1 core fwd+bwd (bf16) for Nsight Compute")
+    ap.add_argument("--profile", action="store_true",
+                    help="one core fwd+bwd (bf16) for Nsight Compute: enc1, or the first of --cases when given")
     args = ap.parse_args(argv)
     if args.sanitize:
         return sanitize(args.cases.split(","))
-    if args.profile:  # the first of --providers (cuda unless named)
-        return profile(args.providers.split(",")[0])
+    if args.profile:  # the first of --providers (cuda unless named) and of --cases (enc1 unless named)
+        name = "enc1" if args.cases == ",".join(SHAPES) else args.cases.split(",")[0]
+        if name not in SHAPES:
+            raise SystemExit(f"--cases: expected names from {list(SHAPES)}, got {name!r}")
+        return profile(args.providers.split(",")[0], name)
     if not torch.cuda.is_available():
         raise SystemExit("bench_ss2d: needs a CUDA GPU")
     if args.quick and args.cases == ",".join(SHAPES):
