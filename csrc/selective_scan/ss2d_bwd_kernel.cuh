@@ -330,16 +330,21 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
     X[i] = Y[i] = 0.f;
   }
   // softplus'(z) = sigmoid(z) = 1 - exp(-softplus(z)) over dlrow in place (delta is in dl[] now; nothing
-  // else reads the row: its t0 row gets du, a cache row is read once): ~1 ulp (expm1f: no cancellation
-  // for small delta; exactly 1.0f for z > 20, as the thresholded branch gives). In a loop of 4
-  // positions per body: unrolled over TB in the dz loop its copies were 11 % of the main pass's SASS.
+  // else reads the row: its t0 row gets du, a cache row is read once), by sigmoid_from_softplus (exactly
+  // 1.0f for z > 20, as the thresholded branch gives). In a loop of 4 positions per body: unrolled over
+  // TB in the dz loop its copies were 11 % of the main pass's SASS.
   if (p.softplus) {
 #pragma unroll 4
-    for (int i = 0; i < TB; ++i) dlrow[i] = -expm1f(-dlrow[i]);
+    for (int i = 0; i < TB; ++i) dlrow[i] = sigmoid_from_softplus(dlrow[i]);
   }
   const int w = c >> 5, l = c & 31, slot = j > 0 ? j - 1 : 0;
+  // A of the next state is loaded during this one's: loaded at the loop's top, its wait held up the
+  // state's first ex2 (4 % of the main pass's stall samples at enc1, long scoreboard; H200, 4d5bbb7).
+  const float *Arow = p.A + dA_row * N;
+  float Anext = Arow[0];
   for (int n = 0; n < N; ++n) {
-    const float An = p.A[dA_row * N + n], A2n = An * kLog2e;
+    const float An = Anext, A2n = An * kLog2e;
+    Anext = Arow[n + 1 < N ? n + 1 : n];
     const float *Bn = m.sB + n * TB, *Cn = m.sC + n * TB;
     float h = m.hS[(slot * N + n) * nth + c];
     const float h0 = h;  // h_{t-1} of the sub-tile's first step
@@ -439,6 +444,20 @@ __device__ __forceinline__ void bwd_subtile(const SS2DParams &p, const SS2DSide 
   }
 }
 
+// dst[n nth] = on ? src[n Dm] : 0 for the states n < N, the loads of 8 states issued before their
+// stores: one state at a time, each load waited for the store before it (the compiler keeps a load
+// after a store it cannot prove disjoint), 1.6-1.8 % of the main pass's stall samples per call site.
+__device__ __forceinline__ void load_states(float *dst, const float *src, int N, int nth, int64_t Dm, bool on) {
+  for (int n0 = 0; n0 < N; n0 += 8) {
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = on && n0 + j < N ? src[(n0 + j) * Dm] : 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (n0 + j < N) dst[(n0 + j) * nth] = v[j];
+  }
+}
+
 // Pass 3 (per side): replays, reverse recurrence, every gradient. du's read-add-writes issue
 // kRmwBatchBwd loads per thread before their stores: one element at a time, each was a dependent
 // round trip (on the column side a separate sector, stride W: 5.9 ms against 5.0 for the rows).
@@ -461,7 +480,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
     const int64_t row = chunk_row(p, g.b, k, g.c);
     const bool carried = p.nc > 1 && active;
     for (int r = 0; r < R; ++r) m.sDW[r * nth + c] = 0.f;
-    for (int n = 0; n < N; ++n) m.sE[n * nth + c] = carried ? p.cQ[(row * N + n) * p.Dm + d] : 0.f;
+    load_states(m.sE + c, p.cQ + row * N * p.Dm + d, N, nth, p.Dm, carried);
     const float Dk = (p.D && active) ? p.D[k * p.Dm + d] : 0.f;
     float dDacc = 0.f, dbacc = 0.f;
     // Forward replay of the chunk: the state entering each sub-tile j >= 1, at slot j - 1.
@@ -511,7 +530,7 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
       if (!cached) bwd_delta(p, m, k, d, cnt, t0row);  // softplus' is formed in bwd_subtile
       float *dlrow = cached ? m.sDl + (j * nth + c) * (TB + 1) : t0row;
       if (j == 0) {  // slot 0 (sub-tile 1's state, consumed) gets the chunk's entering state
-        for (int n = 0; n < N; ++n) m.hS[n * nth + c] = carried ? p.cE[(row * N + n) * p.Dm + d] : 0.f;
+        load_states(m.hS + c, p.cE + row * N * p.Dm + d, N, nth, p.Dm, carried);
       }
       const bool first = j == nsub - 1;
       if (kk) bwd_subtile<1, Acc>(p, sd, m, g.b, k, g.d0, j, q, cnt, Dk, dDacc, dbacc, first, dlrow);
@@ -545,28 +564,44 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
         }
       }
       if (R > 0) {  // ddt[r][i] = sum over the block's channels of W[k, d, r] dz[d][i]
-        // Thread o takes r = o / 4 and the 4 positions of dz's chunk o % 4: one W load and one
-        // LDS.128 per 4 FMAs. One output per thread (a scalar load of each) took ~18 instructions per
-        // FMA (71 per 4 channels, sm_90): 1.7 k per thread and sub-tile at R = 6, nth = 96, more than
-        // the main pass's two softplus. Same FMAs in the same order per output: the same sums.
-        const int nact = min(nth, p.Dm - g.d0);
-        for (int o = c; o < R * (TB / 4); o += nth) {
-          const int r = o >> 2, i0 = 4 * (o & 3);
-          if (i0 >= cnt) continue;
-          const float *Wr = p.Wdt + int64_t(k * p.Dm + g.d0) * R + r;
+        // Output unit o = (r, 4 positions) takes P lanes of one warp (P the largest power of two up to
+        // 32 with R (TB / 4) P <= nth): lane `part` sums the channels part, part + P, ... with one W
+        // load and one LDS.128 per 4 FMAs, then xor shuffles combine the P partials (a fixed order).
+        // With one thread per output (P = 1) the product ran on the first R (TB / 4) threads alone,
+        // one warp at R = 6, while the others waited at the next barrier (5.6 % of the main pass's
+        // stall samples at dec3, H200, 4d5bbb7).
+        const int units = R * (TB / 4), nact = min(nth, p.Dm - g.d0);
+        int lgP = 0;
+        while (lgP < 5 && (units << (lgP + 1)) <= nth) ++lgP;
+        const int P = 1 << lgP;
+        const float *Wk = p.Wdt + int64_t(k * p.Dm + g.d0) * R;
+        for (int o0 = 0; o0 < units * P; o0 += nth) {  // block-uniform: every lane reaches the shuffles
+          const int o = o0 + c, unit = o >> lgP, part = o & (P - 1);
+          const int r = unit >> 2, i0 = 4 * (unit & 3);
+          const bool on = o < units * P && i0 < cnt;
           float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-          const float *zc = m.t1 + i0;
-          for (int cc = 0; cc < nact; ++cc, zc += TB) {
-            const float w = __ldg(Wr + cc * R);
-            const float4 z = ld4(zc);
-            a0 = fmaf(w, z.x, a0); a1 = fmaf(w, z.y, a1);
-            a2 = fmaf(w, z.z, a2); a3 = fmaf(w, z.w, a3);
+          if (on) {
+            const float *zc = m.t1 + i0 + part * TB;
+            for (int cc = part; cc < nact; cc += P, zc += P * TB) {
+              const float w = __ldg(Wk + cc * R + r);
+              const float4 z = ld4(zc);
+              a0 = fmaf(w, z.x, a0); a1 = fmaf(w, z.y, a1);
+              a2 = fmaf(w, z.z, a2); a3 = fmaf(w, z.w, a3);
+            }
           }
-          Acc *dst = reinterpret_cast<Acc *>(sd.ddl) + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(r) * L + q + i0;
-          atomicAdd(dst, Acc(a0));
-          if (i0 + 1 < cnt) atomicAdd(dst + 1, Acc(a1));
-          if (i0 + 2 < cnt) atomicAdd(dst + 2, Acc(a2));
-          if (i0 + 3 < cnt) atomicAdd(dst + 3, Acc(a3));
+          for (int off = P >> 1; off > 0; off >>= 1) {
+            a0 += __shfl_xor_sync(0xffffffffu, a0, off);
+            a1 += __shfl_xor_sync(0xffffffffu, a1, off);
+            a2 += __shfl_xor_sync(0xffffffffu, a2, off);
+            a3 += __shfl_xor_sync(0xffffffffu, a3, off);
+          }
+          if (on && part == 0) {
+            Acc *dst = reinterpret_cast<Acc *>(sd.ddl) + g.b * sd.ddl_b + kk * sd.ddl_k + int64_t(r) * L + q + i0;
+            atomicAdd(dst, Acc(a0));
+            if (i0 + 1 < cnt) atomicAdd(dst + 1, Acc(a1));
+            if (i0 + 2 < cnt) atomicAdd(dst + 2, Acc(a2));
+            if (i0 + 3 < cnt) atomicAdd(dst + 3, Acc(a3));
+          }
         }
       }
     }

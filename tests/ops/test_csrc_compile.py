@@ -882,3 +882,33 @@ def test_softplus_transcribed():
     ulp = np.abs(got - want) / np.spacing(np.abs(want).astype(f32)).astype(np.float64)
     assert ulp.max() <= 5, (ulp.max(), z[ulp.argmax()])
     assert np.array_equal(got[z > 20], z64[z > 20])
+
+
+def test_sigmoid_from_softplus_transcribed():
+    """ss2d_common.cuh's softplus' from delta = softplus(z) (1 - exp(-delta)), transcribed in float32 with
+    its coefficients read from the source and ex2 correctly rounded: within 2 ulp of -expm1(-delta) in
+    float64 over [0, 100] (1.64 when designed), 0 at delta = 0 and exactly 1 from delta = 20."""
+    import numpy as np
+    src = (ROOT / "csrc" / "selective_scan" / "ss2d_common.cuh").read_text()
+    body = src[src.index("float sigmoid_from_softplus(float delta)"):]
+    body = body[:body.index("\n}\n")]
+    f32 = np.float32
+    log2e = f32(float(re.search(r"kLog2e = ([0-9.e+-]+)f;", src).group(1)))
+    coef = [f32(float(c)) for c in re.findall(r"([-0-9.e]+)f(?=[;)])", body)[:8]]  # Horner order
+    assert len(coef) == 8 and coef[-1] == 1 and coef[-2] == -0.5, coef
+
+    def fma(a, b, c):  # float32 fma: exact product and sum, rounded once
+        return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(f32)
+
+    x = np.concatenate([np.linspace(0, 4, 400_001), np.geomspace(1e-10, 100, 50_000),
+                        np.nextafter(f32(1), f32(0)) + np.arange(-50, 50, dtype=f32) * np.spacing(f32(1)),
+                        [0.0, 1.0, 20.0, 87.0]]).astype(f32)
+    q = np.full_like(x, coef[0])
+    for c in coef[1:]:
+        q = fma(q, x, c)
+    e = np.exp2((-x * log2e).astype(f32).astype(np.float64)).astype(f32)
+    got = np.where(x < 1, (x * q).astype(f32), (f32(1) - e).astype(f32)).astype(np.float64)
+    want = -np.expm1(-x.astype(np.float64))
+    ulp = np.abs(got - want)[x > 0] / np.spacing(want[x > 0].astype(f32)).astype(np.float64)
+    assert ulp.max() <= 2, (ulp.max(), x[x > 0][ulp.argmax()])
+    assert got[x == 0].max() == 0 and (got[x >= 20] == 1).all()
