@@ -564,32 +564,35 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
         }
       }
       if (R > 0) {  // ddt[r][i] = sum over the block's channels of W[k, d, r] dz[d][i]
-        // Output unit o = (r, 4 positions) takes P lanes of one warp (P the largest power of two up to
-        // 32 with R (TB / 4) P <= nth): lane `part` sums the channels part, part + P, ... with one W
-        // load and one LDS.128 per 4 FMAs, then xor shuffles combine the P partials (a fixed order).
-        // With one thread per output (P = 1) the product ran on the first R (TB / 4) threads alone,
-        // one warp at R = 6, while the others waited at the next barrier (5.6 % of the main pass's
-        // stall samples at dec3, H200, 4d5bbb7).
+        // Output unit (r, 4 positions) takes P lanes of one warp, P the largest power of two up to 32
+        // with R (TB / 4) P <= nth: its `part` (the high lane bits) sums a contiguous range of
+        // channels with one W load and one LDS.128 per 4 FMAs (a compile-time stride: the loop unrolls
+        // and its loads overlap; with a stride of P channels it did not, and took 25 % longer at enc3),
+        // then xor shuffles add the P partials in a fixed order. The 32 / P units of a quarter of the
+        // warp read the same channel: 4 positions each, no bank conflict. With one thread per output
+        // (P = 1 always) the product ran on the first R (TB / 4) threads alone, one warp at R = 6, while
+        // the others waited at the next barrier (5.6 % of the main pass's stall samples at dec3, H200).
         const int units = R * (TB / 4), nact = min(nth, p.Dm - g.d0);
         int lgP = 0;
         while (lgP < 5 && (units << (lgP + 1)) <= nth) ++lgP;
-        const int P = 1 << lgP;
+        const int upw = 5 - lgP, len = (nact + (1 << lgP) - 1) >> lgP;  // log2(units per warp); channels per part
         const float *Wk = p.Wdt + int64_t(k * p.Dm + g.d0) * R;
-        for (int o0 = 0; o0 < units * P; o0 += nth) {  // block-uniform: every lane reaches the shuffles
-          const int o = o0 + c, unit = o >> lgP, part = o & (P - 1);
-          const int r = unit >> 2, i0 = 4 * (unit & 3);
-          const bool on = o < units * P && i0 < cnt;
+        for (int o0 = 0; o0 < units << lgP; o0 += nth) {  // block-uniform: every lane reaches the shuffles
+          const int o = o0 + c, lane = c & 31, part = lane >> upw;
+          const int unit = ((o >> 5) << upw) + (lane & ((1 << upw) - 1)), r = unit >> 2, i0 = 4 * (unit & 3);
+          const bool on = unit < units && i0 < cnt;
+          const int c_lo = part * len, c_hi = min(nact, c_lo + len);
           float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
           if (on) {
-            const float *zc = m.t1 + i0 + part * TB;
-            for (int cc = part; cc < nact; cc += P, zc += P * TB) {
-              const float w = __ldg(Wk + cc * R + r);
+            const float *zc = m.t1 + c_lo * TB + i0, *wc = Wk + c_lo * R + r;
+            for (int cc = c_lo; cc < c_hi; ++cc, zc += TB, wc += R) {
+              const float w = __ldg(wc);
               const float4 z = ld4(zc);
               a0 = fmaf(w, z.x, a0); a1 = fmaf(w, z.y, a1);
               a2 = fmaf(w, z.z, a2); a3 = fmaf(w, z.w, a3);
             }
           }
-          for (int off = P >> 1; off > 0; off >>= 1) {
+          for (int off = 16; off >= 32 >> lgP; off >>= 1) {
             a0 += __shfl_xor_sync(0xffffffffu, a0, off);
             a1 += __shfl_xor_sync(0xffffffffu, a1, off);
             a2 += __shfl_xor_sync(0xffffffffu, a2, off);
