@@ -568,8 +568,8 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
         // with R (TB / 4) P <= nth: its `part` (the high lane bits) sums a contiguous range of
         // channels with one W load and one LDS.128 per 4 FMAs (a compile-time stride: the loop unrolls
         // and its loads overlap; with a stride of P channels it did not, and took 25 % longer at enc3),
-        // then xor shuffles add the P partials in a fixed order. The 32 / P units of a quarter of the
-        // warp read the same channel: 4 positions each, no bank conflict. With one thread per output
+        // then xor shuffles add the P partials in a fixed order. At P <= 4 the units of a quarter-warp
+        // read one channel (4 positions each): no bank conflict (P 8+ only at R <= 4). One thread per output
         // (P = 1 always) the product ran on the first R (TB / 4) threads alone, one warp at R = 6, while
         // the others waited at the next barrier (5.6 % of the main pass's stall samples at dec3, H200).
         const int units = R * (TB / 4), nact = min(nth, p.Dm - g.d0);
