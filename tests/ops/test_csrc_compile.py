@@ -843,6 +843,12 @@ def test_merge_tile_is_bank_conflict_free_and_rule():
     assert not _merge_is_flat(37, 53)
 
 
+def _fma32(a, b, c):
+    """float32 fma as the tests model it: the product exact in float64, the sum rounded to float32."""
+    import numpy as np
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
+
+
 def test_softplus_transcribed():
     """ss2d_common.cuh's branch-free softplus, transcribed in float32 with its constants read from
     the source and the two MUFU results (ex2, rcp.approx) correctly rounded: within 5 ulp of
@@ -860,23 +866,20 @@ def test_softplus_transcribed():
     assert dens == list(range(13, 2, -2)), dens
     assert log2e_lo == f32(1 / math.log(2) - float(log2e))  # the float32 nearest the remainder
 
-    def fma(a, b, c):  # float32 fma: exact product and sum, rounded once
-        return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(f32)
-
     z = np.concatenate([np.linspace(-40, 40, 400_001), np.geomspace(1e-8, 40, 20_000), -np.geomspace(1e-8, 40, 20_000),
                         [0.0, 20.0, np.nextafter(f32(20), f32(21)), 87.0, -87.0, -100.0]]).astype(f32)
     a = -np.abs(z)
     xh = (a * log2e).astype(f32)
-    xl = fma(a, log2e_lo, fma(a, log2e, -xh))
+    xl = _fma32(a, log2e_lo, _fma32(a, log2e, -xh))
     t0 = np.exp2(xh.astype(np.float64)).astype(f32)
-    t = fma((t0 * ln2).astype(f32), xl, t0)
+    t = _fma32((t0 * ln2).astype(f32), xl, t0)
     s = (t * (1.0 / (f32(2) + t).astype(np.float64)).astype(f32)).astype(f32)
     s2 = (s * s).astype(f32)
     q = f32(2 / dens[0])
     for d in dens[1:]:
-        q = fma(q, s2, f32(2 / d))
-    q = fma(q, s2, f32(2))
-    got = fma(s, q, np.maximum(z, f32(0))).astype(np.float64)
+        q = _fma32(q, s2, f32(2 / d))
+    q = _fma32(q, s2, f32(2))
+    got = _fma32(s, q, np.maximum(z, f32(0))).astype(np.float64)
     z64 = z.astype(np.float64)
     want = np.where(z64 > 20, z64, np.log1p(np.exp(z64)))
     ulp = np.abs(got - want) / np.spacing(np.abs(want).astype(f32)).astype(np.float64)
@@ -897,15 +900,12 @@ def test_sigmoid_from_softplus_transcribed():
     coef = [f32(float(c)) for c in re.findall(r"([-0-9.e]+)f(?=[;)])", body)[:8]]  # Horner order
     assert len(coef) == 8 and coef[-1] == 1 and coef[-2] == -0.5, coef
 
-    def fma(a, b, c):  # float32 fma: exact product and sum, rounded once
-        return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(f32)
-
     x = np.concatenate([np.linspace(0, 4, 400_001), np.geomspace(1e-10, 100, 50_000),
                         np.nextafter(f32(1), f32(0)) + np.arange(-50, 50, dtype=f32) * np.spacing(f32(1)),
                         [0.0, 1.0, 20.0, 87.0]]).astype(f32)
     q = np.full_like(x, coef[0])
     for c in coef[1:]:
-        q = fma(q, x, c)
+        q = _fma32(q, x, c)
     e = np.exp2((-x * log2e).astype(f32).astype(np.float64)).astype(f32)
     got = np.where(x < 1, (x * q).astype(f32), (f32(1) - e).astype(f32)).astype(np.float64)
     want = -np.expm1(-x.astype(np.float64))
