@@ -27,7 +27,9 @@
 
 namespace vmambax {
 
-// u's staging loads in flight per thread (FwdTile::load); a divisor of kTile.
+// u's staging loads in flight per thread (FwdTile::load; a divisor of kTile): 8, and in the output
+// pass at NMAX 16 the whole tile (UB = kTile), where u's staging was ~14 % of the pass's stall samples
+// at enc1 (Nsight Compute, H200) and ptxas keeps it at 72 registers either way.
 constexpr int kFwdStageBatch = 8;
 // B, C and dt elements per thread whose loads are in flight together (FwdTile::load).
 constexpr int kFwdStageBatchBC = 2;
@@ -48,6 +50,7 @@ struct FwdTile {
 
   // Stages positions [q0, q0 + cnt) of the side's plane for walk k (kk = k >> 1), channels
   // d0 .. d0 + nth - 1 (those >= Dm as zeros). delta is stored after bias and softplus.
+  template <int UB = kFwdStageBatch>
   __device__ __forceinline__ void load(const SS2DParams &p, const SS2DSide &sd, int b, int k, int d0, int q0,
                                        int cnt, bool withC) {
     constexpr int NS = ss2d_ns(NMAX);
@@ -89,15 +92,15 @@ struct FwdTile {
     const int64_t su = int64_t(cstep) * sd.u_d;
     float *ou = sU + c0 * (kTile + 1) + i;
 #pragma unroll 1
-    for (int j0 = 0; j0 < kTile; j0 += kFwdStageBatch) {
-      float v[kFwdStageBatch];
+    for (int j0 = 0; j0 < kTile; j0 += UB) {
+      float v[UB];
       const T *u1 = up;
 #pragma unroll
-      for (int s = 0; s < kFwdStageBatch; ++s, u1 += su) v[s] = j0 + s < jend ? to_f(*u1) : 0.f;
+      for (int s = 0; s < UB; ++s, u1 += su) v[s] = j0 + s < jend ? to_f(*u1) : 0.f;
 #pragma unroll
-      for (int s = 0; s < kFwdStageBatch; ++s) ou[s * cstep * (kTile + 1)] = v[s];
-      up += kFwdStageBatch * su;
-      ou += kFwdStageBatch * cstep * (kTile + 1);
+      for (int s = 0; s < UB; ++s) ou[s * cstep * (kTile + 1)] = v[s];
+      up += UB * su;
+      ou += UB * cstep * (kTile + 1);
     }
     if (R == 0) {  // full rank (outside the model): one channel at a time, as before
       for (int c = c0; c < nth; c += cstep) {
@@ -241,7 +244,7 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DPar
       const int tt = kk ? ntile - 1 - jt : jt;
       const int q = g.q0 + tt * kTile, cnt = min(kTile, g.q1 - q);
       __syncthreads();  // the previous tile is stored
-      tile.load(p, sd, g.b, k, g.d0, q, cnt, true);
+      tile.template load<NMAX >= 16 ? kTile : kFwdStageBatch>(p, sd, g.b, k, g.d0, q, cnt, true);
       __syncthreads();
       float *su = tile.sU + c * (kTile + 1);
       const float *sl = tile.sDl + c * (kTile + 1);
