@@ -235,7 +235,10 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     dtype = amp_dtype(cfg.amp, device)
     n_steps = len(_epoch_batches(len(train_ds), per_device, d, cfg.seed, 0, cfg.steps_per_epoch))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused on CUDA (one kernel per tensor group): the compiled step on an H200 took 233.0 ms against
+    # 239.3 / 237.4 with the default foreach AdamW (same call, A-B-A); the CPU keeps the default.
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device.type == "cuda" or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.epochs * n_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start, history, best = 0, [], {"metric": "val_dice", "value": -1.0, "epoch": None}
