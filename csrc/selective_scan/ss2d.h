@@ -2,6 +2,7 @@
 // Plain C++ (no torch headers) so the .cu files compile against the CUDA toolkit alone.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <cuda_runtime.h>
 
 namespace vmambax {
@@ -143,6 +144,27 @@ constexpr int ss2d_ns(int nmax) { return nmax + 4; }
 inline size_t ss2d_fwd_smem(int N, int R, int nth) {
   const int ns = ss2d_ns(ss2d_nmax(N));
   return sizeof(float) * (size_t(2) * kTile * ns + size_t(R) * kTile + size_t(2) * nth * (kTile + 1));
+}
+
+// The forward's asynchronous staging (ss2d_fwd_kernel.cuh:FwdTile::issue): the next tile's u, B, C and
+// low-rank dt are copied raw (16 bytes at a time) into a shared buffer while the current tile is
+// scanned, so the staging no longer waits on L2 / DRAM (its loads were 22-28 % of the forward passes'
+// stall samples, Nsight Compute). Needs 16-byte aligned rows: every base pointer aligned, every stride
+// and L a multiple of 16 bytes' worth of elements (chunks and tiles then start on such a boundary, and a
+// tile's tail is whole 16-byte pieces). Full rank (R == 0, outside the model) keeps the direct loads.
+inline size_t ss2d_fwd_raw_smem(int N, int R, int nth, int elem) {
+  return size_t(elem) * kTile * (size_t(nth) + 2 * ss2d_nmax(N) + R);
+}
+inline bool ss2d_fwd_async_ok(const SS2DParams &p, int elem) {
+  const int64_t seg = 16 / elem;
+  if (p.R == 0 || p.L % seg) return false;
+  for (const SS2DSide &s : p.sides) {
+    for (const void *ptr : {s.u, s.dl, s.B, s.C})
+      if (reinterpret_cast<uintptr_t>(ptr) % 16) return false;
+    for (int64_t st : {s.u_b, s.u_d, s.dl_b, s.dl_k, s.dl_c, s.B_b, s.B_k, s.B_n, s.C_b, s.C_k, s.C_n})
+      if (st % seg) return false;
+  }
+  return true;
 }
 
 // Backward: positions per sub-tile (registers hold 7 per-step values per thread and sub-tile).

@@ -102,6 +102,28 @@ __device__ __forceinline__ float sigmoid_from_softplus(float delta) {
   return r;
 }
 
+// 16-byte copies global -> shared memory that complete in the background (cp.async, sm_80+):
+// src_bytes 0 writes zeros and reads nothing (src must still be a valid address). Older
+// architectures copy synchronously.
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
+#else
+  *static_cast<uint4 *>(dst) = src_bytes ? *static_cast<const uint4 *>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 template <int NMAX>
 __device__ __forceinline__ void load_A2(const SS2DParams &p, int k, int d, float (&A2)[NMAX]) {
   const int kd = k * p.Dm + (d < p.Dm ? d : 0);

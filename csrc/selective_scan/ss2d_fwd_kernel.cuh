@@ -38,6 +38,7 @@ constexpr int kFwdStageBatchBC = 2;
 template <typename T, int NMAX>
 struct FwdTile {
   float *sB, *sC, *sDt, *sU, *sDl;  // sB/sC [kS][NS], sDt [R][kS], sU/sDl [nth][kS + 1]
+  T *raw;  // ASYNC: the next tile as loaded, rows of kTile: [nth] u, [NMAX] B, [NMAX] C, [R] dt
 
   __device__ __forceinline__ FwdTile(float *smem, int R, int nth) {
     constexpr int NS = ss2d_ns(NMAX);
@@ -46,13 +47,51 @@ struct FwdTile {
     sDt = sC + kTile * NS;
     sU = sDt + R * kTile;
     sDl = sU + nth * (kTile + 1);
+    raw = reinterpret_cast<T *>(sDl + nth * (kTile + 1));  // 16-byte aligned: nth is a multiple of 32
   }
 
-  // Stages positions [q0, q0 + cnt) of the side's plane for walk k (kk = k >> 1), channels
-  // d0 .. d0 + nth - 1 (those >= Dm as zeros). delta is stored after bias and softplus.
-  template <int UB = kFwdStageBatch>
-  __device__ __forceinline__ void load(const SS2DParams &p, const SS2DSide &sd, int b, int k, int d0, int q0,
-                                       int cnt, bool withC) {
+  // ASYNC staging: starts the copies of positions [q0, q0 + cnt) for walk k into raw (rows of channels
+  // >= Dm, states >= N and the 16-byte pieces past cnt as zeros), one commit group; load() waits for it.
+  // raw must be free: every thread past the barrier that follows the previous load().
+  __device__ __forceinline__ void issue(const SS2DParams &p, const SS2DSide &sd, int b, int k, int d0, int q0,
+                                        int cnt, bool withC) {
+    constexpr int SEG = 16 / int(sizeof(T)), SPR = kTile / SEG;  // elements per copy, copies per row
+    // b through an opaque move: the addresses below are then formed at each call, not hoisted out of
+    // the caller's loops (ptxas gave the output pass at NMAX 16 126 registers for the hoisted ones).
+    asm volatile("mov.b32 %0, %0;" : "+r"(b));
+    const int nth = blockDim.x, kk = k >> 1, rows = nth + 2 * NMAX + p.R;
+    const T *u = static_cast<const T *>(sd.u) + b * sd.u_b + q0;
+    const T *Bp = static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k + q0;
+    const T *Cp = static_cast<const T *>(sd.C) + b * sd.C_b + kk * sd.C_k + q0;
+    const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b + kk * sd.dl_k + q0;
+#pragma unroll 1
+    for (int e = threadIdx.x; e < rows * SPR; e += nth) {
+      const int row = e / SPR, i = (e - row * SPR) * SEG;
+      const T *src;
+      bool on = i < cnt;
+      if (row < nth) {
+        on = on && d0 + row < p.Dm;
+        src = u + int64_t(d0 + row) * sd.u_d + i;
+      } else if (row < nth + NMAX) {
+        const int n = row - nth;
+        on = on && n < p.N;
+        src = Bp + n * sd.B_n + i;
+      } else if (row < nth + 2 * NMAX) {
+        const int n = row - nth - NMAX;
+        on = on && n < p.N && withC;
+        src = Cp + n * sd.C_n + i;
+      } else {
+        src = dl + (row - nth - 2 * NMAX) * sd.dl_c + i;
+      }
+      cp_async16(raw + row * kTile + i, on ? src : static_cast<const T *>(sd.u), on ? 16 : 0);
+    }
+    cp_async_commit();
+  }
+
+  // load() from global memory directly (not ASYNC); the full-rank delta too.
+  template <int UB>
+  __device__ __forceinline__ void load_direct(const SS2DParams &p, const SS2DSide &sd, int b, int k, int d0,
+                                              int q0, int cnt, bool withC) {
     constexpr int NS = ss2d_ns(NMAX);
     const int tid = threadIdx.x, nth = blockDim.x, N = p.N, R = p.R, kk = k >> 1;
     const T *Bp = static_cast<const T *>(sd.B) + b * sd.B_b + kk * sd.B_k + q0;
@@ -111,6 +150,39 @@ struct FwdTile {
         sDl[c * (kTile + 1) + i] = on ? (p.softplus ? softplus(z) : z) : 0.f;
       }
     }
+  }
+
+  // Converts the tile that issue() copied into raw (the caller waited for it and passed a barrier).
+  __device__ __forceinline__ void convert(int R, bool withC) {
+    constexpr int NS = ss2d_ns(NMAX);
+    const int tid = threadIdx.x, nth = blockDim.x;
+    const T *rB = raw + nth * kTile, *rC = rB + NMAX * kTile, *rT = rC + NMAX * kTile;
+#pragma unroll 1
+    for (int e = tid; e < NMAX * kTile; e += nth) {
+      const int n = e / kTile, i = e - n * kTile;
+      sB[i * NS + n] = to_f(rB[e]);
+      if (withC) sC[i * NS + n] = to_f(rC[e]);
+    }
+#pragma unroll 1
+    for (int e = tid; e < R * kTile; e += nth) sDt[e] = to_f(rT[e]);
+#pragma unroll 4
+    for (int e = tid; e < nth * kTile; e += nth) {
+      const int c = e / kTile;
+      sU[c * (kTile + 1) + (e - c * kTile)] = to_f(raw[e]);
+    }
+  }
+
+  // Stages positions [q0, q0 + cnt) of the side's plane for walk k (kk = k >> 1), channels
+  // d0 .. d0 + nth - 1 (those >= Dm as zeros). delta is stored after bias and softplus. ASYNC: the
+  // tile is in raw already (issue, then the caller's wait and barrier). The two ways are separate
+  // instantiations: in one kernel behind a runtime flag, ptxas held the output pass at NMAX 16 to
+  // 124 registers (72 for either alone).
+  template <bool ASYNC, int UB = kFwdStageBatch>
+  __device__ __forceinline__ void load(const SS2DParams &p, const SS2DSide &sd, int b, int k, int d0, int q0,
+                                       int cnt, bool withC) {
+    const int tid = threadIdx.x, R = p.R;
+    if constexpr (ASYNC) convert(R, withC);
+    else load_direct<UB>(p, sd, b, k, d0, q0, cnt, withC);
     if (R > 0) {
       __syncthreads();  // sDt complete
       // delta[c][i] = W[k, d, :] . dt[:, i] + bias in fp32 by the channel's own thread: W[k, d, r]
@@ -142,7 +214,7 @@ struct FwdTile {
 };
 
 // Pass 1: end state from zero and sum of delta of every chunk, both walks of both sides.
-template <typename T, int NMAX>
+template <typename T, int NMAX, bool ASYNC>
 __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_chunk_kernel(const SS2DParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int NS = ss2d_ns(NMAX);
@@ -152,8 +224,14 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_chunk_kernel(const SS2DP
   prefetch_chunk<T>(p, sd, g.b, g.d0, g.q0, g.q1, true, true, false, nullptr);
   const int c = threadIdx.x, d = g.d0 + c;
   const int ntile = (g.q1 - g.q0 + kTile - 1) / kTile;
+  auto skip = [&](int kk) { return g.c == (kk ? 0 : p.nc - 1); };  // the walk's last chunk: nothing enters after it
+  auto issue = [&](int kk, int jt) {  // ASYNC: tile jt (walk order) of walk kk into tile.raw
+    const int q = g.q0 + (kk ? ntile - 1 - jt : jt) * kTile;
+    tile.issue(p, sd, g.b, g.side + 2 * kk, g.d0, q, min(kTile, g.q1 - q), false);
+  };
+  if constexpr (ASYNC) issue(skip(0) ? 1 : 0, 0);  // nc > 1 here: at most one walk is skipped
   for (int kk = 0; kk < 2; ++kk) {
-    if (g.c == (kk ? 0 : p.nc - 1)) continue;  // the walk's last chunk: nothing enters after it
+    if (skip(kk)) continue;
     const int k = g.side + 2 * kk;
     float A2[NMAX], h[NMAX];
     load_A2<NMAX>(p, k, d, A2);
@@ -163,9 +241,13 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_chunk_kernel(const SS2DP
     for (int jt = 0; jt < ntile; ++jt) {
       const int tt = kk ? ntile - 1 - jt : jt;
       const int q = g.q0 + tt * kTile, cnt = min(kTile, g.q1 - q);
-      __syncthreads();  // the previous tile is consumed
-      tile.load(p, sd, g.b, k, g.d0, q, cnt, false);
+      if constexpr (ASYNC) cp_async_wait_all();
+      __syncthreads();  // the previous tile is consumed (and, staged async, this one's copies are complete)
+      tile.template load<ASYNC>(p, sd, g.b, k, g.d0, q, cnt, false);
       __syncthreads();
+      if constexpr (ASYNC) {  // tile.raw is consumed: the next tile's copies (one call site: two cost registers)
+        if (jt + 1 < ntile || (kk == 0 && !skip(1))) issue(jt + 1 < ntile ? kk : 1, jt + 1 < ntile ? jt + 1 : 0);
+      }
       const float *su = tile.sU + c * (kTile + 1), *sl = tile.sDl + c * (kTile + 1);
       for (int s = 0; s < cnt; ++s) {
         const int i = kk ? cnt - 1 - s : s;
@@ -219,7 +301,7 @@ __global__ void __launch_bounds__(256) ss2d_fwd_carry_kernel(const SS2DParams p)
 //           out 12 B, in place), all coalesced: 34 B x E = 0.86 GB (4.1x less); DRAM floor ~18 B x E
 //           (+8 B x E = +201 MB, ~0.07 ms at 3 TB/s: accT written back and read once more).
 //   Memory: accT is one more fp32 (Bt, Dm, L) buffer for the op's duration: 100.7 MB at enc1.
-template <typename T, int NMAX>
+template <typename T, int NMAX, bool ASYNC>
 __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int NS = ss2d_ns(NMAX);
@@ -231,6 +313,11 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DPar
   const bool active = d < p.Dm;
   const int ntile = (g.q1 - g.q0 + kTile - 1) / kTile;
   float *const dst = g.side ? p.accT : p.acc;
+  auto issue = [&](int kk, int jt) {  // ASYNC: tile jt (walk order) of walk kk into tile.raw
+    const int q = g.q0 + (kk ? ntile - 1 - jt : jt) * kTile;
+    tile.issue(p, sd, g.b, g.side + 2 * kk, g.d0, q, min(kTile, g.q1 - q), true);
+  };
+  if constexpr (ASYNC) issue(0, 0);
   for (int kk = 0; kk < 2; ++kk) {
     const int k = g.side + 2 * kk;
     float A2[NMAX], h[NMAX];
@@ -243,9 +330,13 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_fwd_out_kernel(const SS2DPar
     for (int jt = 0; jt < ntile; ++jt) {
       const int tt = kk ? ntile - 1 - jt : jt;
       const int q = g.q0 + tt * kTile, cnt = min(kTile, g.q1 - q);
-      __syncthreads();  // the previous tile is stored
-      tile.template load<NMAX >= 16 ? kTile : kFwdStageBatch>(p, sd, g.b, k, g.d0, q, cnt, true);
+      if constexpr (ASYNC) cp_async_wait_all();
+      __syncthreads();  // the previous tile is stored (and, staged async, this one's copies are complete)
+      tile.template load<ASYNC, NMAX >= 16 ? kTile : kFwdStageBatch>(p, sd, g.b, k, g.d0, q, cnt, true);
       __syncthreads();
+      if constexpr (ASYNC) {  // tile.raw is consumed: the next tile's copies (one call site: two cost registers)
+        if (jt + 1 < ntile || kk == 0) issue(jt + 1 < ntile ? kk : 1, jt + 1 < ntile ? jt + 1 : 0);
+      }
       float *su = tile.sU + c * (kTile + 1);
       const float *sl = tile.sDl + c * (kTile + 1);
       for (int s = 0; s < cnt; ++s) {
@@ -388,22 +479,28 @@ void ss2d_fwd_merge_launch(const SS2DParams &p, cudaStream_t stream) {
   }
 }
 
+template <typename T, int NMAX, bool ASYNC>
+void ss2d_fwd_scan_launch(const SS2DParams &p, size_t smem, cudaStream_t stream) {
+  const dim3 grid(unsigned(p.nc * 2 * p.Bt), unsigned((p.Dm + p.nth - 1) / p.nth));
+  if (smem > 48 * 1024) {
+    cudaFuncSetAttribute(ss2d_fwd_chunk_kernel<T, NMAX, ASYNC>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    cudaFuncSetAttribute(ss2d_fwd_out_kernel<T, NMAX, ASYNC>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  }
+  if (p.nc > 1) {
+    ss2d_fwd_chunk_kernel<T, NMAX, ASYNC><<<grid, p.nth, smem, stream>>>(p);
+    const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
+    ss2d_fwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
+  }
+  ss2d_fwd_out_kernel<T, NMAX, ASYNC><<<grid, p.nth, smem, stream>>>(p);
+}
+
 template <typename T>
 void ss2d_fwd_launch(const SS2DParams &p, cudaStream_t stream) {
-  const int nth = p.nth;
-  const size_t smem = ss2d_fwd_smem(p.N, p.R, nth);
-  const unsigned dtiles = unsigned((p.Dm + nth - 1) / nth);
+  const size_t smem = ss2d_fwd_smem(p.N, p.R, p.nth), raw = ss2d_fwd_raw_smem(p.N, p.R, p.nth, int(sizeof(T)));
+  const bool async = ss2d_fwd_async_ok(p, int(sizeof(T))) && smem + raw <= 227 * 1024;
   SS2D_NMAX_SWITCH(p.N, NMAX, [&] {
-    if (smem > 48 * 1024) {
-      cudaFuncSetAttribute(ss2d_fwd_chunk_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      cudaFuncSetAttribute(ss2d_fwd_out_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    }
-    if (p.nc > 1) {
-      ss2d_fwd_chunk_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem, stream>>>(p);
-      const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
-      ss2d_fwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
-    }
-    ss2d_fwd_out_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem, stream>>>(p);
+    if (async) ss2d_fwd_scan_launch<T, NMAX, true>(p, smem + raw, stream);
+    else ss2d_fwd_scan_launch<T, NMAX, false>(p, smem, stream);
   });
   if (p.out_type == OutType::kFloat) ss2d_fwd_merge_launch<T, float>(p, stream);
   else if (p.out_type == OutType::kBFloat16) ss2d_fwd_merge_launch<T, __nv_bfloat16>(p, stream);
