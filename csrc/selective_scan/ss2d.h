@@ -151,13 +151,17 @@ inline size_t ss2d_fwd_smem(int N, int R, int nth) {
 // scanned, so the staging no longer waits on L2 / DRAM (its loads were 22-28 % of the forward passes'
 // stall samples, Nsight Compute). Needs 16-byte aligned rows: every base pointer aligned, every stride
 // and L a multiple of 16 bytes' worth of elements (chunks and tiles then start on such a boundary, and a
-// tile's tail is whole 16-byte pieces). Full rank (R == 0, outside the model) keeps the direct loads.
+// tile's tail is whole 16-byte pieces). Full rank (R == 0, outside the model) keeps the direct loads,
+// and so do planes of one tile (L <= kTile: nothing to overlap but the second walk's tile), where the
+// copies' 8 registers more cost more than they hid (dcim_inner1, 4 x 4 planes, 1.55 -> 1.57 ms).
+// Same call, H200, SS2D core bf16 forward: enc1 2.675 -> 2.617 ms, enc3 0.808 -> 0.783, dec3 1.843 ->
+// 1.777, rect1 2.027 -> 1.981 (results/ab/9f37ccc-fwd-async-vs-3b12a1d.*).
 inline size_t ss2d_fwd_raw_smem(int N, int R, int nth, int elem) {
   return size_t(elem) * kTile * (size_t(nth) + 2 * ss2d_nmax(N) + R);
 }
 inline bool ss2d_fwd_async_ok(const SS2DParams &p, int elem) {
   const int64_t seg = 16 / elem;
-  if (p.R == 0 || p.L % seg) return false;
+  if (p.R == 0 || p.L <= kTile || p.L % seg) return false;
   for (const SS2DSide &s : p.sides) {
     for (const void *ptr : {s.u, s.dl, s.B, s.C})
       if (reinterpret_cast<uintptr_t>(ptr) % 16) return false;
