@@ -6,7 +6,9 @@
 // A block is nth <= 128 channels of the same (b, side, chunk): B, C and the low-rank dt of a tile
 // of kTile positions are staged once in shared memory and read as broadcasts (float4 over states);
 // u and delta (or delta formed from dt) are staged as a (channel, position) tile read coalesced
-// along positions; y goes back through the same tile, written coalesced along positions.
+// along positions; y goes back through the same tile, written coalesced along positions. Where the
+// rows allow (ss2d.h:ss2d_fwd_async_ok) the next tile is copied raw by cp.async while the current one
+// is scanned (FwdTile::issue), and staging converts from shared memory.
 //
 // Launches (stream order):
 //   1. chunk pass (only when a walk has several chunks): every (b, k, d, chunk) scans its chunk
