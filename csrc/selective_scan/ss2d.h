@@ -159,15 +159,22 @@ inline size_t ss2d_fwd_smem(int N, int R, int nth) {
 inline size_t ss2d_fwd_raw_smem(int N, int R, int nth, int elem) {
   return size_t(elem) * kTile * (size_t(nth) + 2 * ss2d_nmax(N) + R);
 }
+// Rows copied 16 bytes at a time: every pointer 16-byte aligned, every stride a multiple of seg elements.
+inline bool ss2d_rows_aligned(std::initializer_list<const void *> ptrs, std::initializer_list<int64_t> strides,
+                              int64_t seg) {
+  for (const void *ptr : ptrs)
+    if (reinterpret_cast<uintptr_t>(ptr) % 16) return false;
+  for (int64_t st : strides)
+    if (st % seg) return false;
+  return true;
+}
 inline bool ss2d_fwd_async_ok(const SS2DParams &p, int elem) {
   const int64_t seg = 16 / elem;
   if (p.R == 0 || p.L <= kTile || p.L % seg) return false;
-  for (const SS2DSide &s : p.sides) {
-    for (const void *ptr : {s.u, s.dl, s.B, s.C})
-      if (reinterpret_cast<uintptr_t>(ptr) % 16) return false;
-    for (int64_t st : {s.u_b, s.u_d, s.dl_b, s.dl_k, s.dl_c, s.B_b, s.B_k, s.B_n, s.C_b, s.C_k, s.C_n})
-      if (st % seg) return false;
-  }
+  for (const SS2DSide &s : p.sides)
+    if (!ss2d_rows_aligned({s.u, s.dl, s.B, s.C},
+                           {s.u_b, s.u_d, s.dl_b, s.dl_k, s.dl_c, s.B_b, s.B_k, s.B_n, s.C_b, s.C_k, s.C_n}, seg))
+      return false;
   return true;
 }
 
@@ -188,6 +195,21 @@ inline size_t ss2d_bwd_smem(int N, int R, int nth, bool main = true) {
   const size_t states = size_t(kBwdSub) * N * nth;  // hS (kBwdSub - 1 slots, dA in the last), e
   const size_t carry = main ? states + size_t(nth / 32) * N * 32 + size_t(R) * nth : 0;
   return sizeof(float) * (bc + size_t(R) * kBwdTile + 3 * tile + carry);  // + warp partials, dW
+}
+
+// The backward chunk pass's asynchronous staging (ss2d_bwd_kernel.cuh:bwd_chunk_issue), by the
+// forward's rule (ss2d_fwd_async_ok): C, the low-rank dt and dy of the next sub-tile copied raw while
+// the current one is scanned. dy's raw rows take the chunk pass's unused u tile; C and dt take this
+// much more (bytes). dy's rows are L floats apart, so L must also be a multiple of 4.
+inline size_t ss2d_bwd_chunk_raw_smem(int N, int R, int elem) {
+  return size_t(elem) * kBwdTile * (size_t(ss2d_nmax(N)) + R);
+}
+inline bool ss2d_bwd_async_ok(const SS2DParams &p, int elem) {
+  const int64_t seg = 16 / elem;
+  if (p.R == 0 || p.L % seg || p.L % 4) return false;
+  for (const SS2DSide &s : p.sides)
+    if (!ss2d_rows_aligned({s.dl, s.C, s.dy}, {s.dl_b, s.dl_k, s.dl_c, s.C_b, s.C_k, s.C_n}, seg)) return false;
+  return true;
 }
 
 // The backward main pass's optional cache of delta (after softplus) for the kBwdSub - 1 sub-tiles its

@@ -225,8 +225,62 @@ __device__ __forceinline__ void bwd_delta(const SS2DParams &p, const BwdSmem &m,
   }
 }
 
-// Pass 1: Q_c and S_c of every chunk but each walk's first, both walks of both sides.
+// The chunk pass's asynchronous staging (as the forward's FwdTile::issue; ss2d.h:ss2d_bwd_async_ok):
+// positions [q, q + cnt) of walk k copied raw, 16 bytes at a time, while the previous sub-tile is
+// scanned: dy ([nth][TB] floats) into tU, which the chunk pass does not use, and C, the low-rank dt
+// ([NMAX + R][TB] of T) into the buffer after it (ss2d_bwd_chunk_raw_smem); rows of channels >= Dm,
+// states >= N and the pieces past cnt as zeros. One commit group; bwd_chunk_convert takes it after
+// the caller's wait and barrier.
 template <typename T, int NMAX>
+__device__ __forceinline__ void bwd_chunk_issue(const SS2DParams &p, const SS2DSide &sd, const BwdSmem &m, int b,
+                                                int k, int d0, int q, int cnt) {
+  constexpr int SEG = 16 / int(sizeof(T)), SPR = TB / SEG, GPR = TB / 4;  // pieces per row: T, dy
+  asm volatile("mov.b32 %0, %0;" : "+r"(b));  // addresses formed here, not hoisted (FwdTile::issue)
+  const int nth = blockDim.x, kk = k >> 1;
+  float *rg = m.tU;
+  T *rc = reinterpret_cast<T *>(m.hS);
+  const float *gy = sd.dy + (int64_t(b) * p.Dm + d0) * p.L + q;
+#pragma unroll 1
+  for (int e = threadIdx.x; e < nth * GPR; e += nth) {
+    const int c = e / GPR, i = (e - c * GPR) * 4;
+    const bool on = i < cnt && d0 + c < p.Dm;
+    cp_async16(rg + c * TB + i, on ? gy + int64_t(c) * p.L + i : sd.dy, on ? 16 : 0);
+  }
+  const T *Cp = static_cast<const T *>(sd.C) + b * sd.C_b + kk * sd.C_k + q;
+  const T *dl = static_cast<const T *>(sd.dl) + b * sd.dl_b + kk * sd.dl_k + q;
+#pragma unroll 1
+  for (int e = threadIdx.x; e < (NMAX + p.R) * SPR; e += nth) {
+    const int row = e / SPR, i = (e - row * SPR) * SEG;
+    const bool on = i < cnt && (row >= NMAX || row < p.N);
+    const T *src = row < NMAX ? Cp + row * sd.C_n + i : dl + (row - NMAX) * sd.dl_c + i;
+    cp_async16(rc + row * TB + i, on ? src : static_cast<const T *>(sd.C), on ? 16 : 0);
+  }
+  cp_async_commit();
+}
+
+// The copies of bwd_chunk_issue into the staged tiles: what bwd_stage stores for the chunk pass.
+template <typename T, int NMAX>
+__device__ __forceinline__ void bwd_chunk_convert(const SS2DParams &p, const BwdSmem &m) {
+  constexpr int NS = ss2d_ns(NMAX);
+  const int tid = threadIdx.x, nth = blockDim.x;
+  const T *rc = reinterpret_cast<const T *>(m.hS), *rt = rc + NMAX * TB;
+#pragma unroll 1
+  for (int e = tid; e < NMAX * TB; e += nth) {
+    const int n = e / TB, i = e - n * TB;
+    m.sC[i * NS + n] = to_f(rc[e]);
+  }
+#pragma unroll 1
+  for (int e = tid; e < p.R * TB; e += nth) m.sDt[e] = to_f(rt[e]);
+#pragma unroll 4
+  for (int e = tid; e < nth * TB; e += nth) {
+    const int c = e / TB;
+    m.t1[c * (TB + 1) + (e - c * TB)] = m.tU[e];
+  }
+}
+
+// Pass 1: Q_c and S_c of every chunk but each walk's first, both walks of both sides. ASYNC: the
+// next sub-tile's inputs are copied during the current one's scan (bwd_chunk_issue).
+template <typename T, int NMAX, bool ASYNC>
 __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DParams p) {
   extern __shared__ __align__(16) float smem[];
   constexpr int NS = ss2d_ns(NMAX);
@@ -236,8 +290,14 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DP
   prefetch_chunk<T>(p, sd, g.b, g.d0, g.q0, g.q1, false, false, true, sd.dy);
   const int c = threadIdx.x, d = g.d0 + c;
   const int nsub = (g.q1 - g.q0 + TB - 1) / TB;
+  auto skip = [&](int kk) { return g.c == (kk ? p.nc - 1 : 0); };  // the walk's first chunk: nothing leaves it
+  auto issue = [&](int kk, int jt) {  // ASYNC: sub-tile jt (reverse walk order) of walk kk
+    const int q = g.q0 + (kk ? jt : nsub - 1 - jt) * TB;
+    bwd_chunk_issue<T, NMAX>(p, sd, m, g.b, g.side + 2 * kk, g.d0, q, min(TB, g.q1 - q));
+  };
+  if constexpr (ASYNC) issue(skip(0) ? 1 : 0, 0);  // nc > 1 here: at most one walk is skipped
   for (int kk = 0; kk < 2; ++kk) {
-    if (g.c == (kk ? p.nc - 1 : 0)) continue;  // the walk's first chunk: nothing leaves it
+    if (skip(kk)) continue;
     const int k = g.side + 2 * kk;
     float A2[NMAX], e[NMAX];
     load_A2<NMAX>(p, k, d, A2);
@@ -247,9 +307,14 @@ __global__ void __launch_bounds__(kMaxThreads) ss2d_bwd_chunk_kernel(const SS2DP
     for (int jt = 0; jt < nsub; ++jt) {
       const int st = kk ? jt : nsub - 1 - jt;  // reverse walk order
       const int q = g.q0 + st * TB, cnt = min(TB, g.q1 - q);
-      __syncthreads();  // the previous sub-tile is consumed
-      bwd_stage<T, NMAX, false, kStageBatchChunk>(p, sd, m, g.b, k, g.d0, q, cnt, false, false, true, true);
+      if constexpr (ASYNC) cp_async_wait_all();
+      __syncthreads();  // the previous sub-tile is consumed (ASYNC: and this one's copies are complete)
+      if constexpr (ASYNC) bwd_chunk_convert<T, NMAX>(p, m);
+      else bwd_stage<T, NMAX, false, kStageBatchChunk>(p, sd, m, g.b, k, g.d0, q, cnt, false, false, true, true);
       __syncthreads();
+      if constexpr (ASYNC) {  // the raw buffers are consumed: the next sub-tile's copies (one call site)
+        if (jt + 1 < nsub || (kk == 0 && !skip(1))) issue(jt + 1 < nsub ? kk : 1, jt + 1 < nsub ? jt + 1 : 0);
+      }
       bwd_delta(p, m, k, d, cnt, m.t0 + c * (TB + 1));
       const float *sl = m.t0 + c * (TB + 1), *sg = m.t1 + c * (TB + 1);
       for (int s = 0; s < TB; ++s) {  // past the end: delta 0, C 0, dy 0: identity steps
@@ -620,11 +685,15 @@ __global__ void __launch_bounds__(kMaxThreads, 3) ss2d_bwd_main_kernel(const SS2
 template <typename T>
 void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream) {
   const int nth = p.nth;
-  const size_t smem = ss2d_bwd_smem(p.N, p.R, nth), smem_chunk = ss2d_bwd_smem(p.N, p.R, nth, false);
+  const size_t smem = ss2d_bwd_smem(p.N, p.R, nth);
+  const bool chunk_async = ss2d_bwd_async_ok(p, int(sizeof(T)));
+  const size_t smem_chunk = ss2d_bwd_smem(p.N, p.R, nth, false) +
+                            (chunk_async ? ss2d_bwd_chunk_raw_smem(p.N, p.R, int(sizeof(T))) : 0);
   const unsigned dtiles = unsigned((p.Dm + nth - 1) / nth);
   SS2D_NMAX_SWITCH(p.N, NMAX, [&] {
+    const auto chunk_kernel = chunk_async ? ss2d_bwd_chunk_kernel<T, NMAX, true> : ss2d_bwd_chunk_kernel<T, NMAX, false>;
     if (smem_chunk > 48 * 1024)
-      cudaFuncSetAttribute(ss2d_bwd_chunk_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_chunk));
+      cudaFuncSetAttribute(chunk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_chunk));
     if (smem > 48 * 1024)
       cudaFuncSetAttribute(ss2d_bwd_main_kernel<T, NMAX>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     // The main pass's layout is sized for 4 blocks per SM at enc1 (4 x 55.3 KB with the 1 KB reserved
@@ -645,7 +714,7 @@ void ss2d_bwd_launch(const SS2DParams &p, cudaStream_t stream) {
       if (w.keep_delta) smem_main = with;
     }
     if (p.nc > 1) {
-      ss2d_bwd_chunk_kernel<T, NMAX><<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem_chunk, stream>>>(p);
+      chunk_kernel<<<dim3(unsigned(p.nc * 2 * p.Bt), dtiles), nth, smem_chunk, stream>>>(p);
       const int64_t total = int64_t(p.Bt) * 4 * p.Dm * p.N;
       ss2d_bwd_carry_kernel<T><<<unsigned((total + 255) / 256), 256, 0, stream>>>(p);
     }

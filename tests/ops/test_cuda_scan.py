@@ -331,3 +331,42 @@ def test_saved_states_feed_the_backward(name, lowrank):
         if k in grads:
             ref = grads[k]
             torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=k)
+
+
+# ---- the asynchronous staging (cp.async) against the direct loads ----
+
+def _off_boundary(t: torch.Tensor) -> torch.Tensor:
+    """The same values, contiguous, in storage that starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    return buf[1:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["enc3", "dec3", "rect1"])
+def test_async_staging_equals_direct_loads(name, dtype):
+    """Low-rank inputs whose rows are 16-byte aligned are staged by cp.async in the forward passes and
+    the backward's chunk pass (ss2d.h: ss2d_fwd_async_ok, ss2d_bwd_async_ok); with C one element off
+    a 16-byte boundary every pass loads directly. The same values staged either way: y, du, dA, dD,
+    d delta_bias and dW bitwise equal (written in a fixed order or summed in float64), and with fp32
+    inputs every gradient (their float64 sums make the whole backward deterministic)."""
+    case = SHAPES[name]
+    inputs = scan_inputs(case, DTYPES[dtype], "cuda", seed=15, lowrank=True, Bt=2)
+    assert case.H * case.W % 8 == 0 and case.H * case.W > 64  # aligned rows, several chunks
+    args = [inputs[k] for k in ("u", "dt", "A", "B", "C", "D", "delta_bias")]
+    W = inputs["dt_projs_weight"]
+    runs = []
+    with torch.no_grad():
+        for C in (inputs["C"], _off_boundary(inputs["C"])):
+            assert (C.data_ptr() % 16 == 0) == (not runs)
+            a = args[:4] + [C] + args[5:]
+            y, states = torch.ops.vmambax.ss2d_lowrank_cuda_fwd(*a, W, True, torch.float32, True)
+            dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(y)
+            runs.append((y, *torch.ops.vmambax.ss2d_cuda_bwd(dy, *a, W, states, True)))
+    names = ["y", "du", "ddt", "dA", "dB", "dC", "dD", "d delta_bias", "dW"]
+    exact = names if dtype == "fp32" else ["y", "du", "dA", "dD", "d delta_bias", "dW"]
+    for k, a, b in zip(names, *runs):
+        assert torch.isfinite(a).all(), k
+        if k in exact:
+            assert torch.equal(a, b), k
+        else:  # float atomics in the blocks' order (ss2d.h: SS2DAcc): summation-order noise, as above
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()), msg=k)
