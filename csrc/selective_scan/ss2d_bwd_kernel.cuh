@@ -9,7 +9,8 @@
 //   low rank: ddt_t[r] += W[r] dz_t (sum over channels), dW[r] += dz_t dt_t[r].
 // Saved by the forward: the state entering each chunk of T positions (cE). Launches:
 //   1. chunk pass (when a walk has several chunks): each chunk's reverse recurrence from zero gives
-//      Q_c = a_first dh_first (N floats) and the chunk's sum of delta S_c.
+//      Q_c = a_first dh_first (N floats) and the chunk's sum of delta S_c. Where the rows allow
+//      (ss2d.h:ss2d_bwd_async_ok) its next sub-tile is copied by cp.async during the current one.
 //   2. carry pass: per (b, k, d, n), last chunk of the walk first, X_c (the value a_{t+1} dh_{t+1}
 //      entering chunk c's last step) = Q_{c+1} + exp2(A2 S_{c+1}) X_{c+1}, written over Q.
 //   3. main pass, row side then column side (du a read-add-write over each side's two walks, in the
