@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -223,6 +224,9 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
         if graph_ms is not None:
             extra["infer_graph_ms"] = graph_ms
         extra["glue"] = "torch" if provider == "unfused_mamba" else glue
+        # the fused ops' switches set in the environment (e.g. VMAMBAX_FUSED_UP2=0), so an A/B by
+        # environment in one call leaves records that say which path ran
+        extra.update({k.lower(): v for k, v in sorted(os.environ.items()) if k.startswith("VMAMBAX_FUSED_")})
         if adamw != "foreach":
             extra["adamw"] = adamw
         if not infer_only:
