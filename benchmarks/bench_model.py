@@ -165,7 +165,8 @@ def graphed_step_ms(model, run, ct, pet, target, dtype, iters: int, say) -> floa
 
 def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int, split: bool,
               compiled: str | None = None, profile: bool = False, glue: str = "fused",
-              graph: bool = False, adamw: str = "fused", infer_only: bool = False) -> list[dict]:
+              graph: bool = False, adamw: str = "fused", infer_only: bool = False,
+              train_only: bool = False) -> list[dict]:
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     model = VMambaX().cuda().train()
@@ -211,15 +212,17 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
             say(f"training step {train_ms:.1f} ms, peak {peak_gb:.2f} GB")
             train_graph_ms = (graphed_step_ms(model, run, ct, pet, target, dtype, iters, say)
                               if graph and dtype != torch.float16 else None)  # fp16: GradScaler syncs
-        model.eval()
-        if compiled:  # compiling for eval happens here, outside the timed region
-            infer()
-            torch.cuda.synchronize()
-            say(f"first inference done (compiled, {compiled})")
-        infer_ms = harness.events_median_ms(infer, warmup=2, iters=iters)
-        say(f"inference {infer_ms:.1f} ms")
-        graph_ms = harness.events_median_ms(harness.cuda_graph(infer), warmup=2, iters=iters) if graph else None
-        model.train()
+        infer_ms = graph_ms = None
+        if not train_only:
+            model.eval()
+            if compiled:  # compiling for eval happens here, outside the timed region
+                infer()
+                torch.cuda.synchronize()
+                say(f"first inference done (compiled, {compiled})")
+            infer_ms = harness.events_median_ms(infer, warmup=2, iters=iters)
+            say(f"inference {infer_ms:.1f} ms")
+            graph_ms = harness.events_median_ms(harness.cuda_graph(infer), warmup=2, iters=iters) if graph else None
+            model.train()
         extra = {"compiled": compiled} if compiled else {}
         if graph_ms is not None:
             extra["infer_graph_ms"] = graph_ms
@@ -234,16 +237,18 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
             recs.append(harness.record("model", "train", provider, dtype_name, batch, env, train_step_ms=train_ms,
                                        pairs_per_s=batch / train_ms * 1e3, peak_gb=peak_gb,
                                        **{k: v for k, v in extra.items() if k != "infer_graph_ms"}, **tg))
-        recs.append(harness.record("model", "infer", provider, dtype_name, batch, env, infer_ms=infer_ms,
-                                   pairs_per_s=batch / infer_ms * 1e3, **extra))
+        if not train_only:
+            recs.append(harness.record("model", "infer", provider, dtype_name, batch, env, infer_ms=infer_ms,
+                                       pairs_per_s=batch / infer_ms * 1e3, **extra))
         if profile:
             if not infer_only:
                 print(f"{provider}/{dtype_name}{f' compiled ({compiled})' if compiled else ''}: kernels of a training step")
                 kernel_split(step)
-            print(f"{provider}/{dtype_name}: kernels of an inference forward (eval mode)")
-            model.eval()
-            kernel_split(infer)
-            model.train()
+            if not train_only:
+                print(f"{provider}/{dtype_name}: kernels of an inference forward (eval mode)")
+                model.eval()
+                kernel_split(infer)
+                model.train()
         if split and not infer_only:
             for name, fn in parts(model, ct, pet):
                 def fwdbwd(fn=fn):
@@ -292,12 +297,16 @@ def main(argv=None) -> None:
     ap.add_argument("--graph", action="store_true", help="also time inference and the bf16 / fp32 training "
                     "step replayed from CUDA graphs")
     ap.add_argument("--infer-only", action="store_true", help="time inference only (no training step, no split)")
+    ap.add_argument("--train-only", action="store_true", help="time the training step only (no inference: a "
+                    "compiled run then compiles once)")
     ap.add_argument("--glue", default="fused", help="SS2D's input conv and output gate and the model's LayerNorms: "
                     "fused (Triton ops; the LayerNorm op in inference only unless VMAMBAX_FUSED_LAYER_NORM=train), "
                     "torch (PyTorch ops), or both as fused,torch to time before/after in one run")
     ap.add_argument("--adamw", default="fused", help="AdamW implementation: fused (the trainer's on CUDA), "
                     "foreach, or both as foreach,fused to time before/after in one run")
     args = ap.parse_args(argv)
+    if args.infer_only and args.train_only:
+        raise SystemExit("--infer-only and --train-only exclude each other")
     adamws = args.adamw.split(",")
     if not set(adamws) <= {"foreach", "fused"}:
         raise SystemExit(f"--adamw: expected foreach and/or fused, got {args.adamw!r}")
@@ -312,7 +321,8 @@ def main(argv=None) -> None:
                 continue  # the peer has one glue only (PyTorch's)
             try:
                 recs += bench_one(provider, dt, args.batch, args.size, args.iters, not args.no_split,
-                                  args.compile, args.profile, glue, args.graph, adamw, args.infer_only)
+                                  args.compile, args.profile, glue, args.graph, adamw, args.infer_only,
+                                  args.train_only)
             except (RuntimeError, torch.OutOfMemoryError) as exc:  # report and go on with the others
                 print(f"{provider}/{dt}/glue {glue}: FAILED: {exc}")
                 torch.cuda.empty_cache()
