@@ -204,6 +204,10 @@ def bench_one(provider: str, dtype_name: str, batch: int, size: int, iters: int,
             loss = step()
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{provider}/{dtype_name}: non-finite training loss {loss.item()}")
+            # the loss' autograd graph keeps the parameters' AccumulateGrad nodes alive, and they keep the
+            # stream they were made on: the graph step's capture on a side stream then waits on the
+            # default stream and is invalidated (cudaErrorStreamCaptureInvalidated, H200)
+            del loss
             torch.cuda.synchronize()
             say("first training step done" + (" (compiled)" if compiled else ""))
             torch.cuda.reset_peak_memory_stats()
