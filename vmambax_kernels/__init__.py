@@ -2,7 +2,8 @@
 
 Public API (SPEC.md sections 1-3): ``selective_scan_2d``, ``cross_selective_scan_2d``, ``cgm_gate``,
 ``norm_gate`` (SS2D's LayerNorm + SiLU gate), ``dwconv_silu``, ``layer_norm`` (LayerNorm written in
-the consumer's dtype), ``available_backends``, ``SS2D`` (``vmambax_kernels.modules`` also holds
+the consumer's dtype), ``up2_bilinear`` (the decoder's bilinear x2, with a gathering backward),
+``available_backends``, ``SS2D`` (``vmambax_kernels.modules`` also holds
 ``LayerNorm``).
 """
 from ._backend import BackendStatus, available_backends
@@ -11,6 +12,7 @@ from .dwconv.interface import dwconv_silu
 from .layer_norm.interface import layer_norm
 from .norm_gate.interface import norm_gate
 from .selective_scan.interface import cross_selective_scan_2d, selective_scan_2d
+from .upsample.interface import up2_bilinear
 
 __version__ = "0.1.0"
 
@@ -23,4 +25,4 @@ def __getattr__(name):  # SS2D imports nn modules; keep `import vmambax_kernels`
 
 
 __all__ = ["selective_scan_2d", "cross_selective_scan_2d", "cgm_gate", "norm_gate", "available_backends",
-           "BackendStatus", "SS2D", "dwconv_silu", "layer_norm"]
+           "BackendStatus", "SS2D", "dwconv_silu", "layer_norm", "up2_bilinear"]

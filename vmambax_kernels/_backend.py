@@ -37,6 +37,10 @@ _IMPLS = {
         "triton": ".layer_norm.triton",
         "reference": ".layer_norm.reference",
     },
+    "up2_bilinear": {
+        "triton": ".upsample.triton",
+        "reference": ".upsample.reference",
+    },
 }
 
 OPS = tuple(_IMPLS)
@@ -64,7 +68,7 @@ def _status(op: str, backend: str) -> BackendStatus:
 
 def available_backends(op: str = "selective_scan_2d") -> dict[str, BackendStatus]:
     """What this install can run for ``op`` (a key of _IMPLS: "selective_scan_2d", "cgm_gate",
-    "norm_gate", "dwconv_silu", "layer_norm"), and why not.
+    "norm_gate", "dwconv_silu", "layer_norm", "up2_bilinear"), and why not.
 
     >>> {k: s.available for k, s in available_backends().items()}  # doctest: +SKIP
     {'cuda': False, 'triton': False, 'reference': True}

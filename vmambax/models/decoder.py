@@ -13,15 +13,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vmambax_kernels import up2_bilinear
 from vmambax_kernels.modules import SS2D
+from vmambax_kernels.modules.glue import fused_up2
 
 from .layers import DropPath, cast_norm, drop_path_schedule, fp32_norm
 
 
 def _up2(x: torch.Tensor) -> torch.Tensor:
-    """Bilinear x2 of a channels-last map: (Bt, H, W, C) -> (Bt, 2H, 2W, C)."""
-    x = F.interpolate(x.permute(0, 3, 1, 2), scale_factor=2, mode="bilinear", align_corners=False)
-    return x.permute(0, 2, 3, 1).contiguous()
+    """Bilinear x2 of a channels-last map: (Bt, H, W, C) -> (Bt, 2H, 2W, C). PyTorch's forward
+    either way; on CUDA its backward gathers instead of scattering with atomics (``up2_bilinear``'s
+    Triton backend; glue.fused_up2 says where)."""
+    return up2_bilinear(x, backend="triton" if fused_up2(x.device.type) else "reference")
 
 
 class ChannelAttention(nn.Module):

@@ -13,7 +13,7 @@ from .. import _backend
 # op -> environment variable; "0" turns that op's fused path off (read on every eager call, so a
 # benchmark can time both paths in one process)
 SWITCHES = {"dwconv_silu": "VMAMBAX_FUSED_DWCONV", "norm_gate": "VMAMBAX_FUSED_NORM_GATE",
-            "layer_norm": "VMAMBAX_FUSED_LAYER_NORM"}
+            "layer_norm": "VMAMBAX_FUSED_LAYER_NORM", "up2_bilinear": "VMAMBAX_FUSED_UP2"}
 
 
 def _enabled(op: str, enabled: bool | None) -> bool:
@@ -39,18 +39,31 @@ def fused_in_ss2d(op: str, scan_backend: str | None, device_type: str, enabled: 
     return _triton_ok(op, device_type)
 
 
-@torch.compiler.assume_constant_result
-def fused_layer_norm(device_type: str, enabled: bool | None = None) -> bool:
-    """Whether ``vmambax_kernels.modules.LayerNorm`` may run the Triton ``layer_norm`` (it also needs
-    CUDA autocast to a 16-bit dtype): on CUDA tensors, when Triton can run and $VMAMBAX_BACKEND does
-    not ask for the reference (which stays the spec, op for op). ``enabled`` (the module's
-    ``fused``) overrides $VMAMBAX_FUSED_LAYER_NORM. Under torch.compile the answer is fixed at
-    trace time."""
-    if not _enabled("layer_norm", enabled) or device_type != "cuda":
+def _fused_in_model(op: str, device_type: str, enabled: bool | None) -> bool:
+    """Whether a model op outside SS2D runs its Triton kernel: on CUDA tensors, when Triton can run and
+    $VMAMBAX_BACKEND does not ask for the reference (which stays the spec, op for op). ``enabled``
+    overrides the op's environment variable of SWITCHES."""
+    if not _enabled(op, enabled) or device_type != "cuda":
         return False
     if os.environ.get("VMAMBAX_BACKEND") == "reference":
         return False
-    return _triton_ok("layer_norm", device_type)
+    return _triton_ok(op, device_type)
+
+
+@torch.compiler.assume_constant_result
+def fused_layer_norm(device_type: str, enabled: bool | None = None) -> bool:
+    """Whether ``vmambax_kernels.modules.LayerNorm`` may run the Triton ``layer_norm`` (it also needs
+    CUDA autocast to a 16-bit dtype), by _fused_in_model; ``enabled`` is the module's ``fused``.
+    Under torch.compile the answer is fixed at trace time."""
+    return _fused_in_model("layer_norm", device_type, enabled)
+
+
+@torch.compiler.assume_constant_result
+def fused_up2(device_type: str) -> bool:
+    """Whether the decoder's bilinear x2 runs ``up2_bilinear``'s Triton backend (its gathering
+    backward), by _fused_in_model; $VMAMBAX_FUSED_UP2=0 keeps PyTorch's. Under torch.compile the
+    answer is fixed at trace time."""
+    return _fused_in_model("up2_bilinear", device_type, None)
 
 
 @torch.compiler.assume_constant_result
