@@ -75,9 +75,15 @@ def _kernels() -> dict:
     return jit_module(globals(), _HELPERS + _KERNELS, _built)
 
 
-# Tiles of BP positions x BC channels (BC a power of two up to 64; the model's C is 96 or 192).
-# Not yet timed on a GPU.
+# Tiles of BP positions x BC channels. Not yet timed on a GPU (benchmarks/bench_up2.py --sweep).
 BP = 32
+
+
+def _channel_block(C: int) -> int:
+    """The largest power of two up to 64 that divides C (no masked-off lanes: 32 for the model's 96
+    channels, 64 for 192 and 384), else the power of two that covers C, up to 64."""
+    low = C & -C
+    return min(64, low) if low >= 16 else min(64, 1 << (C - 1).bit_length())
 
 
 def _backward(g: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -86,7 +92,7 @@ def _backward(g: torch.Tensor, H: int, W: int) -> torch.Tensor:
     Bt, _, _, C = g.shape
     dx = torch.empty((Bt, H, W, C), dtype=g.dtype, device=g.device)
     if dx.numel():
-        bc = min(64, 1 << (C - 1).bit_length())
+        bc = _channel_block(C)
         grid = (-(-Bt * H * W // BP), -(-C // bc))  # ceil divisions
         _kernels()["_up2_bwd_kernel"][grid](g, dx, H, W, C, Bt * H * W, *g.stride()[:3], INTERP=interpreting(),
                                             BP=BP, BC=bc, num_warps=4)
