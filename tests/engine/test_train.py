@@ -92,6 +92,17 @@ def test_unwritable_output_folder(tiny_data, tmp_path):
         train(_cfg(tiny_data, blocker / "run"))
 
 
+def test_output_folder_checked_by_many_processes_at_once(tmp_path):
+    """torchrun's processes all check the run folder at the same moment (a shared probe file once
+    made one of two ranks fail in CI: the other had removed it)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from vmambax.engine.common import check_writable
+    folder = str(tmp_path / "run")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: check_writable(folder), range(400)))   # raises if any call failed
+    assert os.listdir(folder) == []   # no probe left behind
+
+
 def test_validation_derived_per_patient_without_val_txt(tiny_data, tmp_path):
     import shutil
     data = shutil.copytree(tiny_data, tmp_path / "d")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,10 @@ def check_writable(folder: str, what: str = "out"):
     """Create ``folder`` and prove it writable before any work is done."""
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".vmambax-write-test")
-        with open(probe, "w") as f:
+        # a probe of its own per call: torchrun's processes check the same folder at once, and with
+        # one shared name one process removed the file another was about to remove (CI, 2 ranks)
+        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".vmambax-write-test-") as f:
             f.write("ok")
-        os.remove(probe)
     except OSError as exc:
         raise ValueError(f"{what}: cannot write to the output folder {folder}: {exc.strerror or exc}") from None
 
