@@ -16,13 +16,13 @@ Same model, weights and inputs as tests/models/test_gpu.py::test_forward_backwar
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
 sys.path.insert(0, ".")
 from tests.models.conftest import published_keys, published_tensor  # noqa: E402  (the fixture weights)
+from vmambax.engine.common import deterministic_algorithms  # noqa: E402
 from vmambax.models import from_reference_checkpoint  # noqa: E402
 from vmambax.models.fusion import CGM  # noqa: E402
 from vmambax.models.vmambax import set_backend  # noqa: E402
@@ -43,18 +43,8 @@ def main(argv=None):
                     help="deterministic PyTorch/cuDNN/cuBLAS algorithms (warn where an op has none)")
     args = ap.parse_args(argv)
     backends = args.backends.split(",")
-    if not args.deterministic:
+    with deterministic_algorithms(args.deterministic):  # restored for a caller in the same process
         return _report(args, backends)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        return _report(args, backends)
-    finally:  # global switches: restored for a caller in the same process (the CPU test)
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 def _report(args, backends):

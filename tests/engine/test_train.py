@@ -92,6 +92,15 @@ def test_unwritable_output_folder(tiny_data, tmp_path):
         train(_cfg(tiny_data, blocker / "run"))
 
 
+def test_deterministic_run_leaves_the_process_switches_as_they_were(tiny_data, tmp_path):
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    train(_cfg(tiny_data, tmp_path / "run", epochs=1, steps_per_epoch=1, deterministic=True))
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+    with pytest.raises(ValueError):   # and on the way out of a failed run
+        train(_cfg(tiny_data, tmp_path / "bad", size=48, deterministic=True))
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+
+
 def test_output_folder_checked_by_many_processes_at_once(tmp_path):
     """torchrun's processes all check the run folder at the same moment (a shared probe file once
     made one of two ranks fail in CI: the other had removed it)."""

@@ -29,8 +29,9 @@ from vmambax import metrics
 from vmambax.data import Augmented, SliceDataset, derive_val, has_split, read_split
 from vmambax.data.dataset import DataError
 from vmambax.engine import checkpoint as ckpt_io
-from vmambax.engine.common import (AMP_CHOICES, MULTIPLE, amp_dtype, autocast, check_writable, forward_padded,
-                                   has_batchnorm, pick_device, same_size_batches, seg_loss, unwrap)
+from vmambax.engine.common import (AMP_CHOICES, MULTIPLE, amp_dtype, autocast, check_writable,
+                                   deterministic_algorithms, forward_padded, has_batchnorm, pick_device,
+                                   same_size_batches, seg_loss, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,13 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
 
     ``model_factory()`` overrides building ``cfg.model`` (the checkpoint still records
     ``cfg.model``, so evaluation can rebuild the model only when that spec is registered).
+    ``cfg.deterministic`` switches torch's deterministic algorithms on for the run only.
     """
+    with deterministic_algorithms(cfg.deterministic):
+        return _train(cfg, model_factory)
+
+
+def _train(cfg: TrainConfig, model_factory) -> dict:
     _check_config(cfg)
     d = _Dist()
     device = pick_device(cfg.device)
@@ -199,10 +206,6 @@ def train(cfg: TrainConfig, model_factory=None) -> dict:
         raise ValueError(f"batch_size: the global batch must divide evenly over {d.world} processes, "
                          f"got {cfg.batch_size}")
     per_device = cfg.batch_size // d.world
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)
 
     train_ds, val_ds, val_source = _splits(cfg)
