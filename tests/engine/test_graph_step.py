@@ -5,7 +5,6 @@ import csv
 import pytest
 import torch
 
-from vmambax.engine import train as train_mod
 from vmambax.engine.checkpoint import load
 from vmambax.engine.graph_step import check_graph_step, make_capturable, portable_state
 from vmambax.engine.train import TrainConfig, train
@@ -81,24 +80,16 @@ def test_graph_step_trains_as_the_eager_step(tiny_data, tmp_path):
 
 
 @pytest.mark.gpu
-def test_graph_step_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+def test_graph_step_resumes_exactly(tiny_data, tmp_path, request):
     """A graph run cut after epoch 1 and resumed (its epoch 2 warms up eagerly and captures anew)
     equals the uninterrupted graph run, whose epoch 2 only replays: an eager step and a replay run
     the same kernels on the same generator offsets."""
     cfg = dict(device="cuda", amp="off", cuda_graph=True, epochs=3, steps_per_epoch=5)
     train(_cfg(tiny_data, tmp_path / "full", **cfg))
-    real_validate, calls = train_mod.validate, {"n": 0}
-
-    def dies_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_validate(*a, **k)
-
-    monkeypatch.setattr(train_mod, "validate", dies_in_epoch_2)
+    restore = request.getfixturevalue("cut_in_epoch_2")
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_data, tmp_path / "cut", **cfg))
-    monkeypatch.setattr(train_mod, "validate", real_validate)
+    restore()
     train(_cfg(tiny_data, tmp_path / "cut", resume=True, **cfg))
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
     a = load(str(tmp_path / "full" / "checkpoint_final.pt"))["model"]
