@@ -80,6 +80,21 @@ def test_graph_step_trains_as_the_eager_step(tiny_data, tmp_path):
 
 
 @pytest.mark.gpu
+def test_a_failed_capture_goes_on_eagerly(tiny_data, tmp_path, monkeypatch, caplog):
+    """An op that cannot be captured: the warning says so and the run trains on, eagerly."""
+    def refuse(*a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    eager = train(_cfg(tiny_data, tmp_path / "eager", device="cuda", amp="off"))
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    with caplog.at_level("WARNING", logger="vmambax"):
+        graph = train(_cfg(tiny_data, tmp_path / "graph", device="cuda", amp="off", cuda_graph=True))
+    assert "capturing the training step failed (RuntimeError: operation not permitted" in caplog.text
+    assert _losses(tmp_path / "graph") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-4, abs=2e-6)
+    assert len(graph["history"]) == len(eager["history"]) == 2
+
+
+@pytest.mark.gpu
 def test_graph_step_resumes_exactly(tiny_data, tmp_path, request):
     """A graph run cut after epoch 1 and resumed (its epoch 2 warms up eagerly and captures anew)
     equals the uninterrupted graph run, whose epoch 2 only replays: an eager step and a replay run

@@ -18,7 +18,8 @@ same kernels in the same order as an eager step, and a graph's random numbers (d
 from the same generator offsets, so the two give the same values; only the optimizer's scalars come
 from device tensors instead of host numbers. One difference: an eager step checks the loss before
 the backward, a replayed one after the whole step (the run stops either way, and the weights in
-memory are not saved).
+memory are not saved). If the capture fails (an op that syncs with the host), the reason is
+logged and the run goes on with eager steps.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ class GraphedTrainStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss: torch.Tensor | None = None
         self.steps = 0
+        self.failed = False   # a capture failed: every later step runs eagerly
 
     @property
     def replaying(self) -> bool:
@@ -102,27 +104,52 @@ class GraphedTrainStep:
         self.opt.step()
         return loss
 
-    def __call__(self, batch: dict) -> torch.Tensor:
-        self._fill(batch)
+    def _eager(self) -> torch.Tensor:
+        """One step on the current stream (after a failed capture)."""
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+        return self._step().detach()
+
+    def _warmup(self) -> torch.Tensor:
+        """One step on the side stream that the capture will use: the parameters' AccumulateGrad nodes
+        remember the stream they were made on, and a capture that meets nodes made on another stream
+        waits on it and is invalidated."""
         current = torch.cuda.current_stream(self.device)
-        if self.graph is None:
-            # the warm-up steps and the capture on one side stream: the parameters' AccumulateGrad
-            # nodes remember the stream they were made on, and a capture that meets nodes made on
-            # another stream waits on it and is invalidated
-            self.side.wait_stream(current)
-            self.opt.zero_grad(set_to_none=True)   # captured, backward allocates .grad in the graph's pool
-            if self.steps < self.warmup:
-                with torch.cuda.stream(self.side):
-                    loss = self._step().detach()   # detached: no autograd node outlives the step
-                current.wait_stream(self.side)
-                self.steps += 1
-                return loss
+        self.side.wait_stream(current)
+        self.opt.zero_grad(set_to_none=True)
+        with torch.cuda.stream(self.side):
+            loss = self._step().detach()   # detached: no autograd node outlives the step
+        current.wait_stream(self.side)
+        self.steps += 1
+        return loss
+
+    def _capture(self) -> bool:
+        """Capture the step (nothing runs yet); False, with the reason logged, where it fails."""
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        self.opt.zero_grad(set_to_none=True)   # backward then allocates .grad in the graph's pool
+        try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self.side):
                 self.loss = self._step().detach()
-            self.graph = graph
-            log.info("cuda_graph: the training step was captured after %d eager steps; it replays from now on",
-                     self.steps)
+        except Exception as exc:  # an op that cannot be captured (one that syncs with the host)
+            log.warning("cuda_graph: capturing the training step failed (%s: %s); the run goes on eagerly",
+                        type(exc).__name__, exc)
+            self.failed = True
+            return False
+        self.graph = graph
+        log.info("cuda_graph: the training step was captured after %d eager steps; it replays from now on",
+                 self.steps)
+        return True
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        self._fill(batch)
+        if self.graph is None:
+            if self.failed:
+                return self._eager()
+            if self.steps < self.warmup:
+                return self._warmup()
+            if not self._capture():
+                return self._eager()
         self.graph.replay()
         self.steps += 1
         return self.loss
