@@ -13,8 +13,9 @@ TINY = {"name": "tiny", "kwargs": {}}
 
 
 def _cfg(data, out, **kw):
+    # tiny_data has 8 training slices: 4 steps an epoch at batch 2.
     base = dict(epochs=2, batch_size=2, size=64, lr=1e-3, workers=0, progress=False, deterministic=True,
-                steps_per_epoch=6, model=TINY)
+                model=TINY)
     return TrainConfig(data=data, out=str(out), **{**base, **kw})
 
 
@@ -68,7 +69,7 @@ def test_graph_step_trains_as_the_eager_step(tiny_data, tmp_path):
     eager = train(_cfg(tiny_data, tmp_path / "eager", device="cuda", amp="off"))
     graph = train(_cfg(tiny_data, tmp_path / "graph", device="cuda", amp="off", cuda_graph=True))
     a, b = _losses(tmp_path / "eager"), _losses(tmp_path / "graph")
-    assert len(a) == len(b) == 12
+    assert len(a) == len(b) == 8
     assert b[0] == a[0]                             # the first loss precedes every optimizer step
     assert b == pytest.approx(a, rel=1e-4, abs=2e-6)
     assert graph["history"][-1]["val_dice"] == pytest.approx(eager["history"][-1]["val_dice"], abs=1e-4)
@@ -99,7 +100,7 @@ def test_graph_step_resumes_exactly(tiny_data, tmp_path, request):
     """A graph run cut after epoch 1 and resumed (its epoch 2 warms up eagerly and captures anew)
     equals the uninterrupted graph run, whose epoch 2 only replays: an eager step and a replay run
     the same kernels on the same generator offsets."""
-    cfg = dict(device="cuda", amp="off", cuda_graph=True, epochs=3, steps_per_epoch=5)
+    cfg = dict(device="cuda", amp="off", cuda_graph=True, epochs=3)
     train(_cfg(tiny_data, tmp_path / "full", **cfg))
     restore = request.getfixturevalue("cut_in_epoch_2")
     with pytest.raises(KeyboardInterrupt):
@@ -119,10 +120,11 @@ def test_graph_step_trains_the_model_in_bf16(tmp_path):
     from vmambax.data import make_synthetic_dataset
     data = str(tmp_path / "data")
     make_synthetic_dataset(data, patients=4, size=128, slices=4, seed=0)
-    r = train(TrainConfig(data=data, out=str(tmp_path / "run"), epochs=1, batch_size=2, size=128, workers=0,
-                          progress=False, steps_per_epoch=6, device="cuda", amp="bf16", cuda_graph=True))
+    # 8 training slices, 4 steps an epoch: epoch 1 warms up (3) and captures, epoch 2 only replays.
+    r = train(TrainConfig(data=data, out=str(tmp_path / "run"), epochs=2, batch_size=2, size=128, workers=0,
+                          progress=False, device="cuda", amp="bf16", cuda_graph=True))
     losses = _losses(tmp_path / "run")
-    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     log = open(tmp_path / "run" / "train.log").read()
     assert "captured after 3 eager steps" in log
     assert r["history"][0]["peak_mem_gb"] > 0
