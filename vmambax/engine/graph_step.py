@@ -66,6 +66,15 @@ def portable_state(opt: torch.optim.Optimizer) -> dict:
     return state
 
 
+def _release_generators() -> None:
+    """After a failed capture: torch (2.11) leaves the CUDA generators in capture mode when the
+    capture ends in an error, and every later random op (drop path, dropout) then fails with
+    "Offset increment outside graph capture". A clone of a generator's state keeps its seed and
+    offset and is not capturing; the generator takes it in place."""
+    for gen in torch.cuda.default_generators:
+        gen.graphsafe_set_state(gen.clone_state())
+
+
 class GraphedTrainStep:
     """``step(batch) -> loss``: one optimizer step on ``batch`` (a dict of CPU or CUDA tensors ct,
     pet, mask, as the loader gives them), replayed from a CUDA graph after ``warmup`` eager steps.
@@ -129,11 +138,15 @@ class GraphedTrainStep:
         self.opt.zero_grad(set_to_none=True)   # backward then allocates .grad in the graph's pool
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.side):
+            # thread_local: the DataLoader's pin-memory thread allocates pinned host memory and
+            # queries events while the step is captured; the default ("global") lets those calls
+            # invalidate the capture (batch 8 at 512 with workers did, every time, on an H200).
+            with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
                 self.loss = self._step().detach()
         except Exception as exc:  # an op that cannot be captured (one that syncs with the host)
             log.warning("cuda_graph: capturing the training step failed (%s: %s); the run goes on eagerly",
                         type(exc).__name__, exc)
+            _release_generators()
             self.failed = True
             return False
         self.graph = graph
