@@ -144,4 +144,7 @@ def test_graph_step_trains_the_model_in_bf16(tmp_path):
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     log = open(tmp_path / "run" / "train.log").read()
     assert "captured after 3 eager steps" in log
-    assert r["history"][0]["peak_mem_gb"] > 0
+    # Epoch 2 only replays: its peak must still count the memory the graph holds (the allocator
+    # no longer sees it; at 512 the figure read 1.8 GB against epoch 1's 16.2 GB before).
+    peaks = [h["peak_mem_gb"] for h in r["history"]]
+    assert peaks[0] > 0 and peaks[1] >= 0.95 * peaks[0], peaks

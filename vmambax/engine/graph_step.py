@@ -90,6 +90,7 @@ class GraphedTrainStep:
         self.loss: torch.Tensor | None = None
         self.steps = 0
         self.failed = False   # a capture failed: every later step runs eagerly
+        self.held_bytes = 0   # device memory the captured graph holds (after the capture)
 
     @property
     def replaying(self) -> bool:
@@ -150,6 +151,9 @@ class GraphedTrainStep:
             self.failed = True
             return False
         self.graph = graph
+        # The graph's private pool keeps the step's memory; replays never meet the allocator, so
+        # the trainer's later per-epoch peaks would leave it out. The peak of a step, held from now on.
+        self.held_bytes = torch.cuda.max_memory_allocated(self.device)
         log.info("cuda_graph: the training step was captured after %d eager steps; it replays from now on",
                  self.steps)
         return True

@@ -286,7 +286,7 @@ def _train(cfg: TrainConfig, model_factory) -> dict:
                 best = {"metric": "val_dice", "value": val["val_dice"], "epoch": epoch + 1}
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **val,
                    "epoch_s": time.perf_counter() - t0, "step_ms": step_ms,
-                   "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
+                   "peak_mem_gb": _peak_bytes(device, graphed) / 1e9,
                    "new_best": new_best}
             history.append(row)
             if rank0:
@@ -320,6 +320,13 @@ def _train(cfg: TrainConfig, model_factory) -> dict:
         gc.collect()
         d.stop()
     return {"out": cfg.out, "best": best, "history": history, "checkpoints": paths}
+
+
+def _peak_bytes(device, graphed) -> int:
+    """This epoch's peak device memory; with --cuda-graph at least what the captured step holds."""
+    if device.type != "cuda":
+        return 0
+    return max(torch.cuda.max_memory_allocated(device), graphed.held_bytes if graphed is not None else 0)
 
 
 def _train_epoch(model, loader, opt, sched, scaler, device, dtype, d, cfg, epoch, rank0, graphed=None) -> float:
