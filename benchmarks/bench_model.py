@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import harness  # noqa: E402
 from benchmarks.bench_ss2d import unfused_core  # noqa: E402
+from vmambax.engine.graph_step import GraphedTrainStep  # noqa: E402
 from vmambax.models import VMambaX  # noqa: E402
 from vmambax.models.fusion import dcim  # noqa: E402
 from vmambax_kernels.modules import LayerNorm, SS2D  # noqa: E402
@@ -138,25 +139,23 @@ def kernel_split(step, steps: int = 3) -> None:
 
 
 def graphed_step_ms(model, run, ct, pet, target, dtype, iters: int, say) -> float | None:
-    """The whole training step (forward, backward, AdamW) replayed from one CUDA graph: the step's device
-    time without the host's launches, which the compiled step waits on (at aa6f50a an H200 with a slow
-    host took 253 ms per step for 206 ms of kernels). Its own fused AdamW with capturable=True (step
-    counts on the GPU); autocast as in the timed step. None, with the reason said, where capture fails."""
-    opt = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01, fused=True, capturable=True)
-
-    def step():
-        with torch.autocast("cuda", dtype=dtype):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(run(ct, pet).float(), target)
-        opt.zero_grad(set_to_none=True)  # the grads are then allocated in the graph's pool
-        loss.backward()
-        opt.step()
-
+    """The trainer's step replayed from one CUDA graph (``vmambax train --cuda-graph``:
+    vmambax.engine.graph_step, its seg_loss and a fused capturable AdamW of its own): the step's
+    device time without the host's launches, which the compiled step waits on (at aa6f50a an H200
+    with a slow host took 253 ms per step for 206 ms of kernels). None, with the reason said, where
+    capture fails."""
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=0.01, fused=True)
+    step = GraphedTrainStep(run, opt, torch.device("cuda"), dtype)
+    batch = {"ct": ct, "pet": pet, "mask": target}
     try:
-        ms = harness.events_median_ms(harness.cuda_graph(step), warmup=2, iters=iters)
+        for _ in range(step.warmup + 1):   # the warm-up steps, then the capture and its first replay
+            step(batch)
+        ms = harness.events_median_ms(lambda: step(batch), warmup=2, iters=iters)
     except RuntimeError as exc:  # e.g. an op that syncs with the host: report, keep the other figures
         say(f"training step from a CUDA graph: capture failed ({exc})")
         return None
     finally:
+        del step
         model.zero_grad(set_to_none=True)  # drop the graph pool's grads before the next steps
         torch.cuda.synchronize()
     say(f"training step replayed from a CUDA graph {ms:.1f} ms")

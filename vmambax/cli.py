@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--deterministic", action="store_true")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the model (fuses the elementwise work around the kernels; the first steps compile)")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="replay the whole training step from one CUDA graph after 3 eager steps (one GPU, bf16 or "
+                        "fp32; the benchmark's step on an H200: 7-9%% faster compiled, 11-17%% eager)")
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched slices and report them")
     t.add_argument("--init-checkpoint", default=None, help="start from these weights (ours or the published vMambaX)")
     t.add_argument("--backbone", default=None, help="VMamba-T v0 ImageNet weights for the shared encoder")
@@ -205,7 +208,8 @@ def _cmd_train(a):
              if v is not None}
     cfg = TrainConfig(data=a.data, out=a.out, workers=a.workers, deterministic=a.deterministic, skip_bad=a.skip_bad,
                       init_checkpoint=a.init_checkpoint, backbone=a.backbone, resume=a.resume,
-                      progress=not a.no_progress, device=a.device, compile=a.compile, **given)
+                      progress=not a.no_progress, device=a.device, compile=a.compile,
+                      cuda_graph=a.cuda_graph, **given)
     if a.model:
         cfg.model = _model_spec(a.model)
     cfg.model = {"name": cfg.model["name"], "kwargs": {**cfg.model["kwargs"], **dict(a.model_arg)}}

@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 
-from vmambax.engine import train as train_mod
 from vmambax.engine.checkpoint import load
 from vmambax.engine.train import TrainConfig, train
 
@@ -34,22 +33,13 @@ def test_outputs(tiny_data, tmp_path):
     assert float(rows[1]["lr"]) < float(rows[0]["lr"]) == pytest.approx(1e-3)
 
 
-def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path, monkeypatch):
+def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path, request):
     full = train(_cfg(tiny_data, tmp_path / "full"))
-    calls = {"n": 0}
-    real_validate = train_mod.validate
-
-    def dies_in_epoch_2(*a, **k):  # a kill after epoch 2's steps, before its checkpoint
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_validate(*a, **k)
-
-    monkeypatch.setattr(train_mod, "validate", dies_in_epoch_2)
+    restore = request.getfixturevalue("cut_in_epoch_2")   # after the full run: it validates normally
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_data, tmp_path / "cut"))
     assert load(str(tmp_path / "cut" / "checkpoint_latest.pt"))["epoch"] == 1
-    monkeypatch.setattr(train_mod, "validate", real_validate)
+    restore()
     resumed = train(_cfg(tiny_data, tmp_path / "cut", resume=True, epochs=99))  # the run's own epochs win
     a = load(str(tmp_path / "full" / "checkpoint_final.pt"))
     b = load(str(tmp_path / "cut" / "checkpoint_final.pt"))

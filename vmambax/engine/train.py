@@ -32,6 +32,7 @@ from vmambax.engine import checkpoint as ckpt_io
 from vmambax.engine.common import (AMP_CHOICES, MULTIPLE, amp_dtype, autocast, check_writable,
                                    deterministic_algorithms, forward_padded, has_batchnorm, pick_device,
                                    same_size_batches, seg_loss, unwrap)
+from vmambax.engine.graph_step import GraphedTrainStep, check_graph_step, portable_state
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class TrainConfig:
     progress: bool = True
     device: str | None = None
     compile: bool = False              # torch.compile the model's forward (nn.Module.compile: same state dict)
+    cuda_graph: bool = False           # replay the whole step from one CUDA graph (engine/graph_step.py)
     model: dict = field(default_factory=lambda: {"name": ckpt_io.DEFAULT_MODEL, "kwargs": {"num_classes": 1}})
 
 
@@ -206,6 +208,8 @@ def _train(cfg: TrainConfig, model_factory) -> dict:
         raise ValueError(f"batch_size: the global batch must divide evenly over {d.world} processes, "
                          f"got {cfg.batch_size}")
     per_device = cfg.batch_size // d.world
+    if cfg.cuda_graph:
+        check_graph_step(device, amp_dtype(cfg.amp, device), d.world)
     torch.manual_seed(cfg.seed)
 
     train_ds, val_ds, val_source = _splits(cfg)
@@ -255,6 +259,8 @@ def _train(cfg: TrainConfig, model_factory) -> dict:
         log.info("resumed %s at epoch %d of %d", latest, start, cfg.epochs)
         if d.rank == 0:
             _truncate_steps(os.path.join(cfg.out, "steps.csv"), start)
+    # after the optimizer's state is loaded: it turns that state capturable
+    graphed = GraphedTrainStep(model, opt, device, dtype) if cfg.cuda_graph else None
 
     rank0 = d.rank == 0
     handler = _start_log(cfg, rank0, train_ds, val_ds, val_source, crop, dtype, d, model)
@@ -270,8 +276,9 @@ def _train(cfg: TrainConfig, model_factory) -> dict:
             batches = _epoch_batches(len(train_ds), per_device, d, cfg.seed, epoch, cfg.steps_per_epoch)
             loader = torch.utils.data.DataLoader(aug, batch_sampler=batches, num_workers=cfg.workers,
                                                  pin_memory=device.type == "cuda")
-            lr = opt.param_groups[0]["lr"]
-            train_loss = _train_epoch(model, loader, opt, sched, scaler, device, dtype, d, cfg, epoch, rank0)
+            lr = float(opt.param_groups[0]["lr"])
+            train_loss = _train_epoch(model, loader, opt, sched, scaler, device, dtype, d, cfg, epoch, rank0,
+                                      graphed)
             step_ms = (time.perf_counter() - t0) * 1000 / len(batches)
             val = validate(unwrap(model), val_ds, device, dtype, d)
             new_best = val["val_dice"] > best["value"]
@@ -279,12 +286,12 @@ def _train(cfg: TrainConfig, model_factory) -> dict:
                 best = {"metric": "val_dice", "value": val["val_dice"], "epoch": epoch + 1}
             row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **val,
                    "epoch_s": time.perf_counter() - t0, "step_ms": step_ms,
-                   "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
+                   "peak_mem_gb": _peak_bytes(device, graphed) / 1e9,
                    "new_best": new_best}
             history.append(row)
             if rank0:
                 state = {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "model_spec": cfg.model,
-                         "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                         "model": unwrap(model).state_dict(), "optimizer": portable_state(opt),
                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                          "best": best, "history": history, "config": dataclasses.asdict(cfg), "rng": _rng_state(),
                          "image_size": [crop, crop]}
@@ -315,7 +322,14 @@ def _train(cfg: TrainConfig, model_factory) -> dict:
     return {"out": cfg.out, "best": best, "history": history, "checkpoints": paths}
 
 
-def _train_epoch(model, loader, opt, sched, scaler, device, dtype, d, cfg, epoch, rank0) -> float:
+def _peak_bytes(device, graphed) -> int:
+    """This epoch's peak device memory; with --cuda-graph at least what the captured step holds."""
+    if device.type != "cuda":
+        return 0
+    return max(torch.cuda.max_memory_allocated(device), graphed.held_bytes if graphed is not None else 0)
+
+
+def _train_epoch(model, loader, opt, sched, scaler, device, dtype, d, cfg, epoch, rank0, graphed=None) -> float:
     from tqdm import tqdm
     model.train()
     total, n = 0.0, 0
@@ -324,18 +338,20 @@ def _train_epoch(model, loader, opt, sched, scaler, device, dtype, d, cfg, epoch
     steps_csv = os.path.join(cfg.out, "steps.csv")
     rows = []
     for step, batch in enumerate(bar):
-        ct, pet, mask = (batch[k].to(device, non_blocking=True) for k in ("ct", "pet", "mask"))
-        with autocast(device, dtype):
-            logits = model(ct, pet)
-        loss = seg_loss(logits, mask)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"epoch {epoch + 1}, step {step}: the loss is {loss.item()}; "
-                                     "try --amp off or a lower lr")
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        lr = opt.param_groups[0]["lr"]
+        if graphed is not None:   # the whole step, then the loss' check (graph_step.py)
+            loss = graphed(batch)
+            _check_finite(loss, epoch, step)
+        else:
+            ct, pet, mask = (batch[k].to(device, non_blocking=True) for k in ("ct", "pet", "mask"))
+            with autocast(device, dtype):
+                logits = model(ct, pet)
+            loss = seg_loss(logits, mask)
+            _check_finite(loss, epoch, step)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        lr = float(opt.param_groups[0]["lr"])
         sched.step()
         (global_loss,) = d.sum([loss.item() / d.world], device)
         total, n = total + global_loss, n + 1
@@ -349,6 +365,12 @@ def _train_epoch(model, loader, opt, sched, scaler, device, dtype, d, cfg, epoch
                 w.writerow(["epoch", "step", "lr", "loss"])
             w.writerows(rows)
     return total / max(n, 1)
+
+
+def _check_finite(loss: torch.Tensor, epoch: int, step: int):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"epoch {epoch + 1}, step {step}: the loss is {loss.item()}; "
+                                 "try --amp off or a lower lr")
 
 
 def _truncate_steps(path: str, epoch: int):
