@@ -138,6 +138,24 @@ def test_backend_reaches_every_fused_op():
             m(torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64))
 
 
+def test_reference_backend_keeps_the_upsampling_spec(monkeypatch):
+    """The decoder's upsamplings follow the model's backend: "reference" keeps PyTorch's backward
+    even where the gathering one would run (CUDA with Triton, faked here)."""
+    from vmambax.models import decoder
+    from vmambax.models.decoder import FinalUpsampleX4, UpsampleExpand
+    seen = []
+    monkeypatch.setattr(decoder, "fused_up2", lambda device_type: True)
+    monkeypatch.setattr(decoder, "up2_bilinear", lambda x, backend: seen.append(backend) or x)
+    m = small(backend="reference")
+    ups = [mod for mod in m.modules() if isinstance(mod, (UpsampleExpand, FinalUpsampleX4))]
+    assert len(ups) == 3 and all(u.backend == "reference" for u in ups)
+    ups[0](torch.randn(1, 4, 4, ups[0].linear.in_features))
+    m.set_backend("triton")
+    assert all(u.backend == "triton" for u in ups)
+    ups[0](torch.randn(1, 4, 4, ups[0].linear.in_features))
+    assert seen == ["reference", "triton"]
+
+
 def test_fusion_switches():
     g = torch.Generator().manual_seed(4)
     ct, pet = torch.randn(1, 1, 32, 32, generator=g), torch.randn(1, 1, 32, 32, generator=g)

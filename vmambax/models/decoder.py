@@ -20,11 +20,13 @@ from vmambax_kernels.modules.glue import fused_up2
 from .layers import DropPath, cast_norm, drop_path_schedule, fp32_norm
 
 
-def _up2(x: torch.Tensor) -> torch.Tensor:
+def _up2(x: torch.Tensor, backend: str | None) -> torch.Tensor:
     """Bilinear x2 of a channels-last map: (Bt, H, W, C) -> (Bt, 2H, 2W, C). PyTorch's forward
     either way; on CUDA its backward gathers instead of scattering with atomics (``up2_bilinear``'s
-    Triton backend; glue.fused_up2 says where)."""
-    return up2_bilinear(x, backend="triton" if fused_up2(x.device.type) else "reference")
+    Triton backend; glue.fused_up2 says where), except in a model set to the "reference" backend,
+    which stays the spec op for op (the GPU rule tests' ref32 model)."""
+    fused = backend != "reference" and fused_up2(x.device.type)
+    return up2_bilinear(x, backend="triton" if fused else "reference")
 
 
 class ChannelAttention(nn.Module):
@@ -92,26 +94,28 @@ class PatchExpand(nn.Module):
 class UpsampleExpand(nn.Module):
     """Linear C -> C/2, bilinear x2, LayerNorm: (Bt, H, W, C) -> (Bt, 2H, 2W, C/2)."""
 
-    def __init__(self, dim: int, norm_layer=None):
+    def __init__(self, dim: int, norm_layer=None, backend: str | None = None):
         super().__init__()
+        self.backend = backend                        # the model's; set_backend changes it
         self.linear = nn.Linear(dim, dim // 2, bias=False)
         self.norm = fp32_norm(norm_layer, dim // 2)   # added to the skip connection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_up2(self.linear(x)))
+        return self.norm(_up2(self.linear(x), self.backend))
 
 
 class FinalUpsampleX4(nn.Module):
     """(linear, bilinear x2) twice, LayerNorm: (Bt, H, W, C) -> (Bt, 4H, 4W, C)."""
 
-    def __init__(self, dim: int, norm_layer=None):
+    def __init__(self, dim: int, norm_layer=None, backend: str | None = None):
         super().__init__()
+        self.backend = backend                        # the model's; set_backend changes it
         self.linear1 = nn.Linear(dim, dim, bias=False)
         self.linear2 = nn.Linear(dim, dim, bias=False)
         self.norm = cast_norm(norm_layer, dim)        # the 1x1 classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_up2(self.linear2(_up2(self.linear1(x)))))
+        return self.norm(_up2(self.linear2(_up2(self.linear1(x), self.backend)), self.backend))
 
 
 class DecoderStage(nn.Module):
@@ -119,7 +123,7 @@ class DecoderStage(nn.Module):
                  norm_layer=None, backend: str | None = None):
         super().__init__()
         self.blocks = nn.ModuleList([CVSSBlock(dim, d_state, p, norm_layer, backend) for p in drop_paths[:depth]])
-        self.upsample = UpsampleExpand(dim, norm_layer) if upsample else None
+        self.upsample = UpsampleExpand(dim, norm_layer, backend) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
@@ -144,7 +148,7 @@ class MambaDecoder(nn.Module):
                                                upsample=i < n - 1, d_state=d_state,
                                                norm_layer=norm_layer, backend=backend))
         self.norm_up = cast_norm(norm_layer, dims[0])     # FinalUpsampleX4's first Linear
-        self.up = FinalUpsampleX4(dims[0], norm_layer)
+        self.up = FinalUpsampleX4(dims[0], norm_layer, backend)
         self.output = nn.Conv2d(dims[0], num_classes, 1, bias=False)
         for m in self.modules():  # the published init: kaiming-normal convs, Linear left at PyTorch's
             if isinstance(m, nn.Conv2d):

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from vmambax_kernels.modules import SS2D
 
-from .decoder import MambaDecoder
+from .decoder import FinalUpsampleX4, MambaDecoder, UpsampleExpand
 from .encoder import VSSEncoder
 from .fusion import CGM, RegionBlock, RegionStem, dcim
 
@@ -35,10 +35,11 @@ def _cgm_backend(backend: str | None, cgm_backend: str | None) -> str | None:
 
 
 def set_backend(module: nn.Module, backend: str | None, cgm_backend: str | None = "same") -> nn.Module:
-    """Every SS2D inside ``module`` (itself included) on ``backend``, every CGM on ``cgm_backend``."""
+    """Every SS2D inside ``module`` (itself included) on ``backend``, every CGM on ``cgm_backend``; the
+    decoder's upsamplings follow ``backend`` ("reference" keeps PyTorch's backward)."""
     cgm_backend = _cgm_backend(backend, cgm_backend)
     for m in module.modules():
-        if isinstance(m, SS2D):
+        if isinstance(m, (SS2D, UpsampleExpand, FinalUpsampleX4)):
             m.backend = backend
         elif isinstance(m, CGM):
             m.backend = cgm_backend
