@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (fuses the elementwise work around the kernels; the first steps compile)")
     t.add_argument("--cuda-graph", action="store_true",
                    help="replay the whole training step from one CUDA graph after 3 eager steps (one GPU, bf16 or "
-                        "fp32; the benchmark's step on an H200: 7-9%% faster compiled, 11-17%% eager)")
+                        "fp32; on an H200 the benchmark's step is 7-9%% faster compiled, 11-17%% eager, "
+                        "the trainer's 11%% eager)")
     t.add_argument("--skip-bad", action="store_true", help="skip unreadable or mismatched slices and report them")
     t.add_argument("--init-checkpoint", default=None, help="start from these weights (ours or the published vMambaX)")
     t.add_argument("--backbone", default=None, help="VMamba-T v0 ImageNet weights for the shared encoder")
