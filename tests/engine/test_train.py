@@ -53,6 +53,26 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_data, tmp_path, req
     assert steps("cut") == steps("full")  # the cut epoch's steps are not listed twice
 
 
+def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(tiny_data, tmp_path, monkeypatch):
+    """The fifth training step's loss turns NaN (epoch 2, step 1): the run stops with an error that
+    names the step, and the checkpoints keep epoch 1."""
+    from vmambax.engine import train as train_mod
+    real, calls = train_mod.seg_loss, {"n": 0}
+
+    def nan_in_the_fifth_step(logits, mask):
+        loss = real(logits, mask)
+        if torch.is_grad_enabled():            # training steps only, not validation
+            calls["n"] += 1
+            if calls["n"] == 5:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_mod, "seg_loss", nan_in_the_fifth_step)
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 1: the loss is nan"):
+        train(_cfg(tiny_data, tmp_path / "run"))
+    assert load(str(tmp_path / "run" / "checkpoint_latest.pt"))["epoch"] == 1
+
+
 def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tiny_data, tmp_path):
     train(_cfg(tiny_data, tmp_path / "run", epochs=1, steps_per_epoch=1))
     before = os.path.getmtime(tmp_path / "run" / "checkpoint_latest.pt")
