@@ -66,13 +66,13 @@ def portable_state(opt: torch.optim.Optimizer) -> dict:
     return state
 
 
-def _release_generators() -> None:
-    """After a failed capture: torch (2.11) leaves the CUDA generators in capture mode when the
-    capture ends in an error, and every later random op (drop path, dropout) then fails with
-    "Offset increment outside graph capture". A clone of a generator's state keeps its seed and
+def _release_generator(device: torch.device) -> None:
+    """After a failed capture: torch (2.11) leaves the device's CUDA generator in capture mode when
+    the capture ends in an error, and every later random op (drop path, dropout) then fails with
+    "Offset increment outside graph capture". A clone of the generator's state keeps its seed and
     offset and is not capturing; the generator takes it in place."""
-    for gen in torch.cuda.default_generators:
-        gen.graphsafe_set_state(gen.clone_state())
+    gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    gen.graphsafe_set_state(gen.clone_state())
 
 
 class GraphedTrainStep:
@@ -147,7 +147,7 @@ class GraphedTrainStep:
         except Exception as exc:  # an op that cannot be captured (one that syncs with the host)
             log.warning("cuda_graph: capturing the training step failed (%s: %s); the run goes on eagerly",
                         type(exc).__name__, exc)
-            _release_generators()
+            _release_generator(self.device)
             self.failed = True
             return False
         self.graph = graph
