@@ -32,6 +32,25 @@ def test_matches_medpy_on_random_masks_with_anisotropic_spacing(seed):
         medpy_binary.hd95(p, t, voxelspacing=spacing), rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_small_lesions_on_a_large_slice_match_medpy_and_the_whole_slice(seed):
+    # hd95 works on the masks' joint bounding box plus one pixel: lesions far apart, at the image's
+    # edges and corners, and one-pixel ones must give what medpy and the whole-slice transform give.
+    rng = np.random.default_rng(100 + seed)
+    p, t = np.zeros((160, 224), bool), np.zeros((160, 224), bool)
+    for m in (p, t):
+        for _ in range(int(rng.integers(1, 4))):
+            r, c = int(rng.integers(0, 160)), int(rng.integers(0, 224))
+            h, w = (int(v) for v in rng.integers(0, 12, size=2))
+            m[max(r - h, 0):r + h + 1, max(c - w, 0):c + w + 1] = True
+    p[0, int(rng.integers(0, 224))] = t[-1, -1] = True          # edge and corner contact
+    spacing = (float(rng.uniform(0.3, 3.0)), float(rng.uniform(0.3, 3.0)))
+    whole = np.concatenate([metrics._surface_distances(p, t, spacing), metrics._surface_distances(t, p, spacing)])
+    assert metrics.hd95(p, t, spacing) == float(np.percentile(whole, 95))
+    assert metrics.hd95(p, t, spacing) == pytest.approx(
+        medpy_binary.hd95(p, t, voxelspacing=spacing), rel=1e-12, abs=1e-12)
+
+
 def test_accepts_tensors_and_any_nonzero_value():
     t = torch.zeros(16, 20, dtype=torch.uint8)
     t[3:9, 4:12] = 255
