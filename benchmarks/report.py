@@ -29,7 +29,7 @@ def load(results_dir: Path) -> list[dict]:
 
 def label(r: dict) -> str:
     """The provider as the table shows it: model records also differ by SS2D's glue, compiling and
-    the AdamW implementation."""
+    the AdamW implementation, kernel records by a launch configuration other than the defaults."""
     extra = []
     if r.get("glue") == "torch" and r.get("provider") != "unfused_mamba":
         extra.append("torch glue")
@@ -37,6 +37,8 @@ def label(r: dict) -> str:
         extra.append(f"compiled {r['compiled']}")
     if r.get("adamw"):
         extra.append(f"{r['adamw']} AdamW")
+    if r.get("config") not in (None, "default"):   # a kernel bench timed after --sweep chose a launch
+        extra.append("config " + json.dumps(r["config"], separators=(",", ":"), sort_keys=True))
     return r.get("provider", "") + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -36,3 +36,12 @@ def test_model_records_keep_their_variants_apart():
     labels = {report.label(r) for r in rows}
     assert labels == {"cuda", "cuda (compiled default)", "cuda (compiled default, fused AdamW)", "cuda (torch glue)"}
     assert len(report.newest(rows)) == 4
+
+
+def test_a_swept_launch_configuration_is_its_own_row():
+    """A kernel bench run with --sweep times the chosen configuration: it must not stand in the
+    table as the defaults' figure."""
+    rows = [_row("triton", 2.0, 0.6), dict(_row("triton", 1.5, 0.5), config={"bwd": {"tile": 2048}}),
+            dict(_row("triton", 2.1, 0.6), config="default")]
+    assert {report.label(r) for r in rows} == {"triton", 'triton (config {"bwd":{"tile":2048}})'}
+    assert len(report.newest(rows)) == 2
